@@ -1,0 +1,167 @@
+"""The runtime's configuration model: the one schema shared by the runtime and the operator.
+
+The runtime loads it from ``/etc/agent/config.yaml``; the operator's ConfigMap renderer builds an
+instance of the same model and serialises it. There is never a second schema.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+CONFIG_PATH = "/etc/agent/config.yaml"
+KEYS_DIR = "/etc/agent/keys"
+USERS_DIR = "/etc/agent/users"
+DATA_DIR = "/var/lib/agent"
+# The file in the key directory that names the active key id of each kind.
+ACTIVE_KEYS_FILE = "active.json"
+
+
+class SecurityLevel(StrEnum):
+    """Data classification, ordered from least to most sensitive."""
+
+    PUBLIC = "public"
+    INTERNAL = "internal"
+    CONFIDENTIAL = "confidential"
+    RESTRICTED = "restricted"
+
+    @property
+    def rank(self) -> int:
+        return _LEVEL_ORDER.index(self)
+
+    def allows(self, required: SecurityLevel) -> bool:
+        """True when data classified ``required`` may be handled at this level."""
+        return required.rank <= self.rank
+
+
+_LEVEL_ORDER = list(SecurityLevel)
+
+
+class Permission(StrEnum):
+    READ = "read"
+    WRITE = "write"
+    EXECUTE = "execute"
+    ADMIN = "admin"
+
+
+class ComplianceFramework(StrEnum):
+    GDPR = "GDPR"
+    HIPAA = "HIPAA"
+    SOX = "SOX"
+
+
+class AuthMode(StrEnum):
+    LOCAL = "local"
+    OIDC = "oidc"
+
+
+class SigningAlgorithm(StrEnum):
+    EDDSA = "EdDSA"
+    RS256 = "RS256"
+    HS256 = "HS256"
+
+
+DEFAULT_ROLES: dict[str, list[Permission]] = {
+    "admin": [Permission.READ, Permission.WRITE, Permission.EXECUTE, Permission.ADMIN],
+    "operator": [Permission.READ, Permission.WRITE, Permission.EXECUTE],
+    "analyst": [Permission.READ, Permission.EXECUTE],
+    "viewer": [Permission.READ],
+}
+
+ROLE_NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
+OPERATION_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
+OperationName = Annotated[str, Field(pattern=OPERATION_NAME_PATTERN, max_length=63)]
+
+
+class ConfigModel(BaseModel):
+    """Base: camelCase on the wire (like every Kubernetes object), unknown fields rejected."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class AuthConfig(ConfigModel):
+    mode: AuthMode = AuthMode.LOCAL
+    algorithm: SigningAlgorithm = SigningAlgorithm.EDDSA
+    issuer: str = "enterprise-agent"
+    audience: str = "enterprise-agent"
+    jwks_uri: str | None = None
+    token_ttl_seconds: int = Field(default=900, ge=60, le=86400)
+    refresh_ttl_seconds: int = Field(default=28800, ge=300, le=2592000)
+    keys_dir: str = KEYS_DIR
+    users_file: str | None = None
+
+
+class ComplianceConfig(ConfigModel):
+    frameworks: list[ComplianceFramework] = Field(default_factory=list)
+    retention_days: int = Field(default=365, ge=1, le=36500)
+
+
+class ObservabilityConfig(ConfigModel):
+    service_name: str = "agent"
+    otlp_endpoint: str | None = None
+    trace_sample_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
+
+
+class CircuitBreakerConfig(ConfigModel):
+    failure_ratio: float = Field(default=0.5, gt=0.0, le=1.0)
+    minimum_throughput: int = Field(default=10, ge=1)
+    window_seconds: float = Field(default=30.0, gt=0)
+    open_seconds: float = Field(default=30.0, gt=0)
+
+
+class RetryConfig(ConfigModel):
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    base_delay_seconds: float = Field(default=0.1, gt=0)
+    max_delay_seconds: float = Field(default=5.0, gt=0)
+
+
+class ResilienceConfig(ConfigModel):
+    operation_timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
+    max_concurrent_per_operation: int = Field(default=16, ge=1, le=10000)
+    max_queued_per_operation: int = Field(default=64, ge=0, le=100000)
+    circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+
+
+class EgressConfig(ConfigModel):
+    """Hosts the runtime may call (model and tool endpoints); enforced by the runtime's client."""
+
+    allowed_hosts: list[str] = Field(default_factory=list)
+
+
+class RuntimeConfig(ConfigModel):
+    agent_name: str
+    namespace: str = "default"
+    security_level: SecurityLevel = SecurityLevel.INTERNAL
+    operations: list[OperationName] = Field(default_factory=list)
+    roles: dict[Annotated[str, Field(pattern=ROLE_NAME_PATTERN)], list[Permission]] = Field(
+        default_factory=lambda: dict(DEFAULT_ROLES)
+    )
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    compliance: ComplianceConfig = Field(default_factory=ComplianceConfig)
+    observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
+    resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
+    egress: EgressConfig = Field(default_factory=EgressConfig)
+    data_dir: str = DATA_DIR
+
+    @model_validator(mode="after")
+    def _operations_unique(self) -> RuntimeConfig:
+        if len(set(self.operations)) != len(self.operations):
+            raise ValueError("operations: names must be unique")
+        return self
+
+    def to_yaml(self) -> str:
+        """The canonical YAML form, as written into the ConfigMap and by ``agent-runtime init``."""
+        data: dict[str, Any] = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return yaml.safe_dump(data, sort_keys=True)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> RuntimeConfig:
+        data = yaml.safe_load(text)
+        if not isinstance(data, dict):
+            raise ValueError("runtime config: the document must be a mapping")
+        return cls.model_validate(data)

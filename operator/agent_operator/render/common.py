@@ -1,0 +1,103 @@
+"""Names, labels and constants shared by every renderer. Pure: no I/O, no kubernetes import."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+from agent_operator.spec import GROUP, Color, EnterpriseAgent
+
+MANAGER = "enterprise-agent-operator"
+HTTP_PORT = 8080
+SERVICE_PORT = 80
+# Non-root uid/gid of the runtime image; fsGroup makes mounted keys readable to it.
+RUNTIME_UID = 10001
+
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_PART_OF = "app.kubernetes.io/part-of"
+LABEL_VERSION = "app.kubernetes.io/version"
+LABEL_COLOR = f"{GROUP}/color"
+LABEL_REVISION = f"{GROUP}/revision"
+LABEL_SERVICE_ROLE = f"{GROUP}/service-role"
+ANNOTATION_REVISION = f"{GROUP}/revision"
+ANNOTATION_ROTATE_KEYS = f"{GROUP}/rotate-keys"
+
+Manifest = dict[str, Any]
+
+
+def deployment_name(agent: EnterpriseAgent, color: Color) -> str:
+    return f"{agent.name}-{color.value}"
+
+
+def active_service_name(agent: EnterpriseAgent) -> str:
+    return agent.name
+
+
+def preview_service_name(agent: EnterpriseAgent) -> str:
+    return f"{agent.name}-preview"
+
+
+def config_map_name(agent: EnterpriseAgent, revision: str) -> str:
+    return f"{agent.name}-config-{revision}" if revision else f"{agent.name}-config"
+
+
+def key_secret_name(agent: EnterpriseAgent) -> str:
+    return f"{agent.name}-keys"
+
+
+def service_account_name(agent: EnterpriseAgent) -> str:
+    return agent.name
+
+
+def image_version(image: str) -> str:
+    """The image tag as a label value ("" when the image has no usable tag)."""
+    reference = image.split("@", 1)[0]
+    tail = reference.rsplit("/", 1)[-1]
+    tag = tail.split(":", 1)[1] if ":" in tail else ""
+    tag = re.sub(r"[^A-Za-z0-9_.-]", "", tag)[:63].strip("-_.")
+    return tag
+
+
+def common_labels(agent: EnterpriseAgent) -> dict[str, str]:
+    """Labels on every child; the first two also select the agent's pods."""
+    return {
+        LABEL_NAME: agent.name,
+        LABEL_INSTANCE: agent.name,
+        LABEL_COMPONENT: "agent",
+        LABEL_PART_OF: "enterprise-agent",
+        LABEL_MANAGED_BY: MANAGER,
+    }
+
+
+def version_labels(agent: EnterpriseAgent) -> dict[str, str]:
+    """The image tag as app.kubernetes.io/version: only on a colour's Deployment and pods, so a new
+    image does not rewrite the labels of children a rollout must leave alone."""
+    version = image_version(agent.spec.image)
+    return {LABEL_VERSION: version} if version else {}
+
+
+def selector_labels(agent: EnterpriseAgent, color: Color | None = None) -> dict[str, str]:
+    labels = {LABEL_NAME: agent.name, LABEL_INSTANCE: agent.name}
+    if color is not None:
+        labels[LABEL_COLOR] = color.value
+    return labels
+
+
+def metadata(agent: EnterpriseAgent, name: str, extra_labels: dict[str, str] | None = None) -> dict[str, Any]:
+    return {"name": name, "namespace": agent.namespace, "labels": {**common_labels(agent), **(extra_labels or {})}}
+
+
+def label_selector_string(labels: dict[str, str]) -> str:
+    """The string form of an equality selector, as the scale subresource reports it."""
+    return ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
+
+
+def stable_hash(data: Any, length: int = 10) -> str:
+    """A short hash of JSON-serialisable data that does not depend on dict order."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:length]

@@ -1,0 +1,123 @@
+"""Scaling, disruption, identity and network policy of an agent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent_operator.render.common import (
+    HTTP_PORT,
+    Manifest,
+    metadata,
+    selector_labels,
+    service_account_name,
+)
+from agent_operator.spec import API_VERSION, KIND, EnterpriseAgent, ScalingRules
+
+
+def _rules(rules: ScalingRules) -> dict[str, Any]:
+    return {
+        "stabilizationWindowSeconds": rules.stabilization_window_seconds,
+        "selectPolicy": rules.select_policy.value,
+        "policies": [
+            {"type": p.type.value, "value": p.value, "periodSeconds": p.period_seconds} for p in rules.policies
+        ],
+    }
+
+
+def build_hpa(agent: EnterpriseAgent) -> Manifest:
+    """The HPA targets the EnterpriseAgent's scale subresource, so a colour switch never retargets it."""
+    scaling = agent.spec.autoscaling
+    metrics: list[dict[str, Any]] = [
+        {
+            "type": "Resource",
+            "resource": {
+                "name": "cpu",
+                "target": {"type": "Utilization", "averageUtilization": scaling.target_cpu_utilization},
+            },
+        }
+    ]
+    if scaling.target_memory_utilization is not None:
+        metrics.append(
+            {
+                "type": "Resource",
+                "resource": {
+                    "name": "memory",
+                    "target": {"type": "Utilization", "averageUtilization": scaling.target_memory_utilization},
+                },
+            }
+        )
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": metadata(agent, agent.name),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": API_VERSION, "kind": KIND, "name": agent.name},
+            "minReplicas": scaling.min_replicas,
+            "maxReplicas": scaling.max_replicas,
+            "metrics": metrics,
+            "behavior": {
+                "scaleUp": _rules(scaling.behavior.scale_up),
+                "scaleDown": _rules(scaling.behavior.scale_down),
+            },
+        },
+    }
+
+
+def build_pdb(agent: EnterpriseAgent) -> Manifest:
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": metadata(agent, agent.name),
+        "spec": {
+            "maxUnavailable": agent.spec.disruption_budget.max_unavailable,
+            "selector": {"matchLabels": selector_labels(agent)},
+            # Pods that are not ready yet may be evicted; it keeps drains from sticking on a bad rollout.
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+
+
+def build_service_account(agent: EnterpriseAgent) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": metadata(agent, service_account_name(agent)),
+        "automountServiceAccountToken": False,
+    }
+
+
+def build_network_policy(agent: EnterpriseAgent, operator_namespace: str) -> Manifest:
+    """Default deny; allows callers from the listed places, DNS, and the listed egress CIDRs."""
+    policy = agent.spec.network_policy
+    same_namespace_peer: dict[str, Any] = {"podSelector": {"matchLabels": dict(policy.allowed_ingress_pod_labels)}}
+    callers = sorted({*policy.allowed_ingress_namespaces, operator_namespace} - {agent.namespace})
+    peers: list[dict[str, Any]] = [same_namespace_peer]
+    if callers:
+        peers.append(
+            {
+                "namespaceSelector": {
+                    "matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": callers}]
+                }
+            }
+        )
+    egress: list[dict[str, Any]] = [
+        {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+    ]
+    if policy.allowed_egress_cidrs:
+        egress.append(
+            {
+                "to": [{"ipBlock": {"cidr": cidr}} for cidr in policy.allowed_egress_cidrs],
+                "ports": [{"protocol": "TCP", "port": port} for port in policy.egress_ports],
+            }
+        )
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata(agent, agent.name),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(agent)},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": peers, "ports": [{"protocol": "TCP", "port": HTTP_PORT}]}],
+            "egress": egress,
+        },
+    }

@@ -1,0 +1,176 @@
+"""The Deployment of one colour and its hardened pod template."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent_operator.render.common import (
+    ANNOTATION_REVISION,
+    HTTP_PORT,
+    LABEL_COLOR,
+    LABEL_REVISION,
+    RUNTIME_UID,
+    Manifest,
+    common_labels,
+    config_map_name,
+    deployment_name,
+    key_secret_name,
+    metadata,
+    selector_labels,
+    service_account_name,
+    version_labels,
+)
+from agent_operator.render.runtime_config import USERS_FILE_KEY
+from agent_operator.spec import Color, EnterpriseAgent
+from agent_runtime.config import CONFIG_PATH, DATA_DIR, KEYS_DIR, USERS_DIR
+
+RESTRICTED_CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "runAsUser": RUNTIME_UID,
+    "runAsGroup": RUNTIME_UID,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def _probe(path: str, period: int, timeout: int, failures: int) -> dict[str, Any]:
+    return {
+        "httpGet": {"path": path, "port": "http", "scheme": "HTTP"},
+        "periodSeconds": period,
+        "timeoutSeconds": timeout,
+        "failureThreshold": failures,
+        "successThreshold": 1,
+    }
+
+
+def _operator_env(agent: EnterpriseAgent, revision: str, color: Color | None) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "AGENT_NAME", "value": agent.name},
+        {"name": "AGENT_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "AGENT_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "AGENT_REVISION", "value": revision},
+        {"name": "AGENT_CONFIG", "value": CONFIG_PATH},
+    ]
+    if color is not None:
+        env.append({"name": "AGENT_COLOR", "value": color.value})
+    return env
+
+
+def build_pod_template(agent: EnterpriseAgent, revision: str, color: Color | None) -> Manifest:
+    """The pod template. With ``revision=""`` and ``color=None`` it is the input of the revision hash."""
+    spec = agent.spec
+    labels = {**spec.pod.labels, **common_labels(agent), **version_labels(agent), **selector_labels(agent, color)}
+    if revision:
+        labels[LABEL_REVISION] = revision
+    annotations = {
+        **spec.pod.annotations,
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(HTTP_PORT),
+        "prometheus.io/path": "/metrics",
+    }
+    if revision:
+        annotations[ANNOTATION_REVISION] = revision
+    volumes: list[dict[str, Any]] = [
+        {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+        {"name": "data", "emptyDir": {"sizeLimit": str(spec.data_volume_size_limit)}},
+        {"name": "config", "configMap": {"name": config_map_name(agent, revision), "defaultMode": 0o440}},
+        {"name": "keys", "secret": {"secretName": key_secret_name(agent), "defaultMode": 0o440}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - the pod's own emptyDir
+        {"name": "data", "mountPath": DATA_DIR},
+        {"name": "config", "mountPath": CONFIG_PATH, "subPath": "config.yaml", "readOnly": True},
+        {"name": "keys", "mountPath": KEYS_DIR, "readOnly": True},
+    ]
+    if spec.security.users_secret_ref is not None:
+        volumes.append(
+            {
+                "name": "users",
+                "secret": {
+                    "secretName": spec.security.users_secret_ref.name,
+                    "defaultMode": 0o440,
+                    "items": [{"key": USERS_FILE_KEY, "path": USERS_FILE_KEY}],
+                },
+            }
+        )
+        mounts.append({"name": "users", "mountPath": USERS_DIR, "readOnly": True})
+    container: dict[str, Any] = {
+        "name": "agent",
+        "image": spec.image,
+        "imagePullPolicy": spec.image_pull_policy.value,
+        "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
+        "env": _operator_env(agent, revision, color)
+        + [var.model_dump(by_alias=True, exclude_none=True) for var in spec.env],
+        "resources": spec.resources.model_dump(by_alias=True),
+        "startupProbe": _probe("/healthz", period=2, timeout=2, failures=60),
+        "livenessProbe": _probe("/healthz", period=10, timeout=5, failures=3),
+        "readinessProbe": _probe("/readyz", period=5, timeout=3, failures=2),
+        # Give endpoints time to drop the pod before the runtime stops accepting requests.
+        "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
+        "securityContext": dict(RESTRICTED_CONTAINER_SECURITY),
+        "volumeMounts": mounts,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if spec.env_from:
+        container["envFrom"] = [source.model_dump(by_alias=True, exclude_none=True) for source in spec.env_from]
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": service_account_name(agent),
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 30,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUNTIME_UID,
+            "runAsGroup": RUNTIME_UID,
+            "fsGroup": RUNTIME_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+        "topologySpreadConstraints": [
+            {
+                "maxSkew": 1,
+                "topologyKey": "kubernetes.io/hostname",
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": selector_labels(agent, color)},
+            }
+        ],
+    }
+    if spec.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [ref.model_dump() for ref in spec.image_pull_secrets]
+    if spec.pod.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.pod.node_selector)
+    if spec.pod.tolerations:
+        pod_spec["tolerations"] = [
+            t.model_dump(by_alias=True, exclude_none=True, mode="json") for t in spec.pod.tolerations
+        ]
+    if spec.pod.affinity:
+        pod_spec["affinity"] = spec.pod.affinity
+    if spec.pod.priority_class_name:
+        pod_spec["priorityClassName"] = spec.pod.priority_class_name
+    return {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec}
+
+
+def build_deployment(agent: EnterpriseAgent, color: Color, revision: str, replicas: int) -> Manifest:
+    meta = metadata(
+        agent,
+        deployment_name(agent, color),
+        {**version_labels(agent), LABEL_COLOR: color.value, LABEL_REVISION: revision},
+    )
+    meta["annotations"] = {ANNOTATION_REVISION: revision}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector_labels(agent, color)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}},
+            "revisionHistoryLimit": 3,
+            "progressDeadlineSeconds": agent.spec.rollout.progress_deadline_seconds,
+            "minReadySeconds": 0,
+            "template": build_pod_template(agent, revision, color),
+        },
+    }

@@ -1,0 +1,941 @@
+"""The EnterpriseAgent API: pydantic models of its spec and status.
+
+This module is the single source of truth for the API. The CRD in ``crds/`` is generated from it
+(``make crds``), so every bound, enum, default and description here is also what the API server
+enforces and what ``kubectl explain`` prints. Cross-field rules are written twice on purpose: as a
+pydantic validator (for the operator and offline ``render``) and as a CEL rule (for ``kubectl apply``);
+tests check that both reject the same manifests.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from agent_runtime.config import (
+    OPERATION_NAME_PATTERN,
+    ROLE_NAME_PATTERN,
+    ComplianceFramework,
+    Permission,
+    SecurityLevel,
+    SigningAlgorithm,
+)
+
+GROUP = "agents.enterprise.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "EnterpriseAgent"
+PLURAL = "enterpriseagents"
+SINGULAR = "enterpriseagent"
+SHORT_NAMES = ["ea"]
+
+# Agent names become Service names (DNS-1035) with suffixes such as "-preview" and label values
+# (63 characters), so they are shorter than a plain object name.
+AGENT_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+AGENT_NAME_MAX_LENGTH = 40
+DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# A Kubernetes label or annotation key: an optional DNS subdomain prefix, then a name.
+QUALIFIED_NAME = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+# Resource quantities as the API server parses them ("250m", "1Gi", "1.5", "2e3").
+QUANTITY = r"^[+]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?[0-9]+))?$"
+# An OCI image reference: no whitespace, no shell metacharacters.
+IMAGE_REFERENCE = r"^[a-z0-9][A-Za-z0-9._:/@-]*$"
+ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+HTTP_URL = r"^https?://[^\s]+$"
+HOSTNAME = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+CIDR_SHAPE = r"^[0-9a-fA-F:.]+/[0-9]{1,3}$"
+REVISION_PATTERN = r"^[a-f0-9]{10}$"
+# Label and annotation prefixes the operator owns; user-supplied ones may not use them.
+RESERVED_PREFIXES = ("app.kubernetes.io/", f"{GROUP}/")
+
+# Keys of a CEL rule in the generated CRD.
+CEL = "x-kubernetes-validations"
+
+
+def cel(rule: str, message: str, field_path: str | None = None, reason: str = "FieldValueInvalid") -> dict[str, str]:
+    """One CRD validation rule; ``field_path`` points ``kubectl`` at the offending field."""
+    entry = {"rule": rule, "message": message, "reason": reason}
+    if field_path:
+        entry["fieldPath"] = field_path
+    return entry
+
+
+def crd_extra(**schema: Any) -> dict[str, Any]:
+    """Extra OpenAPI keywords for the generated CRD schema of a field or model."""
+    return schema
+
+
+class ApiModel(BaseModel):
+    """Base of the API models: camelCase on the wire, unknown fields rejected, immutable."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+_QUANTITY_SUFFIXES: dict[str, int | Decimal] = {
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+    "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": 1,
+    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+}  # fmt: skip
+
+
+def parse_quantity(value: int | str) -> Decimal:
+    """The numeric value of a Kubernetes quantity ("250m" -> 0.25, "1Gi" -> 1073741824)."""
+    text = str(value)
+    if re.fullmatch(QUANTITY, text) is None:
+        raise ValueError(f"{text!r} is not a quantity")
+    number = re.match(r"^[+]?[0-9.]+", text)
+    assert number is not None  # guaranteed by the QUANTITY pattern
+    suffix = text[number.end() :]
+    if re.fullmatch(r"[eE][+-]?[0-9]+", suffix):  # an exponent, not the exa suffixes "E" and "Ei"
+        return Decimal(text)
+    return Decimal(number.group()) * Decimal(_QUANTITY_SUFFIXES[suffix])
+
+
+def _check_quantity(value: int | str) -> int | str:
+    parse_quantity(value)
+    return value
+
+
+Quantity = Annotated[
+    int | str,
+    AfterValidator(_check_quantity),
+    Field(
+        description="A resource quantity, such as 250m, 1.5 or 512Mi.",
+        json_schema_extra=crd_extra(**{"x-kubernetes-int-or-string": True, "pattern": QUANTITY}),
+    ),
+]
+LabelMap = Annotated[
+    dict[
+        Annotated[str, Field(max_length=317, pattern=QUALIFIED_NAME)],
+        Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)],
+    ],
+    Field(max_length=64),
+]
+AnnotationMap = Annotated[
+    dict[Annotated[str, Field(max_length=317, pattern=QUALIFIED_NAME)], Annotated[str, Field(max_length=4096)]],
+    Field(max_length=64),
+]
+
+
+# --- workload -------------------------------------------------------------------------------------
+
+
+class LocalObjectReference(ApiModel):
+    """A reference to an object in the agent's namespace."""
+
+    name: str = Field(
+        description="Name of the referenced object.", min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN
+    )
+
+
+class KeySelector(ApiModel):
+    """Selects one key of a Secret or ConfigMap."""
+
+    name: str = Field(
+        description="Name of the Secret or ConfigMap.", min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN
+    )
+    key: str = Field(description="The key to select.", min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
+    optional: bool | None = Field(
+        default=None, description="Whether the Secret or ConfigMap or its key may be missing."
+    )
+
+
+class FieldSelector(ApiModel):
+    """Selects a field of the pod, as the downward API does."""
+
+    field_path: str = Field(description="Path of the field, such as metadata.name.", min_length=1, max_length=256)
+    api_version: str | None = Field(
+        default=None, description="Version of the schema the path is written in.", max_length=64
+    )
+
+
+class ResourceFieldSelector(ApiModel):
+    """Selects a resource of the agent container, as the downward API does."""
+
+    resource: str = Field(description="The resource, such as limits.memory.", min_length=1, max_length=128)
+    divisor: Quantity | None = Field(default=None, description="Unit the value is expressed in.")
+
+
+class EnvVarSource(ApiModel):
+    """Where an environment variable's value comes from. Exactly one source must be set."""
+
+    model_config = ConfigDict(
+        json_schema_extra=crd_extra(
+            **{
+                CEL: [
+                    cel(
+                        "[has(self.secretKeyRef), has(self.configMapKeyRef), has(self.fieldRef),"
+                        " has(self.resourceFieldRef)].filter(x, x).size() == 1",
+                        "valueFrom must set exactly one of secretKeyRef, configMapKeyRef, fieldRef, resourceFieldRef",
+                    )
+                ]
+            }
+        )
+    )
+
+    secret_key_ref: KeySelector | None = Field(default=None, description="A key of a Secret.")
+    config_map_key_ref: KeySelector | None = Field(default=None, description="A key of a ConfigMap.")
+    field_ref: FieldSelector | None = Field(default=None, description="A field of the pod.")
+    resource_field_ref: ResourceFieldSelector | None = Field(default=None, description="A resource of the container.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> EnvVarSource:
+        chosen = [self.secret_key_ref, self.config_map_key_ref, self.field_ref, self.resource_field_ref]
+        if sum(source is not None for source in chosen) != 1:
+            raise ValueError(
+                "valueFrom must set exactly one of secretKeyRef, configMapKeyRef, fieldRef, resourceFieldRef"
+            )
+        return self
+
+
+class EnvVar(ApiModel):
+    """An environment variable of the agent container."""
+
+    model_config = ConfigDict(
+        json_schema_extra=crd_extra(
+            **{CEL: [cel("!(has(self.value) && has(self.valueFrom))", "set value or valueFrom, not both")]}
+        )
+    )
+
+    name: str = Field(
+        description="Variable name. Names starting with AGENT_ are reserved for the operator.",
+        min_length=1,
+        max_length=253,
+        pattern=ENV_NAME,
+    )
+    value: str | None = Field(default=None, description="A literal value.", max_length=32768)
+    value_from: EnvVarSource | None = Field(
+        default=None, description="A value taken from a Secret, ConfigMap or the pod."
+    )
+
+    @model_validator(mode="after")
+    def _one_value(self) -> EnvVar:
+        if self.value is not None and self.value_from is not None:
+            raise ValueError("set value or valueFrom, not both")
+        return self
+
+
+class EnvFromSource(ApiModel):
+    """Imports every key of a ConfigMap or Secret as environment variables."""
+
+    model_config = ConfigDict(
+        json_schema_extra=crd_extra(
+            **{
+                CEL: [
+                    cel(
+                        "has(self.configMapRef) != has(self.secretRef)",
+                        "envFrom must set exactly one of configMapRef, secretRef",
+                    )
+                ]
+            }
+        )
+    )
+
+    prefix: str | None = Field(
+        default=None, description="Prefix added to every imported name.", max_length=253, pattern=ENV_NAME
+    )
+    config_map_ref: LocalObjectReference | None = Field(default=None, description="The ConfigMap to import.")
+    secret_ref: LocalObjectReference | None = Field(default=None, description="The Secret to import.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> EnvFromSource:
+        if (self.config_map_ref is None) == (self.secret_ref is None):
+            raise ValueError("envFrom must set exactly one of configMapRef, secretRef")
+        return self
+
+
+class ResourceRequirements(ApiModel):
+    """Compute resources of the agent container."""
+
+    requests: dict[Annotated[str, Field(max_length=253, pattern=QUALIFIED_NAME)], Quantity] = Field(
+        default_factory=lambda: dict[str, int | str](cpu="250m", memory="512Mi"),
+        description="Minimum resources the scheduler reserves. Defaults to 250m CPU and 512Mi memory.",
+        max_length=16,
+    )
+    limits: dict[Annotated[str, Field(max_length=253, pattern=QUALIFIED_NAME)], Quantity] = Field(
+        default_factory=lambda: dict[str, int | str](memory="1Gi"),
+        description="Maximum resources the container may use. Defaults to 1Gi memory and no CPU limit (CPU limits throttle latency-bound agents).",
+        max_length=16,
+    )
+
+    @model_validator(mode="after")
+    def _limits_cover_requests(self) -> ResourceRequirements:
+        for resource in sorted(self.requests.keys() & self.limits.keys()):
+            request, limit = self.requests[resource], self.limits[resource]
+            if parse_quantity(limit) < parse_quantity(request):
+                raise ValueError(f"limits.{resource} ({limit}) must be at least requests.{resource} ({request})")
+        return self
+
+
+class TolerationOperator(StrEnum):
+    EXISTS = "Exists"
+    EQUAL = "Equal"
+
+
+class TaintEffect(StrEnum):
+    NO_SCHEDULE = "NoSchedule"
+    PREFER_NO_SCHEDULE = "PreferNoSchedule"
+    NO_EXECUTE = "NoExecute"
+
+
+class Toleration(ApiModel):
+    """Lets agent pods run on nodes with a matching taint."""
+
+    key: str | None = Field(
+        default=None, description="Taint key to match; empty with Exists matches all taints.", max_length=317
+    )
+    operator: TolerationOperator | None = Field(default=None, description="Exists or Equal (default Equal).")
+    value: str | None = Field(default=None, description="Taint value to match with Equal.", max_length=63)
+    effect: TaintEffect | None = Field(default=None, description="Taint effect to match; empty matches all effects.")
+    toleration_seconds: int | None = Field(
+        default=None, description="How long a NoExecute taint is tolerated.", ge=0, le=31536000
+    )
+
+
+_RESERVED_KEYS_RULE = cel(
+    "self.all(k, " + " && ".join(f"!k.startsWith('{prefix}')" for prefix in RESERVED_PREFIXES) + ")",
+    "keys under " + " and ".join(RESERVED_PREFIXES) + " are reserved for the operator",
+)
+
+
+class PodOverrides(ApiModel):
+    """Scheduling and metadata of the agent pods."""
+
+    node_selector: dict[
+        Annotated[str, Field(max_length=317, pattern=QUALIFIED_NAME)],
+        Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)],
+    ] = Field(default_factory=dict, description="Node labels a node must have to run agent pods.", max_length=32)
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="Taints agent pods tolerate.", max_length=32
+    )
+    affinity: dict[str, Any] | None = Field(
+        default=None,
+        description="Pod affinity and anti-affinity, as in a PodSpec; validated by the API server when the Deployment is written.",
+        json_schema_extra=crd_extra(**{"x-kubernetes-preserve-unknown-fields": True}),
+    )
+    annotations: AnnotationMap = Field(
+        default_factory=dict,
+        description="Extra annotations of agent pods. Keys under app.kubernetes.io/ and agents.enterprise.io/ are reserved.",
+        json_schema_extra=crd_extra(**{CEL: [_RESERVED_KEYS_RULE]}),
+    )
+    labels: LabelMap = Field(
+        default_factory=dict,
+        description="Extra labels of agent pods. Keys under app.kubernetes.io/ and agents.enterprise.io/ are reserved.",
+        json_schema_extra=crd_extra(**{CEL: [_RESERVED_KEYS_RULE]}),
+    )
+    priority_class_name: str | None = Field(
+        default=None, description="PriorityClass of agent pods.", max_length=253, pattern=DNS1123_SUBDOMAIN
+    )
+
+    @field_validator("labels", "annotations")
+    @classmethod
+    def _not_reserved(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if key.startswith(RESERVED_PREFIXES):
+                raise ValueError(
+                    f"key {key!r} uses a prefix reserved for the operator ({', '.join(RESERVED_PREFIXES)})"
+                )
+        return value
+
+
+# --- security and compliance ----------------------------------------------------------------------
+
+
+class AuthModeName(StrEnum):
+    LOCAL = "local"
+    OIDC = "oidc"
+
+
+class SecuritySpec(ApiModel):
+    """How the runtime authenticates callers and signs its tokens."""
+
+    model_config = ConfigDict(
+        json_schema_extra=crd_extra(
+            **{
+                CEL: [
+                    cel(
+                        "self.authMode != 'oidc' || (has(self.issuer) && has(self.jwksUri))",
+                        "spec.security.issuer and spec.security.jwksUri are required when authMode is oidc",
+                        ".issuer",
+                    )
+                ]
+            }
+        )
+    )
+
+    auth_mode: AuthModeName = Field(
+        default=AuthModeName.LOCAL,
+        description="local: users from usersSecretRef log in at /v1/auth/login; oidc: bearer tokens from an OIDC issuer.",
+    )
+    signing_algorithm: SigningAlgorithm = Field(
+        default=SigningAlgorithm.EDDSA, description="Algorithm of the tokens the runtime issues."
+    )
+    issuer: str | None = Field(default=None, description="Token issuer (iss). Required with oidc.", max_length=512)
+    audience: str | None = Field(
+        default=None, description="Expected token audience (aud). Defaults to the agent name.", max_length=512
+    )
+    jwks_uri: str | None = Field(
+        default=None, description="JWKS URL of the OIDC issuer. Required with oidc.", max_length=2048, pattern=HTTP_URL
+    )
+    users_secret_ref: LocalObjectReference | None = Field(
+        default=None, description="Secret holding the users file (agent-runtime users add prints its lines)."
+    )
+    token_ttl_seconds: int = Field(
+        default=900, alias="tokenTTLSeconds", description="Lifetime of issued access tokens.", ge=60, le=86400
+    )
+    roles: dict[Annotated[str, Field(max_length=63, pattern=ROLE_NAME_PATTERN)], list[Permission]] | None = Field(
+        default=None,
+        description="Role to permissions mapping. Defaults to admin, operator, analyst and viewer.",
+        max_length=32,
+    )
+
+    @model_validator(mode="after")
+    def _oidc_needs_issuer(self) -> SecuritySpec:
+        if self.auth_mode == AuthModeName.OIDC and (self.issuer is None or self.jwks_uri is None):
+            raise ValueError("spec.security.issuer and spec.security.jwksUri are required when authMode is oidc")
+        return self
+
+
+class ComplianceSpec(ApiModel):
+    """Regulatory frameworks the runtime enforces."""
+
+    frameworks: list[ComplianceFramework] = Field(
+        default_factory=list,
+        description="GDPR (consent, export, erasure), HIPAA (PHI encryption and redaction), SOX (maker-checker).",
+        max_length=3,
+        json_schema_extra=crd_extra(**{"x-kubernetes-list-type": "set"}),
+    )
+    retention_days: int = Field(default=365, description="Stored results older than this are purged.", ge=1, le=36500)
+
+    @field_validator("frameworks")
+    @classmethod
+    def _unique(cls, value: list[ComplianceFramework]) -> list[ComplianceFramework]:
+        if len(set(value)) != len(value):
+            raise ValueError("frameworks must not repeat")
+        return value
+
+
+# --- scaling --------------------------------------------------------------------------------------
+
+
+class ScalingPolicyType(StrEnum):
+    PODS = "Pods"
+    PERCENT = "Percent"
+
+
+class SelectPolicy(StrEnum):
+    MAX = "Max"
+    MIN = "Min"
+    DISABLED = "Disabled"
+
+
+class ScalingPolicy(ApiModel):
+    """One HPA scaling policy: at most ``value`` pods or percent per ``periodSeconds``."""
+
+    type: ScalingPolicyType = Field(description="Pods or Percent.")
+    value: int = Field(description="Pods or percent allowed to change in one period.", ge=1, le=1000)
+    period_seconds: int = Field(description="Length of the period.", ge=1, le=1800)
+
+
+class ScalingRules(ApiModel):
+    """HPA behaviour in one direction."""
+
+    stabilization_window_seconds: int = Field(
+        description="Past recommendations considered before scaling.", ge=0, le=3600
+    )
+    select_policy: SelectPolicy = Field(default=SelectPolicy.MAX, description="Which policy wins when several apply.")
+    policies: list[ScalingPolicy] = Field(description="Scaling policies.", min_length=1, max_length=10)
+
+
+def _default_scale_up() -> ScalingRules:
+    return ScalingRules(
+        stabilization_window_seconds=0,
+        policies=[
+            ScalingPolicy(type=ScalingPolicyType.PERCENT, value=100, period_seconds=15),
+            ScalingPolicy(type=ScalingPolicyType.PODS, value=2, period_seconds=60),
+        ],
+    )
+
+
+def _default_scale_down() -> ScalingRules:
+    return ScalingRules(
+        stabilization_window_seconds=300,
+        policies=[ScalingPolicy(type=ScalingPolicyType.PERCENT, value=10, period_seconds=60)],
+    )
+
+
+class ScalingBehavior(ApiModel):
+    """Scale-up and scale-down behaviour. Defaults: up fast (100% per 15s or 2 pods per minute), down slowly (10% per minute after 5 minutes)."""
+
+    scale_up: ScalingRules = Field(default_factory=_default_scale_up, description="Behaviour when adding pods.")
+    scale_down: ScalingRules = Field(default_factory=_default_scale_down, description="Behaviour when removing pods.")
+
+
+class AutoscalingSpec(ApiModel):
+    """Horizontal autoscaling. The HPA scales the EnterpriseAgent itself through its scale subresource."""
+
+    model_config = ConfigDict(
+        json_schema_extra=crd_extra(
+            **{
+                CEL: [
+                    cel(
+                        "self.minReplicas <= self.maxReplicas",
+                        "spec.autoscaling.minReplicas must be less than or equal to maxReplicas",
+                        ".minReplicas",
+                    )
+                ]
+            }
+        )
+    )
+
+    enabled: bool = Field(default=False, description="Create a HorizontalPodAutoscaler for the agent.")
+    min_replicas: int = Field(default=1, description="Fewest replicas the autoscaler keeps.", ge=1, le=1000)
+    max_replicas: int = Field(default=10, description="Most replicas the autoscaler creates.", ge=1, le=1000)
+    target_cpu_utilization: int = Field(
+        default=70,
+        alias="targetCPUUtilization",
+        description="Average CPU utilization (percent of requests) to keep.",
+        ge=1,
+        le=500,
+    )
+    target_memory_utilization: int | None = Field(
+        default=80,
+        description="Average memory utilization (percent of requests) to keep; omit to scale on CPU only.",
+        ge=1,
+        le=500,
+    )
+    behavior: ScalingBehavior = Field(default_factory=ScalingBehavior, description="Scale-up and scale-down policies.")
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("spec.autoscaling.minReplicas must be less than or equal to maxReplicas")
+        return self
+
+
+class DisruptionBudgetSpec(ApiModel):
+    """The PodDisruptionBudget of the agent."""
+
+    max_unavailable: int = Field(
+        default=1, description="Agent pods that voluntary disruptions (drains) may take down at once.", ge=0, le=1000
+    )
+
+
+# --- rollout --------------------------------------------------------------------------------------
+
+
+class RolloutStrategy(StrEnum):
+    BLUE_GREEN = "BlueGreen"
+
+
+class PromotionMode(StrEnum):
+    AUTO = "Auto"
+    MANUAL = "Manual"
+
+
+class SmokeTest(ApiModel):
+    """An operation called through the preview Service during analysis."""
+
+    operation: str = Field(
+        description="Name of the operation; must be one of spec.operations.",
+        max_length=63,
+        pattern=OPERATION_NAME_PATTERN,
+    )
+    payload: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Request body sent to the operation.",
+        json_schema_extra=crd_extra(**{"x-kubernetes-preserve-unknown-fields": True}),
+    )
+    timeout_seconds: int = Field(default=30, description="How long the smoke call may take.", ge=1, le=600)
+
+
+class AnalysisSpec(ApiModel):
+    """Checks a preview must pass before promotion, and the promoted colour after it."""
+
+    window_seconds: int = Field(
+        default=30, description="How long the preview's metrics are observed before judging.", ge=0, le=3600
+    )
+    max_error_rate: float = Field(
+        default=0.05, description="Highest acceptable share of 5xx responses (0 to 1).", ge=0.0, le=1.0
+    )
+    max_p95_latency_seconds: float = Field(
+        default=5.0, description="Highest acceptable p95 request latency.", gt=0.0, le=3600.0
+    )
+    smoke: SmokeTest | None = Field(default=None, description="Optional smoke operation.")
+
+
+class RolloutSpec(ApiModel):
+    """How a new revision is rolled out."""
+
+    model_config = ConfigDict(
+        json_schema_extra=crd_extra(
+            **{
+                CEL: [
+                    cel(
+                        "!has(self.promote) || self.promotion == 'Manual'",
+                        "spec.rollout.promote may only be set when spec.rollout.promotion is Manual",
+                        ".promote",
+                    )
+                ]
+            }
+        )
+    )
+
+    strategy: RolloutStrategy = Field(
+        default=RolloutStrategy.BLUE_GREEN, description="Rollout strategy. BlueGreen is the only one."
+    )
+    promotion: PromotionMode = Field(
+        default=PromotionMode.AUTO, description="Auto promotes after analysis; Manual waits for approval."
+    )
+    promote: str | None = Field(
+        default=None,
+        description="Approves the preview revision with this hash (status.previewRevision), so an approval can live in Git.",
+        pattern=REVISION_PATTERN,
+    )
+    auto_promotion_seconds: int = Field(
+        default=0, description="With Auto, how long a healthy preview waits before promotion.", ge=0, le=86400
+    )
+    preview_replicas: int | None = Field(
+        default=None, description="Replicas of the preview colour. Defaults to spec.replicas.", ge=1, le=1000
+    )
+    scale_down_delay_seconds: int = Field(
+        default=30,
+        description="How long the old colour is kept after promotion; a fast rollback is possible meanwhile.",
+        ge=0,
+        le=86400,
+    )
+    progress_deadline_seconds: int = Field(
+        default=600, description="A rollout not promoted by then is aborted and marked Degraded.", ge=30, le=86400
+    )
+    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec, description="Analysis thresholds.")
+
+    @model_validator(mode="after")
+    def _promote_only_manual(self) -> RolloutSpec:
+        if self.promote is not None and self.promotion != PromotionMode.MANUAL:
+            raise ValueError("spec.rollout.promote may only be set when spec.rollout.promotion is Manual")
+        return self
+
+
+# --- observability and network --------------------------------------------------------------------
+
+
+class ServiceMonitorSpec(ApiModel):
+    """A Prometheus Operator ServiceMonitor for the agent's /metrics."""
+
+    enabled: bool = Field(default=False, description="Create a ServiceMonitor (needs the Prometheus Operator's CRDs).")
+    interval: str = Field(default="30s", description="Scrape interval.", pattern=r"^[0-9]+(ms|s|m|h)$", max_length=16)
+
+
+class ObservabilitySpec(ApiModel):
+    """Traces and metrics."""
+
+    otlp_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/HTTP endpoint that receives traces; none disables export.",
+        max_length=2048,
+        pattern=HTTP_URL,
+    )
+    trace_sample_ratio: float = Field(default=0.1, description="Share of new traces sampled (0 to 1).", ge=0.0, le=1.0)
+    service_monitor: ServiceMonitorSpec = Field(
+        default_factory=ServiceMonitorSpec, description="Prometheus Operator scraping."
+    )
+
+
+class NetworkPolicySpec(ApiModel):
+    """Who may reach the agent, and where it may connect. Traffic not listed is denied."""
+
+    enabled: bool = Field(default=True, description="Create a NetworkPolicy for the agent pods.")
+    allowed_ingress_namespaces: list[Annotated[str, Field(max_length=63, pattern=DNS1123_LABEL)]] = Field(
+        default_factory=list,
+        description="Namespaces whose pods may call the agent (its own namespace and the operator's always may).",
+        max_length=64,
+    )
+    allowed_ingress_pod_labels: LabelMap = Field(
+        default_factory=dict,
+        description="Pods of the agent's namespace with these labels may call the agent; empty allows all pods of the namespace.",
+    )
+    allowed_egress_cidrs: list[Annotated[str, Field(max_length=49, pattern=CIDR_SHAPE)]] = Field(
+        default_factory=list,
+        alias="allowedEgressCIDRs",
+        description="CIDRs of model and tool endpoints the agent may connect to.",
+        max_length=64,
+    )
+    allowed_egress_hosts: list[Annotated[str, Field(max_length=253, pattern=HOSTNAME)]] = Field(
+        default_factory=list,
+        description="Host names the runtime may call; enforced by the runtime, since a NetworkPolicy cannot name hosts.",
+        max_length=64,
+    )
+    egress_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(
+        default_factory=lambda: [443], description="TCP ports allowed towards allowedEgressCIDRs.", max_length=16
+    )
+
+    @field_validator("allowed_egress_cidrs")
+    @classmethod
+    def _valid_cidrs(cls, value: list[str]) -> list[str]:
+        for index, cidr in enumerate(value):
+            try:
+                ipaddress.ip_network(cidr, strict=True)
+            except ValueError as error:
+                raise ValueError(f"[{index}]: {cidr!r} is not a valid CIDR: {error}") from None
+        return value
+
+
+# --- the agent ------------------------------------------------------------------------------------
+
+
+class PullPolicy(StrEnum):
+    ALWAYS = "Always"
+    IF_NOT_PRESENT = "IfNotPresent"
+    NEVER = "Never"
+
+
+class EnterpriseAgentSpec(ApiModel):
+    """Desired state of an AI agent."""
+
+    model_config = ConfigDict(
+        json_schema_extra=crd_extra(
+            **{
+                CEL: [
+                    cel(
+                        "!has(self.rollout.previewReplicas) || self.rollout.previewReplicas <= self.replicas",
+                        "spec.rollout.previewReplicas must be less than or equal to spec.replicas",
+                        ".rollout.previewReplicas",
+                    ),
+                    cel(
+                        "!has(self.rollout.analysis.smoke) || (has(self.operations) && self.rollout.analysis.smoke.operation in self.operations)",
+                        "spec.rollout.analysis.smoke.operation must be one of spec.operations",
+                        ".rollout.analysis.smoke.operation",
+                    ),
+                    cel(
+                        "!has(self.compliance.frameworks) || !('HIPAA' in self.compliance.frameworks) || self.securityLevel in ['confidential', 'restricted']",
+                        "spec.securityLevel must be confidential or restricted when spec.compliance.frameworks has HIPAA",
+                        ".securityLevel",
+                    ),
+                    cel(
+                        "!has(self.env) || self.env.all(e, !e.name.startsWith('AGENT_'))",
+                        "spec.env names starting with AGENT_ are reserved for the operator",
+                        ".env",
+                    ),
+                ]
+            }
+        )
+    )
+
+    image: str = Field(
+        description="Container image of the agent, such as registry.example/support-bot:2.1.0.",
+        min_length=1,
+        max_length=512,
+        pattern=IMAGE_REFERENCE,
+    )
+    image_pull_policy: PullPolicy = Field(
+        default=PullPolicy.IF_NOT_PRESENT, description="When the kubelet pulls the image."
+    )
+    image_pull_secrets: list[LocalObjectReference] = Field(
+        default_factory=list, description="Secrets for pulling the image.", max_length=16
+    )
+    replicas: int = Field(
+        default=1, description="Replicas of the active colour. The autoscaler sets this when enabled.", ge=0, le=1000
+    )
+    resources: ResourceRequirements = Field(
+        default_factory=ResourceRequirements, description="Compute resources of the agent container."
+    )
+    env: list[EnvVar] = Field(default_factory=list, description="Extra environment variables.", max_length=128)
+    env_from: list[EnvFromSource] = Field(
+        default_factory=list, description="ConfigMaps and Secrets imported as environment variables.", max_length=32
+    )
+    operations: list[Annotated[str, Field(max_length=63, pattern=OPERATION_NAME_PATTERN)]] = Field(
+        default_factory=list,
+        description="Names of the operation handlers the runtime enables.",
+        max_length=64,
+        json_schema_extra=crd_extra(**{"x-kubernetes-list-type": "set"}),
+    )
+    security_level: SecurityLevel = Field(
+        default=SecurityLevel.INTERNAL,
+        description="Highest data classification the agent may handle: public < internal < confidential < restricted.",
+    )
+    security: SecuritySpec = Field(default_factory=SecuritySpec, description="Authentication and token settings.")
+    compliance: ComplianceSpec = Field(default_factory=ComplianceSpec, description="Compliance frameworks.")
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec, description="Horizontal autoscaling.")
+    disruption_budget: DisruptionBudgetSpec = Field(
+        default_factory=DisruptionBudgetSpec, description="PodDisruptionBudget settings."
+    )
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec, description="Blue-green rollout settings.")
+    observability: ObservabilitySpec = Field(default_factory=ObservabilitySpec, description="Tracing and metrics.")
+    network_policy: NetworkPolicySpec = Field(
+        default_factory=NetworkPolicySpec, description="Ingress and egress rules."
+    )
+    pod: PodOverrides = Field(default_factory=PodOverrides, description="Scheduling and metadata of the agent pods.")
+    data_volume_size_limit: Quantity = Field(
+        default="1Gi", description="Size limit of the /var/lib/agent emptyDir (audit log, embedded store)."
+    )
+
+    @field_validator("operations")
+    @classmethod
+    def _operations_unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("operation names must not repeat")
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_not_reserved(cls, value: list[EnvVar]) -> list[EnvVar]:
+        for index, var in enumerate(value):
+            if var.name.startswith("AGENT_"):
+                raise ValueError(
+                    f"[{index}].name: {var.name!r} starts with AGENT_, which is reserved for the operator"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> EnterpriseAgentSpec:
+        if self.rollout.preview_replicas is not None and self.rollout.preview_replicas > self.replicas:
+            raise ValueError("spec.rollout.previewReplicas must be less than or equal to spec.replicas")
+        smoke = self.rollout.analysis.smoke
+        if smoke is not None and smoke.operation not in self.operations:
+            raise ValueError("spec.rollout.analysis.smoke.operation must be one of spec.operations")
+        if ComplianceFramework.HIPAA in self.compliance.frameworks and not self.security_level.allows(
+            SecurityLevel.CONFIDENTIAL
+        ):
+            raise ValueError(
+                "spec.securityLevel must be confidential or restricted when spec.compliance.frameworks has HIPAA"
+            )
+        return self
+
+
+# --- status ---------------------------------------------------------------------------------------
+
+
+class Color(StrEnum):
+    BLUE = "blue"
+    GREEN = "green"
+
+    @property
+    def other(self) -> Color:
+        return Color.GREEN if self is Color.BLUE else Color.BLUE
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    PROGRESSING = "Progressing"
+    PAUSED = "Paused"
+    READY = "Ready"
+    DEGRADED = "Degraded"
+    STALLED = "Stalled"
+
+
+class ConditionStatus(StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class Condition(ApiModel):
+    """A status condition, as in metav1.Condition."""
+
+    type: str = Field(
+        description="Condition type: Ready, Reconciling, Stalled, Progressing or Degraded.", max_length=316
+    )
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: str = Field(
+        description="A CamelCase reason.", max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+    )
+    message: str = Field(default="", description="A human-readable message.", max_length=32768)
+    last_transition_time: str = Field(description="When the status last changed (RFC 3339).", max_length=64)
+    observed_generation: int = Field(default=0, description="The .metadata.generation the condition was set for.", ge=0)
+
+
+class AnalysisResult(StrEnum):
+    PENDING = "Pending"
+    PASSED = "Passed"
+    FAILED = "Failed"
+
+
+class AnalysisCheck(ApiModel):
+    """The result of one analysis check."""
+
+    name: str = Field(description="Check name: endpoints, readyz, errorRate, latency or smoke.", max_length=63)
+    result: AnalysisResult = Field(description="Pending, Passed or Failed.")
+    message: str = Field(default="", description="What was measured.", max_length=1024)
+    observed_at: str | None = Field(default=None, description="When the check last ran (RFC 3339).", max_length=64)
+
+
+class RolloutStatus(ApiModel):
+    """Progress of the current rollout."""
+
+    step: str | None = Field(default=None, description="The current step of the blue-green sequence.", max_length=63)
+    preview_color: Color | None = Field(default=None, description="Colour the preview runs in.")
+    started_at: str | None = Field(default=None, description="When the rollout started.", max_length=64)
+    promoted_at: str | None = Field(default=None, description="When traffic switched to the new colour.", max_length=64)
+    analysis: list[AnalysisCheck] = Field(default_factory=list, description="Analysis check results.", max_length=16)
+    message: str | None = Field(default=None, description="A human-readable note on the rollout.", max_length=4096)
+
+
+class EnterpriseAgentStatus(ApiModel):
+    """Observed state of an agent, written by the operator."""
+
+    phase: Phase | None = Field(default=None, description="A one-word summary for humans.")
+    message: str | None = Field(default=None, description="A short explanation of the phase.", max_length=4096)
+    observed_generation: int | None = Field(default=None, description="The .metadata.generation last acted upon.", ge=0)
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Ready, Reconciling, Stalled (kstatus), Progressing and Degraded.",
+        max_length=16,
+        json_schema_extra=crd_extra(**{"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}),
+    )
+    active_color: Color | None = Field(default=None, description="Colour the active Service points at.")
+    active_revision: str | None = Field(default=None, description="Revision serving traffic.", max_length=63)
+    preview_revision: str | None = Field(default=None, description="Revision under rollout, if any.", max_length=63)
+    replicas: int | None = Field(default=None, description="Pods of the active colour.", ge=0)
+    ready_replicas: int | None = Field(default=None, description="Ready pods of the active colour.", ge=0)
+    selector: str | None = Field(
+        default=None, description="Label selector of the active pods, for the scale subresource.", max_length=1024
+    )
+    image: str | None = Field(default=None, description="Image of the active revision.", max_length=512)
+    rollout: RolloutStatus | None = Field(default=None, description="Progress of the current rollout.")
+
+
+# --- the object -----------------------------------------------------------------------------------
+
+
+class ObjectMeta(BaseModel):
+    """The metadata fields the operator reads. Other metadata is ignored, not rejected."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True, alias_generator=to_camel)
+
+    name: str = Field(min_length=1, max_length=AGENT_NAME_MAX_LENGTH, pattern=AGENT_NAME_PATTERN)
+    namespace: str = Field(default="default", max_length=63, pattern=DNS1123_LABEL)
+    uid: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class EnterpriseAgent(BaseModel):
+    """A whole EnterpriseAgent object as read from a manifest or the API."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, alias_generator=to_camel)
+
+    api_version: str = Field(pattern=f"^{GROUP.replace('.', r'[.]')}/{VERSION}$")
+    kind: str = Field(pattern=f"^{KIND}$")
+    metadata: ObjectMeta
+    spec: EnterpriseAgentSpec
+    status: EnterpriseAgentStatus | None = None
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.namespace

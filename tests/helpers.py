@@ -1,0 +1,40 @@
+"""Shared test helpers: repository paths and example loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent_operator.manifest import load_agents
+from agent_operator.spec import EnterpriseAgent
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+BAD = sorted((ROOT / "tests" / "bad").glob("*.yaml"))
+CRD_FILE = ROOT / "crds" / "enterpriseagents.agents.enterprise.io.yaml"
+KUBERNETES_VERSION = "1.34.0"  # the version the local control plane runs (hack/controlplane/go.mod)
+
+
+def example_document(name: str) -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load((ROOT / "examples" / f"{name}.yaml").read_text())
+    return document
+
+
+def example_agent(name: str) -> EnterpriseAgent:
+    path = ROOT / "examples" / f"{name}.yaml"
+    (agent,) = load_agents(path.read_text(), str(path))
+    return agent
+
+
+def header_values(path: Path, key: str) -> list[str]:
+    """Values of ``# key: value`` comment lines at the top of a test manifest."""
+    values = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        name, _, value = line.lstrip("# ").partition(":")
+        if name.strip() == key:
+            values.append(value.strip())
+    return values
