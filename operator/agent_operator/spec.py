@@ -792,9 +792,7 @@ class EnterpriseAgentSpec(ApiModel):
     def _env_not_reserved(cls, value: list[EnvVar]) -> list[EnvVar]:
         for index, var in enumerate(value):
             if var.name.startswith("AGENT_"):
-                raise ValueError(
-                    f"[{index}].name: {var.name!r} starts with AGENT_, which is reserved for the operator"
-                )
+                raise ValueError(f"[{index}].name: {var.name!r} starts with AGENT_, which is reserved for the operator")
         return value
 
     @model_validator(mode="after")

@@ -15,7 +15,7 @@ import (
 
 func main() {
 	flags := pflag.NewFlagSet("global", pflag.ContinueOnError)
-	flags.ParseErrorsAllowlist.UnknownFlags = true
+	flags.ParseErrorsWhitelist.UnknownFlags = true
 	flags.Usage = func() {}
 
 	ctx := signals.SetupSignalContext()
