@@ -14,6 +14,7 @@ from typing import Any
 
 import celpy
 import jsonschema
+from celpy.adapter import json_to_cel
 
 from agent_operator.crd import build_crd
 
@@ -97,7 +98,7 @@ def cel_errors(obj: Any, schema: Schema, path: list[Any] | None = None) -> list[
     path = path or []
     errors: list[str] = []
     for rule in schema.get("x-kubernetes-validations", []):
-        result = _cel_program(rule["rule"]).evaluate({"self": celpy.json_to_cel(obj)})
+        result = _cel_program(rule["rule"]).evaluate({"self": json_to_cel(obj)})
         if isinstance(result, Exception) or not bool(result):
             where = _path(path) + rule.get("fieldPath", "")
             errors.append(f"{where}: {rule['message']}")

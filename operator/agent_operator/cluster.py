@@ -29,7 +29,7 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 KUBERNETES_VERSION = "v1.34.4"
 LOOPBACK = "127.0.0.1"
@@ -66,6 +66,13 @@ def default_state_dir() -> Path:
     return cache_root() / "clusters" / "local"
 
 
+def _go() -> str:
+    go = shutil.which("go")
+    if go is None:
+        raise ClusterError("Go is needed to build the local control plane (go was not found on PATH)")
+    return go
+
+
 def _source_key(source: Path) -> str:
     """Cache key: the pinned versions (go.mod/go.sum), the mains and the Go toolchain."""
     digest = hashlib.sha256()
@@ -73,15 +80,13 @@ def _source_key(source: Path) -> str:
         if path.is_file() and path.name in ("go.mod", "go.sum", "main.go"):
             digest.update(str(path.relative_to(source)).encode())
             digest.update(path.read_bytes())
-    go_version = subprocess.run(["go", "env", "GOVERSION"], capture_output=True, text=True, check=True).stdout.strip()
+    go_version = subprocess.run([_go(), "env", "GOVERSION"], capture_output=True, text=True, check=True).stdout.strip()  # noqa: S603
     digest.update(go_version.encode())
     return f"{KUBERNETES_VERSION}-{digest.hexdigest()[:12]}"
 
 
 def ensure_binaries() -> Path:
     """Builds the control plane binaries once per source version; returns their directory."""
-    if shutil.which("go") is None:
-        raise ClusterError("Go is needed to build the local control plane (go was not found on PATH)")
     source = _repo_source()
     bin_dir = cache_root() / "controlplane" / _source_key(source) / "bin"
     wanted = [name for names in GO_MODULES.values() for name in names]
@@ -99,9 +104,9 @@ def ensure_binaries() -> Path:
     with build_log.open("w") as out:
         for module, names in GO_MODULES.items():
             packages = [f"./{name}" for name in names] if module == "." else ["."]
-            command = ["go", "build", "-trimpath", "-ldflags", ldflags, "-o", f"{bin_dir}/", *packages]
+            command = [_go(), "build", "-trimpath", "-ldflags", ldflags, "-o", f"{bin_dir}/", *packages]
             _say(f"building {', '.join(names)} (log: {build_log})")
-            result = subprocess.run(command, cwd=source / module, stdout=out, stderr=subprocess.STDOUT, check=False)
+            result = subprocess.run(command, cwd=source / module, stdout=out, stderr=subprocess.STDOUT, check=False)  # noqa: S603
             if result.returncode != 0:
                 raise ClusterError(f"building {', '.join(names)} failed (exit {result.returncode}); see {build_log}")
     return bin_dir
@@ -152,8 +157,8 @@ def _certificate(
             x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
         )
     else:
-        usages = [x509.ExtendedKeyUsageOID.SERVER_AUTH] if server_names or server_ips else []
-        usages.append(x509.ExtendedKeyUsageOID.CLIENT_AUTH)
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH] if server_names or server_ips else []
+        usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
         builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         if server_names or server_ips:
             alt: list[x509.GeneralName] = [x509.DNSName(n) for n in server_names]
