@@ -1,0 +1,215 @@
+"""The pure renderers: what each child looks like, and what the revision hash depends on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from agent_operator.render import ColorPlan, KeyVersions, RenderPlan, active_selector, build_children, compute_revision
+from agent_operator.render.common import LABEL_COLOR, LABEL_MANAGED_BY, LABEL_NAME, LABEL_REVISION
+from agent_operator.render.keys import build_key_secret
+from agent_operator.spec import Color, EnterpriseAgent
+from agent_runtime.config import RuntimeConfig, SecurityLevel
+from tests.helpers import example_agent, example_document
+
+
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in changes.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def _agent(**spec_changes: Any) -> EnterpriseAgent:
+    """The full example with some spec fields changed (maps merged, other values replaced)."""
+    document = example_document("full")
+    document["spec"] = _merge(document["spec"], spec_changes)
+    return EnterpriseAgent.model_validate(document)
+
+
+def _by_kind(children: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    result: dict[str, list[dict[str, Any]]] = {}
+    for child in children:
+        result.setdefault(child["kind"], []).append(child)
+    return result
+
+
+def _children(agent: EnterpriseAgent, plan: RenderPlan | None = None) -> dict[str, list[dict[str, Any]]]:
+    return _by_kind(build_children(agent, plan or RenderPlan.initial(agent)))
+
+
+def test_full_example_renders_every_child_kind() -> None:
+    kinds = _children(example_agent("full"))
+    assert sorted(kinds) == sorted(
+        [
+            "ServiceAccount",
+            "Secret",
+            "ConfigMap",
+            "Deployment",
+            "Service",
+            "PodDisruptionBudget",
+            "HorizontalPodAutoscaler",
+            "NetworkPolicy",
+            "ServiceMonitor",
+        ]
+    )
+    assert len(kinds["Service"]) == 2
+
+
+def test_minimal_example_has_no_optional_children() -> None:
+    kinds = _children(example_agent("minimal"))
+    assert "HorizontalPodAutoscaler" not in kinds
+    assert "ServiceMonitor" not in kinds
+    assert "NetworkPolicy" in kinds  # default deny is on unless switched off
+
+
+def test_every_child_is_labelled_and_namespaced() -> None:
+    agent = example_agent("full")
+    for child in build_children(agent, RenderPlan.initial(agent)):
+        labels = child["metadata"]["labels"]
+        assert labels[LABEL_NAME] == "support-bot", child["kind"]
+        assert labels[LABEL_MANAGED_BY] == "enterprise-agent-operator", child["kind"]
+        assert child["metadata"]["namespace"] == "agents"
+
+
+def test_pod_is_hardened_to_restricted_pod_security() -> None:
+    (deployment,) = _children(example_agent("minimal"))["Deployment"]
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    security = container["securityContext"]
+    assert security["runAsNonRoot"] is True
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["startupProbe"]["httpGet"]["path"] == "/healthz"
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/etc/agent/config.yaml"]["readOnly"] is True
+    assert mounts["/etc/agent/keys"]["readOnly"] is True
+    assert "/tmp" in mounts
+    assert "/var/lib/agent" in mounts
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == "8080"
+
+
+def test_users_secret_is_mounted_only_when_referenced() -> None:
+    def mounts(agent: EnterpriseAgent) -> set[str]:
+        (deployment,) = _children(agent)["Deployment"]
+        return {m["mountPath"] for m in deployment["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+
+    assert "/etc/agent/users" in mounts(example_agent("full"))
+    assert "/etc/agent/users" not in mounts(example_agent("minimal"))
+
+
+def test_config_map_carries_the_runtime_config_model() -> None:
+    agent = example_agent("full")
+    (config_map,) = _children(agent)["ConfigMap"]
+    config = RuntimeConfig.from_yaml(config_map["data"]["config.yaml"])
+    assert config.agent_name == "support-bot"
+    assert config.security_level is SecurityLevel.CONFIDENTIAL
+    assert config.operations == ["analyze_data", "generate_report", "process_document", "chat"]
+    assert config.auth.token_ttl_seconds == 600
+    assert config.auth.users_file == "/etc/agent/users/users"
+    assert "agent-operator" in config.roles
+    assert [f.value for f in config.compliance.frameworks] == ["GDPR", "SOX"]
+    assert config.egress.allowed_hosts == ["api.openai.example", "*.tools.example"]
+    assert config_map["immutable"] is True
+    assert config_map["metadata"]["name"].endswith(config_map["metadata"]["labels"][LABEL_REVISION])
+
+
+def test_hpa_targets_the_agent_not_a_deployment() -> None:
+    (hpa,) = _children(example_agent("full"))["HorizontalPodAutoscaler"]
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "agents.enterprise.io/v1alpha1",
+        "kind": "EnterpriseAgent",
+        "name": "support-bot",
+    }
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 20)
+    scale_up = hpa["spec"]["behavior"]["scaleUp"]
+    assert scale_up["stabilizationWindowSeconds"] == 0
+    assert {"type": "Pods", "value": 2, "periodSeconds": 60} in scale_up["policies"]
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
+
+
+def test_services_select_the_planned_colours() -> None:
+    agent = example_agent("minimal")
+    plan = RenderPlan(active=ColorPlan(Color.GREEN, 2), preview=ColorPlan(Color.BLUE, 1))
+    kinds = _children(agent, plan)
+    services = {s["metadata"]["name"]: s for s in kinds["Service"]}
+    assert services["hello-agent"]["spec"]["selector"][LABEL_COLOR] == "green"
+    assert services["hello-agent-preview"]["spec"]["selector"][LABEL_COLOR] == "blue"
+    replicas = {d["metadata"]["labels"][LABEL_COLOR]: d["spec"]["replicas"] for d in kinds["Deployment"]}
+    assert replicas == {"green": 2, "blue": 1}
+    assert active_selector(agent, Color.GREEN) == (
+        "agents.enterprise.io/color=green,app.kubernetes.io/instance=hello-agent,app.kubernetes.io/name=hello-agent"
+    )
+
+
+def test_deployment_selector_is_stable_across_revisions() -> None:
+    """A Deployment's selector is immutable: it must not contain the revision or the version."""
+    first = _children(_agent(image="registry.example/support-bot:2.1.0"))["Deployment"][0]
+    second = _children(_agent(image="registry.example/support-bot:2.2.0"))["Deployment"][0]
+    assert first["spec"]["selector"] == second["spec"]["selector"]
+    assert first["metadata"]["labels"][LABEL_REVISION] != second["metadata"]["labels"][LABEL_REVISION]
+
+
+def test_network_policy_admits_listed_callers_and_the_operator() -> None:
+    agent = example_agent("full")
+    (policy,) = _by_kind(build_children(agent, RenderPlan.initial(agent, operator_namespace="ops")))["NetworkPolicy"]
+    peers = policy["spec"]["ingress"][0]["from"]
+    namespaces = peers[1]["namespaceSelector"]["matchExpressions"][0]["values"]
+    assert namespaces == ["frontend", "monitoring", "ops"]
+    egress_cidrs = [peer["ipBlock"]["cidr"] for rule in policy["spec"]["egress"] for peer in rule.get("to", [])]
+    assert egress_cidrs == ["10.20.0.0/16"]
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+
+
+def test_key_secret_has_no_data_until_the_reconciler_supplies_it() -> None:
+    agent = example_agent("minimal")
+    assert "data" not in build_key_secret(agent)
+    assert build_key_secret(agent, {"jwt-a": "eA=="})["data"] == {"jwt-a": "eA=="}
+
+
+REVISION_TRIGGERS = {
+    "image": {"image": "registry.example/support-bot:2.2.0"},
+    "env": {"env": [{"name": "LOG_LEVEL", "value": "debug"}]},
+    "runtime config": {"securityLevel": "restricted"},
+    "operations": {"operations": ["analyze_data", "chat"]},
+    "resources": {"resources": {"requests": {"cpu": "1"}}},
+    "egress hosts (runtime-enforced)": {"networkPolicy": {"allowedEgressHosts": ["other.example"]}},
+}
+NOT_REVISION_TRIGGERS = {
+    "replicas": {"replicas": 3},
+    "autoscaling": {"autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 30}},
+    "rollout": {"rollout": {"promotion": "Auto", "scaleDownDelaySeconds": 10}},
+    "network policy ingress": {"networkPolicy": {"allowedIngressNamespaces": ["other"]}},
+}
+
+
+@pytest.mark.parametrize("change", REVISION_TRIGGERS.values(), ids=list(REVISION_TRIGGERS))
+def test_revision_changes_with_what_replaces_pods(change: dict[str, Any]) -> None:
+    assert compute_revision(_agent(**change), KeyVersions()) != compute_revision(_agent(), KeyVersions())
+
+
+@pytest.mark.parametrize("change", NOT_REVISION_TRIGGERS.values(), ids=list(NOT_REVISION_TRIGGERS))
+def test_revision_ignores_what_does_not(change: dict[str, Any]) -> None:
+    assert compute_revision(_agent(**change), KeyVersions()) == compute_revision(_agent(), KeyVersions())
+
+
+def test_revision_changes_with_key_versions_not_key_material() -> None:
+    agent = _agent()
+    one = KeyVersions(signing=("a",), encryption=("b",), active_signing="a", active_encryption="b")
+    rotated = KeyVersions(signing=("a", "c"), encryption=("b",), active_signing="c", active_encryption="b")
+    assert compute_revision(agent, one) != compute_revision(agent, rotated)
+    assert compute_revision(agent, one) == compute_revision(agent, KeyVersions(**one.__dict__))
+
+
+def test_rendering_is_deterministic() -> None:
+    agent = example_agent("full")
+    assert build_children(agent, RenderPlan.initial(agent)) == build_children(agent, RenderPlan.initial(agent))
