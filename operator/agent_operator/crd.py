@@ -110,13 +110,11 @@ _NAME_RULES = [
         "rule": f"self.metadata.name.size() <= {spec.AGENT_NAME_MAX_LENGTH}",
         "message": f"metadata.name must be at most {spec.AGENT_NAME_MAX_LENGTH} characters"
         " (it prefixes Service and Deployment names)",
-        "fieldPath": ".metadata.name",
         "reason": "FieldValueInvalid",
     },
     {
         "rule": f"self.metadata.name.matches({json.dumps(spec.AGENT_NAME_PATTERN)})",
         "message": "metadata.name must be a DNS-1035 label: lower-case letters, digits and '-', starting with a letter",
-        "fieldPath": ".metadata.name",
         "reason": "FieldValueInvalid",
     },
 ]

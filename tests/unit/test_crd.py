@@ -78,3 +78,13 @@ def test_defaults_are_applied_like_pydantic() -> None:
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)
 def test_every_example_is_accepted_by_the_crd(example: Path) -> None:
     assert api_errors(yaml.safe_load(example.read_text())) == []
+
+
+def test_every_cel_field_path_resolves_in_the_schema() -> None:
+    """The API server refuses a CRD whose fieldPath names a property the schema does not have."""
+    for path, node in _walk(crd_schema()):
+        for rule in node.get("x-kubernetes-validations", []):
+            target = node
+            for part in rule.get("fieldPath", "").split(".")[1:]:
+                assert part in target.get("properties", {}), f"{path}: {rule['fieldPath']}"
+                target = target["properties"][part]

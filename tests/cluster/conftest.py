@@ -1,0 +1,95 @@
+"""The cluster the integration and e2e tests run against.
+
+If KUBECONFIG points at a cluster that answers (kind, a real one), the tests use it. Otherwise
+they bring up the project's local control plane once per test run and tear it down at the end.
+Either way the tests reach it only through a kubeconfig, as any client would.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from agent_operator.cluster import Cluster, ensure_binaries
+from tests.helpers import CRD_FILE
+
+
+@dataclass
+class Kube:
+    """A cluster reached through a kubeconfig; ``local`` is set when we started it ourselves."""
+
+    kubeconfig: Path
+    kubectl_path: str
+    local: Cluster | None
+
+    def kubectl(
+        self, *args: str, stdin: str | None = None, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [self.kubectl_path, f"--kubeconfig={self.kubeconfig}", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}): {result.stderr}")
+        return result
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+
+
+def _external_cluster(kubectl: str) -> Path | None:
+    configured = os.environ.get("KUBECONFIG")
+    if not configured:
+        return None
+    probe = subprocess.run(
+        [kubectl, f"--kubeconfig={configured}", "get", "--raw=/readyz"], capture_output=True, timeout=15, check=False
+    )
+    return Path(configured) if probe.returncode == 0 else None
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
+    kubectl = str(ensure_binaries() / "kubectl")
+    external = _external_cluster(shutil.which("kubectl") or kubectl)
+    if external is not None:
+        yield Kube(external, shutil.which("kubectl") or kubectl, None)
+        return
+    cluster = Cluster(tmp_path_factory.mktemp("control-plane"))
+    cluster.up()
+    try:
+        yield Kube(cluster.kubeconfig, kubectl, cluster)
+    finally:
+        cluster.down()
+
+
+@pytest.fixture(scope="session")
+def crd_installed(kube: Kube) -> Kube:
+    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
+    kube.kubectl("wait", "--for=condition=Established", "crd/enterpriseagents.agents.enterprise.io", "--timeout=60s")
+    # Established comes a moment before discovery serves the new type (and its short name).
+    deadline = time.monotonic() + 30
+    while kube.kubectl("get", "ea", "-A", check=False).returncode != 0:
+        assert time.monotonic() < deadline, "EnterpriseAgent never appeared in discovery"
+        time.sleep(0.2)
+    return kube
+
+
+@pytest.fixture
+def namespace(kube: Kube) -> Iterator[str]:
+    """A fresh namespace per test, deleted afterwards (without waiting for it to go)."""
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    kube.kubectl("create", "namespace", name)
+    yield name
+    kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
