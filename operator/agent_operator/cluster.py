@@ -282,6 +282,11 @@ class Cluster:
         assert isinstance(raw, dict)
         return {name: int(pid) for name, pid in raw.items()}
 
+    def ports(self) -> dict[str, int]:
+        raw = self._load_state().get("ports", {})
+        assert isinstance(raw, dict)
+        return {name: int(port) for name, port in raw.items()}
+
     def running(self) -> dict[str, bool]:
         state = self._load_state()
         binaries = state.get("binaries", "")

@@ -30,7 +30,7 @@ def test_down_stops_everything_and_frees_the_ports(tmp_path: Path) -> None:
     timings = cluster.up(nodes=1)
     assert timings["start_seconds"] > 0
     pids = cluster.pids()
-    ports = [int(p) for p in cluster._load_state()["ports"].values()]  # type: ignore[union-attr]
+    ports = list(cluster.ports().values())
     assert all(cluster.running().values())
     assert cluster.healthy()
 
