@@ -72,6 +72,9 @@ DEFAULT_ROLES: dict[str, list[Permission]] = {
     "viewer": [Permission.READ],
 }
 
+# Operations the runtime ships; the operator refuses (Stalled) names outside this list.
+BUILTIN_OPERATIONS = ("analyze_data", "generate_report", "process_document", "chat")
+
 ROLE_NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
 OPERATION_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
 OperationName = Annotated[str, Field(pattern=OPERATION_NAME_PATTERN, max_length=63)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -101,6 +102,25 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent_operator.main import RunOptions, run
+
+    return run(
+        RunOptions(
+            namespaces=tuple(args.namespace),
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
+            log_format=args.log_format,
+            log_level=args.log_level,
+            lease_namespace=args.lease_namespace,
+            lease_seconds=args.lease_seconds,
+            workers=args.workers,
+            resync_seconds=args.resync_seconds,
+            operator_namespace=args.operator_namespace,
+        )
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agent-operator", description="The Enterprise Agent Operator.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +152,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cluster.add_argument("--nodes", type=int, default=3, help="simulated kwok nodes to register")
     cluster.set_defaults(func=cmd_cluster)
+
+    run = commands.add_parser("run", help="run the operator against the current KUBECONFIG (or in-cluster credentials)")
+    run.add_argument(
+        "-n", "--namespace", action="append", default=[], help="watch only this namespace (repeatable); default: all"
+    )
+    run.add_argument("--metrics-port", type=int, default=8000, help="port of /metrics and /healthz")
+    run.add_argument("--metrics-host", default="0.0.0.0", help="address /metrics and /healthz listen on")  # noqa: S104
+    run.add_argument("--log-format", choices=["text", "json"], default="text")
+    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.add_argument(
+        "--lease-namespace",
+        default=os.environ.get("POD_NAMESPACE", "default"),
+        help="namespace of the leader-election Lease",
+    )
+    run.add_argument(
+        "--lease-seconds",
+        type=int,
+        default=15,
+        help="lease duration; a standby takes over this long after the leader dies",
+    )
+    run.add_argument("--workers", type=int, default=8, help="agents reconciled concurrently")
+    run.add_argument(
+        "--resync-seconds", type=float, default=300.0, help="period of the level-based resync of every agent"
+    )
+    run.add_argument(
+        "--operator-namespace",
+        default=os.environ.get("POD_NAMESPACE", "enterprise-agent-system"),
+        help="namespace agents' NetworkPolicies admit the operator from",
+    )
+    run.set_defaults(func=cmd_run)
 
     crd = commands.add_parser("crd", help="print the EnterpriseAgent CustomResourceDefinition")
     crd.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")

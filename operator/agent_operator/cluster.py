@@ -404,6 +404,7 @@ class Cluster:
                 f"--cluster-signing-key-file={pki / 'ca.key'}",
                 # HPA needs the metrics API, which kwok does not serve; it reports that in its status.
                 "--controllers=*",
+                "--node-monitor-grace-period=2m",
                 "--concurrent-deployment-syncs=10",
                 "--concurrent-replicaset-syncs=10",
                 "--concurrent-gc-syncs=20",
@@ -431,6 +432,9 @@ class Cluster:
                 "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
                 "--disregard-status-with-annotation-selector=kwok.x-k8s.io/status=custom",
                 f"--node-ip={LOOPBACK}",
+                # Nodes renew Leases, as kubelets do; without them the node lifecycle controller
+                # declares the nodes unreachable after its grace period and marks every pod NotReady.
+                "--node-lease-duration-seconds=40",
                 f"--server-address={LOOPBACK}:{ports['kwok']}",
                 "--cidr=10.244.0.1/16",
                 f"--config={sd / 'kwok.yaml'}",

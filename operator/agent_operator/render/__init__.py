@@ -48,6 +48,7 @@ class RenderPlan:
     preview: ColorPlan | None = None
     keys: KeyVersions = field(default_factory=KeyVersions)
     key_data: dict[str, str] | None = None
+    key_rotated_for: str | None = None
     operator_namespace: str = DEFAULT_OPERATOR_NAMESPACE
 
     @classmethod
@@ -78,7 +79,7 @@ def build_children(agent: EnterpriseAgent, plan: RenderPlan) -> list[Manifest]:
     preview_color = plan.preview.color if plan.preview else plan.active.color
     children: list[Manifest] = [
         build_service_account(agent),
-        build_key_secret(agent, plan.key_data),
+        build_key_secret(agent, plan.key_data, plan.key_rotated_for),
         build_config_map(agent, config, revision),
         build_deployment(agent, plan.active.color, revision, plan.active.replicas),
     ]

@@ -14,11 +14,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from agent_operator.render.common import Manifest, key_secret_name, metadata
-from agent_operator.spec import EnterpriseAgent
+from agent_operator.spec import GROUP, EnterpriseAgent
 from agent_runtime.config import ACTIVE_KEYS_FILE
+from agent_runtime.keys import ENCRYPTION_PREFIX, SIGNING_PREFIX
 
-SIGNING_PREFIX = "jwt-"
-ENCRYPTION_PREFIX = "dek-"
+ANNOTATION_ROTATED_FOR = f"{GROUP}/rotated-for"
 
 
 @dataclass(frozen=True)
@@ -57,14 +57,19 @@ class KeyVersions:
         }
 
 
-def build_key_secret(agent: EnterpriseAgent, data: Mapping[str, str] | None = None) -> Manifest:
-    """The key Secret; ``data`` (base64 values) is supplied by the reconciler, never rendered offline."""
+def build_key_secret(
+    agent: EnterpriseAgent, data: Mapping[str, str] | None = None, rotated_for: str | None = None
+) -> Manifest:
+    """The key Secret; ``data`` (base64 values) is supplied by the reconciler, never rendered offline.
+    ``rotated_for`` records the last rotate-keys request served, in the same write as the new keys."""
     secret: Manifest = {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": metadata(agent, key_secret_name(agent)),
         "type": "Opaque",
     }
+    if rotated_for:
+        secret["metadata"]["annotations"] = {ANNOTATION_ROTATED_FOR: rotated_for}
     if data:
         secret["data"] = dict(data)
     return secret

@@ -28,7 +28,6 @@ def build_service(agent: EnterpriseAgent, role: str, color: Color) -> Manifest:
             "ports": [
                 {"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"}
             ],
-            "publishNotReadyAddresses": False,
         },
     }
 

@@ -170,7 +170,6 @@ def build_deployment(agent: EnterpriseAgent, color: Color, revision: str, replic
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}},
             "revisionHistoryLimit": 3,
             "progressDeadlineSeconds": agent.spec.rollout.progress_deadline_seconds,
-            "minReadySeconds": 0,
             "template": build_pod_template(agent, revision, color),
         },
     }

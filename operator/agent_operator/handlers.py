@@ -1,0 +1,60 @@
+"""Thin kopf handlers: every watch event lands in the controller's caches and queues the agent.
+
+kopf keeps the watch streams alive (reconnects, resumes, timeouts); the reconcile itself is the
+controller's, level-based, the same for every trigger.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+
+from agent_operator.controller import Controller
+from agent_operator.render.common import LABEL_MANAGED_BY, MANAGER
+from agent_operator.spec import GROUP, PLURAL, VERSION
+
+# Every kind of child, watched by our managed-by label so a hand edit or delete is repaired.
+CHILD_RESOURCES = (
+    ("apps", "v1", "deployments"),
+    ("", "v1", "services"),
+    ("", "v1", "configmaps"),
+    ("", "v1", "secrets"),
+    ("", "v1", "serviceaccounts"),
+    ("policy", "v1", "poddisruptionbudgets"),
+    ("autoscaling", "v2", "horizontalpodautoscalers"),
+    ("networking.k8s.io", "v1", "networkpolicies"),
+)
+
+
+def build_registry(controller: Controller) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    def agent_event(*, event: kopf.RawEvent, **_: Any) -> None:
+        controller.observe_agent(event.get("type"), event["object"])
+
+    for group, version, plural in CHILD_RESOURCES:
+
+        @kopf.on.event(
+            group, version, plural, labels={LABEL_MANAGED_BY: MANAGER}, registry=registry, id=f"child-{plural}"
+        )
+        def child_event(*, event: kopf.RawEvent, **_: Any) -> None:
+            controller.observe_child(event.get("type"), event["object"])
+
+    return registry
+
+
+def configure(settings: kopf.OperatorSettings) -> None:
+    """Watch timeouts so a silently dead watch is noticed and replaced."""
+    settings.watching.server_timeout = 300  # the API server ends each watch after this
+    settings.watching.client_timeout = 330  # and we give up on a stream that went quiet
+    settings.watching.connect_timeout = 30
+    settings.networking.request_timeout = 60
+    settings.posting.enabled = False  # the controller posts its own Events, on transitions only
+    settings.peering.standalone = True  # leader election is ours (Lease), not kopf peering
+    settings.persistence.finalizer = f"{GROUP}/kopf-finalizer"  # unused: no handler needs one

@@ -1,0 +1,243 @@
+"""The only module that talks to the Kubernetes API (besides kopf's own watches).
+
+Writes are server-side apply with one field manager; every write is counted by verb and resource
+in ``api_writes_total`` so a resync that should be a no-op can be shown to be one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from agent_operator import metrics
+from agent_operator.render.common import MANAGER
+from agent_operator.spec import GROUP, KIND, PLURAL, VERSION
+
+USER_AGENT = f"{MANAGER}/0.1.0"
+
+# apiVersion, kind -> (API path prefix, plural, namespaced)
+RESOURCES: dict[tuple[str, str], tuple[str, str]] = {
+    ("v1", "ConfigMap"): ("/api/v1", "configmaps"),
+    ("v1", "Secret"): ("/api/v1", "secrets"),
+    ("v1", "Service"): ("/api/v1", "services"),
+    ("v1", "ServiceAccount"): ("/api/v1", "serviceaccounts"),
+    ("v1", "Event"): ("/api/v1", "events"),
+    ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments"),
+    ("policy/v1", "PodDisruptionBudget"): ("/apis/policy/v1", "poddisruptionbudgets"),
+    ("autoscaling/v2", "HorizontalPodAutoscaler"): ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
+    ("networking.k8s.io/v1", "NetworkPolicy"): ("/apis/networking.k8s.io/v1", "networkpolicies"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): ("/apis/monitoring.coreos.com/v1", "servicemonitors"),
+    ("coordination.k8s.io/v1", "Lease"): ("/apis/coordination.k8s.io/v1", "leases"),
+    (f"{GROUP}/{VERSION}", KIND): (f"/apis/{GROUP}/{VERSION}", PLURAL),
+}
+
+
+class KubeError(Exception):
+    """An API request failed; ``status`` is the HTTP status (0 when no response came)."""
+
+    def __init__(self, status: int, reason: str, body: str = "") -> None:
+        self.status = status
+        self.reason = reason
+        self.body = body
+        super().__init__(f"{status} {reason}: {_message(body)}")
+
+    @property
+    def not_found(self) -> bool:
+        return self.status == 404
+
+    @property
+    def conflict(self) -> bool:
+        return self.status == 409
+
+
+def _message(body: str) -> str:
+    try:
+        return str(json.loads(body).get("message", body))
+    except (ValueError, AttributeError):
+        return body[:500]
+
+
+def object_path(
+    api_version: str, kind: str, namespace: str | None, name: str | None = None, subresource: str | None = None
+) -> str:
+    prefix, plural = RESOURCES[(api_version, kind)]
+    path = f"{prefix}/namespaces/{namespace}/{plural}" if namespace else f"{prefix}/{plural}"
+    if name:
+        path += f"/{name}"
+    if subresource:
+        path += f"/{subresource}"
+    return path
+
+
+def _plural(manifest: Mapping[str, Any]) -> str:
+    return RESOURCES[(manifest["apiVersion"], manifest["kind"])][1]
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Kube:
+    """A thin async client: apply, create, delete, get, status and events, nothing more."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.api = api
+        self.api.user_agent = USER_AGENT
+
+    @classmethod
+    async def connect(cls, kubeconfig: str | None = None) -> Kube:
+        """In-cluster credentials when running in a pod, else the kubeconfig (KUBECONFIG)."""
+        configuration = client.Configuration()
+        if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        else:
+            await config.load_kube_config(
+                config_file=kubeconfig or os.environ.get("KUBECONFIG"), client_configuration=configuration
+            )
+        configuration.connection_pool_maxsize = 32
+        return cls(client.ApiClient(configuration))
+
+    async def close(self) -> None:
+        await self.api.close()
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: list[tuple[str, str]] | None = None,
+        content_type: str = "application/json",
+        resource: str = "",
+    ) -> dict[str, Any]:
+        if method != "GET":
+            metrics.API_WRITES.labels(verb=method.lower(), resource=resource).inc()
+        try:
+            response = await self.api.call_api(
+                path,
+                method,
+                query_params=query or [],
+                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _request_timeout=aiohttp.ClientTimeout(total=60),
+            )
+        except ApiException as error:
+            body = error.body.decode() if isinstance(error.body, bytes) else str(error.body or "")
+            raise KubeError(error.status or 0, error.reason or "error", body) from None
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise KubeError(0, type(error).__name__, str(error)) from None
+        data = await response.read()
+        if not 200 <= response.status <= 299:  # with _preload_content=False the client does not raise
+            raise KubeError(response.status, response.reason or "error", data.decode(errors="replace"))
+        result: dict[str, Any] = json.loads(data) if data else {}
+        return result
+
+    async def apply(self, manifest: Mapping[str, Any], force: bool = True) -> dict[str, Any]:
+        """Server-side apply as our field manager. ``force`` takes over fields another manager
+        set (drift repair); fields we do not set stay with whoever owns them."""
+        meta = manifest["metadata"]
+        path = object_path(manifest["apiVersion"], manifest["kind"], meta.get("namespace"), meta["name"])
+        query = [("fieldManager", MANAGER), ("force", "true" if force else "false")]
+        return await self._request(
+            "PATCH", path, dict(manifest), query, "application/apply-patch+yaml", _plural(manifest)
+        )
+
+    async def apply_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": KIND,
+            "metadata": {"name": name, "namespace": namespace},
+            "status": status,
+        }
+        path = object_path(f"{GROUP}/{VERSION}", KIND, namespace, name, "status")
+        query = [("fieldManager", MANAGER), ("force", "true")]
+        return await self._request("PATCH", path, body, query, "application/apply-patch+yaml", f"{PLURAL}/status")
+
+    async def create(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        meta = manifest["metadata"]
+        path = object_path(manifest["apiVersion"], manifest["kind"], meta.get("namespace"))
+        return await self._request("POST", path, manifest, [("fieldManager", MANAGER)], resource=_plural(manifest))
+
+    async def replace(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """PUT with the manifest's resourceVersion: fails with 409 if someone wrote in between."""
+        meta = manifest["metadata"]
+        path = object_path(manifest["apiVersion"], manifest["kind"], meta.get("namespace"), meta["name"])
+        return await self._request("PUT", path, manifest, [("fieldManager", MANAGER)], resource=_plural(manifest))
+
+    async def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any]:
+        return await self._request("GET", object_path(api_version, kind, namespace, name))
+
+    async def list(
+        self, api_version: str, kind: str, namespace: str | None = None, label_selector: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Every object of a kind (in one namespace, or all), with apiVersion and kind filled in."""
+        query = [("labelSelector", label_selector)] if label_selector else []
+        items: list[dict[str, Any]] = []
+        continue_token = None
+        while True:
+            page = query + ([("continue", continue_token)] if continue_token else []) + [("limit", "500")]
+            result = await self._request("GET", object_path(api_version, kind, namespace), query=page)
+            items += [{"apiVersion": api_version, "kind": kind, **item} for item in result.get("items", [])]
+            continue_token = (result.get("metadata") or {}).get("continue")
+            if not continue_token:
+                return items
+
+    async def exists(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        try:
+            await self.get(api_version, kind, namespace, name)
+        except KubeError as error:
+            if error.not_found:
+                return False
+            raise
+        return True
+
+    async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        try:
+            await self._request(
+                "DELETE",
+                object_path(api_version, kind, namespace, name),
+                {"propagationPolicy": "Background"},
+                resource=RESOURCES[(api_version, kind)][1],
+            )
+        except KubeError as error:
+            if not error.not_found:
+                raise
+
+    async def post_event(
+        self, involved: Mapping[str, Any], type_: str, reason: str, message: str, component: str
+    ) -> None:
+        meta = involved["metadata"]
+        now = now_rfc3339()
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": involved["apiVersion"],
+                "kind": involved["kind"],
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": component},
+            "reportingComponent": component,
+            "reportingInstance": os.environ.get("HOSTNAME", "local"),
+            "action": reason,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        await self.create(event)

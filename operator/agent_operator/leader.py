@@ -1,0 +1,154 @@
+"""Lease-based leader election (coordination.k8s.io/v1), as client-go's leaderelection does it.
+
+Expiry is judged by the local clock from the moment this replica last saw the Lease record
+change, never by comparing another machine's timestamps with ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from agent_operator import metrics
+from agent_operator.kube import Kube, KubeError
+
+log = logging.getLogger("agent_operator.leader")
+
+
+def _micro_time() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class LeaderElector:
+    def __init__(
+        self,
+        kube: Kube,
+        namespace: str,
+        name: str,
+        identity: str,
+        on_started_leading: Callable[[], Awaitable[None] | None],
+        on_stopped_leading: Callable[[], Awaitable[None] | None],
+        lease_seconds: int = 15,
+        renew_seconds: float = 5.0,
+        retry_seconds: float = 2.0,
+    ) -> None:
+        self.kube = kube
+        self.namespace = namespace
+        self.name = name
+        self.identity = identity
+        self.lease_seconds = lease_seconds
+        self.renew_seconds = renew_seconds
+        self.retry_seconds = retry_seconds
+        self._started = on_started_leading
+        self._stopped = on_stopped_leading
+        self.leading = False
+        self._observed: tuple[str | None, str | None] = (None, None)
+        self._observed_at = 0.0
+        self._last_renewed = 0.0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        try:
+            while not stop.is_set():
+                try:
+                    acquired = await self._try_acquire_or_renew()
+                except KubeError as error:
+                    log.warning("leader election: %s", error)
+                    acquired = False
+                now = time.monotonic()
+                if acquired:
+                    self._last_renewed = now
+                    if not self.leading:
+                        await self._set_leading(True)
+                elif self.leading and now - self._last_renewed > self.lease_seconds * 2 / 3:
+                    # Could not renew in time: another replica may take over; stop writing first.
+                    await self._set_leading(False)
+                delay = self.renew_seconds if self.leading else self.retry_seconds
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+        finally:
+            if self.leading:
+                await self._release()
+                await self._set_leading(False)
+
+    async def _set_leading(self, leading: bool) -> None:
+        self.leading = leading
+        metrics.LEADER.set(1 if leading else 0)
+        log.info(
+            "%s leadership of lease %s/%s as %s",
+            "acquired" if leading else "lost",
+            self.namespace,
+            self.name,
+            self.identity,
+        )
+        result = (self._started if leading else self._stopped)()
+        if result is not None:
+            await result
+
+    def _lease(self, spec: dict[str, Any], resource_version: str | None = None) -> dict[str, Any]:
+        metadata: dict[str, Any] = {"name": self.name, "namespace": self.namespace}
+        if resource_version:
+            metadata["resourceVersion"] = resource_version
+        return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": metadata, "spec": spec}
+
+    async def _try_acquire_or_renew(self) -> bool:
+        now = _micro_time()
+        try:
+            lease = await self.kube.get("coordination.k8s.io/v1", "Lease", self.namespace, self.name)
+        except KubeError as error:
+            if not error.not_found:
+                raise
+            new_spec: dict[str, Any] = {
+                "holderIdentity": self.identity,
+                "leaseDurationSeconds": self.lease_seconds,
+                "acquireTime": now,
+                "renewTime": now,
+                "leaseTransitions": 0,
+            }
+            try:
+                await self.kube.create(self._lease(new_spec))
+            except KubeError as create_error:
+                if create_error.conflict:
+                    return False
+                raise
+            return True
+        spec: dict[str, Any] = dict(lease.get("spec") or {})
+        holder: str | None = spec.get("holderIdentity") or None
+        record: tuple[str | None, str | None] = (holder, spec.get("renewTime"))
+        if record != self._observed:
+            self._observed = record
+            self._observed_at = time.monotonic()
+        if holder != self.identity:
+            duration = float(spec.get("leaseDurationSeconds") or self.lease_seconds)
+            if holder is not None and time.monotonic() - self._observed_at < duration:
+                return False  # held by someone else, and not expired by our clock
+            spec.update(
+                holderIdentity=self.identity,
+                acquireTime=now,
+                leaseTransitions=int(spec.get("leaseTransitions") or 0) + 1,
+                leaseDurationSeconds=self.lease_seconds,
+            )
+        spec["renewTime"] = now
+        try:
+            await self.kube.replace(self._lease(spec, lease["metadata"]["resourceVersion"]))
+        except KubeError as error:
+            if error.conflict:
+                return False  # someone else wrote first
+            raise
+        return True
+
+    async def _release(self) -> None:
+        """On a clean shutdown, hand the lease over at once instead of making the standby wait."""
+        try:
+            lease = await self.kube.get("coordination.k8s.io/v1", "Lease", self.namespace, self.name)
+            spec = dict(lease.get("spec") or {})
+            if spec.get("holderIdentity") != self.identity:
+                return
+            spec.update(holderIdentity=None, leaseDurationSeconds=1, renewTime=_micro_time())
+            await self.kube.replace(self._lease(spec, lease["metadata"]["resourceVersion"]))
+        except KubeError as error:
+            log.warning("could not release the lease: %s", error)

@@ -1,0 +1,155 @@
+"""`agent-operator run`: the operator process. kopf's watches, our controller, leader election,
+and /metrics plus /healthz on one port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+import kopf
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from agent_operator.controller import Controller, ControllerSettings
+from agent_operator.handlers import build_registry, configure
+from agent_operator.kube import Kube
+from agent_operator.leader import LeaderElector
+
+log = logging.getLogger("agent_operator")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    namespaces: tuple[str, ...] = ()
+    metrics_host: str = "0.0.0.0"  # noqa: S104 - in a pod the kubelet and Prometheus must reach it
+    metrics_port: int = 8000
+    log_format: str = "text"
+    log_level: str = "INFO"
+    lease_namespace: str = "default"
+    lease_name: str = "enterprise-agent-operator"
+    lease_seconds: int = 15
+    workers: int = 8
+    resync_seconds: float = 300.0
+    operator_namespace: str = "enterprise-agent-system"
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(log_format: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        _JsonFormatter()
+        if log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.getLogger("kopf").setLevel(logging.WARNING)  # per-event chatter is ours to log, not kopf's
+
+
+async def _serve_http(controller: Controller, elector: LeaderElector, options: RunOptions) -> web.AppRunner:
+    async def metrics_view(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(_: web.Request) -> web.Response:
+        # Alive while the controller's loop ticks; a wedged event loop stops answering at all.
+        age = time.monotonic() - controller.last_heartbeat
+        healthy = age < 60
+        body = {
+            "status": "ok" if healthy else "stalled",
+            "leader": elector.leading,
+            "heartbeatAgeSeconds": round(age, 1),
+        }
+        return web.json_response(body, status=200 if healthy else 503)
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/healthz", healthz)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, options.metrics_host, options.metrics_port).start()
+    return runner
+
+
+async def run_operator(options: RunOptions) -> None:
+    kube = await Kube.connect()
+    controller = Controller(
+        kube,
+        ControllerSettings(
+            operator_namespace=options.operator_namespace,
+            workers=options.workers,
+            resync_seconds=options.resync_seconds,
+        ),
+    )
+    identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+    def started() -> None:
+        controller.leading.set()
+        controller.enqueue_all()
+
+    def stopped() -> None:
+        controller.leading.clear()
+
+    elector = LeaderElector(
+        kube, options.lease_namespace, options.lease_name, identity, started, stopped, lease_seconds=options.lease_seconds,
+        renew_seconds=max(1.0, options.lease_seconds / 3), retry_seconds=max(0.5, options.lease_seconds / 7),
+    )  # fmt: skip
+    stop = asyncio.Event()
+    kopf_ready = asyncio.Event()
+    await controller.prime(options.namespaces)
+    runner = await _serve_http(controller, elector, options)
+    settings = kopf.OperatorSettings()
+    configure(settings)
+    log.info("operator %s starting (namespaces: %s)", identity, ", ".join(options.namespaces) or "all")
+
+    async def take_signals() -> None:
+        # kopf installs SIGTERM/SIGINT handlers once it has started; ours replace them, so the
+        # shared stop flag stops kopf, the controller and the elector at the same moment.
+        await kopf_ready.wait()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+
+    async def watch() -> None:
+        try:
+            await kopf.operator(
+                registry=build_registry(controller),
+                settings=settings,
+                standalone=True,
+                clusterwide=not options.namespaces,
+                namespaces=list(options.namespaces),
+                stop_flag=stop,
+                ready_flag=kopf_ready,
+            )
+        finally:
+            stop.set()
+
+    try:
+        await asyncio.gather(watch(), take_signals(), controller.run(stop), elector.run(stop))
+    finally:
+        await runner.cleanup()
+        await kube.close()
+
+
+def run(options: RunOptions) -> int:
+    setup_logging(options.log_format, options.log_level)
+    asyncio.run(run_operator(options))
+    return 0
