@@ -113,6 +113,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             log_format=args.log_format,
             log_level=args.log_level,
             lease_namespace=args.lease_namespace,
+            lease_name=args.lease_name,
             lease_seconds=args.lease_seconds,
             workers=args.workers,
             resync_seconds=args.resync_seconds,
@@ -166,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("POD_NAMESPACE", "default"),
         help="namespace of the leader-election Lease",
     )
+    run.add_argument("--lease-name", default="enterprise-agent-operator", help="name of the leader-election Lease")
     run.add_argument(
         "--lease-seconds",
         type=int,

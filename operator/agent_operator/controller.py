@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fnmatch
 import logging
 import random
 import time
@@ -138,14 +139,24 @@ class Controller:
 
     async def prime(self, namespaces: tuple[str, ...]) -> None:
         """Lists agents and children once before any reconcile (as an informer syncs its cache),
-        so the first reconcile after a start sees existing children and writes nothing needless."""
+        so the first reconcile after a start sees existing children and writes nothing needless.
+        ``namespaces`` may hold globs, as kopf's do; empty means all namespaces."""
         selector = f"{LABEL_MANAGED_BY}={MANAGER}"
-        for namespace in namespaces or (None,):
-            for agent in await self.kube.list(API_VERSION, KIND, namespace):
-                self.observe_agent(None, agent)
+        exact = [n for n in namespaces if not any(c in n for c in "*?[")]
+        scopes: list[str | None] = list(exact) if namespaces and len(exact) == len(namespaces) else [None]
+
+        def wanted(obj: Mapping[str, Any]) -> bool:
+            namespace = obj["metadata"].get("namespace", "")
+            return not namespaces or any(fnmatch.fnmatchcase(namespace, pattern) for pattern in namespaces)
+
+        for scope in scopes:
+            for agent in await self.kube.list(API_VERSION, KIND, scope):
+                if wanted(agent):
+                    self.observe_agent(None, agent)
             for api_version, kind in CHILD_KINDS:
-                for child in await self.kube.list(api_version, kind, namespace, selector):
-                    self.observe_child(None, child)
+                for child in await self.kube.list(api_version, kind, scope, selector):
+                    if wanted(child):
+                        self.observe_child(None, child)
 
     # --- running ----------------------------------------------------------------------------------
 
@@ -173,6 +184,7 @@ class Controller:
                 self._last_resync = time.monotonic()
                 if self.leading.is_set():
                     self.enqueue_all()
+                    metrics.RESYNCS.inc()
 
     async def _worker(self) -> None:
         while True:

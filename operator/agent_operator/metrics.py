@@ -24,3 +24,4 @@ API_WRITES = Counter(
 )
 QUEUE_DEPTH = Gauge("agent_operator_workqueue_depth", "Agents waiting to be reconciled.")
 LEADER = Gauge("agent_operator_leader", "1 while this replica holds the leader Lease, else 0.")
+RESYNCS = Counter("agent_operator_resyncs_total", "Periodic resyncs that queued every agent.")

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from agent_operator.cluster import Cluster, ensure_binaries
+from tests.cluster.operator_process import OperatorProcess
 from tests.helpers import CRD_FILE
 
 
@@ -93,3 +94,20 @@ def namespace(kube: Kube) -> Iterator[str]:
     kube.kubectl("create", "namespace", name)
     yield name
     kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def operator(crd_installed: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    """One operator for the test run, watching the test namespaces (t-*)."""
+    process = OperatorProcess(
+        crd_installed.kubeconfig,
+        tmp_path_factory.mktemp("operator") / "operator.log",
+        namespaces=["t-*"],
+        lease_namespace="default",
+        lease_name="eao-tests",
+        lease_seconds=6,
+    ).start()
+    try:
+        yield process
+    finally:
+        process.stop()

@@ -1,0 +1,294 @@
+"""The operator on a real API server: create, update, delete, drift, zero-write resync, bad input,
+kill -9 and leader failover. Everything is observed through kubectl, /metrics and the audit log."""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster.agents import (
+    agent_manifest,
+    apply,
+    children,
+    condition,
+    get,
+    operator_writes,
+    wait_phase,
+    wait_until,
+)
+from tests.cluster.conftest import Kube
+from tests.cluster.operator_process import OperatorProcess
+
+pytestmark = pytest.mark.cluster
+
+EXPECTED_KINDS = {
+    "Deployment",
+    "Service",
+    "ConfigMap",
+    "Secret",
+    "ServiceAccount",
+    "PodDisruptionBudget",
+    "NetworkPolicy",
+}
+
+
+def test_create_reaches_ready_with_owned_children(
+    crd_installed: Kube, operator: OperatorProcess, namespace: str
+) -> None:
+    apply(crd_installed, agent_manifest(namespace, autoscaling={"enabled": True, "minReplicas": 1, "maxReplicas": 4}))
+    agent = wait_phase(crd_installed, namespace, "hello-agent", "Ready")
+
+    status = agent["status"]
+    assert status["activeColor"] == "blue"
+    assert status["readyReplicas"] == 1
+    assert status["observedGeneration"] == agent["metadata"]["generation"]
+    assert condition(agent, "Ready")["status"] == "True"
+    assert condition(agent, "Stalled")["status"] == "False"
+    assert condition(agent, "Reconciling")["status"] == "False"
+    found = children(crd_installed, namespace, "hello-agent")
+    assert set(found) == EXPECTED_KINDS | {"HorizontalPodAutoscaler"}
+    assert len(found["Service"]) == 2
+    for kind, objects in found.items():
+        for obj in objects:
+            (owner,) = obj["metadata"]["ownerReferences"]
+            assert owner["uid"] == agent["metadata"]["uid"], kind
+            assert owner["controller"] is True
+    (secret,) = found["Secret"]
+    active = json.loads(base64.b64decode(secret["data"]["active.json"]))
+    assert f"jwt-{active['jwt']}" in secret["data"]
+    assert f"dek-{active['dek']}" in secret["data"]
+    columns = crd_installed.kubectl("get", "ea", "hello-agent", "-n", namespace).stdout
+    assert "Ready" in columns
+    assert "blue" in columns
+    events = json.loads(
+        crd_installed.kubectl(
+            "get", "events", "-n", namespace, "--field-selector", "involvedObject.kind=EnterpriseAgent", "-o", "json"
+        ).stdout
+    )
+    assert "Available" in {e["reason"] for e in events["items"]}
+
+
+def test_update_changes_revision_and_replicas(crd_installed: Kube, operator: OperatorProcess, namespace: str) -> None:
+    apply(crd_installed, agent_manifest(namespace))
+    first = wait_phase(crd_installed, namespace, "hello-agent", "Ready")
+    apply(crd_installed, agent_manifest(namespace, image="registry.example/enterprise-agent-runtime:0.2.0", replicas=2))
+    second = wait_phase(crd_installed, namespace, "hello-agent", "Ready")
+
+    assert second["status"]["activeRevision"] != first["status"]["activeRevision"]
+    assert second["status"]["readyReplicas"] == 2
+    deployment = get(crd_installed, namespace, "deployment", "hello-agent-blue")
+    assert deployment is not None
+    assert (
+        deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+        == "registry.example/enterprise-agent-runtime:0.2.0"
+    )
+    config_maps = children(crd_installed, namespace, "hello-agent")["ConfigMap"]
+    assert [c["metadata"]["name"] for c in config_maps] == [f"hello-agent-config-{second['status']['activeRevision']}"]
+
+
+def test_delete_removes_every_child(crd_installed: Kube, operator: OperatorProcess, namespace: str) -> None:
+    apply(crd_installed, agent_manifest(namespace))
+    wait_phase(crd_installed, namespace, "hello-agent", "Ready")
+    crd_installed.kubectl("delete", "ea", "hello-agent", "-n", namespace)
+    wait_until(
+        lambda: not children(crd_installed, namespace, "hello-agent"), timeout=60, what="children garbage-collected"
+    )
+
+
+def test_drift_edited_child_is_repaired(crd_installed: Kube, operator: OperatorProcess, namespace: str) -> None:
+    apply(crd_installed, agent_manifest(namespace))
+    wait_phase(crd_installed, namespace, "hello-agent", "Ready")
+    crd_installed.kubectl("scale", "deployment", "hello-agent-blue", "-n", namespace, "--replicas=4")
+    crd_installed.kubectl(
+        "patch",
+        "service",
+        "hello-agent",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec":{"selector":{"agents.enterprise.io/color":"green"}}}',
+    )
+
+    def repaired() -> bool:
+        deployment = get(crd_installed, namespace, "deployment", "hello-agent-blue") or {}
+        service = get(crd_installed, namespace, "service", "hello-agent") or {}
+        return bool(
+            deployment.get("spec", {}).get("replicas") == 1
+            and service.get("spec", {}).get("selector", {}).get("agents.enterprise.io/color") == "blue"
+        )
+
+    wait_until(repaired, timeout=20, what="drift repaired")
+
+
+def test_drift_deleted_child_is_recreated(crd_installed: Kube, operator: OperatorProcess, namespace: str) -> None:
+    apply(crd_installed, agent_manifest(namespace))
+    wait_phase(crd_installed, namespace, "hello-agent", "Ready")
+    secret_before = get(crd_installed, namespace, "secret", "hello-agent-keys")
+    crd_installed.kubectl("delete", "service", "hello-agent-preview", "-n", namespace)
+    crd_installed.kubectl("delete", "networkpolicy", "hello-agent", "-n", namespace)
+    wait_until(
+        lambda: get(crd_installed, namespace, "service", "hello-agent-preview"), timeout=20, what="Service recreated"
+    )
+    wait_until(
+        lambda: get(crd_installed, namespace, "networkpolicy", "hello-agent"),
+        timeout=20,
+        what="NetworkPolicy recreated",
+    )
+    assert get(crd_installed, namespace, "secret", "hello-agent-keys") == secret_before  # keys untouched
+
+
+def test_resync_without_drift_writes_nothing(crd_installed: Kube, operator: OperatorProcess, namespace: str) -> None:
+    if crd_installed.local is None:
+        pytest.skip("counts writes in the local control plane's audit log")
+    apply(crd_installed, agent_manifest(namespace, autoscaling={"enabled": True}))
+    wait_phase(crd_installed, namespace, "hello-agent", "Ready")
+    # Let the last writes of the creation settle: no write for one full resync.
+    audit = crd_installed.local.audit_log
+    resyncs = operator.metric("agent_operator_resyncs_total")
+    wait_until(lambda: operator.metric("agent_operator_resyncs_total") >= resyncs + 1, timeout=30, what="a resync")
+    before = operator_writes(audit, namespace)
+    reconciles = operator.metric("agent_operator_reconcile_duration_seconds_count")
+    resyncs = operator.metric("agent_operator_resyncs_total")
+
+    wait_until(lambda: operator.metric("agent_operator_resyncs_total") >= resyncs + 3, timeout=30, what="three resyncs")
+    wait_until(lambda: operator.metric("agent_operator_workqueue_depth") == 0, timeout=10, what="an empty queue")
+
+    assert operator.metric("agent_operator_reconcile_duration_seconds_count") >= reconciles + 3
+    assert operator_writes(audit, namespace) == before
+
+
+def test_bad_input_is_stalled_and_names_the_field(
+    crd_installed: Kube, operator: OperatorProcess, namespace: str
+) -> None:
+    """Input the CRD cannot reject: the agent is Stalled with the field named; others are served."""
+    apply(crd_installed, agent_manifest(namespace, name="good"))
+    apply(
+        crd_installed,
+        agent_manifest(
+            namespace, name="limits", resources={"requests": {"memory": "2Gi"}, "limits": {"memory": "1Gi"}}
+        ),
+    )
+    apply(crd_installed, agent_manifest(namespace, name="unknown-op", operations=["analyze_data", "fly_to_the_moon"]))
+    apply(
+        crd_installed,
+        agent_manifest(namespace, name="no-users", security={"usersSecretRef": {"name": "missing-users"}}),
+    )
+
+    expected = {
+        "limits": ("InvalidSpec", "spec.resources: limits.memory (1Gi) must be at least requests.memory (2Gi)"),
+        "unknown-op": ("UnknownOperation", "spec.operations[1]: unknown operation 'fly_to_the_moon'"),
+        "no-users": ("MissingReference", "spec.security.usersSecretRef.name: Secret 'missing-users' not found"),
+    }
+    for name, (reason, message) in expected.items():
+        agent = wait_phase(crd_installed, namespace, name, "Stalled")
+        stalled = condition(agent, "Stalled")
+        assert stalled["status"] == "True"
+        assert stalled["reason"] == reason
+        assert message in stalled["message"]
+        assert not children(crd_installed, namespace, name).get("Deployment")
+    wait_phase(crd_installed, namespace, "good", "Ready")
+
+    # Fixing the reference un-stalls the agent without any edit to it.
+    crd_installed.kubectl("create", "secret", "generic", "missing-users", "-n", namespace, "--from-literal=users=")
+    wait_phase(crd_installed, namespace, "no-users", "Ready", timeout=60)
+
+
+def test_bad_update_leaves_the_running_revision_alone(
+    crd_installed: Kube, operator: OperatorProcess, namespace: str
+) -> None:
+    apply(crd_installed, agent_manifest(namespace))
+    ready = wait_phase(crd_installed, namespace, "hello-agent", "Ready")
+    deployment = get(crd_installed, namespace, "deployment", "hello-agent-blue")
+    assert deployment is not None
+    apply(crd_installed, agent_manifest(namespace, image="registry.example/new:2", operations=["teleport"]))
+    wait_phase(crd_installed, namespace, "hello-agent", "Stalled")
+    after = get(crd_installed, namespace, "deployment", "hello-agent-blue")
+    assert after is not None
+    assert after["metadata"]["resourceVersion"] == deployment["metadata"]["resourceVersion"]
+    stalled = get(crd_installed, namespace, "ea", "hello-agent")
+    assert stalled is not None
+    assert stalled["status"]["activeRevision"] == ready["status"]["activeRevision"]
+
+
+@pytest.fixture
+def ha_namespace(kube: Kube) -> Iterator[str]:
+    """A namespace outside the session operator's reach (it watches t-*)."""
+    name = f"ha-{uuid.uuid4().hex[:8]}"
+    kube.kubectl("create", "namespace", name)
+    yield name
+    kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def _ha_operator(kube: Kube, tmp_path: Path, namespace: str, lease: str, label: str) -> OperatorProcess:
+    return OperatorProcess(
+        kube.kubeconfig,
+        tmp_path / f"{label}.log",
+        namespaces=[namespace],
+        lease_namespace=namespace,
+        lease_name=lease,
+        lease_seconds=6,
+    )
+
+
+def test_kill_9_and_restart_loses_and_duplicates_nothing(
+    crd_installed: Kube, ha_namespace: str, tmp_path: Path
+) -> None:
+    first = _ha_operator(crd_installed, tmp_path, ha_namespace, "eao-kill", "first").start()
+    try:
+        for index in range(5):
+            apply(crd_installed, agent_manifest(ha_namespace, name=f"agent-{index}"))
+        wait_until(
+            lambda: first.metric("agent_operator_api_writes_total") > 10, timeout=30, what="the operator to be mid-work"
+        )
+        first.kill(signal.SIGKILL)
+    finally:
+        first.stop()
+    keys_before = {
+        i: (get(crd_installed, ha_namespace, "secret", f"agent-{i}-keys") or {}).get("data") for i in range(5)
+    }
+
+    second = _ha_operator(crd_installed, tmp_path, ha_namespace, "eao-kill", "second").start()
+    try:
+        for index in range(5):
+            wait_phase(crd_installed, ha_namespace, f"agent-{index}", "Ready", timeout=90)
+            found = children(crd_installed, ha_namespace, f"agent-{index}")
+            assert set(found) == EXPECTED_KINDS
+            assert {kind: len(objects) for kind, objects in found.items()} == {
+                "Deployment": 1, "Service": 2, "ConfigMap": 1, "Secret": 1, "ServiceAccount": 1, "PodDisruptionBudget": 1, "NetworkPolicy": 1
+            }  # fmt: skip
+            if keys_before[index] is not None:  # keys made before the kill are never replaced
+                assert found["Secret"][0]["data"] == keys_before[index]
+    finally:
+        second.stop()
+
+
+def test_leader_failover(crd_installed: Kube, ha_namespace: str, tmp_path: Path) -> None:
+    one = _ha_operator(crd_installed, tmp_path, ha_namespace, "eao-ha", "one").start()
+    two = _ha_operator(crd_installed, tmp_path, ha_namespace, "eao-ha", "two").start()
+    try:
+        wait_until(lambda: one.is_leader() != two.is_leader(), timeout=30, what="exactly one leader")
+        leader, standby = (one, two) if one.is_leader() else (two, one)
+        apply(crd_installed, agent_manifest(ha_namespace))
+        wait_phase(crd_installed, ha_namespace, "hello-agent", "Ready")
+        assert standby.metric("agent_operator_api_writes_total") == 0  # the standby never writes
+
+        leader.kill(signal.SIGKILL)
+        killed_at = time.monotonic()
+        wait_until(standby.is_leader, timeout=20, what="the standby to take over")
+        takeover = time.monotonic() - killed_at
+        assert takeover < 6 + 3, f"takeover took {takeover:.1f}s with a 6s lease"
+
+        apply(crd_installed, agent_manifest(ha_namespace, image="registry.example/enterprise-agent-runtime:0.3.0"))
+        agent = wait_phase(crd_installed, ha_namespace, "hello-agent", "Ready")
+        assert agent["status"]["image"] == "registry.example/enterprise-agent-runtime:0.3.0"
+    finally:
+        one.stop()
+        two.stop()
