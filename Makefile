@@ -38,3 +38,15 @@ crds: venv
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+
+run: venv
+	$(BIN)/agent-operator dev
+
+cluster-up: venv
+	$(BIN)/agent-operator cluster up
+
+cluster-down: venv
+	$(BIN)/agent-operator cluster down
+
+cluster-status: venv
+	$(BIN)/agent-operator cluster status

@@ -122,6 +122,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_dev(_: argparse.Namespace) -> int:
+    from agent_operator.dev import main as dev_main
+
+    return dev_main()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agent-operator", description="The Enterprise Agent Operator.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -184,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="namespace agents' NetworkPolicies admit the operator from",
     )
     run.set_defaults(func=cmd_run)
+
+    dev = commands.add_parser(
+        "dev", help="what `make run` does: a cluster (current context or local), the CRD, an example, the operator"
+    )
+    dev.set_defaults(func=cmd_dev)
 
     crd = commands.add_parser("crd", help="print the EnterpriseAgent CustomResourceDefinition")
     crd.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")

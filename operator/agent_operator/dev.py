@@ -1,0 +1,90 @@
+"""`make run`: the operator against the current cluster, or else the local control plane, with
+the minimal example applied and its status shown."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from agent_operator.cluster import Cluster, ClusterError, default_state_dir, ensure_binaries
+from agent_operator.main import RunOptions, run
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD = ROOT / "crds" / "enterpriseagents.agents.enterprise.io.yaml"
+EXAMPLE = ROOT / "examples" / "minimal.yaml"
+
+
+def _say(message: str) -> None:
+    print(f"[make run] {message}", flush=True)
+
+
+def _current_cluster(kubectl: str) -> Path | None:
+    """The kubeconfig of the current context, if it answers within a few seconds."""
+    configured = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
+    if not Path(configured.split(os.pathsep)[0]).is_file():
+        return None
+    probe = subprocess.run([kubectl, "get", "--raw=/readyz", "--request-timeout=5s"], capture_output=True, check=False)  # noqa: S603
+    return Path(configured) if probe.returncode == 0 else None
+
+
+def _show_status_when_ready(kubectl: list[str]) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        phase = subprocess.run(  # noqa: S603
+            [*kubectl, "get", "ea", "hello-agent", "-n", "default", "-o", "jsonpath={.status.phase}"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        if phase in ("Ready", "Stalled", "Degraded"):
+            break
+        time.sleep(0.5)
+    table = subprocess.run(
+        [*kubectl, "get", "deployments,services", "-n", "default", "-l", "app.kubernetes.io/instance=hello-agent"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    agent = subprocess.run(
+        [*kubectl, "get", "ea", "hello-agent", "-n", "default"], capture_output=True, text=True, check=False
+    )
+    _say("the example agent:\n" + agent.stdout + "\n" + table.stdout)
+    _say(f"watch it with: {' '.join(kubectl)} get ea -w   (Ctrl+C stops the operator; the cluster keeps running)")
+
+
+def main() -> int:
+    try:
+        kubectl_path = shutil.which("kubectl")
+        kubeconfig = _current_cluster(kubectl_path) if kubectl_path else None
+        if kubeconfig is None:
+            _say("no reachable cluster in the current context: starting the local control plane")
+            cluster = Cluster(default_state_dir())
+            timings = cluster.up()
+            if timings:
+                _say(
+                    f"local control plane up in {timings['total_seconds']:.1f}s (build {timings['build_seconds']:.1f}s)"
+                )
+            kubeconfig = cluster.kubeconfig
+            kubectl_path = str(ensure_binaries() / "kubectl")
+        else:
+            _say(f"using the current context of {kubeconfig}")
+        assert kubectl_path is not None
+    except ClusterError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    os.environ["KUBECONFIG"] = str(kubeconfig)
+    kubectl = [kubectl_path, f"--kubeconfig={kubeconfig}"]
+    subprocess.run([*kubectl, "apply", "--server-side", "--force-conflicts", "-f", str(CRD)], check=True)  # noqa: S603
+    subprocess.run(
+        [*kubectl, "wait", "--for=condition=Established", "crd/enterpriseagents.agents.enterprise.io", "--timeout=60s"],
+        check=True,
+    )
+    subprocess.run([*kubectl, "apply", "-f", str(EXAMPLE)], check=True)  # noqa: S603
+    threading.Thread(target=_show_status_when_ready, args=(kubectl,), daemon=True).start()
+    _say("starting the operator in the foreground (metrics on http://127.0.0.1:8000/metrics)")
+    return run(RunOptions(metrics_host="127.0.0.1", lease_namespace="default", operator_namespace="default"))
