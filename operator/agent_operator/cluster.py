@@ -80,7 +80,7 @@ def _source_key(source: Path) -> str:
         if path.is_file() and path.name in ("go.mod", "go.sum", "main.go"):
             digest.update(str(path.relative_to(source)).encode())
             digest.update(path.read_bytes())
-    go_version = subprocess.run([_go(), "env", "GOVERSION"], capture_output=True, text=True, check=True).stdout.strip()  # noqa: S603
+    go_version = subprocess.run([_go(), "env", "GOVERSION"], capture_output=True, text=True, check=True).stdout.strip()
     digest.update(go_version.encode())
     return f"{KUBERNETES_VERSION}-{digest.hexdigest()[:12]}"
 
@@ -106,7 +106,7 @@ def ensure_binaries() -> Path:
             packages = [f"./{name}" for name in names] if module == "." else ["."]
             command = [_go(), "build", "-trimpath", "-ldflags", ldflags, "-o", f"{bin_dir}/", *packages]
             _say(f"building {', '.join(names)} (log: {build_log})")
-            result = subprocess.run(command, cwd=source / module, stdout=out, stderr=subprocess.STDOUT, check=False)  # noqa: S603
+            result = subprocess.run(command, cwd=source / module, stdout=out, stderr=subprocess.STDOUT, check=False)
             if result.returncode != 0:
                 raise ClusterError(f"building {', '.join(names)} failed (exit {result.returncode}); see {build_log}")
     return bin_dir
@@ -328,7 +328,7 @@ class Cluster:
         for name in COMPONENTS:
             log_path = self.logs / f"{name}.log"
             with log_path.open("w") as log_file:
-                process = subprocess.Popen(  # noqa: S603 - our own binaries, fixed arguments
+                process = subprocess.Popen(
                     commands[name],
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
@@ -488,7 +488,7 @@ class Cluster:
         self, *args: str, input_text: str | None = None, check: bool = True
     ) -> subprocess.CompletedProcess[str]:
         binaries = Path(str(self._load_state().get("binaries") or ensure_binaries()))
-        return subprocess.run(  # noqa: S603 - our own kubectl
+        return subprocess.run(
             [str(binaries / "kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
             input=input_text,
             capture_output=True,

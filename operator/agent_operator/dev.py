@@ -28,14 +28,14 @@ def _current_cluster(kubectl: str) -> Path | None:
     configured = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
     if not Path(configured.split(os.pathsep)[0]).is_file():
         return None
-    probe = subprocess.run([kubectl, "get", "--raw=/readyz", "--request-timeout=5s"], capture_output=True, check=False)  # noqa: S603
+    probe = subprocess.run([kubectl, "get", "--raw=/readyz", "--request-timeout=5s"], capture_output=True, check=False)
     return Path(configured) if probe.returncode == 0 else None
 
 
 def _show_status_when_ready(kubectl: list[str]) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        phase = subprocess.run(  # noqa: S603
+        phase = subprocess.run(
             [*kubectl, "get", "ea", "hello-agent", "-n", "default", "-o", "jsonpath={.status.phase}"],
             capture_output=True,
             text=True,
@@ -79,12 +79,12 @@ def main() -> int:
         return 1
     os.environ["KUBECONFIG"] = str(kubeconfig)
     kubectl = [kubectl_path, f"--kubeconfig={kubeconfig}"]
-    subprocess.run([*kubectl, "apply", "--server-side", "--force-conflicts", "-f", str(CRD)], check=True)  # noqa: S603
+    subprocess.run([*kubectl, "apply", "--server-side", "--force-conflicts", "-f", str(CRD)], check=True)
     subprocess.run(
         [*kubectl, "wait", "--for=condition=Established", "crd/enterpriseagents.agents.enterprise.io", "--timeout=60s"],
         check=True,
     )
-    subprocess.run([*kubectl, "apply", "-f", str(EXAMPLE)], check=True)  # noqa: S603
+    subprocess.run([*kubectl, "apply", "-f", str(EXAMPLE)], check=True)
     threading.Thread(target=_show_status_when_ready, args=(kubectl,), daemon=True).start()
     _say("starting the operator in the foreground (metrics on http://127.0.0.1:8000/metrics)")
     return run(RunOptions(metrics_host="127.0.0.1", lease_namespace="default", operator_namespace="default"))
