@@ -10,31 +10,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from agent_operator.crd import build_crd
-from agent_operator.manifest import ManifestError, load_agents
+from agent_operator.manifest import ManifestError, dump_yaml_all, load_agents
 from agent_operator.render import RenderPlan, build_children
 
 EXIT_INVALID = 2
 
 
-class _ReadableDumper(yaml.SafeDumper):
-    """Writes multi-line strings (the runtime config inside the ConfigMap) as literal blocks."""
-
-
-def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
-    style = "|" if "\n" in value else None
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
-
-
-_ReadableDumper.add_representer(str, _represent_str)
-
-
 def _dump(objects: list[dict[str, Any]], output: str) -> str:
     if output == "json":
         return json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}, indent=2) + "\n"
-    return yaml.dump_all(objects, Dumper=_ReadableDumper, sort_keys=False, default_flow_style=False)
+    return dump_yaml_all(objects)
 
 
 def _read(path: str) -> tuple[str, str]:
@@ -63,11 +49,7 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def cmd_crd(args: argparse.Namespace) -> int:
     crd = build_crd()
-    sys.stdout.write(
-        yaml.dump(crd, Dumper=_ReadableDumper, sort_keys=False)
-        if args.output == "yaml"
-        else json.dumps(crd, indent=2) + "\n"
-    )
+    sys.stdout.write(dump_yaml_all([crd]) if args.output == "yaml" else json.dumps(crd, indent=2) + "\n")
     return 0
 
 

@@ -18,9 +18,7 @@ class Reason:
 
     AVAILABLE = "Available"
     CREATING = "Creating"
-    SCALING = "Scaling"
-    UPDATING = "Updating"
-    PODS_NOT_READY = "PodsNotReady"
+    ROLLING_OUT = "RollingOut"
     INVALID_SPEC = "InvalidSpec"
     MISSING_REFERENCE = "MissingReference"
     UNKNOWN_OPERATION = "UnknownOperation"

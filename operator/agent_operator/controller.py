@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from agent_operator import metrics
@@ -268,6 +268,9 @@ class Controller:
         for api_version, kind, name in plan.delete:
             await self.kube.delete(api_version, kind, agent.namespace, name)
             children.pop((api_version, kind, name), None)
+        if plan.apply or plan.delete:
+            # Judge the status on what now exists, not on what existed before these writes.
+            plan = core.plan(agent, replace(observed, children=children), now, self.settings.operator_namespace)
         return await self._finish(body, plan, key)
 
     async def _apply(self, children: dict[core.ChildKey, dict[str, Any]], manifest: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -111,3 +112,30 @@ def load_agents(text: str, source: str = "<stdin>") -> list[EnterpriseAgent]:
         where = source if len(documents) == 1 else f"{source} (document {index + 1})"
         agents.append(parse_agent(document, where))
     return agents
+
+
+# Strings that a YAML 1.2 reader (kubectl, Argo CD, Flux: all Go) would take for a number, though
+# PyYAML's YAML 1.1 resolver does not: a revision hash such as "1e10234567" must stay a string.
+_NUMBER_LIKE = re.compile(
+    r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^0[xo][0-9a-fA-F]+$|^[-+]?\.(inf|Inf|INF|nan|NaN|NAN)$"
+)
+
+
+class _KubernetesDumper(yaml.SafeDumper):
+    """Quotes number-like strings and writes multi-line strings as literal blocks."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    if "\n" in value:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|")
+    if _NUMBER_LIKE.match(value):
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"')
+    return dumper.represent_str(value)
+
+
+_KubernetesDumper.add_representer(str, _represent_str)
+
+
+def dump_yaml_all(objects: Iterable[Any]) -> str:
+    """Objects as a multi-document YAML stream that Go YAML readers read back unchanged."""
+    return yaml.dump_all(objects, Dumper=_KubernetesDumper, sort_keys=False, default_flow_style=False)

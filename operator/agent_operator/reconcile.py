@@ -129,24 +129,25 @@ def referenced_secrets(agent: EnterpriseAgent) -> list[tuple[str, str]]:
 
 
 def _deployment_progress(deployment: Mapping[str, Any] | None, revision: str, replicas: int) -> tuple[str, str, bool]:
-    """(reason, message, ready) of the active Deployment towards ``revision`` at ``replicas``."""
+    """(reason, message, ready) of the active Deployment towards ``revision`` at ``replicas``.
+    The message changes only when the count of available pods does, so a rollout costs few
+    status writes."""
     if deployment is None:
         return Reason.CREATING, "creating the Deployment", False
     status = deployment.get("status") or {}
-    if deployment["metadata"].get("labels", {}).get(LABEL_REVISION) != revision:
-        return Reason.UPDATING, f"updating to revision {revision}", False
-    if status.get("observedGeneration", 0) < deployment["metadata"].get("generation", 0):
-        return Reason.UPDATING, "waiting for the Deployment controller", False
     for condition in status.get("conditions") or []:
         if condition.get("type") == "Progressing" and condition.get("reason") == "ProgressDeadlineExceeded":
             return Reason.DEADLINE_EXCEEDED, condition.get("message", "progress deadline exceeded"), False
-    updated = status.get("updatedReplicas", 0)
     available = status.get("availableReplicas", 0)
-    total = status.get("replicas", 0)
-    if updated < replicas or total > replicas:
-        return Reason.SCALING, f"{updated}/{replicas} pods updated", False
-    if available < replicas:
-        return Reason.PODS_NOT_READY, f"{available}/{replicas} pods available", False
+    done = (
+        deployment["metadata"].get("labels", {}).get(LABEL_REVISION) == revision
+        and status.get("observedGeneration", 0) >= deployment["metadata"].get("generation", 0)
+        and status.get("updatedReplicas", 0) == replicas
+        and status.get("replicas", 0) == replicas
+        and available >= replicas
+    )
+    if not done:
+        return Reason.ROLLING_OUT, f"rolling out revision {revision}: {available}/{replicas} pods available", False
     return Reason.AVAILABLE, f"{available}/{replicas} pods available at revision {revision}", True
 
 
@@ -167,7 +168,9 @@ def _events_for(old: list[cond.Condition], new: list[cond.Condition]) -> list[tu
         )
         if condition["type"] == cond.READY and condition["status"] == "False" and before is None:
             continue  # not ready at creation is no news
-        events.append(("Warning" if warning else "Normal", condition["reason"], condition["message"]))
+        event = ("Warning" if warning else "Normal", condition["reason"], condition["message"])
+        if event not in events:  # Reconciling and Progressing often move together: one Event
+            events.append(event)
     return events
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent_operator.manifest import load_agents
+from agent_operator.manifest import dump_yaml_all, load_agents
 from agent_operator.render import RenderPlan, build_children
 from tests.cluster.conftest import Kube
 from tests.helpers import BAD, ROOT, header_values
@@ -50,9 +50,7 @@ def test_rendered_agent_children_reach_available_with_ready_endpoints(crd_instal
     text = (ROOT / "examples" / "minimal.yaml").read_text().replace("namespace: default", f"namespace: {namespace}")
     (agent,) = load_agents(text)
     children = build_children(agent, RenderPlan.initial(agent))
-    crd_installed.kubectl(
-        "apply", "--server-side", "--field-manager=test", "-f", "-", stdin=yaml.safe_dump_all(children)
-    )
+    crd_installed.kubectl("apply", "--server-side", "--field-manager=test", "-f", "-", stdin=dump_yaml_all(children))
     crd_installed.kubectl(
         "wait", "-n", namespace, "--for=condition=Available", "deployment/hello-agent-blue", "--timeout=90s"
     )

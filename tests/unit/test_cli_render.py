@@ -58,3 +58,20 @@ def test_crd_command_prints_the_committed_crd() -> None:
     assert yaml.safe_load(result.stdout) == yaml.safe_load(
         (ROOT / "crds" / "enterpriseagents.agents.enterprise.io.yaml").read_text()
     )
+
+
+def test_number_like_strings_stay_strings_for_go_yaml_readers() -> None:
+    """kubectl, Argo CD and Flux read YAML 1.2, where 1e10234567 is a number; PyYAML does not
+    quote it by itself. A revision hash of that shape must come out quoted."""
+    from agent_operator.manifest import dump_yaml_all
+
+    text = dump_yaml_all([{"revision": "1e10234567", "digits": "0123456789", "version": "0.1.0", "plain": "abc"}])
+    assert 'revision: "1e10234567"' in text
+    assert 'digits: "0123456789"' in text
+    assert "plain: abc" in text
+    assert yaml.safe_load(text) == {
+        "revision": "1e10234567",
+        "digits": "0123456789",
+        "version": "0.1.0",
+        "plain": "abc",
+    }

@@ -1,0 +1,164 @@
+"""bench/operator: N EnterpriseAgents applied at once, until all are Ready.
+
+Prints a table per N with, side by side:
+- ours: N agents applied with one `kubectl apply`, the operator making every child;
+- baseline: the same children (rendered offline by `agent-operator render`) applied directly with
+  one `kubectl apply --server-side`, no operator, until every Deployment is Available.
+
+The baseline is what the cluster itself needs for the same objects; the difference is the
+operator's cost. Also printed: the operator's peak RSS, its API writes (leader Lease excluded) and
+writes per agent. Runs on the local control plane in a fresh state directory.
+
+    .venv/bin/python -m bench.operator --agents 100 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agent_operator.cluster import Cluster, ensure_binaries
+from agent_operator.manifest import dump_yaml_all, load_agents
+from agent_operator.render import RenderPlan, build_children
+from tests.cluster.operator_process import OperatorProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+CRD = ROOT / "crds" / "enterpriseagents.agents.enterprise.io.yaml"
+
+
+def agents(namespace: str, count: int) -> list[dict[str, Any]]:
+    base = yaml.safe_load((ROOT / "examples" / "minimal.yaml").read_text())
+    result = []
+    for index in range(count):
+        document = json.loads(json.dumps(base))
+        document["metadata"] = {"name": f"agent-{index:04d}", "namespace": namespace}
+        result.append(document)
+    return result
+
+
+class Bench:
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.kubectl_path = str(ensure_binaries() / "kubectl")
+
+    def kubectl(self, *args: str, stdin: str | None = None) -> str:
+        result = subprocess.run(
+            [self.kubectl_path, f"--kubeconfig={self.cluster.kubeconfig}", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=1800,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args[:3])}: {result.stderr[:2000]}")
+        return result.stdout
+
+    def count(self, kind: str, namespace: str, jsonpath_test: str) -> int:
+        listing = json.loads(self.kubectl("get", kind, "-n", namespace, "-o", "json"))
+        return sum(1 for item in listing["items"] if _check(item, jsonpath_test))
+
+    def wait_all(self, kind: str, namespace: str, test: str, total: int, timeout: float = 1800) -> float:
+        started = time.monotonic()
+        while self.count(kind, namespace, test) < total:
+            if time.monotonic() - started > timeout:
+                raise RuntimeError(f"not all {kind} {test} within {timeout}s")
+            time.sleep(0.5)
+        return time.monotonic() - started
+
+
+def _check(item: dict[str, Any], test: str) -> bool:
+    if test == "ready":
+        return (item.get("status") or {}).get("phase") == "Ready"
+    conditions = (item.get("status") or {}).get("conditions") or []
+    return any(c["type"] == "Available" and c["status"] == "True" for c in conditions)
+
+
+def _peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_ours(bench: Bench, count: int, workdir: Path) -> dict[str, float]:
+    namespace = f"bench-ours-{count}"
+    bench.kubectl("create", "namespace", namespace)
+    operator = OperatorProcess(
+        bench.cluster.kubeconfig, workdir / f"operator-{count}.log", [namespace], namespace, "bench", resync_seconds=600
+    ).start()
+    try:
+        while not operator.is_leader():
+            time.sleep(0.1)
+        documents = agents(namespace, count)
+        started = time.monotonic()
+        bench.kubectl("apply", "-f", "-", stdin=dump_yaml_all(documents))
+        applied = time.monotonic() - started
+        seconds = applied + bench.wait_all("enterpriseagents", namespace, "ready", count)
+        assert operator.process is not None
+        rss = _peak_rss_mib(operator.process.pid)
+        writes = operator.metric("agent_operator_api_writes_total") - operator.metric(
+            "agent_operator_api_writes_total", resource="leases"
+        )
+    finally:
+        operator.stop()
+    bench.kubectl("delete", "namespace", namespace, "--wait=false")
+    return {"seconds": seconds, "rss_mib": rss, "writes": writes, "writes_per_agent": writes / count}
+
+
+def run_baseline(bench: Bench, count: int) -> dict[str, float]:
+    namespace = f"bench-raw-{count}"
+    bench.kubectl("create", "namespace", namespace)
+    objects: list[dict[str, Any]] = []
+    for document in agents(namespace, count):
+        (agent,) = load_agents(yaml.safe_dump(document))
+        objects += build_children(agent, RenderPlan.initial(agent))
+    started = time.monotonic()
+    bench.kubectl("apply", "--server-side", "--field-manager=bench", "-f", "-", stdin=dump_yaml_all(objects))
+    seconds = time.monotonic() - started + bench.wait_all("deployments", namespace, "available", count)
+    bench.kubectl("delete", "namespace", namespace, "--wait=false")
+    return {"seconds": seconds, "writes": float(len(objects)), "writes_per_agent": len(objects) / count}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--agents", type=int, nargs="+", default=[100, 1000])
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-operator-") as tmp:
+        workdir = Path(tmp)
+        cluster = Cluster(workdir / "control-plane")
+        cluster.up(nodes=10)
+        os.environ["KUBECONFIG"] = str(cluster.kubeconfig)
+        bench = Bench(cluster)
+        bench.kubectl("apply", "--server-side", "-f", str(CRD))
+        bench.kubectl("wait", "--for=condition=Established", "crd/enterpriseagents.agents.enterprise.io")
+        children_per_agent = 8  # ServiceAccount, Secret, ConfigMap, Deployment, 2 Services, PDB, NetworkPolicy
+        try:
+            for count in args.agents:
+                baseline = run_baseline(bench, count)
+                ours = run_ours(bench, count, workdir)
+                print(
+                    f"\nN = {count} agents (replicas 1, {children_per_agent} children each), local control plane, {os.cpu_count()} cores"
+                )
+                print(f"{'':34}{'operator (ours)':>18}{'kubectl apply (baseline)':>27}")
+                print(f"{'time until all Ready/Available':34}{ours['seconds']:>16.1f} s{baseline['seconds']:>25.1f} s")
+                print(f"{'API writes':34}{ours['writes']:>18.0f}{baseline['writes']:>27.0f}")
+                print(f"{'writes per agent':34}{ours['writes_per_agent']:>18.1f}{baseline['writes_per_agent']:>27.1f}")
+                print(f"{'operator peak RSS':34}{ours['rss_mib']:>14.0f} MiB{'-':>27}")
+                sys.stdout.flush()
+        finally:
+            cluster.down()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
