@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CRD := crds/enterpriseagents.agents.enterprise.io.yaml
 
-.PHONY: help venv test lint typecheck unit pytest crds check-crds run cluster-up cluster-down cluster-status clean
+.PHONY: help venv test lint typecheck pytest crds run cluster-up cluster-down cluster-status bench e2e-kind clean
 
 help:
 	@echo "make run    - operator against the current cluster, else the local control plane, with an example agent"
@@ -50,3 +50,14 @@ cluster-down: venv
 
 cluster-status: venv
 	$(BIN)/agent-operator cluster status
+
+bench: venv
+	$(BIN)/python -m bench.operator --agents 100 1000
+
+# For users with Docker and kind: the same cluster tests against a kind cluster.
+# Not run on this project's machines (no Docker engine there). Pods on kind are real, so the
+# agent image must be pullable by the kind nodes: set EAO_TEST_IMAGE to an image you loaded.
+e2e-kind: venv
+	kind create cluster --name eao-e2e
+	kind get kubeconfig --name eao-e2e > .kind-kubeconfig
+	KUBECONFIG=$(CURDIR)/.kind-kubeconfig $(BIN)/pytest -m cluster; status=$$?; kind delete cluster --name eao-e2e; exit $$status

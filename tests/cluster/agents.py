@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,10 +30,16 @@ def wait_until(
         time.sleep(interval)
 
 
+# On kwok any image "runs"; on a real cluster (make e2e-kind) set an image the nodes can pull.
+TEST_IMAGE = os.environ.get("EAO_TEST_IMAGE")
+
+
 def agent_manifest(namespace: str, name: str = "hello-agent", **spec: Any) -> dict[str, Any]:
     document: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "minimal.yaml").read_text())
     document = copy.deepcopy(document)
     document["metadata"] = {"name": name, "namespace": namespace}
+    if TEST_IMAGE:
+        document["spec"]["image"] = TEST_IMAGE
     document["spec"].update(spec)
     return document
 

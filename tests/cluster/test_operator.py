@@ -292,3 +292,51 @@ def test_leader_failover(crd_installed: Kube, ha_namespace: str, tmp_path: Path)
     finally:
         one.stop()
         two.stop()
+
+
+def test_key_rotation_adds_keys_and_keeps_the_old(
+    crd_installed: Kube, operator: OperatorProcess, namespace: str
+) -> None:
+    apply(crd_installed, agent_manifest(namespace))
+    before_agent = wait_phase(crd_installed, namespace, "hello-agent", "Ready")
+    before = get(crd_installed, namespace, "secret", "hello-agent-keys")
+    assert before is not None
+    old_active = json.loads(base64.b64decode(before["data"]["active.json"]))
+
+    crd_installed.kubectl("annotate", "ea", "hello-agent", "-n", namespace, "agents.enterprise.io/rotate-keys=2026-q4")
+
+    def rotated() -> dict[str, str] | None:
+        secret = get(crd_installed, namespace, "secret", "hello-agent-keys") or {}
+        return (
+            secret.get("data")
+            if (secret.get("metadata", {}).get("annotations") or {}).get("agents.enterprise.io/rotated-for")
+            == "2026-q4"
+            else None
+        )
+
+    data = wait_until(rotated, timeout=30, what="keys rotated")
+    new_active = json.loads(base64.b64decode(data["active.json"]))
+    assert new_active["jwt"] != old_active["jwt"]
+    assert new_active["dek"] != old_active["dek"]
+    for name, value in before["data"].items():  # every old key is still there, unchanged
+        if name != "active.json":
+            assert data[name] == value
+    assert len([k for k in data if k.startswith("jwt-")]) == 2
+    # New key versions are a new revision: the pods are rolled to pick up the new active keys.
+    after_agent = wait_until(
+        lambda: (
+            (a := wait_phase(crd_installed, namespace, "hello-agent", "Ready"))["status"]["activeRevision"]
+            != before_agent["status"]["activeRevision"]
+            and a
+        ),
+        timeout=60,
+        what="a new revision",
+    )
+    assert after_agent["status"]["activeRevision"] != before_agent["status"]["activeRevision"]
+    events = json.loads(crd_installed.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)
+    assert "KeysRotated" in {e["reason"] for e in events["items"]}
+    # The same request again changes nothing.
+    crd_installed.kubectl(
+        "annotate", "ea", "hello-agent", "-n", namespace, "--overwrite", "agents.enterprise.io/rotate-keys=2026-q4"
+    )
+    assert (get(crd_installed, namespace, "secret", "hello-agent-keys") or {}).get("data") == data

@@ -1,0 +1,128 @@
+"""The pure reconcile core: comparisons, conditions, events and plans, without a server."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from agent_operator import conditions as cond
+from agent_operator.controller import WorkQueue
+from agent_operator.manifest import FieldError
+from agent_operator.reconcile import Observed, child_key, is_subset, plan, stalled_plan
+from agent_operator.render.common import LABEL_REVISION
+from tests.helpers import example_agent
+
+NOW, LATER = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
+
+
+def test_is_subset_ignores_server_added_fields_and_zero_values() -> None:
+    desired = {"spec": {"replicas": 1, "paused": False, "template": {"containers": [{"name": "a", "env": []}]}}}
+    actual = {
+        "spec": {"replicas": 1, "template": {"containers": [{"name": "a", "terminationMessagePath": "/dev/x"}]}},
+        "status": {},
+    }
+    assert is_subset(desired, actual)
+
+
+def test_is_subset_sees_drift() -> None:
+    assert not is_subset({"spec": {"replicas": 1}}, {"spec": {"replicas": 4}})
+    assert not is_subset({"spec": {"selector": {"color": "blue"}}}, {"spec": {"selector": {"color": "green"}}})
+    assert not is_subset({"spec": {"ports": [1, 2]}}, {"spec": {"ports": [1]}})
+    assert not is_subset({"metadata": {"name": "x"}}, None)
+
+
+def test_is_subset_compares_quantities_by_value() -> None:
+    assert is_subset({"cpu": "0.5", "memory": 1073741824}, {"cpu": "500m", "memory": "1Gi"})
+    assert not is_subset({"cpu": "0.5"}, {"cpu": "600m"})
+
+
+def test_set_condition_keeps_transition_time_unless_status_flips() -> None:
+    conditions = cond.set_condition([], cond.READY, False, "RollingOut", "0/1", 1, NOW)
+    same = cond.set_condition(conditions, cond.READY, False, "RollingOut", "still 0/1", 2, LATER)
+    assert same[0]["lastTransitionTime"] == NOW
+    assert same[0]["message"] == "still 0/1"
+    assert same[0]["observedGeneration"] == 2
+    flipped = cond.set_condition(same, cond.READY, True, "Available", "1/1", 2, LATER)
+    assert flipped[0]["lastTransitionTime"] == LATER
+    assert flipped[0]["status"] == "True"
+
+
+def _deployment(revision: str, available: int, replicas: int = 1) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "hello-agent-blue", "generation": 1, "labels": {LABEL_REVISION: revision}},
+        "status": {
+            "observedGeneration": 1,
+            "replicas": replicas,
+            "updatedReplicas": replicas,
+            "availableReplicas": available,
+            "readyReplicas": available,
+        },
+    }
+
+
+def test_plan_for_a_new_agent_applies_every_child_and_is_progressing() -> None:
+    agent = example_agent("minimal")
+    result = plan(agent, Observed(status={}, children={}, generation=1, uid="u1"), NOW, "ops")
+    assert {c["kind"] for c in result.apply} >= {"Deployment", "Service", "ConfigMap", "Secret", "NetworkPolicy"}
+    assert all(c["metadata"]["ownerReferences"][0]["uid"] == "u1" for c in result.apply)
+    assert result.status["phase"] == "Pending"
+    assert result.status["observedGeneration"] == 1
+    assert cond.is_true(result.status["conditions"], cond.RECONCILING)
+
+
+def test_plan_with_nothing_changed_writes_nothing_and_posts_nothing() -> None:
+    agent = example_agent("minimal")
+    first = plan(agent, Observed(status={}, children={}, generation=1, uid="u1"), NOW, "ops")
+    children = {child_key(c): c for c in first.apply}
+    deployment_key = ("apps/v1", "Deployment", "hello-agent-blue")
+    children[deployment_key] = {**children[deployment_key], "status": _deployment(first.revision or "", 1)["status"]}
+    ready = plan(agent, Observed(status={}, children=children, generation=1, uid="u1"), NOW, "ops")
+    assert ready.status["phase"] == "Ready"
+    again = plan(agent, Observed(status=ready.status, children=children, generation=1, uid="u1"), LATER, "ops")
+    assert again.apply == []
+    assert again.delete == []
+    assert again.events == []
+    assert again.status == ready.status  # same timestamps: no status write either
+
+
+def test_plan_deletes_children_the_spec_no_longer_wants() -> None:
+    agent = example_agent("minimal")
+    stale = {
+        ("v1", "ConfigMap", "hello-agent-config-0000000000"): {"metadata": {"name": "hello-agent-config-0000000000"}}
+    }
+    result = plan(agent, Observed(status={}, children=stale, generation=1, uid="u1"), NOW, "ops")
+    assert result.delete == [("v1", "ConfigMap", "hello-agent-config-0000000000")]
+
+
+def test_stalled_plan_touches_no_child_and_warns_once() -> None:
+    observed = Observed(status={}, children={}, generation=3, uid="u1")
+    errors = [FieldError("spec.operations[0]", "unknown operation 'x'")]
+    first = stalled_plan(observed, errors, cond.Reason.UNKNOWN_OPERATION, NOW)
+    assert first.apply == []
+    assert first.status["phase"] == "Stalled"
+    assert ("Warning", "UnknownOperation", "spec.operations[0]: unknown operation 'x'") in first.events
+    again = stalled_plan(
+        Observed(status=first.status, children={}, generation=3, uid="u1"), errors, cond.Reason.UNKNOWN_OPERATION, LATER
+    )
+    assert again.events == []
+    assert again.status == first.status
+
+
+def test_work_queue_coalesces_and_never_hands_one_key_to_two_workers() -> None:
+    async def scenario() -> list[str]:
+        queue = WorkQueue()
+        queue.add("a")
+        queue.add("a")
+        queue.add("b")
+        assert len(queue) == 2
+        first = await queue.get()
+        queue.add(first)  # changed while being processed: queued again only after done()
+        second = await queue.get()
+        assert second != first
+        queue.done(first)
+        third = await queue.get()
+        return [str(first), str(second), str(third)]
+
+    assert asyncio.run(scenario()) == ["a", "b", "a"]
