@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
@@ -47,7 +48,7 @@ def _call(function: Any, *args: Any) -> Any:
         if error.status == 404:
             raise PluginError("not found", EXIT_USAGE) from None
         raise PluginError(f"API error {error.status}: {error.reason}", EXIT_UNREACHABLE) from None
-    except OSError as error:  # connection refused, DNS, TLS
+    except (OSError, urllib3.exceptions.HTTPError) as error:  # connection refused, DNS, TLS, retries exhausted
         raise PluginError(f"cannot reach the API server: {error}", EXIT_UNREACHABLE) from None
 
 
