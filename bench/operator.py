@@ -90,6 +90,21 @@ def _peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
+WRITE_KINDS = [
+    ("patch", plural)
+    for plural in (
+        "deployments",
+        "services",
+        "configmaps",
+        "secrets",
+        "serviceaccounts",
+        "poddisruptionbudgets",
+        "networkpolicies",
+        "enterpriseagents/status",
+    )
+] + [("post", "secrets"), ("post", "events"), ("delete", "configmaps"), ("delete", "deployments")]
+
+
 def run_ours(bench: Bench, count: int, workdir: Path) -> dict[str, float]:
     namespace = f"bench-ours-{count}"
     bench.kubectl("create", "namespace", namespace)
@@ -108,6 +123,14 @@ def run_ours(bench: Bench, count: int, workdir: Path) -> dict[str, float]:
         rss = _peak_rss_mib(operator.process.pid)
         writes = operator.metric("agent_operator_api_writes_total") - operator.metric(
             "agent_operator_api_writes_total", resource="leases"
+        )
+        breakdown = {
+            f"{verb} {resource}": operator.metric("agent_operator_api_writes_total", verb=verb, resource=resource)
+            / count
+            for verb, resource in WRITE_KINDS
+        }
+        print(
+            "writes per agent by request: " + ", ".join(f"{k} {v:.2f}" for k, v in breakdown.items() if v), flush=True
         )
     finally:
         operator.stop()

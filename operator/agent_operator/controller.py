@@ -94,6 +94,7 @@ class ControllerSettings:
     # Backoff for failed reconciles and for references we do not watch (a missing users Secret).
     backoff_base_seconds: float = 1.0
     backoff_max_seconds: float = 300.0
+    child_event_delay_seconds: float = 1.0
 
 
 class Controller:
@@ -105,25 +106,29 @@ class Controller:
         self.children: dict[AgentKey, dict[core.ChildKey, dict[str, Any]]] = {}
         self.leading = asyncio.Event()
         self._failures: dict[AgentKey, int] = {}
+        self._rendered: dict[AgentKey, tuple[tuple[Any, ...], core.Desired]] = {}
         self._generation_seen_at: dict[tuple[AgentKey, int], float] = {}
         self.last_heartbeat = time.monotonic()
 
     # --- watch events -----------------------------------------------------------------------------
 
     def observe_agent(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        body = _slim(body)
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
         if event_type == "DELETED":
             self.agents.pop(key, None)
             self.children.pop(key, None)
             self._failures.pop(key, None)
+            self._rendered.pop(key, None)
         else:
-            self.agents[key] = dict(body)
+            self.agents[key] = body
             generation = body["metadata"].get("generation", 0)
             self._generation_seen_at.setdefault((key, generation), time.monotonic())
             self.queue.add(key)
         metrics.AGENTS_MANAGED.set(len(self.agents))
 
     def observe_child(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        body = _slim(body)
         metadata = body["metadata"]
         owner = metadata.get("labels", {}).get(LABEL_INSTANCE)
         if not owner:
@@ -133,9 +138,11 @@ class Controller:
         if event_type == "DELETED":
             self.children.get(key, {}).pop(child, None)
         else:
-            self.children.setdefault(key, {})[child] = dict(body)
+            self.children.setdefault(key, {})[child] = body
         if key in self.agents:
-            self.queue.add(key)
+            # A rollout brings bursts of child status events; waiting a moment folds each burst
+            # into one reconcile (and one status write) instead of one per event.
+            self.queue.add_after(key, self.settings.child_event_delay_seconds)
 
     async def prime(self, namespaces: tuple[str, ...]) -> None:
         """Lists agents and children once before any reconcile (as an informer syncs its cache),
@@ -255,7 +262,8 @@ class Controller:
             key_data=key_secret.get("data") or {},
             key_rotated_for=(key_secret["metadata"].get("annotations") or {}).get(ANNOTATION_ROTATED_FOR),
         )
-        plan = core.plan(agent, observed, now, self.settings.operator_namespace)
+        rendered = self._desired(key, body, key_secret, agent, observed)
+        plan = core.plan(agent, observed, now, self.settings.operator_namespace, rendered)
         try:
             await asyncio.gather(*(self._apply(children, manifest) for manifest in plan.apply))
         except KubeError as error:
@@ -270,12 +278,37 @@ class Controller:
             children.pop((api_version, kind, name), None)
         if plan.apply or plan.delete:
             # Judge the status on what now exists, not on what existed before these writes.
-            plan = core.plan(agent, replace(observed, children=children), now, self.settings.operator_namespace)
+            plan = core.plan(
+                agent, replace(observed, children=children), now, self.settings.operator_namespace, rendered
+            )
         return await self._finish(body, plan, key)
+
+    def _desired(
+        self,
+        key: AgentKey,
+        body: Mapping[str, Any],
+        key_secret: Mapping[str, Any],
+        agent: EnterpriseAgent,
+        observed: core.Observed,
+    ) -> core.Desired:
+        """Rendering is the costly part of a reconcile; reuse it while its inputs are unchanged
+        (the spec's generation, the key Secret, the active colour)."""
+        inputs = (
+            body["metadata"]["uid"],
+            body["metadata"].get("generation"),
+            key_secret["metadata"].get("resourceVersion"),
+            observed.status.get("activeColor"),
+        )
+        cached = self._rendered.get(key)
+        if cached is not None and cached[0] == inputs:
+            return cached[1]
+        rendered = core.desired_state(agent, observed, self.settings.operator_namespace)
+        self._rendered[key] = (inputs, rendered)
+        return rendered
 
     async def _apply(self, children: dict[core.ChildKey, dict[str, Any]], manifest: dict[str, Any]) -> None:
         applied = await self.kube.apply(manifest)
-        children[core.child_key(manifest)] = applied  # fresher than the watch; the event follows
+        children[core.child_key(manifest)] = _slim(applied)  # fresher than the watch; the event follows
 
     async def _ensure_keys(
         self, agent: EnterpriseAgent, body: Mapping[str, Any], children: dict[core.ChildKey, dict[str, Any]]
@@ -336,6 +369,13 @@ class Controller:
             await self.kube.post_event(body, type_, reason, message, COMPONENT)
         except KubeError as error:  # an Event is best effort: never fail a reconcile over it
             log.warning("could not post event %s on %s: %s", reason, body["metadata"]["name"], error)
+
+
+def _slim(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """A cached copy without managedFields, which the reconcile never reads and which is often
+    the largest part of an object."""
+    metadata = {k: v for k, v in obj["metadata"].items() if k != "managedFields"}
+    return {**obj, "metadata": metadata}
 
 
 def _encode(files: Mapping[str, bytes]) -> dict[str, str]:

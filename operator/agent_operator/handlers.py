@@ -34,8 +34,10 @@ def build_registry(controller: Controller) -> kopf.OperatorRegistry:
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
+    # async handlers run on the event loop; sync ones would run in kopf's thread pool, where the
+    # controller's caches and asyncio queue must not be touched.
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    def agent_event(*, event: kopf.RawEvent, **_: Any) -> None:
+    async def agent_event(*, event: kopf.RawEvent, **_: Any) -> None:
         controller.observe_agent(event.get("type"), event["object"])
 
     for group, version, plural in CHILD_RESOURCES:
@@ -43,7 +45,7 @@ def build_registry(controller: Controller) -> kopf.OperatorRegistry:
         @kopf.on.event(
             group, version, plural, labels={LABEL_MANAGED_BY: MANAGER}, registry=registry, id=f"child-{plural}"
         )
-        def child_event(*, event: kopf.RawEvent, **_: Any) -> None:
+        async def child_event(*, event: kopf.RawEvent, **_: Any) -> None:
             controller.observe_child(event.get("type"), event["object"])
 
     return registry

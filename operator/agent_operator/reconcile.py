@@ -262,10 +262,19 @@ def stalled_plan(observed: Observed, errors: list[FieldError], reason: str, now:
 # --- the plan -------------------------------------------------------------------------------------
 
 
-def plan(agent: EnterpriseAgent, observed: Observed, now: str, operator_namespace: str) -> Plan:
-    """Desired children, the difference to apply, stale children to delete, and the new status."""
+@dataclass(frozen=True)
+class Desired:
+    """The children the spec asks for, and the revision they make up."""
+
+    revision: str
+    active: Color
+    children: list[Manifest]
+
+
+def desired_state(agent: EnterpriseAgent, observed: Observed, operator_namespace: str) -> Desired:
+    """Renders every child; it depends only on the spec, the key Secret and the active colour,
+    so the controller may reuse it while those are unchanged."""
     keys = KeyVersions.from_secret_data(observed.key_data or {})
-    revision = compute_revision(agent, keys)
     active = Color(observed.status.get("activeColor") or Color.BLUE.value)
     render_plan = RenderPlan(
         active=ColorPlan(active, agent.spec.replicas),
@@ -274,9 +283,19 @@ def plan(agent: EnterpriseAgent, observed: Observed, now: str, operator_namespac
         key_rotated_for=observed.key_rotated_for,
         operator_namespace=operator_namespace,
     )
-    desired = [owned(child, agent.name, observed.uid) for child in build_children(agent, render_plan)]
-    desired_keys = {child_key(child) for child in desired}
+    children = [owned(child, agent.name, observed.uid) for child in build_children(agent, render_plan)]
+    return Desired(compute_revision(agent, keys), active, children)
+
+
+def plan(
+    agent: EnterpriseAgent, observed: Observed, now: str, operator_namespace: str, rendered: Desired | None = None
+) -> Plan:
+    """Desired children, the difference to apply, stale children to delete, and the new status.
+    ``rendered`` is a :func:`desired_state` computed earlier for the same inputs."""
+    wanted = rendered or desired_state(agent, observed, operator_namespace)
+    revision, active, desired = wanted.revision, wanted.active, wanted.children
     result = Plan(revision=revision)
+    desired_keys = {child_key(child) for child in desired}
     result.apply = [child for child in desired if not is_subset(child, observed.children.get(child_key(child)))]
     # Children we made earlier that the spec no longer asks for: an old revision's ConfigMap,
     # an HPA or NetworkPolicy switched off, the other colour's Deployment.
