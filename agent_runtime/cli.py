@@ -1,32 +1,167 @@
-"""The ``agent-runtime`` command. Its serve, init, users and audit commands come with the runtime."""
+"""The ``agent-runtime`` command: serve, init, users add, audit verify, check-config."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from agent_runtime.config import RuntimeConfig
+from agent_runtime.config import RuntimeConfig, SigningAlgorithm
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from agent_runtime.app import create_app
+    from agent_runtime.settings import Settings, SettingsError
+
+    try:
+        settings = Settings.load(args.config, port=args.port)
+        if args.host:
+            settings = Settings(settings.config, host=args.host, port=settings.port)
+        app = create_app(settings)
+    except (SettingsError, KeyError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        shutdown_timeout=settings.shutdown_grace_seconds,
+        access_log=None,
+        print=lambda message: print(message, file=sys.stderr),
+    )
+    return EXIT_OK
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """A complete local layout: config.yaml (the ConfigMap's format), fresh keys, an empty users file."""
+    from agent_runtime.keys import new_key_files, write_key_files
+
+    root = Path(args.directory).resolve()
+    if (root / "config.yaml").exists() and not args.force:
+        print(
+            f"error: {root / 'config.yaml'} exists (use --force to overwrite the config; keys are kept)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    algorithm = SigningAlgorithm(args.algorithm)
+    keys_dir = root / "keys"
+    if not (keys_dir / "active.json").exists():
+        write_key_files(keys_dir, new_key_files(algorithm))
+    users = root / "users"
+    if not users.exists():
+        users.write_text(
+            "# name:role[,role]:argon2id-hash   (add lines with: agent-runtime users add NAME --role ROLE --password-stdin)\n"
+        )
+        users.chmod(0o600)
+    config = RuntimeConfig.model_validate(
+        {
+            "agentName": args.name,
+            "namespace": "local",
+            "operations": ["ping"],
+            "auth": {
+                "algorithm": algorithm.value,
+                "keysDir": str(keys_dir),
+                "usersFile": str(users),
+                "issuer": f"{args.name}.local",
+                "audience": args.name,
+            },
+            "dataDir": str(root / "data"),
+        }
+    )
+    (root / "config.yaml").write_text(config.to_yaml())
+    print(f"wrote {root / 'config.yaml'}, {keys_dir}/ and {users}")
+    print(f"serve it with: agent-runtime serve --config {root / 'config.yaml'} --port 8080")
+    return EXIT_OK
+
+
+def cmd_users_add(args: argparse.Namespace) -> int:
+    from agent_runtime.security.users import UsersFileError, hash_line
+
+    if not args.password_stdin:
+        print(
+            "error: pass the password on standard input with --password-stdin (never on the command line)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    password = sys.stdin.readline().rstrip("\n")
+    try:
+        print(hash_line(args.name, args.role, password))
+    except UsersFileError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from agent_runtime.audit import verify_lines
+    from agent_runtime.keys import KeyRing
+
+    try:
+        keys = KeyRing.load(args.keys) if args.keys else None
+        with open(args.file, encoding="utf-8") as handle:
+            result = verify_lines(handle, keys)
+    except (OSError, KeyError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(result.describe())
+    return EXIT_OK if result.ok else EXIT_FAILED
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     try:
-        with open(args.config, encoding="utf-8") as handle:
-            config = RuntimeConfig.from_yaml(handle.read())
+        config = RuntimeConfig.from_yaml(Path(args.config).read_text())
     except (OSError, ValueError) as error:
         print(f"error: {args.config}: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     print(f"ok: agent {config.agent_name}, {len(config.operations)} operations, level {config.security_level.value}")
-    return 0
+    return EXIT_OK
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agent-runtime", description="The Enterprise Agent runtime.")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the agent's API, health and metrics")
+    serve.add_argument("--config", help="config file (default: $AGENT_CONFIG or /etc/agent/config.yaml)")
+    serve.add_argument("--port", type=int, default=None, help="port (default: $AGENT_PORT or 8080)")
+    serve.add_argument("--host", default=None, help="address (default: $AGENT_HOST or 0.0.0.0)")
+    serve.set_defaults(func=cmd_serve)
+
+    init = commands.add_parser("init", help="write a complete local configuration into DIR")
+    init.add_argument("directory")
+    init.add_argument("--name", default="local-agent")
+    init.add_argument("--algorithm", choices=[a.value for a in SigningAlgorithm], default="EdDSA")
+    init.add_argument("--force", action="store_true")
+    init.set_defaults(func=cmd_init)
+
+    users = commands.add_parser("users", help="manage the users file")
+    users_commands = users.add_subparsers(dest="users_command", required=True)
+    add = users_commands.add_parser("add", help="print a users-file line for NAME")
+    add.add_argument("name")
+    add.add_argument("--role", action="append", required=True, help="a role (repeatable)")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    add.set_defaults(func=cmd_users_add)
+
+    audit = commands.add_parser("audit", help="audit trail tools")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_commands.add_parser("verify", help="check a trail's hash chain and signed checkpoints")
+    verify.add_argument("file")
+    verify.add_argument("--keys", help="the key directory, to check checkpoint signatures")
+    verify.set_defaults(func=cmd_audit_verify)
+
     check = commands.add_parser("check-config", help="validate a runtime config file")
     check.add_argument("config")
     check.set_defaults(func=cmd_check_config)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     result: int = args.func(args)
     return result
 

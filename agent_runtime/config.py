@@ -77,7 +77,15 @@ DEFAULT_ROLES: dict[str, list[Permission]] = {
 }
 
 # Operations the runtime ships; the operator refuses (Stalled) names outside this list.
-BUILTIN_OPERATIONS = ("analyze_data", "generate_report", "process_document", "chat")
+BUILTIN_OPERATIONS = ("ping", "analyze_data", "generate_report", "process_document", "chat")
+
+# The most sensitive data each role may see; an operation's level must not exceed it.
+DEFAULT_CLEARANCES: dict[str, SecurityLevel] = {
+    "admin": SecurityLevel.RESTRICTED,
+    "operator": SecurityLevel.CONFIDENTIAL,
+    "analyst": SecurityLevel.CONFIDENTIAL,
+    "viewer": SecurityLevel.INTERNAL,
+}
 
 ROLE_NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
 OPERATION_NAME_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"
@@ -100,6 +108,15 @@ class AuthConfig(ConfigModel):
     refresh_ttl_seconds: int = Field(default=28800, ge=300, le=2592000)
     keys_dir: str = KEYS_DIR
     users_file: str | None = None
+    roles_claim: str = "roles"  # where OIDC tokens carry the caller's roles
+    leeway_seconds: int = Field(default=30, ge=0, le=300)  # clock skew allowed on exp and nbf
+
+
+class AuditConfig(ConfigModel):
+    file: str | None = None  # default: <dataDir>/audit.log
+    stdout: bool = True  # also write each record to stdout, for the cluster's log collector
+    checkpoint_every: int = Field(default=1000, ge=1)  # a signed checkpoint after this many records
+    checkpoint_seconds: float = Field(default=60.0, gt=0)  # ... or this long after the last one
 
 
 class ComplianceConfig(ConfigModel):
@@ -148,7 +165,11 @@ class RuntimeConfig(ConfigModel):
     roles: dict[Annotated[str, Field(pattern=ROLE_NAME_PATTERN)], list[Permission]] = Field(
         default_factory=lambda: dict(DEFAULT_ROLES)
     )
+    clearances: dict[Annotated[str, Field(pattern=ROLE_NAME_PATTERN)], SecurityLevel] = Field(
+        default_factory=lambda: dict(DEFAULT_CLEARANCES)
+    )
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     compliance: ComplianceConfig = Field(default_factory=ComplianceConfig)
     observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
     resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)

@@ -12,6 +12,9 @@ import base64
 import json
 import secrets
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
@@ -55,3 +58,72 @@ def new_key_files(algorithm: SigningAlgorithm, previous: dict[str, bytes] | None
         {"jwt": signing_id, "dek": encryption_id, "algorithm": algorithm.value}
     ).encode()
     return files
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    kid: str
+    algorithm: SigningAlgorithm
+    private: Any  # Ed25519PrivateKey | RSAPrivateKey | bytes (HS256 secret)
+
+    @property
+    def verifier(self) -> Any:
+        """What verifies this key's signatures: the public key, or the secret for HS256."""
+        return self.private if isinstance(self.private, bytes) else self.private.public_key()
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    """Every key of the key directory; the active ones sign and encrypt, all of them verify and
+    decrypt, so rotated keys keep working for what they made."""
+
+    signing: dict[str, SigningKey]
+    encryption: dict[str, bytes]
+    active_signing: str
+    active_encryption: str
+
+    @property
+    def signer(self) -> SigningKey:
+        return self.signing[self.active_signing]
+
+    @classmethod
+    def load(cls, directory: str | Path) -> KeyRing:
+        path = Path(directory)
+        try:
+            active = json.loads((path / ACTIVE_KEYS_FILE).read_text())
+        except (OSError, ValueError) as error:
+            raise KeyError(f"{path / ACTIVE_KEYS_FILE}: cannot read the active key ids: {error}") from None
+        signing: dict[str, SigningKey] = {}
+        encryption: dict[str, bytes] = {}
+        for file in sorted(path.iterdir()):
+            if file.name.startswith(SIGNING_PREFIX):
+                kid = file.name.removeprefix(SIGNING_PREFIX)
+                signing[kid] = _signing_key(kid, file.read_bytes())
+            elif file.name.startswith(ENCRYPTION_PREFIX):
+                kid = file.name.removeprefix(ENCRYPTION_PREFIX)
+                encryption[kid] = base64.urlsafe_b64decode(file.read_bytes().strip())
+        ring = cls(signing, encryption, str(active.get("jwt")), str(active.get("dek")))
+        if ring.active_signing not in signing or ring.active_encryption not in encryption:
+            raise KeyError(f"{path}: active.json names keys that are not in the directory")
+        return ring
+
+
+def _signing_key(kid: str, data: bytes) -> SigningKey:
+    if data.lstrip().startswith(b"-----BEGIN"):
+        private = serialization.load_pem_private_key(data, password=None)
+        if isinstance(private, ed25519.Ed25519PrivateKey):
+            return SigningKey(kid, SigningAlgorithm.EDDSA, private)
+        if isinstance(private, rsa.RSAPrivateKey):
+            return SigningKey(kid, SigningAlgorithm.RS256, private)
+        raise KeyError(f"signing key {kid}: unsupported key type {type(private).__name__}")
+    return SigningKey(kid, SigningAlgorithm.HS256, base64.urlsafe_b64decode(data.strip()))
+
+
+def write_key_files(directory: str | Path, files: dict[str, bytes]) -> None:
+    """Writes key files readable by the owner only."""
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        target = path / name
+        target.write_bytes(content)
+        target.chmod(0o600)

@@ -1,0 +1,375 @@
+"""The agent runtime's HTTP service: ``create_app(settings)`` builds the aiohttp Application.
+
+Middlewares are plain ``async def (request, handler)`` functions; all state hangs off the app
+under typed ``web.AppKey``s (no module globals), so tests build as many apps as they like.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from agent_runtime.audit import AuditLog
+from agent_runtime.config import AuthMode, Permission, RuntimeConfig, SecurityLevel
+from agent_runtime.crypto import FieldEncryptor
+from agent_runtime.keys import KeyRing
+from agent_runtime.operations import Registry
+from agent_runtime.security.rbac import Authorizer, Principal
+from agent_runtime.security.revocation import RevocationList
+from agent_runtime.security.throttle import LoginThrottle
+from agent_runtime.security.tokens import ACCESS_TYPE, REFRESH_TYPE, Claims, LocalTokens, OidcTokens, TokenError
+from agent_runtime.security.users import MAX_PASSWORD_BYTES, USERNAME, UserStore
+from agent_runtime.settings import Settings
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+SETTINGS = web.AppKey("settings", Settings)
+CONFIG = web.AppKey("config", RuntimeConfig)
+KEYS = web.AppKey("keys", KeyRing)
+LOCAL_TOKENS = web.AppKey("local_tokens", LocalTokens)
+OIDC_TOKENS = web.AppKey("oidc_tokens", OidcTokens)
+USERS = web.AppKey("users", UserStore)
+THROTTLE = web.AppKey("throttle", LoginThrottle)
+REVOKED = web.AppKey("revoked", RevocationList)
+AUDIT = web.AppKey("audit", AuditLog)
+AUTHORIZER = web.AppKey("authorizer", Authorizer)
+REGISTRY = web.AppKey("registry", Registry)
+ENCRYPTOR = web.AppKey("encryptor", FieldEncryptor)
+HTTP = web.AppKey("http", aiohttp.ClientSession)
+
+# Paths anyone may call; everything else needs a bearer token.
+PUBLIC_PATHS = {"/healthz", "/readyz", "/metrics", "/openapi.json", "/v1/auth/login", "/v1/auth/refresh"}
+TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
+MAX_BODY_BYTES = 1024 * 1024
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, a stable machine code and a human message."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+def error_response(request: web.Request, error: ApiError) -> web.Response:
+    body = {"code": error.code, "message": error.message, "request_id": request.get("request_id")}
+    return web.json_response(body, status=error.status, headers=error.headers)
+
+
+def client_ip(request: web.Request) -> str:
+    return request.remote or "unknown"
+
+
+# --- middlewares --------------------------------------------------------------------------------------
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A request id and trace id on every request and answer; every error as JSON."""
+    incoming = request.headers.get("X-Request-ID", "")
+    request["request_id"] = incoming if re.fullmatch(r"[A-Za-z0-9._-]{8,64}", incoming) else secrets.token_hex(8)
+    match = TRACEPARENT.match(request.headers.get("traceparent", ""))
+    request["trace_id"] = match.group(1) if match else secrets.token_hex(16)
+    try:
+        response = await handler(request)
+    except ApiError as error:
+        response = error_response(request, error)
+    except web.HTTPException as http_error:
+        if http_error.status >= 400:
+            code = http_error.reason.lower().replace(" ", "_")
+            response = error_response(request, ApiError(http_error.status, code, http_error.reason))
+        else:
+            raise
+    response.headers["X-Request-ID"] = request["request_id"]
+    response.headers["X-Trace-ID"] = request["trace_id"]
+    return response
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path in PUBLIC_PATHS:
+        return await handler(request)
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(
+            401, "unauthenticated", "a bearer token is required", {"WWW-Authenticate": 'Bearer realm="agent"'}
+        )
+    try:
+        claims = await _verify(request.app, token.strip(), ACCESS_TYPE)
+    except TokenError as error:
+        await _audit(request, type="authn", action="verify_token", result="failure", details={"reason": error.reason})
+        raise ApiError(
+            401,
+            "invalid_token",
+            error.reason,
+            {"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{error.reason}"'},
+        ) from None
+    request["principal"] = Principal(claims.subject, claims.roles, claims.token_id, claims.expires_at)
+    return await handler(request)
+
+
+async def _verify(app: web.Application, token: str, token_type: str) -> Claims:
+    if app[CONFIG].auth.mode is AuthMode.OIDC:
+        claims = await app[OIDC_TOKENS].verify(token, token_type)
+    else:
+        claims = app[LOCAL_TOKENS].verify(token, token_type)
+    if app[REVOKED].is_revoked(claims.token_id):
+        raise TokenError("token revoked")
+    return claims
+
+
+async def _audit(request: web.Request, **fields: Any) -> None:
+    principal: Principal | None = request.get("principal")
+    fields.setdefault("actor", principal.subject if principal else None)
+    await request.app[AUDIT].record(
+        client_ip=client_ip(request), request_id=request.get("request_id"), trace_id=request.get("trace_id"), **fields
+    )
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+        raise ApiError(413, "payload_too_large", f"the body must be at most {MAX_BODY_BYTES} bytes")
+    raw = await request.content.read(MAX_BODY_BYTES + 1)
+    if len(raw) > MAX_BODY_BYTES:
+        raise ApiError(413, "payload_too_large", f"the body must be at most {MAX_BODY_BYTES} bytes")
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError:
+        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_body", "the body must be a JSON object")
+    return body
+
+
+def _string_field(body: dict[str, Any], name: str, max_bytes: int) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value or len(value.encode()) > max_bytes:
+        raise ApiError(400, "invalid_field", f"{name}: a string of 1 to {max_bytes} bytes is required")
+    return value
+
+
+async def authorize(request: web.Request, permission: Permission, level: SecurityLevel, action: str) -> Principal:
+    principal: Principal = request["principal"]
+    decision = request.app[AUTHORIZER].decide(principal, permission, level)
+    if not decision.allowed:
+        await _audit(request, type="authz", action=action, result="denied", details={"reason": decision.reason})
+        raise ApiError(403, "forbidden", decision.reason)
+    return principal
+
+
+# --- handlers -----------------------------------------------------------------------------------------
+
+
+async def healthz(_: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    app = request.app
+    checks: dict[str, dict[str, Any]] = {
+        "config": {"ok": True, "agent": app[CONFIG].agent_name},
+        "keys": {"ok": bool(app[KEYS].signing), "signing": app[KEYS].active_signing},
+        "audit": {"ok": app[AUDIT].healthy},
+        "operations": {"ok": True, "unavailable": app[REGISTRY].missing},
+    }
+    ready = all(check["ok"] for check in checks.values())
+    return web.json_response(
+        {"status": "ready" if ready else "not ready", "checks": checks}, status=200 if ready else 503
+    )
+
+
+async def login(request: web.Request) -> web.Response:
+    app = request.app
+    if app[CONFIG].auth.mode is not AuthMode.LOCAL:
+        raise ApiError(404, "login_disabled", "this agent accepts tokens from its OIDC issuer; it has no login")
+    body = await _json_object(request)
+    username = _string_field(body, "username", 64)
+    password = _string_field(body, "password", MAX_PASSWORD_BYTES)
+    address = client_ip(request)
+    wait = app[THROTTLE].retry_after(username, address)
+    if wait > 0:
+        await _audit(
+            request,
+            type="authn",
+            action="login",
+            actor=username,
+            result="throttled",
+            details={"retry_after": round(wait, 1)},
+        )
+        raise ApiError(
+            429, "too_many_attempts", "too many failed logins; try again later", {"Retry-After": str(int(wait) + 1)}
+        )
+    user = await app[USERS].authenticate(username, password) if USERNAME.match(username) else None
+    if user is None:
+        app[THROTTLE].failed(username, address)
+        await _audit(request, type="authn", action="login", actor=username, result="failure")
+        raise ApiError(401, "invalid_credentials", "the user name or password is wrong")
+    app[THROTTLE].succeeded(username, address)
+    tokens = _token_pair(app, user.name, user.roles)
+    await _audit(
+        request, type="authn", action="login", actor=user.name, result="success", details={"jti": tokens["jti"]}
+    )
+    return web.json_response({k: v for k, v in tokens.items() if k != "jti"})
+
+
+def _token_pair(app: web.Application, subject: str, roles: tuple[str, ...]) -> dict[str, Any]:
+    access, claims = app[LOCAL_TOKENS].issue(subject, roles, ACCESS_TYPE)
+    refresh, _ = app[LOCAL_TOKENS].issue(subject, roles, REFRESH_TYPE)
+    return {
+        "access_token": access,
+        "refresh_token": refresh,
+        "token_type": "Bearer",
+        "expires_in": int(claims.expires_at - time.time()),
+        "jti": claims.token_id,
+    }
+
+
+async def refresh(request: web.Request) -> web.Response:
+    app = request.app
+    if app[CONFIG].auth.mode is not AuthMode.LOCAL:
+        raise ApiError(404, "refresh_disabled", "tokens come from the OIDC issuer")
+    body = await _json_object(request)
+    token = _string_field(body, "refresh_token", 8192)
+    try:
+        claims = await _verify(app, token, REFRESH_TYPE)
+    except TokenError as error:
+        await _audit(request, type="authn", action="refresh", result="failure", details={"reason": error.reason})
+        raise ApiError(401, "invalid_token", error.reason) from None
+    # Rotation: a refresh token works once; replaying it later is refused.
+    await app[REVOKED].revoke(claims.token_id, claims.expires_at)
+    tokens = _token_pair(app, claims.subject, claims.roles)
+    await _audit(
+        request, type="authn", action="refresh", actor=claims.subject, result="success", details={"jti": tokens["jti"]}
+    )
+    return web.json_response({k: v for k, v in tokens.items() if k != "jti"})
+
+
+async def logout(request: web.Request) -> web.Response:
+    principal: Principal = request["principal"]
+    await request.app[REVOKED].revoke(principal.token_id, principal.expires_at)
+    body = await _json_object(request)
+    revoked = [principal.token_id]
+    if isinstance(body.get("refresh_token"), str):
+        try:
+            claims = await _verify(request.app, body["refresh_token"], REFRESH_TYPE)
+        except TokenError:
+            pass  # already unusable
+        else:
+            if claims.subject == principal.subject:
+                await request.app[REVOKED].revoke(claims.token_id, claims.expires_at)
+                revoked.append(claims.token_id)
+    await _audit(request, type="authn", action="logout", result="success", details={"revoked_jti": revoked})
+    return web.json_response({"revoked": len(revoked)})
+
+
+async def audit_query(request: web.Request) -> web.Response:
+    await authorize(request, Permission.ADMIN, SecurityLevel.PUBLIC, "read_audit")
+    try:
+        limit = min(1000, max(1, int(request.query.get("limit", "100"))))
+    except ValueError:
+        raise ApiError(400, "invalid_query", "limit must be a number") from None
+    actor, kind = request.query.get("actor"), request.query.get("type")
+    records = [
+        r
+        for r in reversed(request.app[AUDIT].recent)
+        if (actor is None or r.get("actor") == actor) and (kind is None or r.get("type") == kind)
+    ][:limit]
+    await _audit(request, type="admin", action="read_audit", result="success", details={"returned": len(records)})
+    return web.json_response({"records": records})
+
+
+async def run_operation(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    operation = request.app[REGISTRY].get(name)
+    if operation is None:
+        raise ApiError(404, "unknown_operation", f"operation {name!r} is not enabled on this agent")
+    principal = await authorize(request, operation.permission, operation.level, f"operation:{name}")
+    body = await _json_object(request)
+    payload = body.get("input", {})
+    if not isinstance(payload, dict):
+        raise ApiError(400, "invalid_field", "input: a JSON object is required")
+    started = time.perf_counter()
+    try:
+        result = await operation.handler(payload)
+    except ApiError:
+        raise
+    except Exception as error:
+        await _audit(request, type="operation", action=name, result="failure", details={"error": type(error).__name__})
+        raise ApiError(500, "operation_failed", f"operation {name!r} failed") from None
+    details = {
+        "authorization": "allowed",
+        "level": operation.level.value,
+        "ms": round((time.perf_counter() - started) * 1000, 2),
+    }
+    await _audit(request, type="operation", action=name, result="success", details=details)
+    return web.json_response(
+        {
+            "operation": name,
+            "result": result,
+            "request_id": request["request_id"],
+            "trace_id": request["trace_id"],
+            "actor": principal.subject,
+        }
+    )
+
+
+# --- the application ----------------------------------------------------------------------------------
+
+
+async def _fetch_jwks(app: web.Application, url: str) -> dict[str, Any]:
+    async with app[HTTP].get(url, timeout=aiohttp.ClientTimeout(total=10)) as response:
+        response.raise_for_status()
+        document: dict[str, Any] = await response.json(content_type=None)
+        return document
+
+
+def create_app(settings: Settings) -> web.Application:
+    config = settings.config
+    app = web.Application(middlewares=[request_context, authenticate], client_max_size=MAX_BODY_BYTES)
+    keys = KeyRing.load(config.auth.keys_dir)
+    app[SETTINGS] = settings
+    app[CONFIG] = config
+    app[KEYS] = keys
+    app[LOCAL_TOKENS] = LocalTokens(config.auth, keys)
+    app[USERS] = UserStore.load(config.auth.users_file)
+    app[THROTTLE] = LoginThrottle()
+    app[REVOKED] = RevocationList(settings.data_dir / "revocations.sqlite3")
+    app[AUDIT] = AuditLog(
+        settings.audit_file,
+        keys,
+        to_stdout=config.audit.stdout,
+        checkpoint_every=config.audit.checkpoint_every,
+        checkpoint_seconds=config.audit.checkpoint_seconds,
+    )
+    app[AUTHORIZER] = Authorizer(config)
+    app[REGISTRY] = Registry(config.operations)
+    app[ENCRYPTOR] = FieldEncryptor(keys)
+    if config.auth.mode is AuthMode.OIDC:
+        app[OIDC_TOKENS] = OidcTokens(config.auth, lambda url: _fetch_jwks(app, url))
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        app[HTTP] = aiohttp.ClientSession()
+        app[REVOKED].open()
+        await app[AUDIT].start()
+        yield
+        await app[AUDIT].close()  # the last records and a final checkpoint reach the disk
+        app[REVOKED].close()
+        await app[HTTP].close()
+
+    app.cleanup_ctx.append(resources)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_post("/v1/auth/login", login)
+    app.router.add_post("/v1/auth/refresh", refresh)
+    app.router.add_post("/v1/auth/logout", logout)
+    app.router.add_get("/v1/audit", audit_query)
+    app.router.add_post("/v1/operations/{name}", run_operation)
+    return app

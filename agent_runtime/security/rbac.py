@@ -1,0 +1,59 @@
+"""Role- and level-based authorisation: a caller's roles grant permissions and a clearance; an
+operation declares the permission and the data level it needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent_runtime.config import Permission, RuntimeConfig, SecurityLevel
+
+# A role the config gives no clearance gets the agents' default level.
+DEFAULT_CLEARANCE = SecurityLevel.INTERNAL
+
+
+@dataclass(frozen=True)
+class Principal:
+    subject: str
+    roles: tuple[str, ...]
+    token_id: str = ""
+    expires_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    reason: str
+
+
+class Authorizer:
+    def __init__(self, config: RuntimeConfig) -> None:
+        self.config = config
+
+    def permissions(self, principal: Principal) -> set[Permission]:
+        granted: set[Permission] = set()
+        for role in principal.roles:
+            granted.update(self.config.roles.get(role, []))
+        return granted
+
+    def clearance(self, principal: Principal) -> SecurityLevel | None:
+        known = [role for role in principal.roles if role in self.config.roles]
+        if not known:
+            return None
+        return max(
+            (self.config.clearances.get(role, DEFAULT_CLEARANCE) for role in known), key=lambda level: level.rank
+        )
+
+    def decide(self, principal: Principal, permission: Permission, level: SecurityLevel) -> Decision:
+        if not self.config.security_level.allows(level):
+            return Decision(
+                False, f"this agent handles data up to {self.config.security_level.value}, not {level.value}"
+            )
+        if permission not in self.permissions(principal):
+            return Decision(
+                False,
+                f"permission {permission.value!r} is not granted to roles {', '.join(principal.roles) or '(none)'}",
+            )
+        clearance = self.clearance(principal)
+        if clearance is None or not clearance.allows(level):
+            return Decision(False, f"clearance {clearance.value if clearance else 'none'} is below {level.value}")
+        return Decision(True, "allowed")

@@ -1,0 +1,207 @@
+"""Access and refresh tokens (PyJWT), checked per RFC 8725 and OWASP ASVS 5.0 V9.
+
+- The verifying key is chosen by the token's ``kid`` and the algorithm must be that key's own:
+  ``alg=none`` and HS256-with-an-RSA-public-key confusion cannot pass.
+- exp and nbf are required and checked with a small leeway; iss, aud and typ must match.
+- A revoked ``jti`` (logout, refresh rotation) is refused until the token would have expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from jwt import PyJWK, PyJWKSet
+
+from agent_runtime.config import AuthConfig, SigningAlgorithm
+from agent_runtime.keys import KeyRing
+
+ACCESS_TYPE = "at+jwt"  # RFC 9068
+REFRESH_TYPE = "refresh+jwt"
+# Algorithms an OIDC issuer may use; never "none", never HMAC (we hold no shared secret with it).
+OIDC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA")
+
+
+class TokenError(Exception):
+    """A token was refused; ``reason`` is safe to show the caller (it leaks no key material)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Claims:
+    subject: str
+    roles: tuple[str, ...]
+    token_id: str
+    expires_at: float
+    token_type: str
+
+
+def _now() -> float:
+    return time.time()
+
+
+class LocalTokens:
+    """Tokens this runtime issues and verifies with its own key ring."""
+
+    def __init__(self, config: AuthConfig, keys: KeyRing, clock: Callable[[], float] = _now) -> None:
+        self.config = config
+        self.keys = keys
+        self.clock = clock
+
+    def issue(self, subject: str, roles: tuple[str, ...], token_type: str = ACCESS_TYPE) -> tuple[str, Claims]:
+        now = int(self.clock())
+        ttl = self.config.token_ttl_seconds if token_type == ACCESS_TYPE else self.config.refresh_ttl_seconds
+        claims = Claims(subject, roles, secrets.token_urlsafe(16), now + ttl, token_type)
+        payload = {
+            "iss": self.config.issuer,
+            "aud": self.config.audience,
+            "sub": subject,
+            "roles": list(roles),
+            "iat": now,
+            "nbf": now,
+            "exp": claims.expires_at,
+            "jti": claims.token_id,
+        }
+        signer = self.keys.signer
+        token = jwt.encode(
+            payload, signer.private, algorithm=signer.algorithm.value, headers={"kid": signer.kid, "typ": token_type}
+        )
+        return token, claims
+
+    def verify(self, token: str, expected_type: str = ACCESS_TYPE) -> Claims:
+        header = _header(token)
+        kid = header.get("kid")
+        key = self.keys.signing.get(kid) if isinstance(kid, str) else None
+        if key is None:
+            raise TokenError("unknown key id")
+        if header.get("alg") != key.algorithm.value:
+            raise TokenError("algorithm not allowed for this key")
+        if header.get("typ") != expected_type:
+            raise TokenError("wrong token type")
+        payload = _decode(token, key.verifier, [key.algorithm.value], self.config, self.clock())
+        return _claims(payload, expected_type, "roles")
+
+
+class OidcTokens:
+    """Bearer tokens from an OIDC issuer, verified with its JWKS (cached; refreshed at most once
+    per ``min_refresh_seconds`` when an unknown kid shows up, so garbage cannot hammer the issuer)."""
+
+    def __init__(
+        self,
+        config: AuthConfig,
+        fetch_jwks: Callable[[str], Awaitable[dict[str, Any]]],
+        clock: Callable[[], float] = _now,
+        cache_seconds: float = 300.0,
+        min_refresh_seconds: float = 30.0,
+    ) -> None:
+        if not config.jwks_uri:
+            raise ValueError("auth.jwksUri is required with OIDC")
+        self.config = config
+        self.fetch_jwks = fetch_jwks
+        self.clock = clock
+        self.cache_seconds = cache_seconds
+        self.min_refresh_seconds = min_refresh_seconds
+        self._keys: dict[str, PyJWK] = {}
+        self._fetched_at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def _key(self, kid: str) -> PyJWK:
+        stale = self.clock() - self._fetched_at > self.cache_seconds
+        if kid not in self._keys or stale:
+            async with self._lock:
+                since = self.clock() - self._fetched_at
+                if (kid not in self._keys and since >= self.min_refresh_seconds) or since > self.cache_seconds:
+                    document = await self.fetch_jwks(str(self.config.jwks_uri))
+                    jwks = PyJWKSet.from_dict(document)
+                    self._keys = {k.key_id: k for k in jwks.keys if k.key_id}
+                    self._fetched_at = self.clock()
+        if kid not in self._keys:
+            raise TokenError("unknown key id")
+        return self._keys[kid]
+
+    async def verify(self, token: str, expected_type: str = ACCESS_TYPE) -> Claims:
+        header = _header(token)
+        kid = header.get("kid")
+        if not isinstance(kid, str):
+            raise TokenError("unknown key id")
+        key = await self._key(kid)
+        algorithm = header.get("alg")
+        if algorithm not in OIDC_ALGORITHMS or (key.algorithm_name and key.algorithm_name != algorithm):
+            raise TokenError("algorithm not allowed for this key")
+        typ = header.get("typ")
+        if typ not in (None, "JWT", ACCESS_TYPE):  # issuers differ; a refresh or ID token type is refused
+            raise TokenError("wrong token type")
+        payload = _decode(token, key.key, [str(algorithm)], self.config, self.clock())
+        return _claims(payload, expected_type, self.config.roles_claim)
+
+
+def _header(token: str) -> dict[str, Any]:
+    if not isinstance(token, str) or token.count(".") != 2 or len(token) > 8192:
+        raise TokenError("malformed token")
+    try:
+        header: dict[str, Any] = jwt.get_unverified_header(token)
+    except jwt.PyJWTError:
+        raise TokenError("malformed token") from None
+    return header
+
+
+def _decode(token: str, key: Any, algorithms: list[str], config: AuthConfig, now: float) -> dict[str, Any]:
+    try:
+        payload: dict[str, Any] = jwt.decode(
+            token,
+            key,
+            algorithms=algorithms,
+            audience=config.audience,
+            issuer=config.issuer,
+            leeway=config.leeway_seconds,
+            options={"require": ["exp", "nbf", "iat", "iss", "aud", "sub", "jti"], "verify_iat": False},
+        )
+    except jwt.ExpiredSignatureError:
+        raise TokenError("token expired") from None
+    except jwt.ImmatureSignatureError:
+        raise TokenError("token not yet valid") from None
+    except jwt.InvalidAudienceError:
+        raise TokenError("wrong audience") from None
+    except jwt.InvalidIssuerError:
+        raise TokenError("wrong issuer") from None
+    except jwt.MissingRequiredClaimError as error:
+        raise TokenError(f"missing claim {error.claim}") from None
+    except jwt.InvalidSignatureError:
+        raise TokenError("bad signature") from None
+    except (jwt.PyJWTError, ValueError, TypeError):
+        raise TokenError("malformed token") from None
+    # PyJWT checks exp/nbf against the system clock; re-check against ours (tests inject it).
+    if payload["exp"] + config.leeway_seconds < now:
+        raise TokenError("token expired")
+    if payload["nbf"] - config.leeway_seconds > now:
+        raise TokenError("token not yet valid")
+    return payload
+
+
+def _claims(payload: dict[str, Any], token_type: str, roles_claim: str) -> Claims:
+    roles = payload.get(roles_claim) or []
+    if isinstance(roles, str):
+        roles = roles.split()
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        raise TokenError(f"claim {roles_claim} must be a list of role names")
+    return Claims(str(payload["sub"]), tuple(roles), str(payload["jti"]), float(payload["exp"]), token_type)
+
+
+def dumps_jwks(keys: KeyRing) -> str:
+    """The public keys of a local key ring as a JWKS (for peers that verify our tokens)."""
+    entries = []
+    for kid, key in keys.signing.items():
+        if key.algorithm is SigningAlgorithm.HS256:
+            continue  # a shared secret is never published
+        jwk = json.loads(jwt.algorithms.get_default_algorithms()[key.algorithm.value].to_jwk(key.verifier))
+        entries.append({**jwk, "kid": kid, "alg": key.algorithm.value, "use": "sig"})
+    return json.dumps({"keys": entries})
