@@ -20,7 +20,7 @@ from agent_runtime.audit import AuditLog
 from agent_runtime.config import AuthMode, Permission, RuntimeConfig, SecurityLevel
 from agent_runtime.crypto import FieldEncryptor
 from agent_runtime.keys import KeyRing
-from agent_runtime.operations import Registry
+from agent_runtime.operations import Operation, Registry
 from agent_runtime.security.rbac import Authorizer, Principal
 from agent_runtime.security.revocation import RevocationList
 from agent_runtime.security.throttle import LoginThrottle
@@ -43,6 +43,9 @@ AUTHORIZER = web.AppKey("authorizer", Authorizer)
 REGISTRY = web.AppKey("registry", Registry)
 ENCRYPTOR = web.AppKey("encryptor", FieldEncryptor)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
+REQUEST_ID = web.RequestKey("request_id", str)
+TRACE_ID = web.RequestKey("trace_id", str)
+PRINCIPAL = web.RequestKey("principal", Principal)
 
 # Paths anyone may call; everything else needs a bearer token.
 PUBLIC_PATHS = {"/healthz", "/readyz", "/metrics", "/openapi.json", "/v1/auth/login", "/v1/auth/refresh"}
@@ -59,7 +62,7 @@ class ApiError(Exception):
 
 
 def error_response(request: web.Request, error: ApiError) -> web.Response:
-    body = {"code": error.code, "message": error.message, "request_id": request.get("request_id")}
+    body = {"code": error.code, "message": error.message, "request_id": request.get(REQUEST_ID)}
     return web.json_response(body, status=error.status, headers=error.headers)
 
 
@@ -74,9 +77,9 @@ def client_ip(request: web.Request) -> str:
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """A request id and trace id on every request and answer; every error as JSON."""
     incoming = request.headers.get("X-Request-ID", "")
-    request["request_id"] = incoming if re.fullmatch(r"[A-Za-z0-9._-]{8,64}", incoming) else secrets.token_hex(8)
+    request[REQUEST_ID] = incoming if re.fullmatch(r"[A-Za-z0-9._-]{8,64}", incoming) else secrets.token_hex(8)
     match = TRACEPARENT.match(request.headers.get("traceparent", ""))
-    request["trace_id"] = match.group(1) if match else secrets.token_hex(16)
+    request[TRACE_ID] = match.group(1) if match else secrets.token_hex(16)
     try:
         response = await handler(request)
     except ApiError as error:
@@ -87,8 +90,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             response = error_response(request, ApiError(http_error.status, code, http_error.reason))
         else:
             raise
-    response.headers["X-Request-ID"] = request["request_id"]
-    response.headers["X-Trace-ID"] = request["trace_id"]
+    response.headers["X-Request-ID"] = request[REQUEST_ID]
+    response.headers["X-Trace-ID"] = request[TRACE_ID]
     return response
 
 
@@ -112,7 +115,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
             error.reason,
             {"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{error.reason}"'},
         ) from None
-    request["principal"] = Principal(claims.subject, claims.roles, claims.token_id, claims.expires_at)
+    request[PRINCIPAL] = Principal(claims.subject, claims.roles, claims.token_id, claims.expires_at)
     return await handler(request)
 
 
@@ -127,10 +130,10 @@ async def _verify(app: web.Application, token: str, token_type: str) -> Claims:
 
 
 async def _audit(request: web.Request, **fields: Any) -> None:
-    principal: Principal | None = request.get("principal")
+    principal: Principal | None = request.get(PRINCIPAL)
     fields.setdefault("actor", principal.subject if principal else None)
     await request.app[AUDIT].record(
-        client_ip=client_ip(request), request_id=request.get("request_id"), trace_id=request.get("trace_id"), **fields
+        client_ip=client_ip(request), request_id=request.get(REQUEST_ID), trace_id=request.get(TRACE_ID), **fields
     )
 
 
@@ -157,7 +160,7 @@ def _string_field(body: dict[str, Any], name: str, max_bytes: int) -> str:
 
 
 async def authorize(request: web.Request, permission: Permission, level: SecurityLevel, action: str) -> Principal:
-    principal: Principal = request["principal"]
+    principal: Principal = request[PRINCIPAL]
     decision = request.app[AUTHORIZER].decide(principal, permission, level)
     if not decision.allowed:
         await _audit(request, type="authz", action=action, result="denied", details={"reason": decision.reason})
@@ -253,7 +256,7 @@ async def refresh(request: web.Request) -> web.Response:
 
 
 async def logout(request: web.Request) -> web.Response:
-    principal: Principal = request["principal"]
+    principal: Principal = request[PRINCIPAL]
     await request.app[REVOKED].revoke(principal.token_id, principal.expires_at)
     body = await _json_object(request)
     revoked = [principal.token_id]
@@ -314,8 +317,8 @@ async def run_operation(request: web.Request) -> web.Response:
         {
             "operation": name,
             "result": result,
-            "request_id": request["request_id"],
-            "trace_id": request["trace_id"],
+            "request_id": request[REQUEST_ID],
+            "trace_id": request[TRACE_ID],
             "actor": principal.subject,
         }
     )
@@ -331,7 +334,8 @@ async def _fetch_jwks(app: web.Application, url: str) -> dict[str, Any]:
         return document
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, operations: dict[str, Operation] | None = None) -> web.Application:
+    """``operations``: the catalogue to enable from (default: the built-ins)."""
     config = settings.config
     app = web.Application(middlewares=[request_context, authenticate], client_max_size=MAX_BODY_BYTES)
     keys = KeyRing.load(config.auth.keys_dir)
@@ -350,7 +354,7 @@ def create_app(settings: Settings) -> web.Application:
         checkpoint_seconds=config.audit.checkpoint_seconds,
     )
     app[AUTHORIZER] = Authorizer(config)
-    app[REGISTRY] = Registry(config.operations)
+    app[REGISTRY] = Registry(config.operations, operations)
     app[ENCRYPTOR] = FieldEncryptor(keys)
     if config.auth.mode is AuthMode.OIDC:
         app[OIDC_TOKENS] = OidcTokens(config.auth, lambda url: _fetch_jwks(app, url))

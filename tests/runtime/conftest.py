@@ -1,0 +1,82 @@
+"""A runtime built from a local layout (`agent-runtime init`), with users of every role."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from agent_runtime.app import create_app
+from agent_runtime.cli import main as runtime_cli
+from agent_runtime.config import Permission, RuntimeConfig, SecurityLevel
+from agent_runtime.operations import BUILTINS, Operation
+from agent_runtime.security.users import hash_line
+from agent_runtime.settings import Settings
+
+PASSWORD = "correct horse battery staple"
+ROLE_USERS = {"admin": "ada", "operator": "otto", "analyst": "ana", "viewer": "vic"}
+
+
+async def _echo(payload: dict[str, Any]) -> dict[str, Any]:
+    return {"echo": payload}
+
+
+# One operation per (permission, level), for the authorisation matrix.
+MATRIX_OPERATIONS = {
+    f"{permission.value}_{level.value}": Operation(
+        f"{permission.value}_{level.value}", permission, level, _echo, "test"
+    )
+    for permission in Permission
+    for level in SecurityLevel
+}
+
+
+def make_layout(directory: Path, algorithm: str = "EdDSA", **config_changes: Any) -> Path:
+    assert runtime_cli(["init", str(directory), "--name", "test-agent", "--algorithm", algorithm]) == 0
+    users = directory / "users"
+    users.write_text(
+        users.read_text() + "".join(hash_line(name, [role], PASSWORD) + "\n" for role, name in ROLE_USERS.items())
+    )
+    config_file = directory / "config.yaml"
+    data = RuntimeConfig.from_yaml(config_file.read_text()).model_dump(by_alias=True, mode="json", exclude_none=True)
+    data["operations"] = ["ping", *MATRIX_OPERATIONS]
+    data["audit"] = {"stdout": False}
+    data.update(config_changes)
+    config_file.write_text(RuntimeConfig.model_validate(data).to_yaml())
+    return config_file
+
+
+AppFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@pytest.fixture
+def runtime_dir(tmp_path: Path) -> Path:
+    make_layout(tmp_path / "agent")
+    return tmp_path / "agent"
+
+
+@pytest.fixture
+def make_client(aiohttp_client: Any, tmp_path: Path) -> AppFactory:
+    async def factory(algorithm: str = "EdDSA", **config_changes: Any) -> TestClient[web.Request, web.Application]:
+        directory = tmp_path / f"agent-{algorithm}-{len(list(tmp_path.iterdir()))}"
+        config_file = make_layout(directory, algorithm, **config_changes)
+        settings = Settings.load(str(config_file))
+        client: TestClient[web.Request, web.Application] = await aiohttp_client(
+            create_app(settings, {**BUILTINS, **MATRIX_OPERATIONS})
+        )
+        return client
+
+    return factory
+
+
+async def login(
+    client: TestClient[web.Request, web.Application], username: str, password: str = PASSWORD
+) -> dict[str, Any]:
+    response = await client.post("/v1/auth/login", json={"username": username, "password": password})
+    body: dict[str, Any] = await response.json()
+    assert response.status == 200, body
+    return body

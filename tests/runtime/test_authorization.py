@@ -1,0 +1,74 @@
+"""The whole authorisation matrix, role x permission x level, over HTTP."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent_runtime.config import DEFAULT_CLEARANCES, DEFAULT_ROLES, Permission, SecurityLevel
+from tests.runtime.conftest import ROLE_USERS, AppFactory, login
+
+
+@pytest.mark.parametrize("agent_level", [SecurityLevel.INTERNAL, SecurityLevel.RESTRICTED])
+async def test_authorization_matrix(make_client: AppFactory, agent_level: SecurityLevel) -> None:
+    client = await make_client(securityLevel=agent_level.value)
+    checked = 0
+    for role, user in ROLE_USERS.items():
+        token = (await login(client, user))["access_token"]
+        for permission in Permission:
+            for level in SecurityLevel:
+                response = await client.post(
+                    f"/v1/operations/{permission.value}_{level.value}",
+                    json={"input": {"x": 1}},
+                    headers={"Authorization": f"Bearer {token}"},
+                )
+                expected = (
+                    permission in DEFAULT_ROLES[role]
+                    and agent_level.allows(level)
+                    and DEFAULT_CLEARANCES[role].allows(level)
+                )
+                body = await response.json()
+                assert response.status == (200 if expected else 403), (role, permission, level, body)
+                if expected:
+                    assert body["result"] == {"echo": {"x": 1}}
+                    assert body["actor"] == user
+                else:
+                    assert body["code"] == "forbidden"
+                    assert body["request_id"] == response.headers["X-Request-ID"]
+                checked += 1
+    assert checked == 4 * 4 * 4
+
+
+async def test_denials_are_audited(make_client: AppFactory) -> None:
+    client = await make_client(securityLevel="internal")
+    viewer = (await login(client, "vic"))["access_token"]
+    response = await client.post("/v1/operations/admin_public", json={}, headers={"Authorization": f"Bearer {viewer}"})
+    assert response.status == 403
+    admin = (await login(client, "ada"))["access_token"]
+    audit = await (await client.get("/v1/audit?type=authz", headers={"Authorization": f"Bearer {admin}"})).json()
+    (denial,) = audit["records"]
+    assert denial["actor"] == "vic"
+    assert denial["result"] == "denied"
+    assert denial["action"] == "operation:admin_public"
+
+
+async def test_audit_endpoint_is_admin_only(make_client: AppFactory) -> None:
+    client = await make_client()
+    operator = (await login(client, "otto"))["access_token"]
+    response = await client.get("/v1/audit", headers={"Authorization": f"Bearer {operator}"})
+    assert response.status == 403
+
+
+async def test_unknown_operation_and_bad_bodies(make_client: AppFactory) -> None:
+    client = await make_client()
+    token = (await login(client, "ada"))["access_token"]
+    auth = {"Authorization": f"Bearer {token}"}
+    missing = await client.post("/v1/operations/launch_missiles", json={}, headers=auth)
+    assert (missing.status, (await missing.json())["code"]) == (404, "unknown_operation")
+    garbage = await client.post("/v1/operations/ping", data=b"{not json", headers=auth)
+    assert (garbage.status, (await garbage.json())["code"]) == (400, "invalid_json")
+    not_object = await client.post("/v1/operations/ping", json=[1, 2], headers=auth)
+    assert (not_object.status, (await not_object.json())["code"]) == (400, "invalid_body")
+    bad_input = await client.post("/v1/operations/ping", json={"input": "text"}, headers=auth)
+    assert (bad_input.status, (await bad_input.json())["code"]) == (400, "invalid_field")
+    huge = await client.post("/v1/operations/ping", data=b"x" * (2 * 1024 * 1024), headers=auth)
+    assert huge.status == 413
