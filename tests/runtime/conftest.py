@@ -45,7 +45,8 @@ def make_layout(directory: Path, algorithm: str = "EdDSA", **config_changes: Any
     data = RuntimeConfig.from_yaml(config_file.read_text()).model_dump(by_alias=True, mode="json", exclude_none=True)
     data["operations"] = ["ping", *MATRIX_OPERATIONS]
     data["audit"] = {"stdout": False}
-    data.update(config_changes)
+    for key, value in config_changes.items():  # sections are merged, not replaced
+        data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
     config_file.write_text(RuntimeConfig.model_validate(data).to_yaml())
     return config_file
 

@@ -1,0 +1,144 @@
+"""Bearer tokens from an OIDC issuer: verified with its JWKS, cached, refreshed with a throttle."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from agent_runtime.app import create_app
+from agent_runtime.config import AuthConfig
+from agent_runtime.security.tokens import OidcTokens, TokenError
+from agent_runtime.settings import Settings
+from tests.runtime.conftest import make_layout
+
+ISSUER = "https://login.example/realms/agents"
+
+
+class Issuer:
+    """A fake identity provider on loopback: a JWKS endpoint that counts its fetches."""
+
+    def __init__(self) -> None:
+        self.keys = {"k1": rsa.generate_private_key(public_exponent=65537, key_size=2048)}
+        self.fetches = 0
+
+    def jwks(self) -> dict[str, Any]:
+        entries = []
+        for kid, key in self.keys.items():
+            jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+            entries.append({**jwk, "kid": kid, "alg": "RS256", "use": "sig"})
+        return {"keys": entries}
+
+    def token(self, kid: str = "k1", **changes: Any) -> str:
+        now = int(time.time())
+        claims = {
+            "iss": ISSUER,
+            "aud": "test-agent",
+            "sub": "user@example",
+            "roles": ["analyst"],
+            "iat": now,
+            "nbf": now,
+            "exp": now + 300,
+            "jti": f"j{now}",
+        }
+        claims.update(changes)
+        return jwt.encode(claims, self.keys[kid], algorithm="RS256", headers={"kid": kid})
+
+    async def handle(self, _: web.Request) -> web.Response:
+        self.fetches += 1
+        return web.json_response(self.jwks())
+
+
+async def test_oidc_tokens_work_end_to_end(aiohttp_client: Any, tmp_path: Path) -> None:
+    issuer = Issuer()
+    idp = web.Application()
+    idp.router.add_get("/certs", issuer.handle)
+    server = TestServer(idp)
+    await server.start_server()
+    try:
+        config_file = make_layout(
+            tmp_path / "agent",
+            auth={
+                "mode": "oidc",
+                "issuer": ISSUER,
+                "audience": "test-agent",
+                "jwksUri": str(server.make_url("/certs")),
+            },
+        )
+        client = await aiohttp_client(create_app(Settings.load(str(config_file))))
+        ok = await client.post("/v1/operations/ping", json={}, headers={"Authorization": f"Bearer {issuer.token()}"})
+        assert ok.status == 200, await ok.text()
+        assert (await ok.json())["actor"] == "user@example"
+        forged = await client.post(
+            "/v1/operations/ping",
+            json={},
+            headers={"Authorization": f"Bearer {issuer.token(iss='https://evil.example')}"},
+        )
+        assert forged.status == 401
+        login = await client.post("/v1/auth/login", json={"username": "a", "password": "b"})
+        assert (login.status, (await login.json())["code"]) == (404, "login_disabled")
+    finally:
+        await server.close()
+
+
+async def test_jwks_is_cached_and_unknown_kids_cannot_hammer_the_issuer() -> None:
+    issuer = Issuer()
+    clock = [1000.0]
+
+    async def fetch(_: str) -> dict[str, Any]:
+        issuer.fetches += 1
+        return issuer.jwks()
+
+    tokens = OidcTokens(
+        AuthConfig(mode="oidc", issuer=ISSUER, audience="test-agent", jwksUri="https://login.example/certs"),
+        fetch,
+        clock=lambda: clock[0],
+        min_refresh_seconds=30,
+    )
+    for _ in range(5):
+        assert (await tokens.verify(issuer.token())).subject == "user@example"
+    assert issuer.fetches == 1  # cached
+
+    bogus = jwt.encode({"sub": "x"}, issuer.keys["k1"], algorithm="RS256", headers={"kid": "attacker-kid"})
+    for _ in range(50):
+        with pytest.raises(TokenError, match="unknown key id"):
+            await tokens.verify(bogus)
+    assert issuer.fetches == 1  # an unknown kid does not trigger a refetch within 30 s
+
+    issuer.keys["k2"] = rsa.generate_private_key(public_exponent=65537, key_size=2048)  # the issuer rotates
+    clock[0] += 31
+    assert (await tokens.verify(issuer.token("k2"))).subject == "user@example"
+    assert issuer.fetches == 2  # one refresh picked up the new key
+    clock[0] += 301
+    await tokens.verify(issuer.token("k2"))
+    assert issuer.fetches == 3  # and the cache expires
+
+
+async def test_oidc_refuses_hmac_and_none() -> None:
+    issuer = Issuer()
+
+    async def fetch(_: str) -> dict[str, Any]:
+        return issuer.jwks()
+
+    tokens = OidcTokens(
+        AuthConfig(mode="oidc", issuer=ISSUER, audience="test-agent", jwksUri="https://login.example/certs"), fetch
+    )
+    now = int(time.time())
+    claims = {"iss": ISSUER, "aud": "test-agent", "sub": "x", "iat": now, "nbf": now, "exp": now + 60, "jti": "j"}
+    for algorithm in ("HS256", "none"):
+        token = jwt.encode(
+            claims, "secret" if algorithm == "HS256" else None, algorithm=algorithm, headers={"kid": "k1"}
+        )
+        try:
+            await tokens.verify(token)
+        except TokenError as error:
+            assert error.reason == "algorithm not allowed for this key"
+        else:
+            raise AssertionError(f"{algorithm} accepted")
