@@ -136,7 +136,7 @@ async def test_oidc_refuses_hmac_and_none() -> None:
     hmac_token = jwt.encode(
         claims, "a-shared-secret-the-issuer-never-had-0123456789", algorithm="HS256", headers={"kid": "k1"}
     )
-    unsigned = jwt.encode(claims, None, algorithm="none", headers={"kid": "k1"})
+    unsigned = jwt.encode(claims, None, algorithm="none", headers={"kid": "k1"})  # type: ignore[arg-type]
     for token in (hmac_token, unsigned):
         with pytest.raises(TokenError, match="algorithm not allowed for this key"):
             await tokens.verify(token)
