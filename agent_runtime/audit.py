@@ -199,10 +199,10 @@ class AuditLog:
         self._seq += 1
         record["seq"] = self._seq
         record["prev"] = self._head
-        record["hash"] = chain_hash(record)
-        self._head = record["hash"]
+        body = canonical(record)  # serialised once: hashed, then written with the hash appended
+        record["hash"] = self._head = hashlib.sha256(body).hexdigest()
         self.recent.append(record)
-        return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n"
+        return f'{body[:-1].decode()},"hash":"{record["hash"]}"}}\n'
 
     def _checkpoint(self) -> str:
         details: dict[str, Any] = {"upto": self._seq, "head": self._head}

@@ -26,6 +26,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (SettingsError, KeyError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    if not args.no_uvloop:
+        import uvloop
+
+        uvloop.install()  # a faster event loop; aiohttp runs on it unchanged
     web.run_app(
         app,
         host=settings.host,
@@ -130,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="config file (default: $AGENT_CONFIG or /etc/agent/config.yaml)")
     serve.add_argument("--port", type=int, default=None, help="port (default: $AGENT_PORT or 8080)")
     serve.add_argument("--host", default=None, help="address (default: $AGENT_HOST or 0.0.0.0)")
+    serve.add_argument("--no-uvloop", action="store_true", help="run on the standard asyncio event loop")
     serve.set_defaults(func=cmd_serve)
 
     init = commands.add_parser("init", help="write a complete local configuration into DIR")

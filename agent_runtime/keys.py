@@ -9,6 +9,7 @@ URL-safe base64, as Fernet and AES-GCM use) and ``active.json`` naming the activ
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import secrets
 import time
@@ -66,7 +67,7 @@ class SigningKey:
     algorithm: SigningAlgorithm
     private: Any  # Ed25519PrivateKey | RSAPrivateKey | bytes (HS256 secret)
 
-    @property
+    @functools.cached_property
     def verifier(self) -> Any:
         """What verifies this key's signatures: the public key, or the secret for HS256."""
         return self.private if isinstance(self.private, bytes) else self.private.public_key()

@@ -144,6 +144,35 @@ class OidcTokens:
         return _claims(payload, expected_type, self.config.roles_claim)
 
 
+class VerifiedCache:
+    """Claims of tokens that already passed verification, so a client reusing its token costs a
+    dictionary lookup instead of a signature check. Entries live at most ``max_age_seconds`` and
+    never past the token's expiry; revocation is checked on every request regardless."""
+
+    def __init__(
+        self, max_entries: int = 10_000, max_age_seconds: float = 60.0, clock: Callable[[], float] = _now
+    ) -> None:
+        self.max_entries = max_entries
+        self.max_age_seconds = max_age_seconds
+        self.clock = clock
+        self._entries: dict[tuple[str, str], tuple[Claims, float]] = {}
+
+    def get(self, token: str, token_type: str) -> Claims | None:
+        entry = self._entries.get((token, token_type))
+        if entry is None:
+            return None
+        claims, until = entry
+        if self.clock() > until:
+            del self._entries[(token, token_type)]
+            return None
+        return claims
+
+    def put(self, token: str, token_type: str, claims: Claims) -> None:
+        if len(self._entries) >= self.max_entries:
+            self._entries.pop(next(iter(self._entries)))  # the oldest insertion
+        self._entries[(token, token_type)] = (claims, min(claims.expires_at, self.clock() + self.max_age_seconds))
+
+
 def _header(token: str) -> dict[str, Any]:
     if not isinstance(token, str) or token.count(".") != 2 or len(token) > 8192:
         raise TokenError("malformed token")
