@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CRD := crds/enterpriseagents.agents.enterprise.io.yaml
 
-.PHONY: help venv test lint typecheck pytest crds run cluster-up cluster-down cluster-status bench e2e-kind clean
+.PHONY: help venv test lint typecheck pytest crds run cluster-up cluster-down cluster-status bench bench-runtime e2e-kind clean
 
 help:
 	@echo "make run    - operator against the current cluster, else the local control plane, with an example agent"
@@ -53,6 +53,12 @@ cluster-status: venv
 
 bench: venv
 	$(BIN)/python -m bench.operator --agents 100 1000
+
+# wrk comes from Debian's packages; FastAPI and uvicorn only from the bench extra.
+bench-runtime: venv
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(BIN)/python -m bench.runtime
 
 # For users with Docker and kind: the same cluster tests against a kind cluster.
 # Not run on this project's machines (no Docker engine there). Pods on kind are real, so the
