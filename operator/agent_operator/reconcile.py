@@ -187,45 +187,27 @@ def _status(
 ) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
     generation = observed.generation
     old_conditions = list(observed.status.get("conditions") or [])
-    conditions = old_conditions
     progressing = not ready and not stalled and not degraded
-    conditions = cond.set_condition(conditions, cond.READY, ready, reason, message, generation, now)
-    conditions = cond.set_condition(
-        conditions,
-        cond.RECONCILING,
-        progressing,
-        reason if progressing else Reason.RECONCILED,
-        message if progressing else "",
-        generation,
-        now,
+    # (type, whether it holds, the reason when it does not); Ready always explains itself.
+    flags = (
+        (cond.READY, ready, None),
+        (cond.RECONCILING, progressing, Reason.RECONCILED),
+        (cond.STALLED, stalled, Reason.AS_EXPECTED),
+        (cond.PROGRESSING, progressing, Reason.AS_EXPECTED),
+        (cond.DEGRADED, degraded, Reason.AS_EXPECTED),
     )
-    conditions = cond.set_condition(
-        conditions,
-        cond.STALLED,
-        stalled,
-        reason if stalled else Reason.AS_EXPECTED,
-        message if stalled else "",
-        generation,
-        now,
-    )
-    conditions = cond.set_condition(
-        conditions,
-        cond.PROGRESSING,
-        progressing,
-        reason if progressing else Reason.AS_EXPECTED,
-        message if progressing else "",
-        generation,
-        now,
-    )
-    conditions = cond.set_condition(
-        conditions,
-        cond.DEGRADED,
-        degraded,
-        reason if degraded else Reason.AS_EXPECTED,
-        message if degraded else "",
-        generation,
-        now,
-    )
+    conditions = old_conditions
+    for type_, holds, idle_reason in flags:
+        explained = holds or idle_reason is None
+        conditions = cond.set_condition(
+            conditions,
+            type_,
+            holds,
+            reason if explained else str(idle_reason),
+            message if explained else "",
+            generation,
+            now,
+        )
     phase = (
         Phase.STALLED
         if stalled
