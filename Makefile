@@ -16,7 +16,7 @@ help:
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check pip==25.3
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -54,10 +54,10 @@ cluster-status: venv
 bench: venv
 	$(BIN)/python -m bench.operator --agents 100 1000
 
-# wrk comes from Debian's packages; FastAPI and uvicorn only from the bench extra.
+# wrk comes from Debian's packages; FastAPI and uvicorn from the bench extra (installed with the venv,
+# so mypy checks the bench servers too).
 bench-runtime: venv
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	$(BIN)/python -m bench.runtime
 
 # For users with Docker and kind: the same cluster tests against a kind cluster.
