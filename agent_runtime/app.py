@@ -6,6 +6,7 @@ under typed ``web.AppKey``s (no module globals), so tests build as many apps as 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import re
@@ -16,12 +17,15 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from agent_runtime.audit import AuditLog
 from agent_runtime.config import AuthMode, Permission, RuntimeConfig, SecurityLevel
 from agent_runtime.crypto import FieldEncryptor
 from agent_runtime.keys import KeyRing
+from agent_runtime.metrics import RuntimeMetrics
 from agent_runtime.operations import Operation, Registry
+from agent_runtime.resilience import Bulkhead, CircuitBreaker, CircuitOpenError, CircuitState, OverloadedError
 from agent_runtime.security.rbac import Authorizer, Principal
 from agent_runtime.security.revocation import RevocationList
 from agent_runtime.security.throttle import LoginThrottle
@@ -53,6 +57,10 @@ REGISTRY = web.AppKey("registry", Registry)
 ENCRYPTOR = web.AppKey("encryptor", FieldEncryptor)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 VERIFIED = web.AppKey("verified", VerifiedCache)
+METRICS = web.AppKey("metrics", RuntimeMetrics)
+BULKHEADS = web.AppKey("bulkheads", dict[str, Bulkhead])
+BREAKERS = web.AppKey("breakers", dict[str, CircuitBreaker])
+READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 REQUEST_ID = web.RequestKey("request_id", str)
 TRACE_ID = web.RequestKey("trace_id", str)
 PRINCIPAL = web.RequestKey("principal", Principal)
@@ -85,6 +93,19 @@ def client_ip(request: web.Request) -> str:
 
 
 # --- middlewares --------------------------------------------------------------------------------------
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request count and duration by route template (never the raw path: no ids in labels)."""
+    started = time.perf_counter()
+    response = await handler(request)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    metrics = request.app[METRICS]
+    metrics.requests.labels(route, request.method, str(response.status)).inc()
+    metrics.request_duration.labels(route, request.method).observe(time.perf_counter() - started)
+    return response
 
 
 @web.middleware
@@ -122,6 +143,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
     try:
         claims = await _verify(request.app, token.strip(), ACCESS_TYPE)
     except TokenError as error:
+        request.app[METRICS].auth_failures.labels(error.reason).inc()
         await _audit(request, type="authn", action="verify_token", result="failure", details={"reason": error.reason})
         raise ApiError(
             401,
@@ -193,17 +215,15 @@ async def healthz(_: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    app = request.app
-    checks: dict[str, dict[str, Any]] = {
-        "config": {"ok": True, "agent": app[CONFIG].agent_name},
-        "keys": {"ok": bool(app[KEYS].signing), "signing": app[KEYS].active_signing},
-        "audit": {"ok": app[AUDIT].healthy},
-        "operations": {"ok": True, "unavailable": app[REGISTRY].missing},
-    }
-    ready = all(check["ok"] for check in checks.values())
+    report = await request.app[READINESS].report()
+    ready = all(check["ok"] for check in report.values())
     return web.json_response(
-        {"status": "ready" if ready else "not ready", "checks": checks}, status=200 if ready else 503
+        {"status": "ready" if ready else "not ready", "checks": report}, status=200 if ready else 503
     )
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 async def login(request: web.Request) -> web.Response:
@@ -216,6 +236,7 @@ async def login(request: web.Request) -> web.Response:
     address = client_ip(request)
     wait = app[THROTTLE].retry_after(username, address)
     if wait > 0:
+        app[METRICS].auth_failures.labels("throttled").inc()
         await _audit(
             request,
             type="authn",
@@ -229,6 +250,7 @@ async def login(request: web.Request) -> web.Response:
         )
     user = await app[USERS].authenticate(username, password) if USERNAME.match(username) else None
     if user is None:
+        app[METRICS].auth_failures.labels("invalid credentials").inc()
         app[THROTTLE].failed(username, address)
         await _audit(request, type="authn", action="login", actor=username, result="failure")
         raise ApiError(401, "invalid_credentials", "the user name or password is wrong")
@@ -317,13 +339,35 @@ async def run_operation(request: web.Request) -> web.Response:
     if not isinstance(payload, dict):
         raise ApiError(400, "invalid_field", "input: a JSON object is required")
     started = time.perf_counter()
+    metrics = request.app[METRICS]
+    timeout = request.app[CONFIG].resilience.operation_timeout_seconds
     try:
-        result = await operation.handler(payload)
+        async with asyncio.timeout(timeout):
+            result = await request.app[BULKHEADS][name].run(lambda: operation.handler(payload))
     except ApiError:
         raise
+    except OverloadedError:
+        metrics.shed.labels(name).inc()
+        metrics.operations.labels(name, "shed").inc()
+        await _audit(request, type="operation", action=name, result="shed")
+        raise ApiError(
+            503, "overloaded", f"operation {name!r} is at capacity; retry shortly", {"Retry-After": "1"}
+        ) from None
+    except TimeoutError:
+        metrics.operations.labels(name, "timeout").inc()
+        await _audit(request, type="operation", action=name, result="timeout", details={"seconds": timeout})
+        raise ApiError(504, "operation_timeout", f"operation {name!r} took longer than {timeout:g}s") from None
+    except CircuitOpenError as error:
+        metrics.operations.labels(name, "unavailable").inc()
+        await _audit(request, type="operation", action=name, result="unavailable", details={"reason": str(error)})
+        raise ApiError(
+            503, "dependency_unavailable", str(error), {"Retry-After": str(int(error.retry_after) + 1)}
+        ) from None
     except Exception as error:
+        metrics.operations.labels(name, "error").inc()
         await _audit(request, type="operation", action=name, result="failure", details={"error": type(error).__name__})
         raise ApiError(500, "operation_failed", f"operation {name!r} failed") from None
+    metrics.operations.labels(name, "success").inc()
     details = {
         "authorization": "allowed",
         "level": operation.level.value,
@@ -344,6 +388,83 @@ async def run_operation(request: web.Request) -> web.Response:
 # --- the application ----------------------------------------------------------------------------------
 
 
+def _bulkhead(metrics: RuntimeMetrics, name: str, config: RuntimeConfig) -> Bulkhead:
+    limits = config.resilience
+    metrics.bulkhead_capacity.labels(name).set(limits.max_concurrent_per_operation)
+
+    def report(in_use: int, waiting: int) -> None:
+        metrics.bulkhead_in_use.labels(name).set(in_use)
+        metrics.bulkhead_queued.labels(name).set(waiting)
+
+    return Bulkhead(limits.max_concurrent_per_operation, limits.max_queued_per_operation, report)
+
+
+def breaker(app: web.Application, dependency: str) -> CircuitBreaker:
+    """The circuit breaker of a dependency (a model endpoint, a tool), made on first use."""
+    breakers = app[BREAKERS]
+    if dependency not in breakers:
+        metrics = app[METRICS]
+        metrics.circuit_state.labels(dependency).set(0)
+        breakers[dependency] = CircuitBreaker(
+            dependency,
+            app[CONFIG].resilience.circuit_breaker,
+            on_change=lambda name, state: metrics.circuit_state.labels(name).set(int(state)),
+        )
+    return breakers[dependency]
+
+
+def _saturated(app: web.Application) -> list[str]:
+    return [name for name, bulkhead in app[BULKHEADS].items() if bulkhead.in_use >= bulkhead.limit]
+
+
+async def _ok(detail: dict[str, Any]) -> dict[str, Any]:
+    return {"ok": True, **detail}
+
+
+async def _fail(detail: dict[str, Any]) -> dict[str, Any]:
+    return {"ok": False, **detail}
+
+
+async def _dependencies(app: web.Application) -> dict[str, Any]:
+    """Open circuits make the pod unready, so traffic goes to replicas whose dependencies answer."""
+    states = {name: CircuitState(b.state).name.lower().replace("_", "-") for name, b in app[BREAKERS].items()}
+    return {"ok": all(state != "open" for state in states.values()), "circuits": states}
+
+
+class Readiness:
+    """Named checks, each run with a timeout; the report is cached briefly so probes and scrapes
+    cannot turn readiness into load."""
+
+    def __init__(
+        self,
+        checks: dict[str, Callable[[], Awaitable[dict[str, Any]]]],
+        timeout: float = 2.0,
+        cache_seconds: float = 1.0,
+    ) -> None:
+        self.checks = checks
+        self.timeout = timeout
+        self.cache_seconds = cache_seconds
+        self._cached: tuple[float, dict[str, dict[str, Any]]] | None = None
+
+    async def _run(self, check: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await check()
+        except TimeoutError:
+            return {"ok": False, "reason": f"no answer within {self.timeout:g}s"}
+        except Exception as error:
+            return {"ok": False, "reason": type(error).__name__}
+
+    async def report(self) -> dict[str, dict[str, Any]]:
+        now = time.monotonic()
+        if self._cached is not None and now - self._cached[0] < self.cache_seconds:
+            return self._cached[1]
+        results = await asyncio.gather(*(self._run(check) for check in self.checks.values()))
+        report = dict(zip(self.checks, results, strict=True))
+        self._cached = (now, report)
+        return report
+
+
 async def _fetch_jwks(app: web.Application, url: str) -> dict[str, Any]:
     async with app[HTTP].get(url, timeout=aiohttp.ClientTimeout(total=10)) as response:
         response.raise_for_status()
@@ -354,7 +475,9 @@ async def _fetch_jwks(app: web.Application, url: str) -> dict[str, Any]:
 def create_app(settings: Settings, operations: dict[str, Operation] | None = None) -> web.Application:
     """``operations``: the catalogue to enable from (default: the built-ins)."""
     config = settings.config
-    app = web.Application(middlewares=[request_context, authenticate], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[observe, request_context, authenticate], client_max_size=MAX_BODY_BYTES)
+    metrics = RuntimeMetrics()
+    app[METRICS] = metrics
     keys = KeyRing.load(config.auth.keys_dir)
     app[SETTINGS] = settings
     app[CONFIG] = config
@@ -370,9 +493,21 @@ def create_app(settings: Settings, operations: dict[str, Operation] | None = Non
         to_stdout=config.audit.stdout,
         checkpoint_every=config.audit.checkpoint_every,
         checkpoint_seconds=config.audit.checkpoint_seconds,
+        on_write=metrics.observe_audit_batch,
     )
     app[AUTHORIZER] = Authorizer(config)
     app[REGISTRY] = Registry(config.operations, operations)
+    app[BULKHEADS] = {name: _bulkhead(metrics, name, config) for name in app[REGISTRY].operations}
+    app[BREAKERS] = {}
+    app[READINESS] = Readiness(
+        {
+            "config": lambda: _ok({"agent": config.agent_name}),
+            "keys": lambda: _ok({"signing": keys.active_signing}) if keys.signing else _fail({}),
+            "audit": lambda: _ok({}) if app[AUDIT].healthy else _fail({"reason": "the last audit write failed"}),
+            "operations": lambda: _ok({"unavailable": app[REGISTRY].missing, "saturated": _saturated(app)}),
+            "dependencies": lambda: _dependencies(app),
+        }
+    )
     app[ENCRYPTOR] = FieldEncryptor(keys)
     if config.auth.mode is AuthMode.OIDC:
         app[OIDC_TOKENS] = OidcTokens(config.auth, lambda url: _fetch_jwks(app, url))
@@ -389,6 +524,7 @@ def create_app(settings: Settings, operations: dict[str, Operation] | None = Non
     app.cleanup_ctx.append(resources)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_view)
     app.router.add_post("/v1/auth/login", login)
     app.router.add_post("/v1/auth/refresh", refresh)
     app.router.add_post("/v1/auth/logout", logout)

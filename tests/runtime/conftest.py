@@ -35,7 +35,9 @@ MATRIX_OPERATIONS = {
 }
 
 
-def make_layout(directory: Path, algorithm: str = "EdDSA", **config_changes: Any) -> Path:
+def make_layout(
+    directory: Path, algorithm: str = "EdDSA", extra_names: list[str] | None = None, **config_changes: Any
+) -> Path:
     assert runtime_cli(["init", str(directory), "--name", "test-agent", "--algorithm", algorithm]) == 0
     users = directory / "users"
     users.write_text(
@@ -43,7 +45,7 @@ def make_layout(directory: Path, algorithm: str = "EdDSA", **config_changes: Any
     )
     config_file = directory / "config.yaml"
     data = RuntimeConfig.from_yaml(config_file.read_text()).model_dump(by_alias=True, mode="json", exclude_none=True)
-    data["operations"] = ["ping", *MATRIX_OPERATIONS]
+    data["operations"] = ["ping", *MATRIX_OPERATIONS, *(extra_names or [])]
     data["audit"] = {"stdout": False}
     for key, value in config_changes.items():  # sections are merged, not replaced
         data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
@@ -62,12 +64,15 @@ def runtime_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def make_client(aiohttp_client: Any, tmp_path: Path) -> AppFactory:
-    async def factory(algorithm: str = "EdDSA", **config_changes: Any) -> TestClient[web.Request, web.Application]:
+    async def factory(
+        algorithm: str = "EdDSA", extra_operations: dict[str, Operation] | None = None, **config_changes: Any
+    ) -> TestClient[web.Request, web.Application]:
         directory = tmp_path / f"agent-{algorithm}-{len(list(tmp_path.iterdir()))}"
-        config_file = make_layout(directory, algorithm, **config_changes)
-        settings = Settings.load(str(config_file))
+        extra = extra_operations or {}
+        config_file = make_layout(directory, algorithm, extra_names=list(extra), **config_changes)
+        catalogue = {**BUILTINS, **MATRIX_OPERATIONS, **extra}
         client: TestClient[web.Request, web.Application] = await aiohttp_client(
-            create_app(settings, {**BUILTINS, **MATRIX_OPERATIONS})
+            create_app(Settings.load(str(config_file)), catalogue)
         )
         return client
 

@@ -1,0 +1,102 @@
+"""Health, readiness, metrics, load shedding and timeouts, seen over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from agent_runtime.app import BULKHEADS, breaker
+from agent_runtime.config import Permission, SecurityLevel
+from agent_runtime.operations import Operation
+from tests.runtime.conftest import AppFactory, login
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def test_metrics_count_requests_by_route_template_operations_and_failures(make_client: AppFactory) -> None:
+    client = await make_client()
+    token = (await login(client, "ada"))["access_token"]
+    for _ in range(3):
+        assert (
+            await client.post("/v1/operations/ping", json={}, headers={"Authorization": f"Bearer {token}"})
+        ).status == 200
+    assert (await client.post("/v1/operations/ping", json={}, headers={"Authorization": "Bearer nope"})).status == 401
+    response = await client.get("/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/plain")
+    found = samples(await response.text())
+    route = (("method", "POST"), ("route", "/v1/operations/{name}"), ("status", "200"))
+    assert found[("agent_http_requests_total", route)] == 3
+    assert (
+        found[
+            ("agent_http_requests_total", (("method", "POST"), ("route", "/v1/operations/{name}"), ("status", "401")))
+        ]
+        == 1
+    )
+    assert found[("agent_operations_total", (("operation", "ping"), ("result", "success")))] == 3
+    assert found[("agent_auth_failures_total", (("reason", "malformed token"),))] == 1
+    assert found[("agent_audit_records_total", ())] >= 5
+    assert found[("agent_audit_write_seconds_count", ())] >= 1
+    assert found[("agent_bulkhead_capacity", (("operation", "ping"),))] == 16
+    assert ("process_cpu_seconds_total", ()) in found
+    assert not any("ada" in str(labels) for _, labels in found)  # no user ids in labels
+
+
+async def test_health_and_readiness(make_client: AppFactory) -> None:
+    client = await make_client()
+    assert await (await client.get("/healthz")).json() == {"status": "ok"}
+    ready = await client.get("/readyz")
+    body = await ready.json()
+    assert ready.status == 200
+    assert set(body["checks"]) == {"config", "keys", "audit", "operations", "dependencies"}
+    assert all(check["ok"] for check in body["checks"].values())
+
+    model = breaker(client.app, "model-endpoint")
+    for _ in range(10):
+        model.allow()
+        model.record(False)
+    await asyncio.sleep(1.1)  # past the readiness cache, which exists so probes cannot become load
+    unready = await client.get("/readyz")
+    assert unready.status == 503
+    assert (await unready.json())["checks"]["dependencies"] == {"ok": False, "circuits": {"model-endpoint": "open"}}
+    found = samples(await (await client.get("/metrics")).text())
+    assert found[("agent_circuit_breaker_state", (("dependency", "model-endpoint"),))] == 1
+
+
+async def test_full_queue_sheds_with_503_and_slow_operations_time_out(make_client: AppFactory) -> None:
+    release = asyncio.Event()
+
+    async def slow(payload: dict[str, Any]) -> dict[str, Any]:
+        await release.wait()
+        return {"done": True}
+
+    slow_op = Operation("slow", Permission.EXECUTE, SecurityLevel.PUBLIC, slow, "waits for the test")
+    client = await make_client(
+        extra_operations={"slow": slow_op},
+        resilience={"maxConcurrentPerOperation": 1, "maxQueuedPerOperation": 0, "operationTimeoutSeconds": 0.5},
+    )
+    token = (await login(client, "ada"))["access_token"]
+    headers = {"Authorization": f"Bearer {token}"}
+    first = asyncio.create_task(client.post("/v1/operations/slow", json={}, headers=headers))
+    while _in_use(client) < 1:
+        await asyncio.sleep(0.01)
+    shed = await client.post("/v1/operations/slow", json={}, headers=headers)
+    assert shed.status == 503
+    assert shed.headers["Retry-After"] == "1"
+    assert (await shed.json())["code"] == "overloaded"
+    timed_out = await first
+    assert timed_out.status == 504
+    assert (await timed_out.json())["code"] == "operation_timeout"
+    release.set()
+
+
+def _in_use(client: Any) -> int:
+    return int(client.app[BULKHEADS]["slow"].in_use)

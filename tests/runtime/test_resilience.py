@@ -1,0 +1,169 @@
+"""Circuit breaker transitions with an injected clock; retries; the bulkhead and load shedding."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from agent_runtime.config import CircuitBreakerConfig, RetryConfig
+from agent_runtime.resilience import (
+    Bulkhead,
+    CircuitBreaker,
+    CircuitOpenError,
+    CircuitState,
+    OverloadedError,
+    backoff_delays,
+    retry,
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _breaker(clock: Clock, changes: list[CircuitState] | None = None) -> CircuitBreaker:
+    config = CircuitBreakerConfig(failure_ratio=0.5, minimum_throughput=4, window_seconds=10, open_seconds=30)
+
+    def record(_: str, state: CircuitState) -> None:
+        if changes is not None:
+            changes.append(state)
+
+    return CircuitBreaker("model", config, clock=clock, on_change=record)
+
+
+def state(breaker: CircuitBreaker) -> CircuitState:
+    """The state, read through a call (so the type checker does not pin it between steps)."""
+    return breaker.state
+
+
+def test_stays_closed_below_minimum_throughput() -> None:
+    breaker = _breaker(Clock())
+    for _ in range(3):
+        breaker.allow()
+        breaker.record(False)
+    assert state(breaker) is CircuitState.CLOSED
+
+
+def test_opens_at_the_failure_ratio_and_rejects_until_open_seconds_pass() -> None:
+    clock = Clock()
+    changes: list[CircuitState] = []
+    breaker = _breaker(clock, changes)
+    for success in (True, False, True, False):  # 2 of 4 failed: ratio 0.5
+        breaker.allow()
+        breaker.record(success)
+    assert state(breaker) is CircuitState.OPEN
+    clock.now += 29
+    with pytest.raises(CircuitOpenError) as rejected:
+        breaker.allow()
+    assert rejected.value.retry_after == pytest.approx(1)
+    clock.now += 1
+    breaker.allow()  # the one trial call
+    assert state(breaker) is CircuitState.HALF_OPEN
+    with pytest.raises(CircuitOpenError):
+        breaker.allow()  # no second trial while the first runs
+    breaker.record(True)
+    assert state(breaker) is CircuitState.CLOSED
+    assert changes == [CircuitState.OPEN, CircuitState.HALF_OPEN, CircuitState.CLOSED]
+
+
+def test_a_failed_trial_opens_again() -> None:
+    clock = Clock()
+    breaker = _breaker(clock)
+    for _ in range(4):
+        breaker.allow()
+        breaker.record(False)
+    clock.now += 30
+    breaker.allow()
+    breaker.record(False)
+    assert state(breaker) is CircuitState.OPEN
+    with pytest.raises(CircuitOpenError):
+        breaker.allow()
+
+
+def test_old_outcomes_leave_the_window() -> None:
+    clock = Clock()
+    breaker = _breaker(clock)
+    for _ in range(3):
+        breaker.allow()
+        breaker.record(False)
+    clock.now += 11  # those failures are now outside the 10 s window
+    for _ in range(3):
+        breaker.allow()
+        breaker.record(True)
+    breaker.allow()
+    breaker.record(False)
+    assert state(breaker) is CircuitState.CLOSED  # 1 failure in 4 recent calls
+
+
+async def test_call_wraps_an_async_function() -> None:
+    breaker = _breaker(Clock())
+
+    async def boom() -> int:
+        raise ValueError("down")
+
+    for _ in range(4):
+        with pytest.raises(ValueError, match="down"):
+            await breaker.call(boom)
+    with pytest.raises(CircuitOpenError):
+        await breaker.call(boom)
+
+
+def test_backoff_is_capped_full_jitter() -> None:
+    config = RetryConfig(max_attempts=8, base_delay_seconds=0.1, max_delay_seconds=1.0)
+    delays = backoff_delays(config, random.Random(7))
+    assert len(delays) == 7
+    for attempt, delay in enumerate(delays):
+        assert 0 <= delay <= min(1.0, 0.1 * 2**attempt)
+
+
+async def test_retry_stops_on_success_and_on_fatal_errors() -> None:
+    attempts: list[int] = []
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    async def flaky() -> str:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise ConnectionError("reset")
+        return "ok"
+
+    config = RetryConfig(max_attempts=5, base_delay_seconds=0.1, max_delay_seconds=1.0)
+    assert await retry(flaky, config, lambda e: isinstance(e, ConnectionError), sleep=sleep) == "ok"
+    assert len(attempts) == 3
+    assert len(slept) == 2
+
+    async def fatal() -> str:
+        raise PermissionError("no")
+
+    with pytest.raises(PermissionError):
+        await retry(fatal, config, lambda e: isinstance(e, ConnectionError), sleep=sleep)
+    assert len(slept) == 2  # no retry of a non-retryable error
+
+
+async def test_bulkhead_limits_concurrency_and_sheds_beyond_its_queue() -> None:
+    bulkhead = Bulkhead(limit=2, queue_limit=1)
+    release = asyncio.Event()
+    peak = 0
+
+    async def work() -> None:
+        nonlocal peak
+        peak = max(peak, bulkhead.in_use)
+        await release.wait()
+
+    tasks = [asyncio.create_task(bulkhead.run(work)) for _ in range(3)]  # 2 run, 1 waits
+    while bulkhead.in_use < 2 or bulkhead.waiting < 1:
+        await asyncio.sleep(0)
+    with pytest.raises(OverloadedError):
+        await bulkhead.run(work)
+    release.set()
+    await asyncio.gather(*tasks)
+    assert peak == 2
+    assert (bulkhead.in_use, bulkhead.waiting) == (0, 0)
