@@ -102,9 +102,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     response = await handler(request)
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
-    metrics = request.app[METRICS]
-    metrics.requests.labels(route, request.method, str(response.status)).inc()
-    metrics.request_duration.labels(route, request.method).observe(time.perf_counter() - started)
+    request.app[METRICS].observe_request(route, request.method, str(response.status), time.perf_counter() - started)
     return response
 
 

@@ -4,6 +4,8 @@ unit suffix, ``_total`` for counters, and labels without user ids or other unbou
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -67,6 +69,18 @@ class RuntimeMetrics:
             ["operation"],
             registry=self.registry,
         )
+
+        # Labelled children looked up once: .labels() takes a lock and builds a key on every call.
+        self._request_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+    def observe_request(self, route: str, method: str, status: str, seconds: float) -> None:
+        key = (route, method, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(route, method, status), self.request_duration.labels(route, method))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_audit_batch(self, seconds: float, records: int) -> None:
         self.audit_write.observe(seconds)
