@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import re
 import secrets
@@ -17,6 +18,8 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from agent_runtime.audit import AuditLog
@@ -40,8 +43,10 @@ from agent_runtime.security.tokens import (
 )
 from agent_runtime.security.users import MAX_PASSWORD_BYTES, USERNAME, UserStore
 from agent_runtime.settings import Settings
+from agent_runtime.tracing import PROPAGATOR, make_tracer_provider, trace_id_of
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+log = logging.getLogger("agent_runtime")
 
 SETTINGS = web.AppKey("settings", Settings)
 CONFIG = web.AppKey("config", RuntimeConfig)
@@ -58,6 +63,8 @@ ENCRYPTOR = web.AppKey("encryptor", FieldEncryptor)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 VERIFIED = web.AppKey("verified", VerifiedCache)
 METRICS = web.AppKey("metrics", RuntimeMetrics)
+TRACER_PROVIDER = web.AppKey("tracer_provider", TracerProvider)
+TRACER = web.AppKey("tracer", trace.Tracer)
 BULKHEADS = web.AppKey("bulkheads", dict[str, Bulkhead])
 BREAKERS = web.AppKey("breakers", dict[str, CircuitBreaker])
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
@@ -67,11 +74,10 @@ PRINCIPAL = web.RequestKey("principal", Principal)
 
 # Paths anyone may call; everything else needs a bearer token.
 PUBLIC_PATHS = {"/healthz", "/readyz", "/metrics", "/openapi.json", "/v1/auth/login", "/v1/auth/refresh"}
-TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
 MAX_BODY_BYTES = 1024 * 1024
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")
-# Request and trace ids must be unique, not secret (W3C trace ids ask for randomness, not
-# unpredictability): a seeded PRNG saves an os.urandom system call per id on the hot path.
+# Request ids must be unique, not secret: a seeded PRNG saves an os.urandom system call per
+# request on the hot path.
 _ids = random.Random(secrets.randbits(128))  # noqa: S311
 
 
@@ -107,12 +113,37 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 @web.middleware
+async def traced(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A server span per request, continuing the caller's W3C trace; its trace id is returned
+    in X-Trace-ID and written into the audit record."""
+    context = PROPAGATOR.extract(carrier=request.headers)
+    tracer = request.app[TRACER]
+    with tracer.start_as_current_span(
+        f"{request.method} {request.path}", context=context, kind=trace.SpanKind.SERVER, record_exception=False
+    ) as span:
+        request[TRACE_ID] = trace_id_of(span)
+        response = await handler(request)
+        if span.is_recording():
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else None
+            if route:
+                span.update_name(f"{request.method} {route}")
+                span.set_attribute("http.route", route)
+            span.set_attribute("http.request.method", request.method)
+            span.set_attribute("url.path", request.path)
+            span.set_attribute("url.scheme", request.scheme)
+            span.set_attribute("client.address", client_ip(request))
+            span.set_attribute("http.response.status_code", response.status)
+            if response.status >= 500:
+                span.set_status(trace.StatusCode.ERROR)
+        return response
+
+
+@web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """A request id and trace id on every request and answer; every error as JSON."""
     incoming = request.headers.get("X-Request-ID", "")
     request[REQUEST_ID] = incoming if _REQUEST_ID.fullmatch(incoming) else f"{_ids.getrandbits(64):016x}"
-    match = TRACEPARENT.match(request.headers.get("traceparent", ""))
-    request[TRACE_ID] = match.group(1) if match else f"{_ids.getrandbits(128):032x}"
     try:
         response = await handler(request)
     except ApiError as error:
@@ -123,6 +154,9 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             response = error_response(request, ApiError(http_error.status, code, http_error.reason))
         else:
             raise
+    except Exception:  # a bug: answer in JSON with the ids to look it up, never a stack trace
+        log.exception("unhandled error on %s %s (request %s)", request.method, request.path, request[REQUEST_ID])
+        response = error_response(request, ApiError(500, "internal_error", "an internal error occurred"))
     response.headers["X-Request-ID"] = request[REQUEST_ID]
     response.headers["X-Trace-ID"] = request[TRACE_ID]
     return response
@@ -340,8 +374,12 @@ async def run_operation(request: web.Request) -> web.Response:
     metrics = request.app[METRICS]
     timeout = request.app[CONFIG].resilience.operation_timeout_seconds
     try:
-        async with asyncio.timeout(timeout):
-            result = await request.app[BULKHEADS][name].run(lambda: operation.handler(payload))
+        with request.app[TRACER].start_as_current_span(f"execute_tool {name}", kind=trace.SpanKind.INTERNAL) as span:
+            span.set_attribute("gen_ai.operation.name", "execute_tool")
+            span.set_attribute("gen_ai.tool.name", name)
+            span.set_attribute("agent.security_level", operation.level.value)
+            async with asyncio.timeout(timeout):
+                result = await request.app[BULKHEADS][name].run(lambda: operation.handler(payload))
     except ApiError:
         raise
     except OverloadedError:
@@ -470,12 +508,18 @@ async def _fetch_jwks(app: web.Application, url: str) -> dict[str, Any]:
         return document
 
 
-def create_app(settings: Settings, operations: dict[str, Operation] | None = None) -> web.Application:
-    """``operations``: the catalogue to enable from (default: the built-ins)."""
+def create_app(
+    settings: Settings, operations: dict[str, Operation] | None = None, tracer_provider: TracerProvider | None = None
+) -> web.Application:
+    """``operations``: the catalogue to enable from (default: the built-ins); ``tracer_provider``:
+    where spans go (default: made from the config, exporting over OTLP when configured)."""
     config = settings.config
-    app = web.Application(middlewares=[observe, request_context, authenticate], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=[observe, traced, request_context, authenticate], client_max_size=MAX_BODY_BYTES)
     metrics = RuntimeMetrics()
     app[METRICS] = metrics
+    provider = tracer_provider or make_tracer_provider(config.observability, config.namespace)
+    app[TRACER_PROVIDER] = provider
+    app[TRACER] = provider.get_tracer("agent_runtime")
     keys = KeyRing.load(config.auth.keys_dir)
     app[SETTINGS] = settings
     app[CONFIG] = config
@@ -518,6 +562,7 @@ def create_app(settings: Settings, operations: dict[str, Operation] | None = Non
         await app[AUDIT].close()  # the last records and a final checkpoint reach the disk
         app[REVOKED].close()
         await app[HTTP].close()
+        provider.shutdown()  # flushes the spans still batched
 
     app.cleanup_ctx.append(resources)
     app.router.add_get("/healthz", healthz)

@@ -1,0 +1,38 @@
+"""OpenTelemetry tracing for one runtime: its own TracerProvider (no global), W3C trace context
+read from requests, server spans after the HTTP semantic conventions, and operation spans after
+the GenAI ones (``execute_tool``). Spans go to OTLP/HTTP when an endpoint is configured."""
+
+from __future__ import annotations
+
+from opentelemetry import trace
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from agent_runtime.config import ObservabilityConfig
+
+PROPAGATOR = TraceContextTextMapPropagator()
+
+
+def make_tracer_provider(
+    config: ObservabilityConfig, namespace: str, exporter: SpanExporter | None = None
+) -> TracerProvider:
+    """A provider sampling ``traceSampleRatio`` of new traces and following the caller's
+    decision for traces that arrive with a sampled parent."""
+    resource = Resource.create({"service.name": config.service_name, "service.namespace": namespace})
+    provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(config.trace_sample_ratio)))
+    if exporter is None and config.otlp_endpoint:
+        exporter = OTLPSpanExporter(endpoint=f"{config.otlp_endpoint.rstrip('/')}/v1/traces")
+    if exporter is not None:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
+
+
+def trace_id_of(span: trace.Span) -> str:
+    return f"{span.get_span_context().trace_id:032x}"
+
+
+__all__ = ["PROPAGATOR", "make_tracer_provider", "trace_id_of"]

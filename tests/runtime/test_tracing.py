@@ -1,0 +1,67 @@
+"""Tracing: W3C context is continued, spans follow the HTTP and GenAI conventions, and the
+trace id reaches the response and the audit record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from agent_runtime.app import AUDIT, create_app
+from agent_runtime.config import ObservabilityConfig
+from agent_runtime.operations import BUILTINS
+from agent_runtime.settings import Settings
+from agent_runtime.tracing import make_tracer_provider
+from tests.runtime.conftest import login, make_layout
+
+PARENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_SPAN = "00f067aa0ba902b7"
+
+
+async def _client(aiohttp_client: Any, tmp_path: Path, ratio: float) -> tuple[Any, InMemorySpanExporter]:
+    config_file = make_layout(tmp_path / "agent", observability={"traceSampleRatio": ratio})
+    settings = Settings.load(str(config_file))
+    exporter = InMemorySpanExporter()
+    provider = make_tracer_provider(ObservabilityConfig(service_name="test-agent", trace_sample_ratio=ratio), "test")
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return await aiohttp_client(create_app(settings, BUILTINS, tracer_provider=provider)), exporter
+
+
+async def test_incoming_traceparent_is_continued(aiohttp_client: Any, tmp_path: Path) -> None:
+    client, exporter = await _client(aiohttp_client, tmp_path, ratio=0.0)  # the caller's "sampled" flag wins
+    token = (await login(client, "ada"))["access_token"]
+    exporter.clear()
+    response = await client.post(
+        "/v1/operations/ping",
+        json={},
+        headers={"Authorization": f"Bearer {token}", "traceparent": f"00-{PARENT_TRACE}-{PARENT_SPAN}-01"},
+    )
+    assert response.status == 200
+    assert response.headers["X-Trace-ID"] == PARENT_TRACE
+    assert (await response.json())["trace_id"] == PARENT_TRACE
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    server = spans["POST /v1/operations/{name}"]
+    assert f"{server.context.trace_id:032x}" == PARENT_TRACE
+    assert server.parent is not None
+    assert f"{server.parent.span_id:016x}" == PARENT_SPAN
+    assert server.attributes is not None
+    assert server.attributes["http.route"] == "/v1/operations/{name}"
+    assert server.attributes["http.request.method"] == "POST"
+    assert server.attributes["http.response.status_code"] == 200
+    tool = spans["execute_tool ping"]
+    assert tool.attributes is not None
+    assert tool.attributes["gen_ai.operation.name"] == "execute_tool"
+    assert tool.attributes["gen_ai.tool.name"] == "ping"
+    assert tool.parent is not None
+    assert tool.parent.span_id == server.context.span_id
+    record = next(r for r in reversed(client.app[AUDIT].recent) if r["action"] == "ping")
+    assert record["trace_id"] == PARENT_TRACE
+
+
+async def test_sampling_ratio_comes_from_config(aiohttp_client: Any, tmp_path: Path) -> None:
+    client, exporter = await _client(aiohttp_client, tmp_path, ratio=0.0)
+    response = await client.get("/healthz")
+    assert len(response.headers["X-Trace-ID"]) == 32  # a trace id even when not sampled
+    assert exporter.get_finished_spans() == ()
