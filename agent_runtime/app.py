@@ -21,6 +21,7 @@ from aiohttp import web
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
 
 from agent_runtime.audit import AuditLog
 from agent_runtime.config import AuthMode, Permission, RuntimeConfig, SecurityLevel
@@ -370,6 +371,16 @@ async def run_operation(request: web.Request) -> web.Response:
     payload = body.get("input", {})
     if not isinstance(payload, dict):
         raise ApiError(400, "invalid_field", "input: a JSON object is required")
+    argument: Any = payload
+    if operation.input_model is not None:
+        try:
+            argument = operation.input_model.model_validate(payload)
+        except ValidationError as error:
+            problems = "; ".join(
+                f"input.{'.'.join(str(p) for p in item['loc'])}: {item['msg']}".replace("input.: ", "input: ")
+                for item in error.errors()
+            )
+            raise ApiError(422, "invalid_input", problems) from None
     started = time.perf_counter()
     metrics = request.app[METRICS]
     timeout = request.app[CONFIG].resilience.operation_timeout_seconds
@@ -379,7 +390,7 @@ async def run_operation(request: web.Request) -> web.Response:
             span.set_attribute("gen_ai.tool.name", name)
             span.set_attribute("agent.security_level", operation.level.value)
             async with asyncio.timeout(timeout):
-                result = await request.app[BULKHEADS][name].run(lambda: operation.handler(payload))
+                result = await request.app[BULKHEADS][name].run(lambda: operation.handler(argument))
     except ApiError:
         raise
     except OverloadedError:

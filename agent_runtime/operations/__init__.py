@@ -6,9 +6,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agent_runtime.config import Permission, SecurityLevel
+from pydantic import BaseModel
 
-Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+from agent_runtime.config import Permission, SecurityLevel
+from agent_runtime.operations.analyze import AnalyzeInput, analyze_data
+
+# A handler gets its validated input model (or the raw JSON object when it declares none).
+Handler = Callable[[Any], Awaitable[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -18,6 +22,7 @@ class Operation:
     level: SecurityLevel
     handler: Handler
     description: str
+    input_model: type[BaseModel] | None = None  # validated before the handler runs
 
 
 async def _ping(payload: dict[str, Any]) -> dict[str, Any]:
@@ -27,6 +32,14 @@ async def _ping(payload: dict[str, Any]) -> dict[str, Any]:
 BUILTINS: dict[str, Operation] = {
     "ping": Operation(
         "ping", Permission.EXECUTE, SecurityLevel.PUBLIC, _ping, "Answers pong: a no-op for smoke tests."
+    ),
+    "analyze_data": Operation(
+        "analyze_data",
+        Permission.EXECUTE,
+        SecurityLevel.INTERNAL,
+        analyze_data,
+        "Descriptive statistics, quartiles, correlation and outliers of numeric columns.",
+        AnalyzeInput,
     ),
 }
 

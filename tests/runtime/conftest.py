@@ -45,7 +45,7 @@ def make_layout(
     )
     config_file = directory / "config.yaml"
     data = RuntimeConfig.from_yaml(config_file.read_text()).model_dump(by_alias=True, mode="json", exclude_none=True)
-    data["operations"] = ["ping", *MATRIX_OPERATIONS, *(extra_names or [])]
+    data["operations"] = ["ping", "analyze_data", *MATRIX_OPERATIONS, *(extra_names or [])]
     data["audit"] = {"stdout": False}
     for key, value in config_changes.items():  # sections are merged, not replaced
         data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
