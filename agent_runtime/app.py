@@ -28,7 +28,8 @@ from agent_runtime.config import AuthMode, Permission, RuntimeConfig, SecurityLe
 from agent_runtime.crypto import FieldEncryptor
 from agent_runtime.keys import KeyRing
 from agent_runtime.metrics import RuntimeMetrics
-from agent_runtime.operations import Operation, Registry
+from agent_runtime.openapi import build_openapi
+from agent_runtime.operations import InputError, Operation, Registry
 from agent_runtime.resilience import Bulkhead, CircuitBreaker, CircuitOpenError, CircuitState, OverloadedError
 from agent_runtime.security.rbac import Authorizer, Principal
 from agent_runtime.security.revocation import RevocationList
@@ -255,6 +256,10 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
+async def openapi_view(request: web.Request) -> web.Response:
+    return web.json_response(build_openapi(request.app[CONFIG], request.app[REGISTRY]))
+
+
 async def metrics_view(request: web.Request) -> web.Response:
     return web.Response(body=request.app[METRICS].exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -393,6 +398,9 @@ async def run_operation(request: web.Request) -> web.Response:
                 result = await request.app[BULKHEADS][name].run(lambda: operation.handler(argument))
     except ApiError:
         raise
+    except InputError as error:
+        metrics.operations.labels(name, "invalid_input").inc()
+        raise ApiError(422, "invalid_input", f"input: {error}") from None
     except OverloadedError:
         metrics.shed.labels(name).inc()
         metrics.operations.labels(name, "shed").inc()
@@ -579,6 +587,7 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/openapi.json", openapi_view)
     app.router.add_post("/v1/auth/login", login)
     app.router.add_post("/v1/auth/refresh", refresh)
     app.router.add_post("/v1/auth/logout", logout)

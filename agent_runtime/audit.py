@@ -40,7 +40,8 @@ RECENT = 1000
 
 
 def canonical(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    # ASCII only: no raw U+2028, U+0085 or the like that a log pipeline would take for a line break.
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
 def chain_hash(record: dict[str, Any]) -> str:

@@ -2,27 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
-
-from pydantic import BaseModel
 
 from agent_runtime.config import Permission, SecurityLevel
 from agent_runtime.operations.analyze import AnalyzeInput, analyze_data
-
-# A handler gets its validated input model (or the raw JSON object when it declares none).
-Handler = Callable[[Any], Awaitable[dict[str, Any]]]
-
-
-@dataclass(frozen=True)
-class Operation:
-    name: str
-    permission: Permission
-    level: SecurityLevel
-    handler: Handler
-    description: str
-    input_model: type[BaseModel] | None = None  # validated before the handler runs
+from agent_runtime.operations.base import Handler, InputError, Operation
 
 
 async def _ping(payload: dict[str, Any]) -> dict[str, Any]:
@@ -54,3 +38,6 @@ class Registry:
 
     def get(self, name: str) -> Operation | None:
         return self.operations.get(name)
+
+
+__all__ = ["BUILTINS", "Handler", "InputError", "Operation", "Registry"]

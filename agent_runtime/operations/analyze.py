@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from agent_runtime.operations.base import InputError
+
 MAX_ROWS = 100_000
 MAX_COLUMNS = 200
 
@@ -116,4 +118,7 @@ def analyze(request: AnalyzeInput) -> dict[str, Any]:
 
 
 async def analyze_data(request: AnalyzeInput) -> dict[str, Any]:
-    return analyze(request)
+    try:
+        return analyze(request)
+    except (ValueError, ArithmeticError, csv.Error) as error:  # unknown columns, too many rows, overflow
+        raise InputError(str(error)) from None

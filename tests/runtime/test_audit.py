@@ -183,3 +183,18 @@ async def test_no_acknowledged_request_loses_its_record_on_kill_9(tmp_path: Path
     complete = [line for line in text.splitlines(keepends=True) if line.endswith("\n")]
     assert verify_lines(complete, KeyRing.load(tmp_path / "agent" / "keys")).ok
     assert os.path.getsize(tmp_path / "agent" / "data" / "audit.log") > 0
+
+
+async def test_hostile_text_stays_on_one_line(tmp_path: Path, keys: KeyRing) -> None:
+    """Separators that line-based tools split on (U+2028, U+0085, \\r) and NUL never break a record."""
+    log = AuditLog(tmp_path / "audit.log", keys, to_stdout=False)
+    await log.start()
+    hostile = "a\u2028b\x85c\rd\x00e\U0001f600f\ud800"
+    await log.record(type="authn", action="login", result="failure", actor=hostile, details={"x": hostile})
+    await log.close()
+    data = (tmp_path / "audit.log").read_bytes()
+    assert data.isascii()
+    lines = data.decode().splitlines(keepends=True)
+    assert len(lines) == 2  # the record and the final checkpoint
+    assert json.loads(lines[0])["actor"] == hostile
+    assert verify_lines(lines, keys).ok

@@ -1,0 +1,28 @@
+"""What an operation is: its permission, data level, input model and handler."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from agent_runtime.config import Permission, SecurityLevel
+
+# A handler gets its validated input model (or the raw JSON object when it declares none).
+Handler = Callable[[Any], Awaitable[dict[str, Any]]]
+
+
+class InputError(ValueError):
+    """Input that passed the schema but that the operation cannot work with: answered with 422."""
+
+
+@dataclass(frozen=True)
+class Operation:
+    name: str
+    permission: Permission
+    level: SecurityLevel
+    handler: Handler
+    description: str
+    input_model: type[BaseModel] | None = None  # validated before the handler runs
