@@ -73,7 +73,7 @@ def test_schemathesis_finds_no_server_error(tmp_path: Path) -> None:
                 "--checks", "not_a_server_error",
                 "--header", f"Authorization: Bearer {token}",
                 "--exclude-path", "/v1/auth/logout",  # it would revoke the fuzzer's own token
-                "--max-examples", "40", "--seed", "20261123", "--max-time", "90", "--workers", "2",
+                "--max-examples", "150", "--seed", "20261123", "--workers", "2",
             ],
             capture_output=True, text=True, timeout=300, check=False,
         )  # fmt: skip
