@@ -33,6 +33,3 @@ def make_tracer_provider(
 
 def trace_id_of(span: trace.Span) -> str:
     return f"{span.get_span_context().trace_id:032x}"
-
-
-__all__ = ["PROPAGATOR", "make_tracer_provider", "trace_id_of"]

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -19,7 +18,7 @@ from typing import Any
 import jwt
 from jwt import PyJWK, PyJWKSet
 
-from agent_runtime.config import AuthConfig, SigningAlgorithm
+from agent_runtime.config import AuthConfig
 from agent_runtime.keys import KeyRing
 
 ACCESS_TYPE = "at+jwt"  # RFC 9068
@@ -218,14 +217,3 @@ def _claims(payload: dict[str, Any], token_type: str, roles_claim: str) -> Claim
     if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
         raise TokenError(f"claim {roles_claim} must be a list of role names")
     return Claims(str(payload["sub"]), tuple(roles), str(payload["jti"]), float(payload["exp"]), token_type)
-
-
-def dumps_jwks(keys: KeyRing) -> str:
-    """The public keys of a local key ring as a JWKS (for peers that verify our tokens)."""
-    entries = []
-    for kid, key in keys.signing.items():
-        if key.algorithm is SigningAlgorithm.HS256:
-            continue  # a shared secret is never published
-        jwk = json.loads(jwt.algorithms.get_default_algorithms()[key.algorithm.value].to_jwk(key.verifier))
-        entries.append({**jwk, "kid": kid, "alg": key.algorithm.value, "use": "sig"})
-    return json.dumps({"keys": entries})

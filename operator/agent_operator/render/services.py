@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from agent_operator.render.common import (
-    HTTP_PORT,
     LABEL_SERVICE_ROLE,
     SERVICE_PORT,
     Manifest,
@@ -45,6 +44,3 @@ def build_service_monitor(agent: EnterpriseAgent) -> Manifest:
             ],
         },
     }
-
-
-__all__ = ["HTTP_PORT", "build_service", "build_service_monitor"]
