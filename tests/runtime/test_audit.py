@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from agent_runtime.audit import AuditLog, chain_hash, verify_lines
 from agent_runtime.config import SigningAlgorithm
 from agent_runtime.keys import KeyRing, new_key_files, write_key_files
-from tests.cluster.operator_process import free_port
-from tests.runtime.conftest import PASSWORD, make_layout
+from tests.runtime.conftest import make_layout
+from tests.runtime.live import live_runtime, load_then, login
 
 AGENT_RUNTIME = str(Path(sys.executable).parent / "agent-runtime")
 
@@ -125,64 +121,16 @@ async def test_restart_continues_the_chain_and_drops_a_torn_tail(tmp_path: Path,
 
 async def test_no_acknowledged_request_loses_its_record_on_kill_9(tmp_path: Path) -> None:
     config = make_layout(tmp_path / "agent")
-    port = free_port()
-    server = subprocess.Popen(
-        [AGENT_RUNTIME, "serve", "--config", str(config), "--port", str(port), "--host", "127.0.0.1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    acknowledged: list[str] = []
-    try:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(100):
-                try:
-                    async with session.get(f"{base}/healthz") as response:
-                        if response.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.1)
-            async with session.post(
-                f"{base}/v1/auth/login", json={"username": "ada", "password": PASSWORD}
-            ) as response:
-                token = (await response.json())["access_token"]
-            stop_at = time.monotonic() + 1.5
-
-            async def client(worker: int) -> None:
-                sequence = 0
-                while time.monotonic() < stop_at + 5:
-                    request_id = f"w{worker:02d}-{sequence:06d}"
-                    sequence += 1
-                    try:
-                        async with session.post(
-                            f"{base}/v1/operations/ping",
-                            json={},
-                            headers={"Authorization": f"Bearer {token}", "X-Request-ID": request_id},
-                        ) as response:
-                            if response.status == 200:
-                                acknowledged.append(request_id)
-                    except (TimeoutError, aiohttp.ClientError):
-                        return
-
-            workers = [asyncio.create_task(client(i)) for i in range(32)]
-            while time.monotonic() < stop_at:
-                await asyncio.sleep(0.05)
-            server.send_signal(signal.SIGKILL)  # mid-load, no chance to flush anything
-            await asyncio.gather(*workers)
-    finally:
-        server.kill()
-        server.wait()
+    with live_runtime(config) as (server, base):
+        # SIGKILL mid-load: no chance to flush anything.
+        answered = await load_then(base, login(base), 32, 1.5, lambda: server.send_signal(signal.SIGKILL))
+    acknowledged = [request_id for request_id, status in answered.items() if status == 200]
     assert len(acknowledged) > 100, "the load was too light to show anything"
     text = (tmp_path / "agent" / "data" / "audit.log").read_text()
-    recorded = set()
-    for line in text.splitlines(keepends=True):
-        if line.endswith("\n"):
-            recorded.add(json.loads(line).get("request_id"))
-    missing = [request_id for request_id in acknowledged if request_id not in recorded]
-    assert missing == []
     complete = [line for line in text.splitlines(keepends=True) if line.endswith("\n")]
+    recorded = {json.loads(line).get("request_id") for line in complete}
+    assert [request_id for request_id in acknowledged if request_id not in recorded] == []
     assert verify_lines(complete, KeyRing.load(tmp_path / "agent" / "keys")).ok
-    assert os.path.getsize(tmp_path / "agent" / "data" / "audit.log") > 0
 
 
 async def test_hostile_text_stays_on_one_line(tmp_path: Path, keys: KeyRing) -> None:
