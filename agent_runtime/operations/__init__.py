@@ -7,6 +7,7 @@ from typing import Any
 from agent_runtime.config import Permission, SecurityLevel
 from agent_runtime.operations.analyze import AnalyzeInput, analyze_data
 from agent_runtime.operations.base import Handler, InputError, Operation
+from agent_runtime.operations.documents import DocumentInput, process_document
 
 
 async def _ping(payload: dict[str, Any]) -> dict[str, Any]:
@@ -24,6 +25,14 @@ BUILTINS: dict[str, Operation] = {
         analyze_data,
         "Descriptive statistics, quartiles, correlation and outliers of numeric columns.",
         AnalyzeInput,
+    ),
+    "process_document": Operation(
+        "process_document",
+        Permission.EXECUTE,
+        SecurityLevel.CONFIDENTIAL,
+        process_document,
+        "Text of a plain, Markdown or HTML document, its entities, and PII/PHI found (redacted in the text).",
+        DocumentInput,
     ),
 }
 
