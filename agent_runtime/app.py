@@ -29,7 +29,8 @@ from agent_runtime.crypto import FieldEncryptor
 from agent_runtime.keys import KeyRing
 from agent_runtime.metrics import RuntimeMetrics
 from agent_runtime.openapi import build_openapi
-from agent_runtime.operations import InputError, Operation, Registry
+from agent_runtime.operations import BUILTINS, InputError, Operation, Registry
+from agent_runtime.operations.chat import ModelError, chat_operation
 from agent_runtime.resilience import Bulkhead, CircuitBreaker, CircuitOpenError, CircuitState, OverloadedError
 from agent_runtime.security.rbac import Authorizer, Principal
 from agent_runtime.security.revocation import RevocationList
@@ -412,6 +413,10 @@ async def run_operation(request: web.Request) -> web.Response:
         metrics.operations.labels(name, "timeout").inc()
         await _audit(request, type="operation", action=name, result="timeout", details={"seconds": timeout})
         raise ApiError(504, "operation_timeout", f"operation {name!r} took longer than {timeout:g}s") from None
+    except ModelError as error:
+        metrics.operations.labels(name, "unavailable").inc()
+        await _audit(request, type="operation", action=name, result="unavailable", details={"reason": str(error)})
+        raise ApiError(502, "dependency_failed", str(error)) from None
     except CircuitOpenError as error:
         metrics.operations.labels(name, "unavailable").inc()
         await _audit(request, type="operation", action=name, result="unavailable", details={"reason": str(error)})
@@ -557,7 +562,16 @@ def create_app(
         on_write=metrics.observe_audit_batch,
     )
     app[AUTHORIZER] = Authorizer(config)
-    app[REGISTRY] = Registry(config.operations, operations)
+    catalogue = dict(operations if operations is not None else BUILTINS)
+    if config.model is not None and "chat" in config.operations:
+        catalogue["chat"] = chat_operation(
+            config.model,
+            config.egress.allowed_hosts,
+            config.resilience.retry,
+            lambda: app[HTTP],
+            lambda: breaker(app, "model"),
+        )
+    app[REGISTRY] = Registry(config.operations, catalogue)
     app[BULKHEADS] = {name: _bulkhead(metrics, name, config) for name in app[REGISTRY].operations}
     app[BREAKERS] = {}
     app[READINESS] = Readiness(

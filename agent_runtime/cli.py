@@ -23,7 +23,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.host:
             settings = Settings(settings.config, host=args.host, port=settings.port)
         app = create_app(settings)
-    except (SettingsError, KeyError, OSError) as error:
+    except (SettingsError, KeyError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     if not args.no_uvloop:

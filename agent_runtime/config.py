@@ -151,6 +151,15 @@ class ResilienceConfig(ConfigModel):
     retry: RetryConfig = Field(default_factory=RetryConfig)
 
 
+class ModelConfig(ConfigModel):
+    """An OpenAI-compatible chat completions endpoint the ``chat`` operation calls."""
+
+    endpoint: str = Field(pattern=r"^https?://[^\s]+$")  # the base URL; /v1/chat/completions is appended
+    model: str = "gpt-4o-mini"
+    api_key_env: str = "MODEL_API_KEY"  # the key comes from the environment (a Secret), never the ConfigMap
+    timeout_seconds: float = Field(default=60.0, gt=0, le=600)
+
+
 class EgressConfig(ConfigModel):
     """Hosts the runtime may call (model and tool endpoints); enforced by the runtime's client."""
 
@@ -174,6 +183,7 @@ class RuntimeConfig(ConfigModel):
     observability: ObservabilityConfig = Field(default_factory=ObservabilityConfig)
     resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
     egress: EgressConfig = Field(default_factory=EgressConfig)
+    model: ModelConfig | None = None
     data_dir: str = DATA_DIR
 
     @model_validator(mode="after")
