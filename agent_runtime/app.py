@@ -7,6 +7,7 @@ under typed ``web.AppKey``s (no module globals), so tests build as many apps as 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -31,6 +32,7 @@ from agent_runtime.metrics import RuntimeMetrics
 from agent_runtime.openapi import build_openapi
 from agent_runtime.operations import BUILTINS, InputError, Operation, Registry
 from agent_runtime.operations.chat import ModelError, chat_operation
+from agent_runtime.operations.reports import ReportInput, build_report
 from agent_runtime.resilience import Bulkhead, CircuitBreaker, CircuitOpenError, CircuitState, OverloadedError
 from agent_runtime.security.rbac import Authorizer, Principal
 from agent_runtime.security.revocation import RevocationList
@@ -46,6 +48,7 @@ from agent_runtime.security.tokens import (
 )
 from agent_runtime.security.users import MAX_PASSWORD_BYTES, USERNAME, UserStore
 from agent_runtime.settings import Settings
+from agent_runtime.store import Store
 from agent_runtime.tracing import PROPAGATOR, make_tracer_provider, trace_id_of
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -71,6 +74,7 @@ TRACER = web.AppKey("tracer", trace.Tracer)
 BULKHEADS = web.AppKey("bulkheads", dict[str, Bulkhead])
 BREAKERS = web.AppKey("breakers", dict[str, CircuitBreaker])
 READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
+STORE = web.AppKey("store", Store)
 REQUEST_ID = web.RequestKey("request_id", str)
 TRACE_ID = web.RequestKey("trace_id", str)
 PRINCIPAL = web.RequestKey("principal", Principal)
@@ -367,6 +371,64 @@ async def audit_query(request: web.Request) -> web.Response:
     return web.json_response({"records": records})
 
 
+async def download_report(request: web.Request) -> web.Response:
+    await authorize(request, Permission.READ, SecurityLevel.INTERNAL, "download_report")
+    stored = await request.app[STORE].get(request.match_info["id"])
+    if stored is None or stored.kind != "report":
+        raise ApiError(404, "not_found", "no report with this id (it may have passed the retention period)")
+    report = json.loads(stored.body)
+    wanted = request.query.get("format", "markdown")
+    await _audit(
+        request,
+        type="operation",
+        action="download_report",
+        resource=stored.id,
+        result="success",
+        details={"format": wanted},
+    )
+    if wanted == "markdown":
+        return web.Response(text=report["markdown"], content_type="text/markdown")
+    if wanted == "html":
+        return web.Response(text=report["html"], content_type="text/html")
+    if wanted == "json":
+        return web.json_response(report)
+    raise ApiError(400, "invalid_query", "format must be markdown, html or json")
+
+
+def _report_operation(app: web.Application) -> Operation:
+    async def generate(request: ReportInput) -> dict[str, Any]:
+        try:
+            markdown, html_text = build_report(request)
+        except (ValueError, ArithmeticError) as error:
+            raise InputError(str(error)) from None
+        body = json.dumps({"title": request.title, "markdown": markdown, "html": html_text}).encode()
+        stored = await app[STORE].put("report", "agent", "application/json", body)
+        return {
+            "report_id": stored.id,
+            "download": {f: f"/v1/reports/{stored.id}?format={f}" for f in ("markdown", "html", "json")},
+        }
+
+    return Operation(
+        "generate_report",
+        Permission.EXECUTE,
+        SecurityLevel.INTERNAL,
+        generate,
+        "A Markdown and HTML report of an analysis, stored and downloadable by id.",
+        ReportInput,
+    )
+
+
+async def _retention(app: web.Application, every_seconds: float = 3600.0) -> None:
+    """Purges stored results older than retentionDays, hourly; each purge is audited."""
+    while True:
+        removed = await app[STORE].purge_older_than(app[CONFIG].compliance.retention_days)
+        if removed:
+            await app[AUDIT].record(
+                type="admin", action="retention_purge", result="success", details={"removed": removed}
+            )
+        await asyncio.sleep(every_seconds)
+
+
 async def run_operation(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     operation = request.app[REGISTRY].get(name)
@@ -571,7 +633,10 @@ def create_app(
             lambda: app[HTTP],
             lambda: breaker(app, "model"),
         )
+    if "generate_report" in config.operations and "generate_report" not in catalogue:
+        catalogue["generate_report"] = _report_operation(app)
     app[REGISTRY] = Registry(config.operations, catalogue)
+    app[STORE] = Store(settings.data_dir / "store.sqlite3")
     app[BULKHEADS] = {name: _bulkhead(metrics, name, config) for name in app[REGISTRY].operations}
     app[BREAKERS] = {}
     app[READINESS] = Readiness(
@@ -590,10 +655,16 @@ def create_app(
     async def resources(app: web.Application) -> AsyncIterator[None]:
         app[HTTP] = aiohttp.ClientSession()
         app[REVOKED].open()
+        app[STORE].open()
         await app[AUDIT].start()
+        retention = asyncio.create_task(_retention(app), name="retention")
         yield
+        retention.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await retention
         await app[AUDIT].close()  # the last records and a final checkpoint reach the disk
         app[REVOKED].close()
+        app[STORE].close()
         await app[HTTP].close()
         provider.shutdown()  # flushes the spans still batched
 
@@ -607,4 +678,5 @@ def create_app(
     app.router.add_post("/v1/auth/logout", logout)
     app.router.add_get("/v1/audit", audit_query)
     app.router.add_post("/v1/operations/{name}", run_operation)
+    app.router.add_get("/v1/reports/{id}", download_report)
     return app
