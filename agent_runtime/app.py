@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import random
@@ -25,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
 from agent_runtime.audit import AuditLog
-from agent_runtime.config import AuthMode, Permission, RuntimeConfig, SecurityLevel
+from agent_runtime.config import AuthMode, ComplianceFramework, Permission, RuntimeConfig, SecurityLevel
 from agent_runtime.crypto import FieldEncryptor
 from agent_runtime.keys import KeyRing
 from agent_runtime.metrics import RuntimeMetrics
@@ -371,6 +372,79 @@ async def audit_query(request: web.Request) -> web.Response:
     return web.json_response({"records": records})
 
 
+def _pseudonym(subject: str) -> str:
+    """How the audit trail names a data subject: a hash, so an erasure leaves no name behind."""
+    return hashlib.sha256(subject.encode()).hexdigest()[:16]
+
+
+def _gdpr(request: web.Request) -> None:
+    if ComplianceFramework.GDPR not in request.app[CONFIG].compliance.frameworks:
+        raise ApiError(404, "gdpr_disabled", "GDPR is not among this agent's compliance frameworks")
+
+
+async def record_consent(request: web.Request) -> web.Response:
+    _gdpr(request)
+    principal = await authorize(request, Permission.WRITE, SecurityLevel.INTERNAL, "record_consent")
+    body = await _json_object(request)
+    subject, purpose = _string_field(body, "subject", 128), _string_field(body, "purpose", 64)
+    granted = body.get("granted")
+    if not isinstance(granted, bool):
+        raise ApiError(400, "invalid_field", "granted: true or false is required")
+    evidence = body.get("evidence", "")
+    if not isinstance(evidence, str) or len(evidence) > 2000:
+        raise ApiError(400, "invalid_field", "evidence: a string of at most 2000 characters")
+    await request.app[STORE].record_consent(subject, purpose, granted, principal.subject, evidence)
+    await _audit(
+        request,
+        type="admin",
+        action="consent_granted" if granted else "consent_withdrawn",
+        result="success",
+        details={"subject": _pseudonym(subject), "purpose": purpose},
+    )
+    return web.json_response({"subject": subject, "purpose": purpose, "granted": granted}, status=201)
+
+
+async def consent_history(request: web.Request) -> web.Response:
+    _gdpr(request)
+    await authorize(request, Permission.READ, SecurityLevel.INTERNAL, "read_consent")
+    subject = request.match_info["subject"]
+    history = await request.app[STORE].consent_history(subject)
+    current = {entry["purpose"]: entry["granted"] for entry in history}
+    return web.json_response({"subject": subject, "current": current, "history": history})
+
+
+async def export_subject(request: web.Request) -> web.Response:
+    """Art. 15 and 20: everything held about the subject, in a portable form."""
+    _gdpr(request)
+    await authorize(request, Permission.ADMIN, SecurityLevel.INTERNAL, "export_subject")
+    subject = request.match_info["subject"]
+    store = request.app[STORE]
+    results = [
+        {"id": r.id, "kind": r.kind, "created_at": r.created_at, "content": json.loads(r.body)}
+        for r in await store.results_of(subject)
+    ]
+    await _audit(
+        request, type="admin", action="export_subject", result="success", details={"subject": _pseudonym(subject)}
+    )
+    return web.json_response({"subject": subject, "consents": await store.consent_history(subject), "results": results})
+
+
+async def erase_subject(request: web.Request) -> web.Response:
+    """Art. 17: the subject's stored data and consent records are deleted."""
+    _gdpr(request)
+    await authorize(request, Permission.ADMIN, SecurityLevel.INTERNAL, "erase_subject")
+    subject = request.match_info["subject"]
+    removed = await request.app[STORE].erase(subject)
+    await _audit(
+        request,
+        type="admin",
+        action="erase_subject",
+        result="success",
+        details={"subject": _pseudonym(subject), **removed},
+    )
+    return web.json_response({"erased": removed})
+
+
 async def download_report(request: web.Request) -> web.Response:
     await authorize(request, Permission.READ, SecurityLevel.INTERNAL, "download_report")
     stored = await request.app[STORE].get(request.match_info["id"])
@@ -449,6 +523,18 @@ async def run_operation(request: web.Request) -> web.Response:
                 for item in error.errors()
             )
             raise ApiError(422, "invalid_input", problems) from None
+    if operation.personal_data and ComplianceFramework.GDPR in request.app[CONFIG].compliance.frameworks:
+        subject = _string_field(body, "subject", 128)
+        purpose = _string_field(body, "purpose", 64)
+        if not await request.app[STORE].has_consent(subject, purpose):
+            await _audit(
+                request,
+                type="authz",
+                action=f"operation:{name}",
+                result="denied",
+                details={"reason": "no consent", "subject": _pseudonym(subject), "purpose": purpose},
+            )
+            raise ApiError(403, "consent_required", f"no consent of this subject for purpose {purpose!r} (GDPR)")
     started = time.perf_counter()
     metrics = request.app[METRICS]
     timeout = request.app[CONFIG].resilience.operation_timeout_seconds
@@ -679,4 +765,8 @@ def create_app(
     app.router.add_get("/v1/audit", audit_query)
     app.router.add_post("/v1/operations/{name}", run_operation)
     app.router.add_get("/v1/reports/{id}", download_report)
+    app.router.add_post("/v1/gdpr/consents", record_consent)
+    app.router.add_get("/v1/gdpr/consents/{subject}", consent_history)
+    app.router.add_get("/v1/gdpr/subjects/{subject}/export", export_subject)
+    app.router.add_delete("/v1/gdpr/subjects/{subject}", erase_subject)
     return app

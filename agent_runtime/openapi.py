@@ -139,12 +139,67 @@ def build_openapi(config: RuntimeConfig, registry: Registry) -> dict[str, Any]:
             }
         },
     }
+    schemas["Consent"] = {
+        "type": "object",
+        "required": ["subject", "purpose", "granted"],
+        "properties": {
+            "subject": {"type": "string"},
+            "purpose": {"type": "string"},
+            "granted": {"type": "boolean"},
+            "evidence": {"type": "string"},
+        },
+    }
+    subject = [{"name": "subject", "in": "path", "required": True, "schema": {"type": "string"}}]
+    paths["/v1/gdpr/consents"] = {
+        "post": {
+            "summary": "Record a grant or withdrawal of consent (GDPR)",
+            "requestBody": {"required": True, **_json("Consent")},
+            "responses": {"201": {"description": "Recorded"}, **_errors(400, 401, 403, 404, 413)},
+        }
+    }
+    paths["/v1/gdpr/consents/{subject}"] = {
+        "get": {
+            "summary": "A subject's consents: current state and full history",
+            "parameters": subject,
+            "responses": {"200": {"description": "Consents"}, **_errors(401, 403, 404)},
+        }
+    }
+    paths["/v1/gdpr/subjects/{subject}/export"] = {
+        "get": {
+            "summary": "Everything held about a subject (Art. 15, 20)",
+            "parameters": subject,
+            "responses": {"200": {"description": "Export"}, **_errors(401, 403, 404)},
+        }
+    }
+    paths["/v1/gdpr/subjects/{subject}"] = {
+        "delete": {
+            "summary": "Erase a subject's data (Art. 17)",
+            "parameters": subject,
+            "responses": {"200": {"description": "Erased"}, **_errors(401, 403, 404)},
+        }
+    }
+    paths["/v1/reports/{id}"] = {
+        "get": {
+            "summary": "Download a stored report",
+            "parameters": [
+                {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}},
+                {"name": "format", "in": "query", "schema": {"type": "string", "enum": ["markdown", "html", "json"]}},
+            ],
+            "responses": {"200": {"description": "The report"}, **_errors(400, 401, 403, 404)},
+        }
+    }
     for name, operation in registry.operations.items():
         input_schema: dict[str, Any] = {"type": "object"}
         if operation.input_model is not None:
             input_schema = _model_schema(operation.input_model, schemas)
         request_name = f"{name}_request"
-        schemas[request_name] = {"type": "object", "properties": {"input": input_schema}, "additionalProperties": False}
+        properties: dict[str, Any] = {"input": input_schema}
+        if operation.personal_data:  # with GDPR: whose data, and for which consented purpose
+            properties |= {
+                "subject": {"type": "string", "maxLength": 128},
+                "purpose": {"type": "string", "maxLength": 64},
+            }
+        schemas[request_name] = {"type": "object", "properties": properties, "additionalProperties": False}
         paths[f"/v1/operations/{name}"] = {
             "post": {
                 "summary": operation.description,

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,11 @@ class Store:
             "CREATE TABLE IF NOT EXISTS results (id TEXT PRIMARY KEY, kind TEXT NOT NULL, owner TEXT NOT NULL,"
             " created_at REAL NOT NULL, content_type TEXT NOT NULL, body BLOB NOT NULL)"
         )
+        # Append-only: the history of grants and withdrawals is the proof of consent.
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS consents (subject TEXT NOT NULL, purpose TEXT NOT NULL, granted INTEGER NOT NULL,"
+            " at REAL NOT NULL, actor TEXT NOT NULL, evidence TEXT NOT NULL)"
+        )
 
     def close(self) -> None:
         with self._lock:
@@ -46,7 +52,7 @@ class Store:
                 self._db.close()
                 self._db = None
 
-    def _run(self, sql: str, parameters: tuple[object, ...]) -> list[tuple[object, ...]]:
+    def _run(self, sql: str, parameters: tuple[object, ...]) -> list[tuple[Any, ...]]:
         with self._lock:
             assert self._db is not None, "the store is not open"
             return list(self._db.execute(sql, parameters).fetchall())
@@ -66,10 +72,44 @@ class Store:
         )
         if not rows:
             return None
-        identifier, kind, owner, created_at, content_type, body = rows[0]
-        if not isinstance(created_at, float) or not isinstance(body, bytes):
-            raise TypeError(f"result {result_id}: unexpected column types in the store")
-        return StoredResult(str(identifier), str(kind), str(owner), created_at, str(content_type), body)
+        return StoredResult(*rows[0])
+
+    async def record_consent(self, subject: str, purpose: str, granted: bool, actor: str, evidence: str) -> None:
+        await asyncio.to_thread(
+            self._run,
+            "INSERT INTO consents VALUES (?, ?, ?, ?, ?, ?)",
+            (subject, purpose, int(granted), self.clock(), actor, evidence),
+        )
+
+    async def consent_history(self, subject: str) -> list[dict[str, object]]:
+        rows = await asyncio.to_thread(
+            self._run,
+            "SELECT purpose, granted, at, actor, evidence FROM consents WHERE subject = ? ORDER BY rowid",
+            (subject,),
+        )
+        return [{"purpose": p, "granted": bool(g), "at": a, "actor": who, "evidence": e} for p, g, a, who, e in rows]
+
+    async def has_consent(self, subject: str, purpose: str) -> bool:
+        rows = await asyncio.to_thread(
+            self._run,
+            "SELECT granted FROM consents WHERE subject = ? AND purpose = ? ORDER BY rowid DESC LIMIT 1",
+            (subject, purpose),
+        )
+        return bool(rows and rows[0][0])
+
+    async def results_of(self, owner: str) -> list[StoredResult]:
+        rows = await asyncio.to_thread(
+            self._run, "SELECT id, kind, owner, created_at, content_type, body FROM results WHERE owner = ?", (owner,)
+        )
+        return [StoredResult(*row) for row in rows]
+
+    async def erase(self, subject: str) -> dict[str, int]:
+        """Art. 17: the subject's stored results and consent records are deleted."""
+        results = await asyncio.to_thread(self._run, "DELETE FROM results WHERE owner = ? RETURNING id", (subject,))
+        consents = await asyncio.to_thread(
+            self._run, "DELETE FROM consents WHERE subject = ? RETURNING rowid", (subject,)
+        )
+        return {"results": len(results), "consents": len(consents)}
 
     async def purge_older_than(self, days: int) -> int:
         """Deletes results older than ``days``; returns how many went."""

@@ -33,6 +33,7 @@ BUILTINS: dict[str, Operation] = {
         process_document,
         "Text of a plain, Markdown or HTML document, its entities, and PII/PHI found (redacted in the text).",
         DocumentInput,
+        personal_data=True,
     ),
 }
 

@@ -26,3 +26,4 @@ class Operation:
     handler: Handler
     description: str
     input_model: type[BaseModel] | None = None  # validated before the handler runs
+    personal_data: bool = False  # with GDPR, needs the subject's consent for the stated purpose

@@ -119,4 +119,5 @@ def chat_operation(
         handler,
         "A chat completion from the configured model, with personal data redacted before sending.",
         ChatInput,
+        personal_data=True,
     )
