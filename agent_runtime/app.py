@@ -722,7 +722,6 @@ def create_app(
     if "generate_report" in config.operations and "generate_report" not in catalogue:
         catalogue["generate_report"] = _report_operation(app)
     app[REGISTRY] = Registry(config.operations, catalogue)
-    app[STORE] = Store(settings.data_dir / "store.sqlite3")
     app[BULKHEADS] = {name: _bulkhead(metrics, name, config) for name in app[REGISTRY].operations}
     app[BREAKERS] = {}
     app[READINESS] = Readiness(
@@ -735,6 +734,9 @@ def create_app(
         }
     )
     app[ENCRYPTOR] = FieldEncryptor(keys)
+    # HIPAA: stored results may hold PHI, so they are encrypted at rest.
+    hipaa = ComplianceFramework.HIPAA in config.compliance.frameworks
+    app[STORE] = Store(settings.data_dir / "store.sqlite3", encryptor=app[ENCRYPTOR] if hipaa else None)
     if config.auth.mode is AuthMode.OIDC:
         app[OIDC_TOKENS] = OidcTokens(config.auth, lambda url: _fetch_jwks(app, url))
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent_runtime.crypto import FieldEncryptor
+
 
 @dataclass(frozen=True)
 class StoredResult:
@@ -26,9 +28,13 @@ class StoredResult:
 
 
 class Store:
-    def __init__(self, path: str | Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, path: str | Path, clock: Callable[[], float] = time.time, encryptor: FieldEncryptor | None = None
+    ) -> None:
+        """With an ``encryptor`` (HIPAA), every stored body is sealed with AES-GCM, bound to its id."""
         self.path = Path(path)
         self.clock = clock
+        self.encryptor = encryptor
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()  # one connection, used from worker threads one at a time
 
@@ -59,12 +65,19 @@ class Store:
 
     async def put(self, kind: str, owner: str, content_type: str, body: bytes) -> StoredResult:
         result = StoredResult(secrets.token_urlsafe(12), kind, owner, self.clock(), content_type, body)
+        at_rest = self.encryptor.seal(body, result.id.encode()).encode() if self.encryptor else body
         await asyncio.to_thread(
             self._run,
             "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?)",
-            (result.id, kind, owner, result.created_at, content_type, body),
+            (result.id, kind, owner, result.created_at, content_type, at_rest),
         )
         return result
+
+    def _result(self, row: tuple[Any, ...]) -> StoredResult:
+        identifier, kind, owner, created_at, content_type, body = row
+        if self.encryptor is not None and body.startswith(b"v1."):
+            body = self.encryptor.open(body.decode(), identifier.encode())
+        return StoredResult(identifier, kind, owner, created_at, content_type, body)
 
     async def get(self, result_id: str) -> StoredResult | None:
         rows = await asyncio.to_thread(
@@ -72,7 +85,7 @@ class Store:
         )
         if not rows:
             return None
-        return StoredResult(*rows[0])
+        return self._result(rows[0])
 
     async def record_consent(self, subject: str, purpose: str, granted: bool, actor: str, evidence: str) -> None:
         await asyncio.to_thread(
@@ -101,7 +114,7 @@ class Store:
         rows = await asyncio.to_thread(
             self._run, "SELECT id, kind, owner, created_at, content_type, body FROM results WHERE owner = ?", (owner,)
         )
-        return [StoredResult(*row) for row in rows]
+        return [self._result(row) for row in rows]
 
     async def erase(self, subject: str) -> dict[str, int]:
         """Art. 17: the subject's stored results and consent records are deleted."""
