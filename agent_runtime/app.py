@@ -503,6 +503,21 @@ async def _retention(app: web.Application, every_seconds: float = 3600.0) -> Non
         await asyncio.sleep(every_seconds)
 
 
+def _validated_input(operation: Operation, payload: Any) -> Any:
+    if not isinstance(payload, dict):
+        raise ApiError(400, "invalid_field", "input: a JSON object is required")
+    if operation.input_model is None:
+        return payload
+    try:
+        return operation.input_model.model_validate(payload)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"input.{'.'.join(str(p) for p in item['loc'])}: {item['msg']}".replace("input.: ", "input: ")
+            for item in error.errors()
+        )
+        raise ApiError(422, "invalid_input", problems) from None
+
+
 async def run_operation(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     operation = request.app[REGISTRY].get(name)
@@ -510,41 +525,60 @@ async def run_operation(request: web.Request) -> web.Response:
         raise ApiError(404, "unknown_operation", f"operation {name!r} is not enabled on this agent")
     principal = await authorize(request, operation.permission, operation.level, f"operation:{name}")
     body = await _json_object(request)
-    payload = body.get("input", {})
-    if not isinstance(payload, dict):
-        raise ApiError(400, "invalid_field", "input: a JSON object is required")
-    argument: Any = payload
-    if operation.input_model is not None:
-        try:
-            argument = operation.input_model.model_validate(payload)
-        except ValidationError as error:
-            problems = "; ".join(
-                f"input.{'.'.join(str(p) for p in item['loc'])}: {item['msg']}".replace("input.: ", "input: ")
-                for item in error.errors()
-            )
-            raise ApiError(422, "invalid_input", problems) from None
-    if operation.personal_data and ComplianceFramework.GDPR in request.app[CONFIG].compliance.frameworks:
+    argument = _validated_input(operation, body.get("input", {}))
+    compliance = request.app[CONFIG].compliance
+    if operation.personal_data and ComplianceFramework.GDPR in compliance.frameworks:
         subject = _string_field(body, "subject", 128)
         purpose = _string_field(body, "purpose", 64)
         if not await request.app[STORE].has_consent(subject, purpose):
-            await _audit(
-                request,
-                type="authz",
-                action=f"operation:{name}",
-                result="denied",
-                details={"reason": "no consent", "subject": _pseudonym(subject), "purpose": purpose},
-            )
+            details = {"reason": "no consent", "subject": _pseudonym(subject), "purpose": purpose}
+            await _audit(request, type="authz", action=f"operation:{name}", result="denied", details=details)
             raise ApiError(403, "consent_required", f"no consent of this subject for purpose {purpose!r} (GDPR)")
+    if ComplianceFramework.SOX in compliance.frameworks and name in compliance.financial_operations:
+        approval_id = await request.app[STORE].create_approval(
+            name, principal.subject, json.dumps(body.get("input", {}))
+        )
+        await _audit(
+            request, type="operation", action=name, result="pending_approval", details={"approval_id": approval_id}
+        )
+        return web.json_response(
+            {"operation": name, "status": "pending_approval", "approval_id": approval_id}, status=202
+        )
+    result = await _execute(request, operation, argument, {})
+    return _operation_response(request, name, result, principal.subject)
+
+
+def _operation_response(request: web.Request, name: str, result: dict[str, Any], actor: str) -> web.Response:
+    body = {
+        "operation": name,
+        "result": result,
+        "request_id": request[REQUEST_ID],
+        "trace_id": request[TRACE_ID],
+        "actor": actor,
+    }
+    return web.json_response(body)
+
+
+async def _execute(
+    request: web.Request, operation: Operation, argument: Any, audit_details: dict[str, Any]
+) -> dict[str, Any]:
+    """Runs an operation in its span, bulkhead and timeout; every outcome is counted and audited."""
+    name = operation.name
     started = time.perf_counter()
     metrics = request.app[METRICS]
     timeout = request.app[CONFIG].resilience.operation_timeout_seconds
+
+    async def failed(result: str, **details: Any) -> None:
+        metrics.operations.labels(name, result).inc()
+        await _audit(request, type="operation", action=name, result=result, details={**audit_details, **details})
+
     try:
         with request.app[TRACER].start_as_current_span(f"execute_tool {name}", kind=trace.SpanKind.INTERNAL) as span:
             span.set_attribute("gen_ai.operation.name", "execute_tool")
             span.set_attribute("gen_ai.tool.name", name)
             span.set_attribute("agent.security_level", operation.level.value)
             async with asyncio.timeout(timeout):
-                result = await request.app[BULKHEADS][name].run(lambda: operation.handler(argument))
+                result: dict[str, Any] = await request.app[BULKHEADS][name].run(lambda: operation.handler(argument))
     except ApiError:
         raise
     except InputError as error:
@@ -552,45 +586,76 @@ async def run_operation(request: web.Request) -> web.Response:
         raise ApiError(422, "invalid_input", f"input: {error}") from None
     except OverloadedError:
         metrics.shed.labels(name).inc()
-        metrics.operations.labels(name, "shed").inc()
-        await _audit(request, type="operation", action=name, result="shed")
+        await failed("shed")
         raise ApiError(
             503, "overloaded", f"operation {name!r} is at capacity; retry shortly", {"Retry-After": "1"}
         ) from None
     except TimeoutError:
-        metrics.operations.labels(name, "timeout").inc()
-        await _audit(request, type="operation", action=name, result="timeout", details={"seconds": timeout})
+        await failed("timeout", seconds=timeout)
         raise ApiError(504, "operation_timeout", f"operation {name!r} took longer than {timeout:g}s") from None
     except ModelError as error:
-        metrics.operations.labels(name, "unavailable").inc()
-        await _audit(request, type="operation", action=name, result="unavailable", details={"reason": str(error)})
+        await failed("unavailable", reason=str(error))
         raise ApiError(502, "dependency_failed", str(error)) from None
     except CircuitOpenError as error:
-        metrics.operations.labels(name, "unavailable").inc()
-        await _audit(request, type="operation", action=name, result="unavailable", details={"reason": str(error)})
+        await failed("unavailable", reason=str(error))
         raise ApiError(
             503, "dependency_unavailable", str(error), {"Retry-After": str(int(error.retry_after) + 1)}
         ) from None
     except Exception as error:
-        metrics.operations.labels(name, "error").inc()
-        await _audit(request, type="operation", action=name, result="failure", details={"error": type(error).__name__})
+        await failed("error", error=type(error).__name__)
         raise ApiError(500, "operation_failed", f"operation {name!r} failed") from None
     metrics.operations.labels(name, "success").inc()
     details = {
+        **audit_details,
         "authorization": "allowed",
         "level": operation.level.value,
         "ms": round((time.perf_counter() - started) * 1000, 2),
     }
     await _audit(request, type="operation", action=name, result="success", details=details)
-    return web.json_response(
-        {
-            "operation": name,
-            "result": result,
-            "request_id": request[REQUEST_ID],
-            "trace_id": request[TRACE_ID],
-            "actor": principal.subject,
-        }
-    )
+    return result
+
+
+async def list_approvals(request: web.Request) -> web.Response:
+    await authorize(request, Permission.READ, SecurityLevel.INTERNAL, "list_approvals")
+    return web.json_response({"pending": await request.app[STORE].pending_approvals()})
+
+
+async def decide_approval(request: web.Request) -> web.Response:
+    """SOX maker-checker: a second person approves (and so runs) or rejects a financial operation."""
+    store = request.app[STORE]
+    approval = await store.get_approval(request.match_info["id"])
+    if approval is None:
+        raise ApiError(404, "not_found", "no approval with this id")
+    operation = request.app[REGISTRY].get(approval["operation"])
+    if operation is None:
+        raise ApiError(404, "unknown_operation", f"operation {approval['operation']!r} is no longer enabled")
+    approver = await authorize(request, operation.permission, operation.level, f"approve:{operation.name}")
+    body = await _json_object(request)
+    decision = body.get("decision")
+    if decision not in ("approve", "reject"):
+        raise ApiError(400, "invalid_field", "decision: approve or reject")
+    details = {"approval_id": approval["id"], "requested_by": approval["requester"], "decided_by": approver.subject}
+    if approver.subject == approval["requester"]:
+        await _audit(
+            request,
+            type="authz",
+            action=f"approve:{operation.name}",
+            result="denied",
+            details={**details, "reason": "self-approval"},
+        )
+        raise ApiError(
+            403, "self_approval", "the requester of a financial operation cannot approve it (SOX maker-checker)"
+        )
+    if not await store.decide_approval(
+        approval["id"], "approved" if decision == "approve" else "rejected", approver.subject
+    ):
+        raise ApiError(409, "already_decided", f"this approval is already {approval['status']}")
+    if decision == "reject":
+        await _audit(request, type="operation", action=operation.name, result="rejected", details=details)
+        return web.json_response({"approval_id": approval["id"], "status": "rejected"})
+    argument = _validated_input(operation, json.loads(approval["input"]))
+    result = await _execute(request, operation, argument, details)
+    return _operation_response(request, operation.name, result, approval["requester"])
 
 
 # --- the application ----------------------------------------------------------------------------------
@@ -767,6 +832,8 @@ def create_app(
     app.router.add_get("/v1/audit", audit_query)
     app.router.add_post("/v1/operations/{name}", run_operation)
     app.router.add_get("/v1/reports/{id}", download_report)
+    app.router.add_get("/v1/approvals", list_approvals)
+    app.router.add_post("/v1/approvals/{id}", decide_approval)
     app.router.add_post("/v1/gdpr/consents", record_consent)
     app.router.add_get("/v1/gdpr/consents/{subject}", consent_history)
     app.router.add_get("/v1/gdpr/subjects/{subject}/export", export_subject)

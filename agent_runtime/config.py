@@ -122,6 +122,8 @@ class AuditConfig(ConfigModel):
 class ComplianceConfig(ConfigModel):
     frameworks: list[ComplianceFramework] = Field(default_factory=list)
     retention_days: int = Field(default=365, ge=1, le=36500)
+    # With SOX, these need a second person's approval (maker-checker) before they run.
+    financial_operations: list[OperationName] = Field(default_factory=list)
 
 
 class ObservabilityConfig(ConfigModel):

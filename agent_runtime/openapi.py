@@ -28,6 +28,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         422: "Input does not match the operation's schema",
         429: "Too many failed logins",
         500: "Operation failed",
+        502: "A dependency (the model endpoint) failed",
         503: "At capacity, or a dependency is unavailable",
         504: "Operation timed out",
     }
@@ -178,6 +179,33 @@ def build_openapi(config: RuntimeConfig, registry: Registry) -> dict[str, Any]:
             "responses": {"200": {"description": "Erased"}, **_errors(401, 403, 404)},
         }
     }
+    paths["/v1/approvals"] = {
+        "get": {
+            "summary": "Pending approvals of financial operations (SOX)",
+            "responses": {"200": {"description": "Pending"}, **_errors(401, 403)},
+        }
+    }
+    paths["/v1/approvals/{id}"] = {
+        "post": {
+            "summary": "Approve (and run) or reject a pending financial operation; not by its requester",
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "requestBody": {
+                "required": True,
+                **_json(
+                    {
+                        "type": "object",
+                        "required": ["decision"],
+                        "properties": {"decision": {"type": "string", "enum": ["approve", "reject"]}},
+                    }
+                ),
+            },
+            "responses": {
+                "200": {"description": "Decided"},
+                "409": {"description": "Already decided", **_json("Error")},
+                **_errors(400, 401, 403, 404, 422, 500, 502, 503, 504),
+            },
+        }
+    }
     paths["/v1/reports/{id}"] = {
         "get": {
             "summary": "Download a stored report",
@@ -207,7 +235,7 @@ def build_openapi(config: RuntimeConfig, registry: Registry) -> dict[str, Any]:
                 "requestBody": {"required": True, **_json(request_name)},
                 "responses": {
                     "200": {"description": "Result", **_json("OperationResult")},
-                    **_errors(400, 401, 403, 413, 422, 500, 503, 504),
+                    **_errors(400, 401, 403, 413, 422, 500, 502, 503, 504),
                 },
             }
         }

@@ -46,6 +46,10 @@ class Store:
             "CREATE TABLE IF NOT EXISTS results (id TEXT PRIMARY KEY, kind TEXT NOT NULL, owner TEXT NOT NULL,"
             " created_at REAL NOT NULL, content_type TEXT NOT NULL, body BLOB NOT NULL)"
         )
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS approvals (id TEXT PRIMARY KEY, operation TEXT NOT NULL, requester TEXT NOT NULL,"
+            " input TEXT NOT NULL, created_at REAL NOT NULL, status TEXT NOT NULL, decided_by TEXT, decided_at REAL)"
+        )
         # Append-only: the history of grants and withdrawals is the proof of consent.
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS consents (subject TEXT NOT NULL, purpose TEXT NOT NULL, granted INTEGER NOT NULL,"
@@ -123,6 +127,43 @@ class Store:
             self._run, "DELETE FROM consents WHERE subject = ? RETURNING rowid", (subject,)
         )
         return {"results": len(results), "consents": len(consents)}
+
+    async def create_approval(self, operation: str, requester: str, input_json: str) -> str:
+        approval_id = secrets.token_urlsafe(12)
+        await asyncio.to_thread(
+            self._run,
+            "INSERT INTO approvals VALUES (?, ?, ?, ?, ?, 'pending', NULL, NULL)",
+            (approval_id, operation, requester, input_json, self.clock()),
+        )
+        return approval_id
+
+    async def get_approval(self, approval_id: str) -> dict[str, Any] | None:
+        rows = await asyncio.to_thread(
+            self._run,
+            "SELECT id, operation, requester, input, created_at, status, decided_by FROM approvals WHERE id = ?",
+            (approval_id,),
+        )
+        if not rows:
+            return None
+        keys = ("id", "operation", "requester", "input", "created_at", "status", "decided_by")
+        return dict(zip(keys, rows[0], strict=True))
+
+    async def pending_approvals(self) -> list[dict[str, Any]]:
+        rows = await asyncio.to_thread(
+            self._run,
+            "SELECT id, operation, requester, created_at FROM approvals WHERE status = 'pending' ORDER BY created_at",
+            (),
+        )
+        return [{"id": i, "operation": o, "requester": r, "created_at": c} for i, o, r, c in rows]
+
+    async def decide_approval(self, approval_id: str, decision: str, decided_by: str) -> bool:
+        """Moves a pending approval to ``decision`` once; False if it was no longer pending."""
+        rows = await asyncio.to_thread(
+            self._run,
+            "UPDATE approvals SET status = ?, decided_by = ?, decided_at = ? WHERE id = ? AND status = 'pending' RETURNING id",
+            (decision, decided_by, self.clock(), approval_id),
+        )
+        return bool(rows)
 
     async def purge_older_than(self, days: int) -> int:
         """Deletes results older than ``days``; returns how many went."""

@@ -417,6 +417,12 @@ class ComplianceSpec(ApiModel):
         json_schema_extra=crd_extra(**{"x-kubernetes-list-type": "set"}),
     )
     retention_days: int = Field(default=365, description="Stored results older than this are purged.", ge=1, le=36500)
+    financial_operations: list[Annotated[str, Field(max_length=63, pattern=OPERATION_NAME_PATTERN)]] = Field(
+        default_factory=list,
+        description="Operations that, with SOX, run only after a second person approves them (maker-checker).",
+        max_length=64,
+        json_schema_extra=crd_extra(**{"x-kubernetes-list-type": "set"}),
+    )
 
     @field_validator("frameworks")
     @classmethod
@@ -723,6 +729,11 @@ class EnterpriseAgentSpec(ApiModel):
                         ".securityLevel",
                     ),
                     cel(
+                        "!has(self.compliance.financialOperations) || self.compliance.financialOperations.all(o, has(self.operations) && o in self.operations)",
+                        "spec.compliance.financialOperations must be among spec.operations",
+                        ".compliance.financialOperations",
+                    ),
+                    cel(
                         "!has(self.env) || self.env.all(e, !e.name.startsWith('AGENT_'))",
                         "spec.env names starting with AGENT_ are reserved for the operator",
                         ".env",
@@ -802,6 +813,11 @@ class EnterpriseAgentSpec(ApiModel):
         smoke = self.rollout.analysis.smoke
         if smoke is not None and smoke.operation not in self.operations:
             raise ValueError("spec.rollout.analysis.smoke.operation must be one of spec.operations")
+        unknown_financial = [name for name in self.compliance.financial_operations if name not in self.operations]
+        if unknown_financial:
+            raise ValueError(
+                f"spec.compliance.financialOperations must be among spec.operations (not: {', '.join(unknown_financial)})"
+            )
         if ComplianceFramework.HIPAA in self.compliance.frameworks and not self.security_level.allows(
             SecurityLevel.CONFIDENTIAL
         ):

@@ -37,7 +37,9 @@ def build_runtime_config(agent: EnterpriseAgent) -> RuntimeConfig:
             users_file=f"{USERS_DIR}/{USERS_FILE_KEY}" if security.users_secret_ref else None,
         ),
         compliance=ComplianceConfig(
-            frameworks=list(spec.compliance.frameworks), retention_days=spec.compliance.retention_days
+            frameworks=list(spec.compliance.frameworks),
+            retention_days=spec.compliance.retention_days,
+            financial_operations=list(spec.compliance.financial_operations),
         ),
         observability=ObservabilityConfig(
             service_name=agent.name,
