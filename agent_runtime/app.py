@@ -31,7 +31,7 @@ from agent_runtime.crypto import FieldEncryptor
 from agent_runtime.keys import KeyRing
 from agent_runtime.metrics import RuntimeMetrics
 from agent_runtime.openapi import build_openapi
-from agent_runtime.operations import BUILTINS, InputError, Operation, Registry
+from agent_runtime.operations import BUILTINS, InputError, Operation, Registry, discover_plugins
 from agent_runtime.operations.chat import ModelError, chat_operation
 from agent_runtime.operations.reports import ReportInput, build_report
 from agent_runtime.resilience import Bulkhead, CircuitBreaker, CircuitOpenError, CircuitState, OverloadedError
@@ -775,7 +775,7 @@ def create_app(
         on_write=metrics.observe_audit_batch,
     )
     app[AUTHORIZER] = Authorizer(config)
-    catalogue = dict(operations if operations is not None else BUILTINS)
+    catalogue = dict(operations if operations is not None else {**BUILTINS, **discover_plugins()})
     if config.model is not None and "chat" in config.operations:
         catalogue["chat"] = chat_operation(
             config.model,

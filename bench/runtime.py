@@ -51,12 +51,13 @@ def wait_listening(port: int, timeout: float = 30) -> None:
     raise RuntimeError(f"nothing answered on port {port}")
 
 
-def layout(directory: Path, data_dir: Path) -> Path:
+def layout(directory: Path, data_dir: Path, sample_ratio: float) -> Path:
     runtime_cli(["init", str(directory), "--name", "bench-agent"])
     (directory / "users").write_text(hash_line("bench", ["operator"], PASSWORD) + "\n")
     config_file = directory / "config.yaml"
     data = RuntimeConfig.from_yaml(config_file.read_text()).model_dump(by_alias=True, mode="json", exclude_none=True)
     data["dataDir"] = str(data_dir)
+    data["observability"] = {**data.get("observability", {}), "traceSampleRatio": sample_ratio}
     config_file.write_text(RuntimeConfig.model_validate(data).to_yaml())
     return config_file
 
@@ -116,12 +117,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-runtime-") as tmp:
         workdir = Path(tmp)
         shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else workdir
+        # (audit on disk or tmpfs, share of requests traced); spans are made but not exported.
         variants = {
-            "ours: auth + RBAC + audit (fsync, disk)": workdir / "data-disk",
-            "ours: auth + RBAC + audit (fsync, tmpfs)": Path(tempfile.mkdtemp(prefix="bench-audit-", dir=shm)),
+            "ours: audit on disk, 10% traced": (workdir / "data-disk", 0.1),
+            "ours: audit on tmpfs, 10% traced": (Path(tempfile.mkdtemp(prefix="bench-audit-", dir=shm)), 0.1),
+            "ours: audit on tmpfs, 100% traced": (Path(tempfile.mkdtemp(prefix="bench-audit-", dir=shm)), 1.0),
         }
-        for index, (name, data_dir) in enumerate(variants.items()):
-            config = layout(workdir / f"agent-{index}", data_dir)
+        for index, (name, (data_dir, ratio)) in enumerate(variants.items()):
+            config = layout(workdir / f"agent-{index}", data_dir, ratio)
             port = free_port()
             process = serve(
                 [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 from typing import Any
 
 from agent_runtime.config import Permission, SecurityLevel
@@ -38,6 +39,24 @@ BUILTINS: dict[str, Operation] = {
 }
 
 
+PLUGIN_GROUP = "agent_runtime.operations"
+
+
+def discover_plugins() -> dict[str, Operation]:
+    """Operations from installed packages: each entry point of the group ``agent_runtime.operations``
+    names an Operation (or a function returning one). A plugin cannot replace a built-in."""
+    found: dict[str, Operation] = {}
+    for entry in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        loaded = entry.load()
+        operation = loaded() if callable(loaded) and not isinstance(loaded, Operation) else loaded
+        if not isinstance(operation, Operation):
+            raise TypeError(f"plugin {entry.name!r} ({entry.value}) does not provide an Operation")
+        if operation.name in BUILTINS:
+            raise ValueError(f"plugin {entry.name!r} would replace the built-in operation {operation.name!r}")
+        found[operation.name] = operation
+    return found
+
+
 class Registry:
     """The operations this agent enables (config.operations), out of those that exist."""
 
@@ -50,4 +69,4 @@ class Registry:
         return self.operations.get(name)
 
 
-__all__ = ["BUILTINS", "Handler", "InputError", "Operation", "Registry"]
+__all__ = ["BUILTINS", "PLUGIN_GROUP", "Handler", "InputError", "Operation", "Registry", "discover_plugins"]
