@@ -78,6 +78,7 @@ READINESS: web.AppKey[Readiness] = web.AppKey("readiness")
 STORE = web.AppKey("store", Store)
 REQUEST_ID = web.RequestKey("request_id", str)
 TRACE_ID = web.RequestKey("trace_id", str)
+TRACED = web.RequestKey("traced", bool)
 PRINCIPAL = web.RequestKey("principal", Principal)
 
 # Paths anyone may call; everything else needs a bearer token.
@@ -123,7 +124,14 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
 @web.middleware
 async def traced(request: web.Request, handler: Handler) -> web.StreamResponse:
     """A server span per request, continuing the caller's W3C trace; its trace id is returned
-    in X-Trace-ID and written into the audit record."""
+    in X-Trace-ID and written into the audit record. A new trace is sampled here (head sampling,
+    at traceSampleRatio); one that is not gets a trace id but no spans at all, which is most
+    requests and the cheap path. A caller's traceparent decides for itself (parent-based)."""
+    if "traceparent" not in request.headers and _ids.random() >= request.app[CONFIG].observability.trace_sample_ratio:
+        request[TRACE_ID] = f"{_ids.getrandbits(128):032x}"
+        request[TRACED] = False
+        return await handler(request)
+    request[TRACED] = True
     context = PROPAGATOR.extract(carrier=request.headers)
     tracer = request.app[TRACER]
     with tracer.start_as_current_span(
@@ -572,11 +580,17 @@ async def _execute(
         metrics.operations.labels(name, result).inc()
         await _audit(request, type="operation", action=name, result=result, details={**audit_details, **details})
 
+    tool_span = (
+        request.app[TRACER].start_as_current_span(f"execute_tool {name}", kind=trace.SpanKind.INTERNAL)
+        if request.get(TRACED)
+        else contextlib.nullcontext(None)
+    )
     try:
-        with request.app[TRACER].start_as_current_span(f"execute_tool {name}", kind=trace.SpanKind.INTERNAL) as span:
-            span.set_attribute("gen_ai.operation.name", "execute_tool")
-            span.set_attribute("gen_ai.tool.name", name)
-            span.set_attribute("agent.security_level", operation.level.value)
+        with tool_span as span:
+            if span is not None:
+                span.set_attribute("gen_ai.operation.name", "execute_tool")
+                span.set_attribute("gen_ai.tool.name", name)
+                span.set_attribute("agent.security_level", operation.level.value)
             async with asyncio.timeout(timeout):
                 result: dict[str, Any] = await request.app[BULKHEADS][name].run(lambda: operation.handler(argument))
     except ApiError:

@@ -9,7 +9,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from agent_runtime.config import ObservabilityConfig
@@ -20,10 +20,11 @@ PROPAGATOR = TraceContextTextMapPropagator()
 def make_tracer_provider(
     config: ObservabilityConfig, namespace: str, exporter: SpanExporter | None = None
 ) -> TracerProvider:
-    """A provider sampling ``traceSampleRatio`` of new traces and following the caller's
-    decision for traces that arrive with a sampled parent."""
+    """A provider for the runtime's spans, exporting over OTLP/HTTP when an endpoint is set."""
     resource = Resource.create({"service.name": config.service_name, "service.namespace": namespace})
-    provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(config.trace_sample_ratio)))
+    # The ratio is applied by the request middleware before any span exists (head sampling); the
+    # provider samples what reaches it, following a caller's sampled flag.
+    provider = TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_ON))
     if exporter is None and config.otlp_endpoint:
         exporter = OTLPSpanExporter(endpoint=f"{config.otlp_endpoint.rstrip('/')}/v1/traces")
     if exporter is not None:

@@ -26,6 +26,7 @@ async def test_phi_is_encrypted_at_rest_and_kept_out_of_audit_and_traces(aiohttp
         securityLevel="restricted",
         operations=["generate_report", "process_document"],
         compliance={"frameworks": ["HIPAA"]},
+        observability={"traceSampleRatio": 1.0},
     )
     exporter = InMemorySpanExporter()
     provider = make_tracer_provider(ObservabilityConfig(service_name="t", trace_sample_ratio=1.0), "t")
