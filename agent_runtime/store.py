@@ -17,6 +17,14 @@ from typing import Any
 from agent_runtime.crypto import FieldEncryptor
 
 
+def open_sqlite(path: Path) -> sqlite3.Connection:
+    """One connection for worker threads (callers serialise with a lock), in WAL mode, autocommit."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    connection.execute("PRAGMA journal_mode=WAL")
+    return connection
+
+
 @dataclass(frozen=True)
 class StoredResult:
     id: str
@@ -39,9 +47,7 @@ class Store:
         self._lock = threading.Lock()  # one connection, used from worker threads one at a time
 
     def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = open_sqlite(self.path)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS results (id TEXT PRIMARY KEY, kind TEXT NOT NULL, owner TEXT NOT NULL,"
             " created_at REAL NOT NULL, content_type TEXT NOT NULL, body BLOB NOT NULL)"

@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from agent_runtime.store import open_sqlite
+
 
 class RevocationList:
     def __init__(self, path: str | Path, clock: Callable[[], float] = time.time) -> None:
@@ -25,18 +27,17 @@ class RevocationList:
         self._lock = threading.Lock()  # one connection, used from worker threads one at a time
 
     def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = open_sqlite(self.path)
         self._db.execute("CREATE TABLE IF NOT EXISTS revoked (jti TEXT PRIMARY KEY, expires_at REAL NOT NULL)")
         now = self.clock()
         self._db.execute("DELETE FROM revoked WHERE expires_at < ?", (now,))
         self._revoked = dict(self._db.execute("SELECT jti, expires_at FROM revoked").fetchall())
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
 
     def is_revoked(self, token_id: str) -> bool:
         expires_at = self._revoked.get(token_id)
