@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ import yaml
 from agent_operator.cluster import Cluster, ensure_binaries
 from agent_operator.manifest import dump_yaml_all, load_agents
 from agent_operator.render import RenderPlan, build_children
+from tests.cluster.conftest import Kube
 from tests.cluster.operator_process import OperatorProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,20 +48,10 @@ def agents(namespace: str, count: int) -> list[dict[str, Any]]:
 class Bench:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
-        self.kubectl_path = str(ensure_binaries() / "kubectl")
+        self.kube = Kube(cluster.kubeconfig, str(ensure_binaries() / "kubectl"), cluster)
 
     def kubectl(self, *args: str, stdin: str | None = None) -> str:
-        result = subprocess.run(
-            [self.kubectl_path, f"--kubeconfig={self.cluster.kubeconfig}", *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=1800,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"kubectl {' '.join(args[:3])}: {result.stderr[:2000]}")
-        return result.stdout
+        return self.kube.kubectl(*args, stdin=stdin, timeout=1800).stdout
 
     def count(self, kind: str, namespace: str, jsonpath_test: str) -> int:
         listing = json.loads(self.kubectl("get", kind, "-n", namespace, "-o", "json"))

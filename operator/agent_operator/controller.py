@@ -202,7 +202,8 @@ class Controller:
             result = "error"
             try:
                 result = await self.reconcile(key)
-                self._failures.pop(key, None)
+                if result != "stalled":  # a Stalled agent waiting on a reference keeps its backoff growing
+                    self._failures.pop(key, None)
             except KubeError as error:
                 metrics.RECONCILE_ERRORS.labels(reason=f"api_{error.status}").inc()
                 log.warning("reconcile of %s/%s failed: %s", *key, error)

@@ -87,13 +87,18 @@ def crd_installed(kube: Kube) -> Kube:
     return kube
 
 
-@pytest.fixture
-def namespace(kube: Kube) -> Iterator[str]:
-    """A fresh namespace per test, deleted afterwards (without waiting for it to go)."""
-    name = f"t-{uuid.uuid4().hex[:8]}"
+def temporary_namespace(kube: Kube, prefix: str) -> Iterator[str]:
+    """A fresh namespace, deleted afterwards (without waiting for it to go)."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
     kube.kubectl("create", "namespace", name)
     yield name
     kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture
+def namespace(kube: Kube) -> Iterator[str]:
+    """A namespace per test, watched by the session operator (t-*)."""
+    yield from temporary_namespace(kube, "t")
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ import base64
 import json
 import signal
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from tests.cluster.agents import (
     wait_phase,
     wait_until,
 )
-from tests.cluster.conftest import Kube
+from tests.cluster.conftest import Kube, temporary_namespace
 from tests.cluster.operator_process import OperatorProcess
 
 pytestmark = pytest.mark.cluster
@@ -221,10 +220,7 @@ def test_bad_update_leaves_the_running_revision_alone(
 @pytest.fixture
 def ha_namespace(kube: Kube) -> Iterator[str]:
     """A namespace outside the session operator's reach (it watches t-*)."""
-    name = f"ha-{uuid.uuid4().hex[:8]}"
-    kube.kubectl("create", "namespace", name)
-    yield name
-    kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
+    yield from temporary_namespace(kube, "ha")
 
 
 def _ha_operator(kube: Kube, tmp_path: Path, namespace: str, lease: str, label: str) -> OperatorProcess:
