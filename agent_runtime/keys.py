@@ -13,6 +13,7 @@ import functools
 import json
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,22 +91,27 @@ class KeyRing:
     @classmethod
     def load(cls, directory: str | Path) -> KeyRing:
         path = Path(directory)
+        return cls.from_files({file.name: file.read_bytes() for file in sorted(path.iterdir())}, str(path))
+
+    @classmethod
+    def from_files(cls, files: Mapping[str, bytes], where: str) -> KeyRing:
+        """The ring from the key directory's files by name (also the key Secret's data, decoded)."""
         try:
-            active = json.loads((path / ACTIVE_KEYS_FILE).read_text())
-        except (OSError, ValueError) as error:
-            raise KeyError(f"{path / ACTIVE_KEYS_FILE}: cannot read the active key ids: {error}") from None
+            active = json.loads(files[ACTIVE_KEYS_FILE])
+        except (KeyError, ValueError) as error:
+            raise KeyError(f"{where}/{ACTIVE_KEYS_FILE}: cannot read the active key ids: {error}") from None
         signing: dict[str, SigningKey] = {}
         encryption: dict[str, bytes] = {}
-        for file in sorted(path.iterdir()):
-            if file.name.startswith(SIGNING_PREFIX):
-                kid = file.name.removeprefix(SIGNING_PREFIX)
-                signing[kid] = _signing_key(kid, file.read_bytes())
-            elif file.name.startswith(ENCRYPTION_PREFIX):
-                kid = file.name.removeprefix(ENCRYPTION_PREFIX)
-                encryption[kid] = base64.urlsafe_b64decode(file.read_bytes().strip())
+        for name, content in sorted(files.items()):
+            if name.startswith(SIGNING_PREFIX):
+                kid = name.removeprefix(SIGNING_PREFIX)
+                signing[kid] = _signing_key(kid, content)
+            elif name.startswith(ENCRYPTION_PREFIX):
+                kid = name.removeprefix(ENCRYPTION_PREFIX)
+                encryption[kid] = base64.urlsafe_b64decode(content.strip())
         ring = cls(signing, encryption, str(active.get("jwt")), str(active.get("dek")))
         if ring.active_signing not in signing or ring.active_encryption not in encryption:
-            raise KeyError(f"{path}: active.json names keys that are not in the directory")
+            raise KeyError(f"{where}: active.json names keys that are not in the directory")
         return ring
 
 

@@ -100,6 +100,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             workers=args.workers,
             resync_seconds=args.resync_seconds,
             operator_namespace=args.operator_namespace,
+            analysis_base_url=args.analysis_base_url,
         )
     )
 
@@ -170,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--operator-namespace",
         default=os.environ.get("POD_NAMESPACE", "enterprise-agent-system"),
         help="namespace agents' NetworkPolicies admit the operator from",
+    )
+    run.add_argument(
+        "--analysis-base-url",
+        default=None,
+        help="send every rollout analysis request to this URL instead of the Services and pods "
+        "(for a runtime on loopback; outside a cluster the HTTP checks are otherwise Skipped)",
     )
     run.set_defaults(func=cmd_run)
 

@@ -26,6 +26,16 @@ class Reason:
     RECONCILED = "Reconciled"
     AS_EXPECTED = "AsExpected"
     DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
+    # Blue-green rollout steps and outcomes.
+    PREVIEW_PROGRESSING = "PreviewProgressing"
+    ANALYSING = "Analysing"
+    AWAITING_PROMOTION = "AwaitingPromotion"
+    PROMOTING = "Promoting"
+    PROMOTED = "Promoted"
+    ABORTED = "Aborted"
+    ANALYSIS_FAILED = "AnalysisFailed"
+    ROLLOUT_COMPLETED = "RolloutCompleted"
+    ROLLED_BACK = "RolledBack"
 
 
 Condition = dict[str, Any]

@@ -16,19 +16,24 @@ import random
 import time
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any
 
-from agent_operator import metrics
+from agent_operator import metrics, rollout
 from agent_operator import reconcile as core
+from agent_operator.analysis import HttpAnalysis
 from agent_operator.conditions import Reason
 from agent_operator.kube import Kube, KubeError, now_rfc3339
 from agent_operator.manifest import FieldError, ManifestError, parse_agent
+from agent_operator.render import KeyVersions, compute_revision
 from agent_operator.render.common import (
     ANNOTATION_ROTATE_KEYS,
     LABEL_INSTANCE,
     LABEL_MANAGED_BY,
     MANAGER,
+    active_service_name,
     key_secret_name,
+    preview_service_name,
 )
 from agent_operator.render.keys import ANNOTATION_ROTATED_FOR, build_key_secret
 from agent_operator.spec import API_VERSION, KIND, EnterpriseAgent
@@ -48,7 +53,9 @@ CHILD_KINDS = (
     ("policy/v1", "PodDisruptionBudget"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"),
     ("networking.k8s.io/v1", "NetworkPolicy"),
+    ("discovery.k8s.io/v1", "EndpointSlice"),  # made by Kubernetes from our Services; read only
 )
+ENDPOINT_SLICE = "EndpointSlice"
 
 
 class WorkQueue:
@@ -95,6 +102,8 @@ class ControllerSettings:
     backoff_base_seconds: float = 1.0
     backoff_max_seconds: float = 300.0
     child_event_delay_seconds: float = 1.0
+    # Where the rollout analysis sends its HTTP checks (None: Service DNS and pod IPs in-cluster).
+    analysis_base_url: str | None = None
 
 
 class Controller:
@@ -104,9 +113,12 @@ class Controller:
         self.queue = WorkQueue()
         self.agents: dict[AgentKey, dict[str, Any]] = {}
         self.children: dict[AgentKey, dict[core.ChildKey, dict[str, Any]]] = {}
+        self.endpoint_slices: dict[AgentKey, dict[str, dict[str, Any]]] = {}
+        self.analysis = HttpAnalysis(settings.analysis_base_url)
         self.leading = asyncio.Event()
         self._failures: dict[AgentKey, int] = {}
         self._rendered: dict[AgentKey, tuple[tuple[Any, ...], core.Desired]] = {}
+        self._revisions: dict[AgentKey, tuple[tuple[Any, ...], str]] = {}
         self._generation_seen_at: dict[tuple[AgentKey, int], float] = {}
         self.last_heartbeat = time.monotonic()
 
@@ -118,8 +130,10 @@ class Controller:
         if event_type == "DELETED":
             self.agents.pop(key, None)
             self.children.pop(key, None)
+            self.endpoint_slices.pop(key, None)
             self._failures.pop(key, None)
             self._rendered.pop(key, None)
+            self._revisions.pop(key, None)
         else:
             self.agents[key] = body
             generation = body["metadata"].get("generation", 0)
@@ -135,7 +149,13 @@ class Controller:
             return
         key = (metadata["namespace"], owner)
         child = (body["apiVersion"], body["kind"], metadata["name"])
-        if event_type == "DELETED":
+        if body["kind"] == ENDPOINT_SLICE:  # not a child: never compared, never deleted
+            slices = self.endpoint_slices.setdefault(key, {})
+            if event_type == "DELETED":
+                slices.pop(metadata["name"], None)
+            else:
+                slices[metadata["name"]] = body
+        elif event_type == "DELETED":
             self.children.get(key, {}).pop(child, None)
         else:
             self.children.setdefault(key, {})[child] = body
@@ -262,9 +282,18 @@ class Controller:
             uid=observed.uid,
             key_data=key_secret.get("data") or {},
             key_rotated_for=(key_secret["metadata"].get("annotations") or {}).get(ANNOTATION_ROTATED_FOR),
+            annotations=body["metadata"].get("annotations") or {},
+            endpoint_slices=list(self.endpoint_slices.get(key, {}).values()),
         )
-        rendered = self._desired(key, body, key_secret, agent, observed)
-        plan = core.plan(agent, observed, now, self.settings.operator_namespace, rendered)
+        revision = self._revision(key, body, key_secret, agent)
+        moment = datetime.now(UTC)
+        decision = rollout.decide(core.rollout_input(agent, observed, revision, moment))
+        checks = None
+        if decision.measure is not None:
+            checks = await self._measure(agent, observed, decision)
+            decision = rollout.decide(core.rollout_input(agent, observed, revision, moment, checks))
+        wanted = self._desired(key, body, key_secret, agent, observed, decision, revision)
+        plan = core.plan(agent, observed, now, wanted)
         try:
             await asyncio.gather(*(self._apply(children, manifest) for manifest in plan.apply))
         except KubeError as error:
@@ -278,11 +307,53 @@ class Controller:
             await self.kube.delete(api_version, kind, agent.namespace, name)
             children.pop((api_version, kind, name), None)
         if plan.apply or plan.delete:
-            # Judge the status on what now exists, not on what existed before these writes.
-            plan = core.plan(
-                agent, replace(observed, children=children), now, self.settings.operator_namespace, rendered
+            # Judge the status on what now exists, not on what existed before these writes, as
+            # long as that does not change the decision (a step is taken once its children exist).
+            fresher = rollout.decide(
+                core.rollout_input(agent, replace(observed, children=children), revision, moment, checks)
             )
-        return await self._finish(body, plan, key)
+            if rollout.same_course(decision, fresher):
+                plan = core.plan(agent, replace(observed, children=children), now, replace(wanted, decision=fresher))
+        result = await self._finish(body, plan, key)
+        self._after_decision(key, decision)
+        return result
+
+    def _after_decision(self, key: AgentKey, decision: rollout.Decision) -> None:
+        """Counts what the written status made final, and comes back when a timer runs out."""
+        if decision.outcome is not None:
+            metrics.ROLLOUTS.labels(result=decision.outcome).inc()
+        if decision.promotion_seconds is not None:
+            metrics.PROMOTION_DURATION.observe(decision.promotion_seconds)
+        if decision.requeue_after is not None:
+            # A moment past the deadline, so the next reconcile sees it has passed.
+            self.queue.add_after(key, decision.requeue_after + 0.5)
+
+    async def _measure(
+        self, agent: EnterpriseAgent, observed: core.Observed, decision: rollout.Decision
+    ) -> list[rollout.Check]:
+        """The HTTP checks of the colour the decision names, through the Service that serves it."""
+        if decision.measure == "preview":
+            service, color = preview_service_name(agent), decision.active_color.other
+        else:
+            service, color = active_service_name(agent), decision.active_color
+        pod_ips = core.ready_endpoint_addresses(agent, observed.endpoint_slices, service, color)
+        return await self.analysis.measure(agent, service, pod_ips, observed.key_data)
+
+    def _revision(
+        self, key: AgentKey, body: Mapping[str, Any], key_secret: Mapping[str, Any], agent: EnterpriseAgent
+    ) -> str:
+        """The revision hash renders the pod template: reuse it while the spec and keys are unchanged."""
+        inputs = (
+            body["metadata"]["uid"],
+            body["metadata"].get("generation"),
+            key_secret["metadata"].get("resourceVersion"),
+        )
+        cached = self._revisions.get(key)
+        if cached is not None and cached[0] == inputs:
+            return cached[1]
+        revision = compute_revision(agent, KeyVersions.from_secret_data(key_secret.get("data") or {}))
+        self._revisions[key] = (inputs, revision)
+        return revision
 
     def _desired(
         self,
@@ -291,19 +362,21 @@ class Controller:
         key_secret: Mapping[str, Any],
         agent: EnterpriseAgent,
         observed: core.Observed,
+        decision: rollout.Decision,
+        revision: str,
     ) -> core.Desired:
         """Rendering is the costly part of a reconcile; reuse it while its inputs are unchanged
-        (the spec's generation, the key Secret, the active colour)."""
+        (the spec's generation, the key Secret, the rollout's layout)."""
         inputs = (
             body["metadata"]["uid"],
             body["metadata"].get("generation"),
             key_secret["metadata"].get("resourceVersion"),
-            observed.status.get("activeColor"),
+            core.render_key(agent, observed, decision),
         )
         cached = self._rendered.get(key)
         if cached is not None and cached[0] == inputs:
-            return cached[1]
-        rendered = core.desired_state(agent, observed, self.settings.operator_namespace)
+            return replace(cached[1], decision=decision)
+        rendered = core.desired_state(agent, observed, decision, revision, self.settings.operator_namespace)
         self._rendered[key] = (inputs, rendered)
         return rendered
 

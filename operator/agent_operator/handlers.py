@@ -24,6 +24,8 @@ CHILD_RESOURCES = (
     ("policy", "v1", "poddisruptionbudgets"),
     ("autoscaling", "v2", "horizontalpodautoscalers"),
     ("networking.k8s.io", "v1", "networkpolicies"),
+    # Not ours, but they carry our Services' labels: which pods really receive traffic.
+    ("discovery.k8s.io", "v1", "endpointslices"),
 )
 
 

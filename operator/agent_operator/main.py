@@ -39,6 +39,7 @@ class RunOptions:
     workers: int = 8
     resync_seconds: float = 300.0
     operator_namespace: str = "enterprise-agent-system"
+    analysis_base_url: str | None = None
 
 
 class _JsonFormatter(logging.Formatter):
@@ -97,6 +98,7 @@ async def run_operator(options: RunOptions) -> None:
             operator_namespace=options.operator_namespace,
             workers=options.workers,
             resync_seconds=options.resync_seconds,
+            analysis_base_url=options.analysis_base_url,
         ),
     )
     identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"

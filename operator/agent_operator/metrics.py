@@ -25,3 +25,13 @@ API_WRITES = Counter(
 QUEUE_DEPTH = Gauge("agent_operator_workqueue_depth", "Agents waiting to be reconciled.")
 LEADER = Gauge("agent_operator_leader", "1 while this replica holds the leader Lease, else 0.")
 RESYNCS = Counter("agent_operator_resyncs_total", "Periodic resyncs that queued every agent.")
+ROLLOUTS = Counter(
+    "agent_operator_rollouts_total",
+    "Blue-green rollouts that ended, by result: promoted, aborted, analysis_failed, deadline_exceeded, rolled_back.",
+    ["result"],
+)
+PROMOTION_DURATION = Histogram(
+    "agent_operator_promotion_duration_seconds",
+    "Seconds from the start of a rollout until traffic switched to the new colour.",
+    buckets=(5, 10, 20, 30, 45, 60, 90, 120, 300, 600, 1800, 3600),
+)

@@ -2,9 +2,14 @@
 
     kubectl ea get [-n NS | -A]
     kubectl ea status NAME [-n NS] [--watch]
+    kubectl ea promote NAME     approve the preview (sets spec.rollout.promote, as a Git commit would)
+    kubectl ea abort NAME       traffic stays on, or returns to, the stable colour
+    kubectl ea retry NAME       try an aborted rollout again
+    kubectl ea undo NAME        put the previous revision's spec back (this drifts from Git)
 
-Exit codes: 0 success; 1 the agent is Stalled or Degraded (status); 2 usage or not found;
-3 the API could not be reached.
+Exit codes: 0 success; 1 the agent is Stalled or Degraded (status), or it is in no state for the
+command (nothing to promote, abort, retry or undo); 2 usage or not found; 3 the API could not be
+reached.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import urllib3
@@ -20,6 +26,13 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
+from agent_operator.render.common import (
+    ANNOTATION_ABORT,
+    ANNOTATION_RETRY,
+    ANNOTATION_SPEC,
+    decode_spec,
+    deployment_name_for,
+)
 from agent_operator.spec import GROUP, PLURAL, VERSION
 
 EXIT_OK, EXIT_UNHEALTHY, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -39,6 +52,11 @@ def _api(args: argparse.Namespace) -> tuple[client.CustomObjectsApi, str]:
     except (ConfigException, OSError) as error:
         raise PluginError(f"cannot load a kubeconfig: {error}", EXIT_UNREACHABLE) from None
     return client.CustomObjectsApi(), namespace
+
+
+FIELD_MANAGER = "kubectl-ea"
+# The sequence `status` draws its progress line from.
+STEPS = ("Preview", "Analysis", "AwaitingPromotion", "Promoting", "PostPromotion", "Completed")
 
 
 def _call(function: Any, *args: Any) -> Any:
@@ -111,6 +129,7 @@ def render_status(agent: dict[str, Any]) -> str:
         lines.append(f"Preview:     {rollout.get('previewColor', '-')} at revision {status['previewRevision']}")
     if rollout.get("step"):
         lines.append(f"Rollout:     {rollout['step']}  {rollout.get('message', '')}".rstrip())
+        lines.append(f"Progress:    {progress_line(rollout)}")
     for check in rollout.get("analysis") or []:
         lines.append(f"  {check['result']:<8} {check['name']:<12} {check.get('message', '')}")
     generation = agent["metadata"].get("generation")
@@ -124,6 +143,16 @@ def render_status(agent: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def progress_line(rollout: dict[str, Any]) -> str:
+    """A bar over the blue-green steps, e.g. ``[##----] 2/6 Analysis``."""
+    step = rollout.get("step", "")
+    if step == "Aborted":
+        reason = rollout.get("abortReason") or "Aborted"
+        return f"[{'x' * len(STEPS)}] aborted ({reason}); `kubectl ea retry` starts it again"
+    done = STEPS.index(step) + 1 if step in STEPS else 0
+    return f"[{'#' * done}{'-' * (len(STEPS) - done)}] {done}/{len(STEPS)} {step}"
+
+
 def _unhealthy(agent: dict[str, Any]) -> bool:
     return (agent.get("status") or {}).get("phase") in ("Stalled", "Degraded")
 
@@ -132,22 +161,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     api, namespace = _api(args)
 
     def fetch() -> dict[str, Any]:
-        try:
-            agent: dict[str, Any] = _call(
-                api.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, args.name
-            )
-        except PluginError as error:
-            if error.code == EXIT_USAGE:
-                raise PluginError(
-                    f'EnterpriseAgent "{args.name}" not found in namespace "{namespace}"', EXIT_USAGE
-                ) from None
-            raise
-        return agent
+        return _fetch(api, namespace, args.name)
 
     agent = fetch()
     print(render_status(agent))
     last = agent["metadata"].get("resourceVersion")
-    while args.watch and (agent.get("status") or {}).get("phase") not in ("Ready", "Stalled", "Degraded"):
+    while args.watch and (agent.get("status") or {}).get("phase") not in ("Ready", "Stalled", "Degraded", "Paused"):
         time.sleep(args.interval)
         agent = fetch()
         if agent["metadata"].get("resourceVersion") != last:
@@ -156,8 +175,114 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_UNHEALTHY if _unhealthy(agent) else EXIT_OK
 
 
+def _fetch(api: client.CustomObjectsApi, namespace: str, name: str) -> dict[str, Any]:
+    try:
+        agent: dict[str, Any] = _call(api.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
+    except PluginError as error:
+        if error.code == EXIT_USAGE:
+            raise PluginError(f'EnterpriseAgent "{name}" not found in namespace "{namespace}"', EXIT_USAGE) from None
+        raise
+    return agent
+
+
+def _patch(api: client.CustomObjectsApi, namespace: str, name: str, body: Any) -> None:
+    """A merge patch (a dict) or a JSON patch (a list), recorded under our field manager."""
+    _call(
+        lambda: api.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, body, field_manager=FIELD_MANAGER
+        )
+    )
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    api, namespace = _api(args)
+    agent = _fetch(api, namespace, args.name)
+    status, rollout = agent.get("status") or {}, (agent.get("status") or {}).get("rollout") or {}
+    revision = status.get("previewRevision")
+    if not revision or rollout.get("step") not in ("Preview", "Analysis", "AwaitingPromotion"):
+        raise PluginError(
+            f"{args.name} has no rollout waiting for promotion (step: {rollout.get('step') or 'none'})", 1
+        )
+    if (agent["spec"].get("rollout") or {}).get("promotion", "Auto") != "Manual":
+        raise PluginError(f"{args.name} promotes automatically (spec.rollout.promotion: Auto); nothing to approve", 1)
+    _patch(api, namespace, args.name, {"spec": {"rollout": {"promote": revision}}})
+    print(f"approved revision {revision} of {namespace}/{args.name} (spec.rollout.promote: {revision!r})")
+    print("  to keep the approval in Git, commit the same field", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_abort(args: argparse.Namespace) -> int:
+    api, namespace = _api(args)
+    agent = _fetch(api, namespace, args.name)
+    status = agent.get("status") or {}
+    step = (status.get("rollout") or {}).get("step")
+    if step in ("Preview", "Analysis", "AwaitingPromotion", "Promoting"):
+        revision = status.get("previewRevision")
+    elif step == "PostPromotion":
+        revision = status.get("activeRevision")
+    else:
+        raise PluginError(
+            f"{args.name} has no rollout in progress (step: {step or 'none'}); `kubectl ea undo` restores the previous revision",
+            1,
+        )
+    _patch(api, namespace, args.name, {"metadata": {"annotations": {ANNOTATION_ABORT: revision}}})
+    print(f"aborting the rollout of revision {revision} of {namespace}/{args.name}; traffic stays on the stable colour")
+    return EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    api, namespace = _api(args)
+    agent = _fetch(api, namespace, args.name)
+    status = agent.get("status") or {}
+    if (status.get("rollout") or {}).get("step") != "Aborted":
+        raise PluginError(f"{args.name} has no aborted rollout to retry", 1)
+    token = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    annotations = {ANNOTATION_ABORT: None, ANNOTATION_RETRY: token}
+    _patch(api, namespace, args.name, {"metadata": {"annotations": annotations}})
+    print(f"retrying the rollout of revision {status.get('previewRevision')} of {namespace}/{args.name}")
+    return EXIT_OK
+
+
+def cmd_undo(args: argparse.Namespace) -> int:
+    api, namespace = _api(args)
+    agent = _fetch(api, namespace, args.name)
+    status = agent.get("status") or {}
+    active = status.get("activeColor")
+    if not active:
+        raise PluginError(f"{args.name} has not served any revision yet", 1)
+    # During or after a failed rollout the previous revision is the one serving; otherwise it is
+    # the one the other colour ran before the last promotion.
+    color = active if status.get("previewRevision") else ("green" if active == "blue" else "blue")
+    apps = client.AppsV1Api()
+    try:
+        deployment = apps.read_namespaced_deployment(deployment_name_for(args.name, color), namespace)
+    except ApiException as error:
+        if error.status == 404:
+            raise PluginError(f"{args.name} has no previous revision to go back to", 1) from None
+        raise PluginError(f"API error {error.status}: {error.reason}", EXIT_UNREACHABLE) from None
+    except (OSError, urllib3.exceptions.HTTPError) as error:
+        raise PluginError(f"cannot reach the API server: {error}", EXIT_UNREACHABLE) from None
+    meta = deployment.metadata
+    text = ((meta.annotations if meta else None) or {}).get(ANNOTATION_SPEC)
+    try:
+        spec = decode_spec(text or "")
+    except ValueError:
+        raise PluginError(f"the {color} Deployment does not record the spec it ran; cannot undo", 1) from None
+    if spec == agent["spec"]:
+        raise PluginError(f"{args.name} already runs the previous spec", 1)
+    _patch(api, namespace, args.name, [{"op": "replace", "path": "/spec", "value": spec}])
+    revision = ((meta.labels if meta else None) or {}).get(f"{GROUP}/revision", "?")
+    print(f"{namespace}/{args.name}: spec set back to revision {revision}")
+    print(
+        "warning: the spec in the cluster now differs from Git; commit the same change, or Argo CD / Flux "
+        "will put the newer spec back",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kubectl ea", description="Inspect EnterpriseAgents.")
+    parser = argparse.ArgumentParser(prog="kubectl ea", description="Inspect and roll out EnterpriseAgents.")
     parser.add_argument("--kubeconfig", default=None)
     parser.add_argument("--context", default=None)
     parser.add_argument("-n", "--namespace", default=None)
@@ -170,7 +295,18 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("-w", "--watch", action="store_true", help="print each change until Ready, Stalled or Degraded")
     status.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
     status.set_defaults(func=cmd_status)
-    for sub in (get, status):  # kubectl users put -n after the verb
+    actions = []
+    for verb, func, text in (
+        ("promote", cmd_promote, "approve the preview revision (sets spec.rollout.promote)"),
+        ("abort", cmd_abort, "abort the rollout: traffic stays on, or returns to, the stable colour"),
+        ("retry", cmd_retry, "start an aborted rollout again"),
+        ("undo", cmd_undo, "set the spec back to the previous revision (drifts from Git)"),
+    ):
+        action = commands.add_parser(verb, help=text)
+        action.add_argument("name")
+        action.set_defaults(func=func)
+        actions.append(action)
+    for sub in (get, status, *actions):  # kubectl users put -n after the verb
         sub.add_argument("-n", "--namespace", default=argparse.SUPPRESS)
         sub.add_argument("--kubeconfig", default=argparse.SUPPRESS)
     return parser

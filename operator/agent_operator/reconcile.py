@@ -9,16 +9,37 @@ cost zero write requests.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from agent_operator import conditions as cond
+from agent_operator import rollout
 from agent_operator.conditions import Reason
 from agent_operator.manifest import FieldError
-from agent_operator.render import ColorPlan, KeyVersions, RenderPlan, active_selector, build_children, compute_revision
-from agent_operator.render.common import LABEL_REVISION, Manifest, deployment_name
-from agent_operator.spec import API_VERSION, KIND, QUANTITY, Color, EnterpriseAgent, Phase, parse_quantity
+from agent_operator.render import ColorPlan, KeyVersions, RenderPlan, active_selector, build_children
+from agent_operator.render.common import (
+    ANNOTATION_ABORT,
+    ANNOTATION_RETRY,
+    ANNOTATION_SPEC,
+    LABEL_REVISION,
+    Manifest,
+    active_service_name,
+    decode_spec,
+    deployment_name,
+    preview_service_name,
+)
+from agent_operator.spec import (
+    API_VERSION,
+    KIND,
+    QUANTITY,
+    Color,
+    EnterpriseAgent,
+    EnterpriseAgentSpec,
+    Phase,
+    parse_quantity,
+)
 from agent_runtime.config import BUILTIN_OPERATIONS
 
 # (apiVersion, kind, name) identifies a child within the agent's namespace.
@@ -39,6 +60,8 @@ class Observed:
     uid: str
     key_data: Mapping[str, str] | None = None
     key_rotated_for: str | None = None
+    annotations: Mapping[str, str] = field(default_factory=dict)  # the agent's
+    endpoint_slices: Sequence[Mapping[str, Any]] = ()  # of the agent's Services
 
 
 @dataclass
@@ -128,29 +151,6 @@ def referenced_secrets(agent: EnterpriseAgent) -> list[tuple[str, str]]:
 # --- status ---------------------------------------------------------------------------------------
 
 
-def _deployment_progress(deployment: Mapping[str, Any] | None, revision: str, replicas: int) -> tuple[str, str, bool]:
-    """(reason, message, ready) of the active Deployment towards ``revision`` at ``replicas``.
-    The message changes only when the count of available pods does, so a rollout costs few
-    status writes."""
-    if deployment is None:
-        return Reason.CREATING, "creating the Deployment", False
-    status = deployment.get("status") or {}
-    for condition in status.get("conditions") or []:
-        if condition.get("type") == "Progressing" and condition.get("reason") == "ProgressDeadlineExceeded":
-            return Reason.DEADLINE_EXCEEDED, condition.get("message", "progress deadline exceeded"), False
-    available = status.get("availableReplicas", 0)
-    done = (
-        deployment["metadata"].get("labels", {}).get(LABEL_REVISION) == revision
-        and status.get("observedGeneration", 0) >= deployment["metadata"].get("generation", 0)
-        and status.get("updatedReplicas", 0) == replicas
-        and status.get("replicas", 0) == replicas
-        and available >= replicas
-    )
-    if not done:
-        return Reason.ROLLING_OUT, f"rolling out revision {revision}: {available}/{replicas} pods available", False
-    return Reason.AVAILABLE, f"{available}/{replicas} pods available at revision {revision}", True
-
-
 def _events_for(old: list[cond.Condition], new: list[cond.Condition]) -> list[tuple[str, str, str]]:
     """An Event for every condition that changed status or reason; nothing when all is as before."""
     events = []
@@ -183,6 +183,7 @@ def _status(
     message: str,
     stalled: bool = False,
     degraded: bool = False,
+    paused: bool = False,
     extra: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
     generation = observed.generation
@@ -213,6 +214,8 @@ def _status(
         if stalled
         else Phase.DEGRADED
         if degraded
+        else Phase.PAUSED
+        if paused
         else Phase.READY
         if ready
         else Phase.PENDING
@@ -241,63 +244,204 @@ def stalled_plan(observed: Observed, errors: list[FieldError], reason: str, now:
     return Plan(status=status, events=events)
 
 
+# --- what the rollout sees -------------------------------------------------------------------------
+
+
+def colour_observed(deployment: Mapping[str, Any] | None) -> rollout.Colour:
+    """A colour's Deployment as the rollout state machine sees it."""
+    if deployment is None:
+        return rollout.Colour()
+    metadata, spec = deployment["metadata"], deployment.get("spec") or {}
+    status = deployment.get("status") or {}
+    replicas = int(spec.get("replicas", 1))
+    available = int(status.get("availableReplicas", 0))
+    rolled_out = (
+        status.get("observedGeneration", 0) >= metadata.get("generation", 0)
+        and status.get("updatedReplicas", 0) == replicas
+        and status.get("replicas", 0) == replicas
+        and available >= replicas
+    )
+    exceeded = any(
+        c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded"
+        for c in status.get("conditions") or []
+    )
+    return rollout.Colour(
+        revision=(metadata.get("labels") or {}).get(LABEL_REVISION),
+        replicas=replicas,
+        available=available,
+        rolled_out=rolled_out,
+        deadline_exceeded=exceeded,
+    )
+
+
+def _ready_endpoints(
+    agent: EnterpriseAgent, slices: Sequence[Mapping[str, Any]], service: str, color: Color
+) -> list[Mapping[str, Any]]:
+    prefix = deployment_name(agent, color) + "-"
+    found = []
+    for endpoint_slice in slices:
+        if (endpoint_slice["metadata"].get("labels") or {}).get("kubernetes.io/service-name") != service:
+            continue
+        for endpoint in endpoint_slice.get("endpoints") or []:
+            target = (endpoint.get("targetRef") or {}).get("name", "")
+            if (endpoint.get("conditions") or {}).get("ready") and target.startswith(prefix):
+                found.append(endpoint)
+    return found
+
+
+def ready_endpoints(agent: EnterpriseAgent, slices: Sequence[Mapping[str, Any]], service: str, color: Color) -> int:
+    """Ready endpoints behind ``service`` that are pods of ``color``: what traffic would reach."""
+    return len(_ready_endpoints(agent, slices, service, color))
+
+
+def ready_endpoint_addresses(
+    agent: EnterpriseAgent, slices: Sequence[Mapping[str, Any]], service: str, color: Color
+) -> list[str]:
+    """The first address of each such endpoint: where the analysis scrapes /metrics."""
+    return [e["addresses"][0] for e in _ready_endpoints(agent, slices, service, color) if e.get("addresses")]
+
+
+def rollout_input(
+    agent: EnterpriseAgent,
+    observed: Observed,
+    revision: str,
+    now: datetime,
+    checks: Sequence[rollout.Check] | None = None,
+) -> rollout.RolloutInput:
+    active = Color(observed.status.get("activeColor") or Color.BLUE.value)
+    colours = {
+        color: colour_observed(observed.children.get(("apps/v1", "Deployment", deployment_name(agent, color))))
+        for color in Color
+    }
+    return rollout.RolloutInput(
+        revision=revision,
+        replicas=agent.spec.replicas,
+        rollout=agent.spec.rollout,
+        status=observed.status,
+        colours=colours,
+        preview_endpoints=ready_endpoints(agent, observed.endpoint_slices, preview_service_name(agent), active.other),
+        active_endpoints=ready_endpoints(agent, observed.endpoint_slices, active_service_name(agent), active),
+        now=now,
+        abort_requested=observed.annotations.get(ANNOTATION_ABORT),
+        retry_requested=observed.annotations.get(ANNOTATION_RETRY),
+        checks=checks,
+    )
+
+
+def recorded_agent(agent: EnterpriseAgent, deployment: Mapping[str, Any] | None) -> EnterpriseAgent | None:
+    """The agent as it was when ``deployment`` was rendered (its spec annotation), or None when
+    the annotation is missing or not a valid spec."""
+    text = ((deployment or {}).get("metadata", {}).get("annotations") or {}).get(ANNOTATION_SPEC)
+    if not text:
+        return None
+    try:
+        spec = EnterpriseAgentSpec.model_validate(decode_spec(text))
+    except ValueError:  # pydantic's ValidationError is a ValueError too
+        return None
+    return agent.model_copy(update={"spec": spec})
+
+
 # --- the plan -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Desired:
-    """The children the spec asks for, and the revision they make up."""
+    """The children the decision asks for. ``keep`` are Deployments left as they are because the
+    spec they were made from cannot be read back."""
 
     revision: str
-    active: Color
+    decision: rollout.Decision
     children: list[Manifest]
+    keep: frozenset[ChildKey] = frozenset()
 
 
-def desired_state(agent: EnterpriseAgent, observed: Observed, operator_namespace: str) -> Desired:
-    """Renders every child; it depends only on the spec, the key Secret and the active colour,
-    so the controller may reuse it while those are unchanged."""
-    keys = KeyVersions.from_secret_data(observed.key_data or {})
-    active = Color(observed.status.get("activeColor") or Color.BLUE.value)
+def render_key(agent: EnterpriseAgent, observed: Observed, decision: rollout.Decision) -> tuple[Any, ...]:
+    """Everything :func:`desired_state` depends on besides the spec and keys, for caching."""
+    recorded = tuple(
+        (
+            layout,
+            None
+            if layout.from_spec
+            else (
+                (observed.children.get(("apps/v1", "Deployment", deployment_name(agent, layout.color))) or {})
+                .get("metadata", {})
+                .get("annotations", {})
+                .get(ANNOTATION_SPEC)
+            ),
+        )
+        for layout in decision.deployments
+    )
+    return (decision.active_color, decision.preview_color, recorded)
+
+
+def desired_state(
+    agent: EnterpriseAgent, observed: Observed, decision: rollout.Decision, revision: str, operator_namespace: str
+) -> Desired:
+    """Renders every child for the decision: a colour that keeps an older revision is rendered
+    from the spec recorded on its Deployment."""
+    colours: list[ColorPlan] = []
+    keep: set[ChildKey] = set()
+    for layout in decision.deployments:
+        key = ("apps/v1", "Deployment", deployment_name(agent, layout.color))
+        if layout.from_spec:
+            colours.append(ColorPlan(layout.color, layout.replicas))
+            continue
+        deployment = observed.children.get(key)
+        source = recorded_agent(agent, deployment)
+        if source is None or deployment is None:
+            keep.add(key)
+            continue
+        colours.append(ColorPlan(layout.color, layout.replicas, source, colour_observed(deployment).revision))
     render_plan = RenderPlan(
-        active=ColorPlan(active, agent.spec.replicas),
-        keys=keys,
+        deployments=tuple(colours),
+        active_color=decision.active_color,
+        preview_color=decision.preview_color,
+        keys=KeyVersions.from_secret_data(observed.key_data or {}),
         key_data=dict(observed.key_data) if observed.key_data else None,
         key_rotated_for=observed.key_rotated_for,
         operator_namespace=operator_namespace,
     )
     children = [owned(child, agent.name, observed.uid) for child in build_children(agent, render_plan)]
-    return Desired(compute_revision(agent, keys), active, children)
+    return Desired(revision, decision, children, frozenset(keep))
 
 
-def plan(
-    agent: EnterpriseAgent, observed: Observed, now: str, operator_namespace: str, rendered: Desired | None = None
-) -> Plan:
-    """Desired children, the difference to apply, stale children to delete, and the new status.
-    ``rendered`` is a :func:`desired_state` computed earlier for the same inputs."""
-    wanted = rendered or desired_state(agent, observed, operator_namespace)
-    revision, active, desired = wanted.revision, wanted.active, wanted.children
-    result = Plan(revision=revision)
-    desired_keys = {child_key(child) for child in desired}
-    result.apply = [child for child in desired if not is_subset(child, observed.children.get(child_key(child)))]
+def plan(agent: EnterpriseAgent, observed: Observed, now: str, wanted: Desired) -> Plan:
+    """The difference to apply, stale children to delete, and the new status."""
+    decision = wanted.decision
+    result = Plan(revision=wanted.revision)
+    desired_keys = {child_key(child) for child in wanted.children} | wanted.keep
+    result.apply = [child for child in wanted.children if not is_subset(child, observed.children.get(child_key(child)))]
     # Children we made earlier that the spec no longer asks for: an old revision's ConfigMap,
-    # an HPA or NetworkPolicy switched off, the other colour's Deployment.
+    # an HPA or NetworkPolicy switched off.
     result.delete = sorted(key for key in observed.children if key not in desired_keys)
-
-    deployment = observed.children.get(("apps/v1", "Deployment", deployment_name(agent, active)))
-    reason, message, ready = _deployment_progress(deployment, revision, agent.spec.replicas)
-    deployment_status = (deployment or {}).get("status") or {}
-    extra = {
-        "activeColor": active.value,
-        "activeRevision": revision if ready else observed.status.get("activeRevision"),
-        "replicas": deployment_status.get("replicas", 0),
-        "readyReplicas": deployment_status.get("readyReplicas", 0),
-        "selector": active_selector(agent, active),
-        "image": agent.spec.image,
-    }
-    degraded = reason == Reason.DEADLINE_EXCEEDED
-    result.status, result.events = _status(
-        observed, now, ready=ready, reason=reason, message=message, degraded=degraded, extra=extra
+    active_key = ("apps/v1", "Deployment", deployment_name(agent, decision.active_color))
+    active_status = (observed.children.get(active_key) or {}).get("status") or {}
+    active_manifest = next((c for c in wanted.children if child_key(c) == active_key), None)
+    image = (
+        active_manifest["spec"]["template"]["spec"]["containers"][0]["image"] if active_manifest else agent.spec.image
     )
+    extra = {
+        "activeColor": decision.active_color.value,
+        "activeRevision": decision.active_revision,
+        "previewRevision": decision.preview_revision,
+        "rollout": decision.rollout,
+        "replicas": active_status.get("replicas", 0),
+        "readyReplicas": active_status.get("readyReplicas", 0),
+        "selector": active_selector(agent, decision.active_color),
+        "image": image,
+    }
+    status, events = _status(
+        observed,
+        now,
+        ready=decision.ready,
+        reason=decision.reason,
+        message=decision.message,
+        degraded=decision.degraded,
+        paused=decision.paused,
+        extra=extra,
+    )
+    result.status = {k: v for k, v in status.items() if v is not None}
+    result.events = events + [e for e in decision.events if e not in events]
     return result
 
 

@@ -622,7 +622,10 @@ class RolloutSpec(ApiModel):
         le=86400,
     )
     progress_deadline_seconds: int = Field(
-        default=600, description="A rollout not promoted by then is aborted and marked Degraded.", ge=30, le=86400
+        default=600,
+        description="A preview not Ready and analysed by then is aborted and marked Degraded (waiting for a manual approval does not count).",
+        ge=30,
+        le=86400,
     )
     analysis: AnalysisSpec = Field(default_factory=AnalysisSpec, description="Analysis thresholds.")
 
@@ -873,13 +876,14 @@ class AnalysisResult(StrEnum):
     PENDING = "Pending"
     PASSED = "Passed"
     FAILED = "Failed"
+    SKIPPED = "Skipped"
 
 
 class AnalysisCheck(ApiModel):
     """The result of one analysis check."""
 
     name: str = Field(description="Check name: endpoints, readyz, errorRate, latency or smoke.", max_length=63)
-    result: AnalysisResult = Field(description="Pending, Passed or Failed.")
+    result: AnalysisResult = Field(description="Pending, Passed, Failed, or Skipped when it cannot run here.")
     message: str = Field(default="", description="What was measured.", max_length=1024)
     observed_at: str | None = Field(default=None, description="When the check last ran (RFC 3339).", max_length=64)
 
@@ -887,10 +891,28 @@ class AnalysisCheck(ApiModel):
 class RolloutStatus(ApiModel):
     """Progress of the current rollout."""
 
-    step: str | None = Field(default=None, description="The current step of the blue-green sequence.", max_length=63)
+    step: str | None = Field(
+        default=None,
+        description="Preview, Analysis, AwaitingPromotion, PostPromotion, Completed or Aborted.",
+        max_length=63,
+    )
     preview_color: Color | None = Field(default=None, description="Colour the preview runs in.")
     started_at: str | None = Field(default=None, description="When the rollout started.", max_length=64)
+    preview_ready_at: str | None = Field(
+        default=None, description="When the preview was Ready and in its Service's endpoints.", max_length=64
+    )
     promoted_at: str | None = Field(default=None, description="When traffic switched to the new colour.", max_length=64)
+    previous_revision: str | None = Field(
+        default=None, description="Revision that served traffic before the promotion.", max_length=63
+    )
+    abort_reason: str | None = Field(
+        default=None,
+        description="Why the rollout was aborted: Aborted, AnalysisFailed or ProgressDeadlineExceeded.",
+        max_length=63,
+    )
+    retried_for: str | None = Field(
+        default=None, description="The last retry request served (the retry annotation's value).", max_length=128
+    )
     analysis: list[AnalysisCheck] = Field(default_factory=list, description="Analysis check results.", max_length=16)
     message: str | None = Field(default=None, description="A human-readable note on the rollout.", max_length=4096)
 

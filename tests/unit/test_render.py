@@ -7,9 +7,16 @@ from typing import Any
 import pytest
 
 from agent_operator.render import ColorPlan, KeyVersions, RenderPlan, active_selector, build_children, compute_revision
-from agent_operator.render.common import LABEL_COLOR, LABEL_MANAGED_BY, LABEL_NAME, LABEL_REVISION
+from agent_operator.render.common import (
+    ANNOTATION_SPEC,
+    LABEL_COLOR,
+    LABEL_MANAGED_BY,
+    LABEL_NAME,
+    LABEL_REVISION,
+    decode_spec,
+)
 from agent_operator.render.keys import build_key_secret
-from agent_operator.spec import Color, EnterpriseAgent
+from agent_operator.spec import Color, EnterpriseAgent, EnterpriseAgentSpec
 from agent_runtime.config import RuntimeConfig, SecurityLevel
 from tests.helpers import example_agent, example_document
 
@@ -139,7 +146,11 @@ def test_hpa_targets_the_agent_not_a_deployment() -> None:
 
 def test_services_select_the_planned_colours() -> None:
     agent = example_agent("minimal")
-    plan = RenderPlan(active=ColorPlan(Color.GREEN, 2), preview=ColorPlan(Color.BLUE, 1))
+    plan = RenderPlan(
+        deployments=(ColorPlan(Color.GREEN, 2), ColorPlan(Color.BLUE, 1)),
+        active_color=Color.GREEN,
+        preview_color=Color.BLUE,
+    )
     kinds = _children(agent, plan)
     services = {s["metadata"]["name"]: s for s in kinds["Service"]}
     assert services["hello-agent"]["spec"]["selector"][LABEL_COLOR] == "green"
@@ -149,6 +160,32 @@ def test_services_select_the_planned_colours() -> None:
     assert active_selector(agent, Color.GREEN) == (
         "agents.enterprise.io/color=green,app.kubernetes.io/instance=hello-agent,app.kubernetes.io/name=hello-agent"
     )
+
+
+def test_stable_colour_renders_from_its_snapshot_during_a_rollout() -> None:
+    """The stable colour keeps its old template and ConfigMap; the preview gets the new spec."""
+    old = _agent(image="registry.example/support-bot:2.1.0")
+    new = _agent(image="registry.example/support-bot:2.2.0")
+    (old_deployment,) = _children(old)["Deployment"]
+    snapshot = decode_spec(old_deployment["metadata"]["annotations"][ANNOTATION_SPEC])
+    restored = old.model_copy(update={"spec": EnterpriseAgentSpec.model_validate(snapshot)})
+    old_revision = old_deployment["metadata"]["labels"][LABEL_REVISION]
+    plan = RenderPlan(
+        deployments=(ColorPlan(Color.BLUE, 3, restored, old_revision), ColorPlan(Color.GREEN, 1)),
+        active_color=Color.BLUE,
+        preview_color=Color.GREEN,
+    )
+    kinds = _children(new, plan)
+    by_colour = {d["metadata"]["labels"][LABEL_COLOR]: d for d in kinds["Deployment"]}
+    assert by_colour["blue"]["spec"]["template"] == old_deployment["spec"]["template"]
+    assert by_colour["green"]["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":2.2.0")
+    config_maps = {c["metadata"]["labels"][LABEL_REVISION] for c in kinds["ConfigMap"]}
+    assert config_maps == {old_revision, by_colour["green"]["metadata"]["labels"][LABEL_REVISION]}
+
+
+def test_encoded_spec_refuses_garbage() -> None:
+    with pytest.raises(ValueError, match="not an encoded spec"):
+        decode_spec("bm90IGd6aXA=")
 
 
 def test_deployment_selector_is_stable_across_revisions() -> None:

@@ -34,18 +34,23 @@ def compute_revision(agent: EnterpriseAgent, keys: KeyVersions) -> str:
 
 @dataclass(frozen=True)
 class ColorPlan:
-    """One colour's Deployment: the revision it runs and its replica count."""
+    """One colour's Deployment: its replicas and, when it is not the current spec (the stable
+    colour during a rollout), the spec and revision it keeps running."""
 
     color: Color
     replicas: int
+    source: EnterpriseAgent | None = None
+    revision: str | None = None
 
 
 @dataclass(frozen=True)
 class RenderPlan:
-    """The operator's decisions that the spec alone does not determine."""
+    """The operator's decisions that the spec alone does not determine: which colours run what,
+    and which colour each Service selects."""
 
-    active: ColorPlan
-    preview: ColorPlan | None = None
+    deployments: tuple[ColorPlan, ...]
+    active_color: Color
+    preview_color: Color
     keys: KeyVersions = field(default_factory=KeyVersions)
     key_data: dict[str, str] | None = None
     key_rotated_for: str | None = None
@@ -60,7 +65,9 @@ class RenderPlan:
     ) -> RenderPlan:
         """The plan for a new agent: blue is active at spec.replicas, nothing in preview."""
         return cls(
-            active=ColorPlan(Color.BLUE, agent.spec.replicas),
+            deployments=(ColorPlan(Color.BLUE, agent.spec.replicas),),
+            active_color=Color.BLUE,
+            preview_color=Color.BLUE,
             keys=keys or KeyVersions(),
             operator_namespace=operator_namespace,
         )
@@ -72,22 +79,25 @@ def active_selector(agent: EnterpriseAgent, color: Color) -> str:
 
 
 def build_children(agent: EnterpriseAgent, plan: RenderPlan) -> list[Manifest]:
-    """Every child of the agent for the current spec. Each Deployment renders the current
-    revision; keeping an old colour on its old template during a rollout is the rollout's job."""
+    """Every child of the agent. A colour renders the current spec unless the plan gives it
+    the spec it was created from; each running revision keeps its own ConfigMap."""
     revision = compute_revision(agent, plan.keys)
-    config = build_runtime_config(agent)
-    preview_color = plan.preview.color if plan.preview else plan.active.color
     children: list[Manifest] = [
         build_service_account(agent),
         build_key_secret(agent, plan.key_data, plan.key_rotated_for),
-        build_config_map(agent, config, revision),
-        build_deployment(agent, plan.active.color, revision, plan.active.replicas),
+        build_config_map(agent, build_runtime_config(agent), revision),
     ]
-    if plan.preview is not None:
-        children.append(build_deployment(agent, plan.preview.color, revision, plan.preview.replicas))
+    config_maps = {revision}
+    for colour in plan.deployments:
+        source = colour.source or agent
+        colour_revision = colour.revision or revision
+        children.append(build_deployment(source, colour.color, colour_revision, colour.replicas))
+        if colour.replicas > 0 and colour_revision not in config_maps:
+            config_maps.add(colour_revision)
+            children.append(build_config_map(source, build_runtime_config(source), colour_revision))
     children += [
-        build_service(agent, "active", plan.active.color),
-        build_service(agent, "preview", preview_color),
+        build_service(agent, "active", plan.active_color),
+        build_service(agent, "preview", plan.preview_color),
         build_pdb(agent),
     ]
     if agent.spec.autoscaling.enabled:

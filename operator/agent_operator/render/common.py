@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import gzip
 import hashlib
 import json
 import re
@@ -26,12 +28,22 @@ LABEL_REVISION = f"{GROUP}/revision"
 LABEL_SERVICE_ROLE = f"{GROUP}/service-role"
 ANNOTATION_REVISION = f"{GROUP}/revision"
 ANNOTATION_ROTATE_KEYS = f"{GROUP}/rotate-keys"
+# The spec a colour's Deployment was rendered from, so the operator can keep (and repair) the
+# stable colour while the spec describes the preview, and `kubectl ea undo` can restore it.
+ANNOTATION_SPEC = f"{GROUP}/spec"
+# Requests from `kubectl ea abort|retry` (metadata, so they do not change the spec or generation).
+ANNOTATION_ABORT = f"{GROUP}/abort"
+ANNOTATION_RETRY = f"{GROUP}/retry"
 
 Manifest = dict[str, Any]
 
 
 def deployment_name(agent: EnterpriseAgent, color: Color) -> str:
-    return f"{agent.name}-{color.value}"
+    return deployment_name_for(agent.name, color.value)
+
+
+def deployment_name_for(agent_name: str, color: str) -> str:
+    return f"{agent_name}-{color}"
 
 
 def active_service_name(agent: EnterpriseAgent) -> str:
@@ -101,3 +113,17 @@ def stable_hash(data: Any, length: int = 10) -> str:
     """A short hash of JSON-serialisable data that does not depend on dict order."""
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:length]
+
+
+def encode_spec(spec: Any) -> str:
+    """The spec as compact gzip+base64 JSON; a full spec stays well under the annotation limit."""
+    raw = json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()
+    return base64.b64encode(gzip.compress(raw, mtime=0)).decode()
+
+
+def decode_spec(text: str) -> Any:
+    """The inverse of :func:`encode_spec`; raises ValueError on anything else."""
+    try:
+        return json.loads(gzip.decompress(base64.b64decode(text, validate=True)))
+    except (OSError, EOFError, ValueError, TypeError) as error:
+        raise ValueError(f"not an encoded spec: {error}") from None

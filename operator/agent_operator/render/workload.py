@@ -6,6 +6,7 @@ from typing import Any
 
 from agent_operator.render.common import (
     ANNOTATION_REVISION,
+    ANNOTATION_SPEC,
     HTTP_PORT,
     LABEL_COLOR,
     LABEL_REVISION,
@@ -14,6 +15,7 @@ from agent_operator.render.common import (
     common_labels,
     config_map_name,
     deployment_name,
+    encode_spec,
     key_secret_name,
     metadata,
     selector_labels,
@@ -159,7 +161,10 @@ def build_deployment(agent: EnterpriseAgent, color: Color, revision: str, replic
         deployment_name(agent, color),
         {**version_labels(agent), LABEL_COLOR: color.value, LABEL_REVISION: revision},
     )
-    meta["annotations"] = {ANNOTATION_REVISION: revision}
+    meta["annotations"] = {
+        ANNOTATION_REVISION: revision,
+        ANNOTATION_SPEC: encode_spec(agent.spec.model_dump(by_alias=True, mode="json", exclude_unset=True)),
+    }
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

@@ -1,0 +1,561 @@
+"""The blue-green rollout as a pure state machine: (spec, observed) in, the next step out.
+
+Each call looks at the recorded status (the step, its timestamps) and at what the cluster shows
+(each colour's Deployment, the ready endpoints behind each Service, the analysis checks measured
+for this call) and decides: which colour runs which revision at how many replicas, which colour
+each Service selects, and the new rollout status. Steps are small and idempotent, so an operator
+killed at any point resumes from status: repeating a step changes nothing.
+
+    Preview -> Analysis -> AwaitingPromotion -> [Promoting] -> PostPromotion -> Completed
+       \\___________\\______________\\________________\\_______________\\-> Aborted
+
+No I/O here: the HTTP checks are measured by the controller when a decision asks for them
+(``Decision.measure``) and passed back in as ``RolloutInput.checks``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Any, Literal
+
+from agent_operator.conditions import Reason
+from agent_operator.spec import AnalysisResult, Color, PromotionMode, RolloutSpec
+
+
+class Step(StrEnum):
+    PREVIEW = "Preview"
+    ANALYSIS = "Analysis"
+    AWAITING_PROMOTION = "AwaitingPromotion"
+    PROMOTING = "Promoting"
+    POST_PROMOTION = "PostPromotion"
+    COMPLETED = "Completed"
+    ABORTED = "Aborted"
+
+
+# Steps during which a preview colour exists next to the stable one, before traffic moves.
+BEFORE_PROMOTION = (Step.PREVIEW, Step.ANALYSIS, Step.AWAITING_PROMOTION, Step.PROMOTING)
+ENDPOINTS_CHECK = "endpoints"
+
+Outcome = Literal["promoted", "aborted", "analysis_failed", "deadline_exceeded", "rolled_back"]
+
+
+@dataclass(frozen=True)
+class Colour:
+    """One colour's Deployment as observed."""
+
+    revision: str | None = None  # None: no Deployment
+    replicas: int = 0
+    available: int = 0
+    rolled_out: bool = False  # the controller has observed its spec and every pod is updated and available
+    deadline_exceeded: bool = False
+
+
+@dataclass(frozen=True)
+class Check:
+    """One analysis check's result."""
+
+    name: str
+    result: AnalysisResult
+    message: str = ""
+
+    def as_status(self, now: str) -> dict[str, Any]:
+        return {"name": self.name, "result": self.result.value, "message": self.message, "observedAt": now}
+
+
+@dataclass(frozen=True)
+class RolloutInput:
+    revision: str  # the revision the current spec renders
+    replicas: int  # spec.replicas
+    rollout: RolloutSpec
+    status: Mapping[str, Any]
+    colours: Mapping[Color, Colour]
+    preview_endpoints: int  # ready endpoints of the preview Service that are pods of the preview colour
+    active_endpoints: int  # ready endpoints of the active Service that are pods of the active colour
+    now: datetime
+    abort_requested: str | None = None  # the abort annotation: a revision
+    retry_requested: str | None = None  # the retry annotation: a token, served once
+    checks: Sequence[Check] | None = None  # HTTP checks measured for this decision, when it asked
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What one colour's Deployment should be. ``from_spec`` False: keep the spec it was made from."""
+
+    color: Color
+    replicas: int
+    from_spec: bool
+
+
+@dataclass
+class Decision:
+    active_color: Color
+    preview_color: Color  # the preview Service's colour
+    deployments: tuple[Layout, ...]
+    active_revision: str | None
+    preview_revision: str | None
+    rollout: dict[str, Any] | None  # status.rollout
+    reason: str
+    message: str
+    ready: bool = False
+    degraded: bool = False
+    paused: bool = False
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+    requeue_after: float | None = None
+    measure: Literal["preview", "active"] | None = None  # checks are needed to decide; measure and call again
+    outcome: Outcome | None = None
+    promotion_seconds: float | None = None
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: Any) -> datetime | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _seconds_until(moment: datetime, now: datetime) -> float:
+    return max(0.0, (moment - now).total_seconds())
+
+
+def preview_replicas(rollout: RolloutSpec, replicas: int) -> int:
+    return min(rollout.preview_replicas or replicas, replicas)
+
+
+def decide(i: RolloutInput) -> Decision:
+    """The next step for the agent; see the module docstring for the sequence."""
+    roll = dict(i.status.get("rollout") or {})
+    active = Color(i.status.get("activeColor") or Color.BLUE.value)
+    stable = i.status.get("activeRevision")
+    step = _step(roll.get("step"))
+    in_flight = i.status.get("previewRevision")
+
+    if stable is None or i.colours.get(active, Colour()).revision is None:
+        # Nothing has served yet (or the stable colour is gone with its spec): roll out in place.
+        return _steady(i, active, roll if step == Step.COMPLETED else None)
+    if step == Step.POST_PROMOTION:
+        return _post_promotion(i, active, roll)
+    if i.revision == stable:
+        if step in BEFORE_PROMOTION:  # the spec went back to the stable revision: drop the preview
+            return _steady(i, active, None, events=[("Normal", "RolloutCancelled", f"back to revision {stable}")])
+        return _steady(i, active, roll if step == Step.COMPLETED else None)
+    if step == Step.ABORTED and in_flight == i.revision:
+        token = i.retry_requested
+        if token and token != roll.get("retriedFor"):
+            return _start(i, active, {"retriedFor": token})
+        return _aborted(i, active, roll)
+    if step not in BEFORE_PROMOTION or in_flight != i.revision:
+        carried = {"retriedFor": roll["retriedFor"]} if roll.get("retriedFor") else {}
+        return _start(i, active, carried)
+    if i.abort_requested == i.revision:
+        return _abort(i, active, roll, Reason.ABORTED, "aborted on request; traffic stays on the stable colour")
+    if step == Step.PREVIEW:
+        return _preview(i, active, roll)
+    if step == Step.ANALYSIS:
+        return _analysis(i, active, roll)
+    if step == Step.AWAITING_PROMOTION:
+        return _awaiting(i, active, roll)
+    return _promoting(i, active, roll)
+
+
+def _step(value: Any) -> Step | None:
+    try:
+        return Step(value)
+    except ValueError:
+        return None
+
+
+# --- layouts --------------------------------------------------------------------------------------
+
+
+def _colour_from_spec(i: RolloutInput, color: Color) -> bool:
+    """A colour keeps its own recorded spec unless it already runs the current revision."""
+    return i.colours.get(color, Colour()).revision in (None, i.revision)
+
+
+def _idle(i: RolloutInput, color: Color) -> tuple[Layout, ...]:
+    """The other colour outside a rollout: kept at zero (its spec is what `undo` restores)."""
+    if i.colours.get(color, Colour()).revision is None:
+        return ()
+    return (Layout(color, 0, _colour_from_spec(i, color)),)
+
+
+def _during_rollout(i: RolloutInput, active: Color, preview_count: int) -> tuple[Layout, ...]:
+    return (
+        Layout(active, i.replicas, _colour_from_spec(i, active)),
+        Layout(active.other, preview_count, True),
+    )
+
+
+# --- states ---------------------------------------------------------------------------------------
+
+
+def _steady(
+    i: RolloutInput,
+    active: Color,
+    roll: dict[str, Any] | None,
+    events: list[tuple[str, str, str]] | None = None,
+) -> Decision:
+    """No rollout: the active colour runs the current spec at spec.replicas."""
+    colour = i.colours.get(active, Colour())
+    ready = colour.revision == i.revision and colour.rolled_out and colour.replicas == i.replicas
+    if colour.revision is None:
+        reason, message = Reason.CREATING, "creating the Deployment"
+    elif colour.deadline_exceeded and not ready:
+        reason, message = Reason.DEADLINE_EXCEEDED, f"revision {i.revision} did not become available in time"
+    elif ready:
+        reason, message = Reason.AVAILABLE, f"{colour.available}/{i.replicas} pods available at revision {i.revision}"
+    else:
+        reason = Reason.ROLLING_OUT
+        message = f"rolling out revision {i.revision}: {colour.available}/{i.replicas} pods available"
+    stable = i.revision if ready else i.status.get("activeRevision")
+    return Decision(
+        active_color=active,
+        preview_color=active,
+        deployments=(Layout(active, i.replicas, True), *_idle(i, active.other)),
+        active_revision=stable,
+        preview_revision=None,
+        rollout=roll,
+        reason=reason,
+        message=message,
+        ready=ready,
+        degraded=reason == Reason.DEADLINE_EXCEEDED,
+        events=events or [],
+    )
+
+
+def _start(i: RolloutInput, active: Color, carried: dict[str, Any]) -> Decision:
+    preview = active.other
+    roll = {
+        **carried,
+        "step": Step.PREVIEW.value,
+        "previewColor": preview.value,
+        "startedAt": rfc3339(i.now),
+        "analysis": [],
+        "message": f"rolling out revision {i.revision} to {preview.value}; {active.value} keeps serving",
+    }
+    count = preview_replicas(i.rollout, i.replicas)
+    return Decision(
+        active_color=active,
+        preview_color=preview,
+        deployments=_during_rollout(i, active, count),
+        active_revision=i.status.get("activeRevision"),
+        preview_revision=i.revision,
+        rollout=roll,
+        reason=Reason.PREVIEW_PROGRESSING,
+        message=f"starting preview of revision {i.revision} on {preview.value}: 0/{count} pods ready",
+        events=[("Normal", "RolloutStarted", roll["message"])],
+        requeue_after=float(i.rollout.progress_deadline_seconds),
+    )
+
+
+def _in_rollout(i: RolloutInput, active: Color, roll: dict[str, Any], **changes: Any) -> Decision:
+    """A decision that keeps both colours up with traffic on the stable one."""
+    base = Decision(
+        active_color=active,
+        preview_color=active.other,
+        deployments=_during_rollout(i, active, preview_replicas(i.rollout, i.replicas)),
+        active_revision=i.status.get("activeRevision"),
+        preview_revision=i.revision,
+        rollout=roll,
+        reason=Reason.PREVIEW_PROGRESSING,
+        message="",
+    )
+    return replace(base, **changes)
+
+
+def _deadline(i: RolloutInput, roll: dict[str, Any]) -> datetime:
+    started = parse_time(roll.get("startedAt")) or i.now
+    return started + timedelta(seconds=i.rollout.progress_deadline_seconds)
+
+
+def _preview_check(i: RolloutInput, active: Color, count: int) -> Check:
+    """Ready pods of the preview colour at the new revision, and in the preview Service's endpoints."""
+    colour = i.colours.get(active.other, Colour())
+    healthy = colour.revision == i.revision and colour.rolled_out and colour.replicas == count
+    endpoints = min(i.preview_endpoints, count)
+    message = f"{colour.available}/{count} pods ready, {endpoints}/{count} in the preview Service's endpoints"
+    passed = healthy and i.preview_endpoints >= count
+    return Check(ENDPOINTS_CHECK, AnalysisResult.PASSED if passed else AnalysisResult.PENDING, message)
+
+
+def _preview(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Decision:
+    deadline = _deadline(i, roll)
+    if i.now >= deadline or i.colours.get(active.other, Colour()).deadline_exceeded:
+        return _abort(i, active, roll, Reason.DEADLINE_EXCEEDED, _deadline_message(i))
+    count = preview_replicas(i.rollout, i.replicas)
+    check = _preview_check(i, active, count)
+    if check.result != AnalysisResult.PASSED:
+        return _in_rollout(
+            i,
+            active,
+            roll,
+            message=f"preview of revision {i.revision} on {active.other.value}: {check.message}",
+            requeue_after=_seconds_until(deadline, i.now),
+        )
+    now = rfc3339(i.now)
+    analysis = [check.as_status(now)] + [
+        Check(name, AnalysisResult.PENDING).as_status(now) for name in _http_check_names(i.rollout)
+    ]
+    window = i.rollout.analysis.window_seconds
+    roll = {**roll, "step": Step.ANALYSIS.value, "previewReadyAt": now, "analysis": analysis}
+    return _in_rollout(
+        i,
+        active,
+        roll,
+        reason=Reason.ANALYSING,
+        message=f"preview of revision {i.revision} is ready; analysing it for {window} s",
+        requeue_after=float(window),
+    )
+
+
+def _http_check_names(rollout: RolloutSpec) -> list[str]:
+    names = ["readyz", "errorRate", "latency"]
+    if rollout.analysis.smoke is not None:
+        names.append("smoke")
+    return names
+
+
+def _judge(i: RolloutInput, first: Check) -> tuple[list[Check], bool]:
+    checks = [first, *(i.checks or [])]
+    return checks, all(c.result in (AnalysisResult.PASSED, AnalysisResult.SKIPPED) for c in checks)
+
+
+def _analysis(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Decision:
+    deadline = _deadline(i, roll)
+    if i.now >= deadline:
+        return _abort(i, active, roll, Reason.DEADLINE_EXCEEDED, _deadline_message(i))
+    ready_at = parse_time(roll.get("previewReadyAt")) or i.now
+    window_end = ready_at + timedelta(seconds=i.rollout.analysis.window_seconds)
+    if i.now < window_end:
+        return _in_rollout(
+            i,
+            active,
+            roll,
+            reason=Reason.ANALYSING,
+            message=f"analysing revision {i.revision}: {int(_seconds_until(window_end, i.now))} s of the window left",
+            requeue_after=_seconds_until(window_end, i.now),
+        )
+    endpoints = _preview_check(i, active, preview_replicas(i.rollout, i.replicas))
+    if endpoints.result != AnalysisResult.PASSED:
+        endpoints = replace(endpoints, result=AnalysisResult.FAILED)
+    elif i.checks is None:
+        return _in_rollout(i, active, roll, reason=Reason.ANALYSING, message="measuring", measure="preview")
+    checks, passed = _judge(i, endpoints)
+    roll = {**roll, "analysis": [c.as_status(rfc3339(i.now)) for c in checks]}
+    if not passed:
+        failed = "; ".join(f"{c.name}: {c.message}" for c in checks if c.result == AnalysisResult.FAILED)
+        return _abort(i, active, roll, Reason.ANALYSIS_FAILED, f"analysis of revision {i.revision} failed: {failed}")
+    return _awaiting(i, active, {**roll, "step": Step.AWAITING_PROMOTION.value})
+
+
+def _awaiting(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Decision:
+    count = preview_replicas(i.rollout, i.replicas)
+    check = _preview_check(i, active, count)
+    if check.result != AnalysisResult.PASSED:
+        roll = {
+            **roll,
+            "analysis": [
+                *roll.get("analysis", [])[1:],
+                replace(check, result=AnalysisResult.FAILED).as_status(rfc3339(i.now)),
+            ],
+        }
+        return _abort(i, active, roll, Reason.ANALYSIS_FAILED, f"the preview lost readiness: {check.message}")
+    if i.rollout.promotion == PromotionMode.MANUAL:
+        if i.rollout.promote == i.revision:
+            return _promoting(i, active, roll)
+        return _in_rollout(
+            i,
+            active,
+            roll,
+            reason=Reason.AWAITING_PROMOTION,
+            message=(
+                f"analysis passed; approve revision {i.revision} with `kubectl ea promote NAME` "
+                f"or spec.rollout.promote: {i.revision!r}"
+            ),
+            paused=True,
+        )
+    ready_at = parse_time(roll.get("previewReadyAt")) or i.now
+    promote_at = ready_at + timedelta(seconds=i.rollout.analysis.window_seconds + i.rollout.auto_promotion_seconds)
+    if i.now < promote_at:
+        return _in_rollout(
+            i,
+            active,
+            roll,
+            reason=Reason.AWAITING_PROMOTION,
+            message=f"analysis passed; promoting automatically in {int(_seconds_until(promote_at, i.now))} s",
+            requeue_after=_seconds_until(promote_at, i.now),
+        )
+    return _promoting(i, active, roll)
+
+
+def _promoting(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Decision:
+    """Scale the preview to spec.replicas and wait until every pod is in its endpoints, then switch."""
+    colour = i.colours.get(active.other, Colour())
+    full = colour.revision == i.revision and colour.rolled_out and colour.replicas == i.replicas
+    if not full or i.preview_endpoints < i.replicas:
+        return _in_rollout(
+            i,
+            active,
+            {**roll, "step": Step.PROMOTING.value},
+            deployments=_during_rollout(i, active, i.replicas),
+            reason=Reason.PROMOTING,
+            message=(
+                f"scaling the preview to {i.replicas} before switching traffic: {colour.available} available, "
+                f"{min(i.preview_endpoints, i.replicas)} in endpoints"
+            ),
+        )
+    return _promote(i, active, roll)
+
+
+def _promote(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Decision:
+    new = active.other
+    started = parse_time(roll.get("startedAt"))
+    delay = i.rollout.scale_down_delay_seconds
+    message = (
+        f"traffic switched to {new.value} (revision {i.revision}); "
+        f"{active.value} is kept for {delay} s for a fast rollback"
+    )
+    roll = {
+        **roll,
+        "step": Step.POST_PROMOTION.value,
+        "promotedAt": rfc3339(i.now),
+        "previousRevision": i.status.get("activeRevision"),
+        "message": message,
+    }
+    return Decision(
+        active_color=new,
+        preview_color=new,
+        deployments=(Layout(new, i.replicas, True), Layout(active, i.replicas, _colour_from_spec(i, active))),
+        active_revision=i.revision,
+        preview_revision=None,
+        rollout=roll,
+        reason=Reason.PROMOTED,
+        message=message,
+        requeue_after=float(delay),
+        promotion_seconds=(i.now - started).total_seconds() if started else None,
+    )
+
+
+def _post_promotion(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Decision:
+    """Traffic is on the new colour; the old one is kept until the scale-down delay has passed."""
+    old = active.other
+    promoted = i.status.get("activeRevision")
+    previous = roll.get("previousRevision")
+    if i.revision == previous and previous is not None:
+        return _switch_back(i, active, roll, None, f"spec went back to revision {previous}: traffic switched back")
+    if i.revision != promoted:
+        return _start(i, active, {})  # a newer revision supersedes; the old colour becomes its preview
+    if i.abort_requested == promoted:
+        return _switch_back(i, active, roll, Reason.ABORTED, "aborted on request; traffic switched back")
+    promoted_at = parse_time(roll.get("promotedAt")) or i.now
+    scale_down_at = promoted_at + timedelta(seconds=i.rollout.scale_down_delay_seconds)
+    keep = Decision(
+        active_color=active,
+        preview_color=active,
+        deployments=(Layout(active, i.replicas, True), Layout(old, i.replicas, _colour_from_spec(i, old))),
+        active_revision=promoted,
+        preview_revision=None,
+        rollout=roll,
+        reason=Reason.PROMOTED,
+        message=roll.get("message") or f"traffic on {active.value}",
+    )
+    if i.now < scale_down_at:
+        return replace(keep, requeue_after=_seconds_until(scale_down_at, i.now))
+    colour = i.colours.get(active, Colour())
+    healthy = colour.rolled_out and colour.replicas == i.replicas and i.active_endpoints >= i.replicas
+    endpoints = Check(
+        ENDPOINTS_CHECK,
+        AnalysisResult.PASSED if healthy else AnalysisResult.FAILED,
+        f"{colour.available}/{i.replicas} pods ready, {min(i.active_endpoints, i.replicas)}/{i.replicas} "
+        "in the active Service's endpoints",
+    )
+    if healthy and i.checks is None:
+        return replace(keep, message="post-promotion check: measuring", measure="active")
+    checks, passed = _judge(i, endpoints)
+    roll = {**roll, "analysis": [c.as_status(rfc3339(i.now)) for c in checks]}
+    if not passed:
+        failed = "; ".join(f"{c.name}: {c.message}" for c in checks if c.result == AnalysisResult.FAILED)
+        return _switch_back(i, active, roll, Reason.ANALYSIS_FAILED, f"post-promotion check failed: {failed}")
+    roll = {**roll, "step": Step.COMPLETED.value, "message": f"revision {promoted} promoted; {old.value} scaled down"}
+    done = _steady(i, active, roll)
+    done.events.append(("Normal", Reason.ROLLOUT_COMPLETED, roll["message"]))
+    done.outcome = "promoted"
+    return done
+
+
+def _switch_back(i: RolloutInput, active: Color, roll: dict[str, Any], reason: str | None, message: str) -> Decision:
+    """Inside the scale-down window: traffic returns to the old colour, still running."""
+    old = active.other
+    previous = roll.get("previousRevision")
+    promoted = i.status.get("activeRevision")
+    back = {**i.status, "activeColor": old.value, "activeRevision": previous}
+    if reason is None:  # the spec itself went back: a plain rollback, nothing failed
+        roll = {**roll, "step": Step.COMPLETED.value, "message": message}
+        decision = _steady(replace(i, status=back), old, roll)
+        decision.events.append(("Warning", Reason.ROLLED_BACK, message))
+        decision.outcome = "rolled_back"
+        return decision
+    roll = {**roll, "step": Step.ABORTED.value, "abortReason": reason, "message": message}
+    return Decision(
+        active_color=old,
+        preview_color=old,
+        deployments=(Layout(old, i.replicas, _colour_from_spec(i, old)), Layout(active, 0, True)),
+        active_revision=previous,
+        preview_revision=promoted,
+        rollout=roll,
+        reason=reason,
+        message=message,
+        degraded=True,
+        outcome="aborted" if reason == Reason.ABORTED else "analysis_failed",
+    )
+
+
+def _abort(i: RolloutInput, active: Color, roll: dict[str, Any], reason: str, message: str) -> Decision:
+    """Before promotion: traffic never left the stable colour; the preview is scaled down."""
+    roll = {**roll, "step": Step.ABORTED.value, "abortReason": reason, "message": message}
+    outcome: Outcome = {
+        Reason.ABORTED: "aborted",
+        Reason.DEADLINE_EXCEEDED: "deadline_exceeded",
+    }.get(reason, "analysis_failed")  # type: ignore[assignment]
+    return replace(_aborted(i, active, roll), outcome=outcome)
+
+
+def _aborted(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Decision:
+    reason = roll.get("abortReason") or Reason.ABORTED
+    return Decision(
+        active_color=active,
+        preview_color=active,
+        deployments=_during_rollout(i, active, 0),
+        active_revision=i.status.get("activeRevision"),
+        preview_revision=i.revision,
+        rollout=roll,
+        reason=str(reason),
+        message=str(roll.get("message") or "rollout aborted")
+        + f"; `kubectl ea retry NAME` tries revision {i.revision} again",
+        degraded=True,
+    )
+
+
+def _deadline_message(i: RolloutInput) -> str:
+    return (
+        f"revision {i.revision} was not ready and analysed within "
+        f"spec.rollout.progressDeadlineSeconds ({i.rollout.progress_deadline_seconds} s)"
+    )
+
+
+def same_course(first: Decision, second: Decision) -> bool:
+    """Whether two decisions take the same step and differ at most in what the status says."""
+
+    def course(d: Decision) -> tuple[Any, ...]:
+        return (d.rollout, d.active_color, d.preview_color, d.active_revision, d.preview_revision, d.deployments)
+
+    return course(first) == course(second) and (first.outcome, first.events) == (second.outcome, second.events)
