@@ -18,7 +18,14 @@ from agent_operator import conditions as cond
 from agent_operator import rollout
 from agent_operator.conditions import Reason
 from agent_operator.manifest import FieldError
-from agent_operator.render import ColorPlan, KeyVersions, RenderPlan, active_selector, build_children
+from agent_operator.render import (
+    ColorPlan,
+    KeyVersions,
+    RenderPlan,
+    active_selector,
+    build_children,
+    compute_revision,
+)
 from agent_operator.render.common import (
     ANNOTATION_ABORT,
     ANNOTATION_RETRY,
@@ -443,6 +450,21 @@ def plan(agent: EnterpriseAgent, observed: Observed, now: str, wanted: Desired) 
     result.status = {k: v for k, v in status.items() if v is not None}
     result.events = events + [e for e in decision.events if e not in events]
     return result
+
+
+def plan_for(
+    agent: EnterpriseAgent,
+    observed: Observed,
+    now: datetime,
+    operator_namespace: str,
+    checks: Sequence[rollout.Check] | None = None,
+) -> Plan:
+    """The whole pure reconcile in one call, without the controller's caches: revision, rollout
+    decision, rendering and plan."""
+    revision = compute_revision(agent, KeyVersions.from_secret_data(observed.key_data or {}))
+    decision = rollout.decide(rollout_input(agent, observed, revision, now, checks))
+    wanted = desired_state(agent, observed, decision, revision, operator_namespace)
+    return plan(agent, observed, rollout.rfc3339(now), wanted)
 
 
 def status_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:

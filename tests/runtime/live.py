@@ -10,12 +10,16 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 import aiohttp
 
+from agent_operator.render.runtime_config import build_runtime_config
+from agent_operator.spec import EnterpriseAgent
+from agent_runtime.config import RuntimeConfig
+from agent_runtime.keys import write_key_files
 from tests.cluster.operator_process import free_port
 from tests.runtime.conftest import PASSWORD
 
@@ -81,3 +85,17 @@ async def load_then(base: str, token: str, workers: int, load_seconds: float, ac
         action()
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
     return answered
+
+
+def agent_runtime_layout(agent: EnterpriseAgent, directory: Path, key_files: Mapping[str, bytes]) -> Path:
+    """The runtime config the operator renders for ``agent`` (its ConfigMap), with the pod's paths
+    moved under ``directory`` and ``key_files`` as its key Secret: a stand-in for one agent pod."""
+    data = build_runtime_config(agent).model_dump(by_alias=True, mode="json", exclude_none=True)
+    write_key_files(directory / "keys", dict(key_files))
+    data["auth"] = {**data["auth"], "keysDir": str(directory / "keys")}
+    data["auth"].pop("usersFile", None)
+    data["dataDir"] = str(directory / "data")
+    data["audit"] = {**data.get("audit", {}), "stdout": False}
+    config = directory / "config.yaml"
+    config.write_text(RuntimeConfig.model_validate(data).to_yaml())
+    return config

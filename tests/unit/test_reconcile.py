@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 from typing import Any
 
 from agent_operator import conditions as cond
 from agent_operator.controller import WorkQueue
 from agent_operator.manifest import FieldError
-from agent_operator.reconcile import Observed, child_key, is_subset, plan, stalled_plan
+from agent_operator.reconcile import Observed, child_key, is_subset, plan_for, stalled_plan
 from agent_operator.render.common import LABEL_REVISION
 from tests.helpers import example_agent
 
 NOW, LATER = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
+NOW_TIME, LATER_TIME = (datetime.fromisoformat(t.replace("Z", "+00:00")) for t in (NOW, LATER))
 
 
 def test_is_subset_ignores_server_added_fields_and_zero_values() -> None:
@@ -64,7 +66,7 @@ def _deployment(revision: str, available: int, replicas: int = 1) -> dict[str, A
 
 def test_plan_for_a_new_agent_applies_every_child_and_is_progressing() -> None:
     agent = example_agent("minimal")
-    result = plan(agent, Observed(status={}, children={}, generation=1, uid="u1"), NOW, "ops")
+    result = plan_for(agent, Observed(status={}, children={}, generation=1, uid="u1"), NOW_TIME, "ops")
     assert {c["kind"] for c in result.apply} >= {"Deployment", "Service", "ConfigMap", "Secret", "NetworkPolicy"}
     assert all(c["metadata"]["ownerReferences"][0]["uid"] == "u1" for c in result.apply)
     assert result.status["phase"] == "Pending"
@@ -74,13 +76,13 @@ def test_plan_for_a_new_agent_applies_every_child_and_is_progressing() -> None:
 
 def test_plan_with_nothing_changed_writes_nothing_and_posts_nothing() -> None:
     agent = example_agent("minimal")
-    first = plan(agent, Observed(status={}, children={}, generation=1, uid="u1"), NOW, "ops")
+    first = plan_for(agent, Observed(status={}, children={}, generation=1, uid="u1"), NOW_TIME, "ops")
     children = {child_key(c): c for c in first.apply}
     deployment_key = ("apps/v1", "Deployment", "hello-agent-blue")
     children[deployment_key] = {**children[deployment_key], "status": _deployment(first.revision or "", 1)["status"]}
-    ready = plan(agent, Observed(status={}, children=children, generation=1, uid="u1"), NOW, "ops")
+    ready = plan_for(agent, Observed(status={}, children=children, generation=1, uid="u1"), NOW_TIME, "ops")
     assert ready.status["phase"] == "Ready"
-    again = plan(agent, Observed(status=ready.status, children=children, generation=1, uid="u1"), LATER, "ops")
+    again = plan_for(agent, Observed(status=ready.status, children=children, generation=1, uid="u1"), LATER_TIME, "ops")
     assert again.apply == []
     assert again.delete == []
     assert again.events == []
@@ -92,7 +94,7 @@ def test_plan_deletes_children_the_spec_no_longer_wants() -> None:
     stale = {
         ("v1", "ConfigMap", "hello-agent-config-0000000000"): {"metadata": {"name": "hello-agent-config-0000000000"}}
     }
-    result = plan(agent, Observed(status={}, children=stale, generation=1, uid="u1"), NOW, "ops")
+    result = plan_for(agent, Observed(status={}, children=stale, generation=1, uid="u1"), NOW_TIME, "ops")
     assert result.delete == [("v1", "ConfigMap", "hello-agent-config-0000000000")]
 
 
