@@ -34,9 +34,9 @@ def test_probe_routes_are_left_out() -> None:
 
 def test_thresholds_decide_each_check() -> None:
     traffic = parse_traffic(EXPOSITION)
-    loose = judge_metrics(traffic, AnalysisSpec(maxErrorRate=0.2, maxP95LatencySeconds=5))
+    loose = judge_metrics(traffic, AnalysisSpec.model_validate({"maxErrorRate": 0.2, "maxP95LatencySeconds": 5}))
     assert [c.result for c in loose] == [AnalysisResult.PASSED, AnalysisResult.PASSED]
-    strict = judge_metrics(traffic, AnalysisSpec(maxErrorRate=0.05, maxP95LatencySeconds=1))
+    strict = judge_metrics(traffic, AnalysisSpec.model_validate({"maxErrorRate": 0.05, "maxP95LatencySeconds": 1}))
     assert [c.result for c in strict] == [AnalysisResult.FAILED, AnalysisResult.FAILED]
     assert strict[0].message == "10.00% of 100 requests failed (limit 5.00%)"
 
@@ -55,5 +55,5 @@ def test_no_traffic_passes_and_says_so() -> None:
 
 
 def test_garbage_is_refused() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="could not convert"):
         parse_traffic('agent_http_requests_total{route="/x" 1\n')
