@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CRD := crds/enterpriseagents.agents.enterprise.io.yaml
 
-.PHONY: help venv test lint typecheck pytest crds run cluster-up cluster-down cluster-status bench bench-runtime e2e-kind clean
+.PHONY: help venv test lint typecheck pytest crds run cluster-up cluster-down cluster-status bench bench-runtime bench-rollout e2e-kind clean
 
 help:
 	@echo "make run    - operator against the current cluster, else the local control plane, with an example agent"
@@ -53,6 +53,9 @@ cluster-status: venv
 
 bench: venv
 	$(BIN)/python -m bench.operator --agents 100 1000
+
+bench-rollout: venv
+	$(BIN)/python -m bench.rollout --windows 0 5 10 --runs 3
 
 # wrk comes from Debian's packages; FastAPI and uvicorn from the bench extra (installed with the venv,
 # so mypy checks the bench servers too).

@@ -34,6 +34,7 @@ class OperatorProcess:
         lease_name: str,
         lease_seconds: int = 15,
         resync_seconds: float = 3.0,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.kubeconfig = kubeconfig
         self.log_path = log_path
@@ -43,7 +44,7 @@ class OperatorProcess:
             "--metrics-host=127.0.0.1", f"--metrics-port={self.port}",
             f"--lease-namespace={lease_namespace}", f"--lease-name={lease_name}", f"--lease-seconds={lease_seconds}",
             f"--resync-seconds={resync_seconds}", "--operator-namespace=enterprise-agent-system", "--log-format=json",
-            *[f"--namespace={n}" for n in namespaces],
+            *[f"--namespace={n}" for n in namespaces], *extra_args,
         ]  # fmt: skip
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -82,12 +82,19 @@ def test_update_changes_revision_and_replicas(crd_installed: Kube, operator: Ope
 
     assert second["status"]["activeRevision"] != first["status"]["activeRevision"]
     assert second["status"]["readyReplicas"] == 2
-    deployment = get(crd_installed, namespace, "deployment", "hello-agent-blue")
-    assert deployment is not None
+    # A new revision is rolled out blue-green: green runs it, blue is kept at zero for undo.
+    assert (first["status"]["activeColor"], second["status"]["activeColor"]) == ("blue", "green")
+    green = get(crd_installed, namespace, "deployment", "hello-agent-green")
+    blue = get(crd_installed, namespace, "deployment", "hello-agent-blue")
+    assert green is not None
+    assert blue is not None
     assert (
-        deployment["spec"]["template"]["spec"]["containers"][0]["image"]
-        == "registry.example/enterprise-agent-runtime:0.2.0"
+        green["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/enterprise-agent-runtime:0.2.0"
     )
+    assert (
+        blue["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/enterprise-agent-runtime:0.1.0"
+    )
+    assert (green["spec"]["replicas"], blue["spec"]["replicas"]) == (2, 0)
     config_maps = children(crd_installed, namespace, "hello-agent")["ConfigMap"]
     assert [c["metadata"]["name"] for c in config_maps] == [f"hello-agent-config-{second['status']['activeRevision']}"]
 

@@ -27,9 +27,11 @@ AGENT_RUNTIME = str(Path(sys.executable).parent / "agent-runtime")
 
 
 @contextmanager
-def live_runtime(config: Path, stderr: int = subprocess.DEVNULL) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def live_runtime(
+    config: Path, stderr: int = subprocess.DEVNULL, port: int | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """Starts the runtime, waits for /healthz, yields (process, base URL); kills it at the end."""
-    port = free_port()
+    port = port or free_port()
     server = subprocess.Popen(
         [AGENT_RUNTIME, "serve", "--config", str(config), "--port", str(port), "--host", "127.0.0.1"],
         stdout=subprocess.DEVNULL,

@@ -1,0 +1,299 @@
+"""Blue-green rollouts end to end on the local control plane.
+
+kwok pods have no network, so the analysis's HTTP checks go to a real `agent-runtime` process on
+loopback that stands in for the preview pods: it runs the config the operator renders for the
+agent and the keys from the agent's own key Secret (so the operator's signed smoke call must
+verify). The operator under test is started with --analysis-base-url pointing at it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent_operator.manifest import parse_agent
+from tests.cluster.agents import agent_manifest, apply, condition, get, wait_phase, wait_until
+from tests.cluster.conftest import Kube, temporary_namespace
+from tests.cluster.operator_process import OperatorProcess, free_port
+from tests.cluster.test_plugin import kubectl_ea
+from tests.runtime.live import agent_runtime_layout, live_runtime
+
+pytestmark = pytest.mark.cluster
+V1, V2 = "registry.example/enterprise-agent-runtime:0.1.0", "registry.example/enterprise-agent-runtime:0.2.0"
+
+
+class Stand:
+    """The module's operator and the loopback port its analysis checks go to."""
+
+    def __init__(self, operator: OperatorProcess, analysis_port: int) -> None:
+        self.operator = operator
+        self.analysis_port = analysis_port
+
+
+@pytest.fixture(scope="module")
+def stand(crd_installed: Kube, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stand]:
+    port = free_port()
+    operator = OperatorProcess(
+        crd_installed.kubeconfig,
+        tmp_path_factory.mktemp("rollout-operator") / "operator.log",
+        namespaces=["ro-*"],
+        lease_namespace="default",
+        lease_name="eao-rollout-tests",
+        lease_seconds=6,
+        extra_args=(f"--analysis-base-url=http://127.0.0.1:{port}",),
+    ).start()
+    try:
+        yield Stand(operator, port)
+    finally:
+        operator.stop()
+
+
+@pytest.fixture
+def ns(crd_installed: Kube) -> Iterator[str]:
+    yield from temporary_namespace(crd_installed, "ro")
+
+
+@contextmanager
+def preview_pods(kube: Kube, stand: Stand, namespace: str, tmp_path: Path, name: str = "hello-agent") -> Iterator[str]:
+    """A real runtime for the agent (its rendered config, its key Secret) on the analysis port."""
+    agent = parse_agent(get(kube, namespace, "ea", name))
+    secret = get(kube, namespace, "secret", f"{name}-keys")
+    assert secret is not None
+    files = {key: base64.b64decode(value) for key, value in secret["data"].items()}
+    with live_runtime(agent_runtime_layout(agent, tmp_path / "pod", files), port=stand.analysis_port) as (_, base):
+        yield base
+
+
+def rollout_of(kube: Kube, namespace: str, name: str = "hello-agent") -> dict[str, Any]:
+    agent = get(kube, namespace, "ea", name) or {}
+    return dict(agent.get("status") or {})
+
+
+def wait_step(kube: Kube, namespace: str, step: str, timeout: float = 60) -> dict[str, Any]:
+    def current() -> dict[str, Any] | None:
+        status = rollout_of(kube, namespace)
+        return status if (status.get("rollout") or {}).get("step") == step else None
+
+    found: dict[str, Any] = wait_until(current, timeout, what=f"rollout step {step}")
+    return found
+
+
+def active_selector_colour(kube: Kube, namespace: str, service: str = "hello-agent") -> str:
+    svc = get(kube, namespace, "service", service) or {}
+    return str(svc["spec"]["selector"]["agents.enterprise.io/color"])
+
+
+def replicas(kube: Kube, namespace: str, colour: str) -> int:
+    deployment = get(kube, namespace, "deployment", f"hello-agent-{colour}") or {}
+    return int(deployment.get("spec", {}).get("replicas", -1))
+
+
+def event_reasons(kube: Kube, namespace: str) -> list[str]:
+    events = json.loads(kube.kubectl("get", "events", "-n", namespace, "-o", "json").stdout)["items"]
+    return [e["reason"] for e in events if e["involvedObject"]["kind"] == "EnterpriseAgent"]
+
+
+def start_v1(kube: Kube, namespace: str, **spec: Any) -> dict[str, Any]:
+    apply(kube, agent_manifest(namespace, image=V1, replicas=2, **spec))
+    return wait_phase(kube, namespace, "hello-agent", "Ready")
+
+
+def results(status: dict[str, Any]) -> dict[str, str]:
+    return {check["name"]: check["result"] for check in status["rollout"]["analysis"]}
+
+
+def test_automatic_promotion_moves_traffic_only_after_analysis(
+    crd_installed: Kube, stand: Stand, ns: str, tmp_path: Path
+) -> None:
+    rollout = {"analysis": {"windowSeconds": 3}, "scaleDownDelaySeconds": 2}
+    first = start_v1(crd_installed, ns, rollout=rollout)
+    assert first["status"]["activeColor"] == "blue"
+    with preview_pods(crd_installed, stand, ns, tmp_path):
+        apply(crd_installed, agent_manifest(ns, image=V2, replicas=2, rollout=rollout))
+        analysing = wait_step(crd_installed, ns, "Analysis")
+        # The preview is up and in its Service's endpoints, and traffic has not moved.
+        assert active_selector_colour(crd_installed, ns) == "blue"
+        assert active_selector_colour(crd_installed, ns, "hello-agent-preview") == "green"
+        endpoints = analysing["rollout"]["analysis"][0]
+        assert (endpoints["name"], endpoints["result"]) == ("endpoints", "Passed")
+        assert "2/2 in the preview Service's endpoints" in endpoints["message"]
+        done = wait_phase(crd_installed, ns, "hello-agent", "Ready", timeout=60)
+    status = done["status"]
+    assert (status["activeColor"], status["rollout"]["step"]) == ("green", "Completed")
+    assert status["image"] == V2
+    assert results(status) == {"endpoints": "Passed", "readyz": "Passed", "errorRate": "Passed", "latency": "Passed"}
+    readyz = next(c for c in status["rollout"]["analysis"] if c["name"] == "readyz")
+    assert readyz["message"].startswith("200")  # a real answer from the runtime
+    assert active_selector_colour(crd_installed, ns) == "green"
+    assert (replicas(crd_installed, ns, "green"), replicas(crd_installed, ns, "blue")) == (2, 0)
+    reasons = event_reasons(crd_installed, ns)
+    assert {"RolloutStarted", "Promoted", "RolloutCompleted"} <= set(reasons)
+    assert stand.operator.metric("agent_operator_rollouts_total", result="promoted") >= 1
+    assert stand.operator.metric("agent_operator_promotion_duration_seconds_count") >= 1
+
+
+def test_manual_promotion_through_the_spec(crd_installed: Kube, stand: Stand, ns: str, tmp_path: Path) -> None:
+    manual = {"promotion": "Manual", "analysis": {"windowSeconds": 0}, "scaleDownDelaySeconds": 0}
+    start_v1(crd_installed, ns, rollout=manual)
+    with preview_pods(crd_installed, stand, ns, tmp_path):
+        apply(crd_installed, agent_manifest(ns, image=V2, replicas=2, rollout=manual))
+        paused = wait_phase(crd_installed, ns, "hello-agent", "Paused")
+        assert condition(paused, "Ready")["reason"] == "AwaitingPromotion"
+        assert active_selector_colour(crd_installed, ns) == "blue"
+        revision = paused["status"]["previewRevision"]
+        # The approval a Git commit would carry.
+        apply(crd_installed, agent_manifest(ns, image=V2, replicas=2, rollout={**manual, "promote": revision}))
+        done = wait_phase(crd_installed, ns, "hello-agent", "Ready")
+    assert (done["status"]["activeColor"], done["status"]["activeRevision"]) == ("green", revision)
+    assert active_selector_colour(crd_installed, ns) == "green"
+
+
+def test_manual_promotion_with_the_plugin(crd_installed: Kube, stand: Stand, ns: str, tmp_path: Path) -> None:
+    manual = {"promotion": "Manual", "analysis": {"windowSeconds": 0}, "scaleDownDelaySeconds": 0}
+    start_v1(crd_installed, ns, rollout=manual)
+    nothing = kubectl_ea(crd_installed, "promote", "hello-agent", "-n", ns)
+    assert nothing.returncode == 1
+    assert "no rollout waiting for promotion" in nothing.stderr
+    with preview_pods(crd_installed, stand, ns, tmp_path):
+        apply(crd_installed, agent_manifest(ns, image=V2, replicas=2, rollout=manual))
+        paused = wait_phase(crd_installed, ns, "hello-agent", "Paused")
+        shown = kubectl_ea(crd_installed, "status", "hello-agent", "-n", ns)
+        assert shown.returncode == 0, shown.stderr
+        assert "Progress:    [###---] 3/6 AwaitingPromotion" in shown.stdout
+        promoted = kubectl_ea(crd_installed, "promote", "hello-agent", "-n", ns)
+        assert promoted.returncode == 0, promoted.stderr
+        agent = get(crd_installed, ns, "ea", "hello-agent") or {}
+        assert agent["spec"]["rollout"]["promote"] == paused["status"]["previewRevision"]
+        done = wait_phase(crd_installed, ns, "hello-agent", "Ready")
+    assert done["status"]["activeColor"] == "green"
+
+
+def test_abort_keeps_traffic_on_the_stable_colour_and_retry_starts_again(
+    crd_installed: Kube, stand: Stand, ns: str, tmp_path: Path
+) -> None:
+    manual = {"promotion": "Manual", "analysis": {"windowSeconds": 0}, "scaleDownDelaySeconds": 0}
+    start_v1(crd_installed, ns, rollout=manual)
+    with preview_pods(crd_installed, stand, ns, tmp_path):
+        apply(crd_installed, agent_manifest(ns, image=V2, replicas=2, rollout=manual))
+        wait_phase(crd_installed, ns, "hello-agent", "Paused")
+        aborted = kubectl_ea(crd_installed, "abort", "hello-agent", "-n", ns)
+        assert aborted.returncode == 0, aborted.stderr
+        degraded = wait_phase(crd_installed, ns, "hello-agent", "Degraded")
+        assert condition(degraded, "Degraded")["reason"] == "Aborted"
+        assert active_selector_colour(crd_installed, ns) == "blue"
+        wait_until(lambda: replicas(crd_installed, ns, "green") == 0, what="the preview scaled down")
+        assert degraded["status"]["activeColor"] == "blue"
+        status = kubectl_ea(crd_installed, "status", "hello-agent", "-n", ns)
+        assert status.returncode == 1  # Degraded
+        assert "aborted (Aborted)" in status.stdout
+
+        retried = kubectl_ea(crd_installed, "retry", "hello-agent", "-n", ns)
+        assert retried.returncode == 0, retried.stderr
+        wait_phase(crd_installed, ns, "hello-agent", "Paused")
+    agent = get(crd_installed, ns, "ea", "hello-agent") or {}
+    assert "agents.enterprise.io/abort" not in agent["metadata"].get("annotations", {})
+    assert event_reasons(crd_installed, ns).count("RolloutStarted") == 2
+
+
+def test_a_failed_analysis_rolls_back_before_traffic_moves(
+    crd_installed: Kube, stand: Stand, ns: str, tmp_path: Path
+) -> None:
+    # The runtime refuses this smoke call's payload (422): the analysis must fail.
+    failing = {
+        "analysis": {"windowSeconds": 0, "smoke": {"operation": "analyze_data", "payload": {"bogus": 1}}},
+        "scaleDownDelaySeconds": 0,
+    }
+    start_v1(crd_installed, ns, operations=["analyze_data"], rollout=failing)
+    with preview_pods(crd_installed, stand, ns, tmp_path):
+        apply(crd_installed, agent_manifest(ns, image=V2, replicas=2, operations=["analyze_data"], rollout=failing))
+        degraded = wait_phase(crd_installed, ns, "hello-agent", "Degraded")
+    assert condition(degraded, "Degraded")["reason"] == "AnalysisFailed"
+    checks = {c["name"]: c for c in degraded["status"]["rollout"]["analysis"]}
+    assert checks["smoke"]["result"] == "Failed"
+    assert checks["smoke"]["message"].startswith("analyze_data: 422")
+    assert checks["readyz"]["result"] == "Passed"  # the token was accepted; the payload was not
+    assert degraded["status"]["activeColor"] == "blue"
+    assert active_selector_colour(crd_installed, ns) == "blue"
+    wait_until(lambda: replicas(crd_installed, ns, "green") == 0, what="the preview scaled down")
+    assert stand.operator.metric("agent_operator_rollouts_total", result="analysis_failed") >= 1
+
+
+def test_a_failed_post_promotion_check_switches_traffic_back(
+    crd_installed: Kube, stand: Stand, ns: str, tmp_path: Path
+) -> None:
+    rollout = {"analysis": {"windowSeconds": 0}, "scaleDownDelaySeconds": 8}
+    start_v1(crd_installed, ns, rollout=rollout)
+    with preview_pods(crd_installed, stand, ns, tmp_path):
+        apply(crd_installed, agent_manifest(ns, image=V2, replicas=2, rollout=rollout))
+        wait_step(crd_installed, ns, "PostPromotion")
+        assert active_selector_colour(crd_installed, ns) == "green"
+    # The new colour's runtime is gone: the post-promotion check cannot reach /readyz.
+    degraded = wait_phase(crd_installed, ns, "hello-agent", "Degraded", timeout=30)
+    assert condition(degraded, "Degraded")["reason"] == "AnalysisFailed"
+    assert "post-promotion check failed" in degraded["status"]["message"]
+    assert degraded["status"]["activeColor"] == "blue"
+    assert active_selector_colour(crd_installed, ns) == "blue"
+    assert replicas(crd_installed, ns, "blue") == 2  # still up: the scale-down window had not ended
+
+
+def test_progress_deadline_aborts_a_preview_that_never_becomes_ready(
+    crd_installed: Kube, stand: Stand, ns: str
+) -> None:
+    rollout = {"analysis": {"windowSeconds": 0}, "scaleDownDelaySeconds": 0, "progressDeadlineSeconds": 30}
+    start_v1(crd_installed, ns, rollout=rollout)
+    # No node has this label: the preview's pods stay Pending.
+    unschedulable = {"nodeSelector": {"example.com/no-such-node": "true"}}
+    apply(crd_installed, agent_manifest(ns, image=V1, replicas=2, rollout=rollout, pod=unschedulable))
+    degraded = wait_phase(crd_installed, ns, "hello-agent", "Degraded", timeout=90)
+    assert condition(degraded, "Degraded")["reason"] == "ProgressDeadlineExceeded"
+    assert degraded["status"]["activeColor"] == "blue"
+    assert active_selector_colour(crd_installed, ns) == "blue"
+    assert replicas(crd_installed, ns, "blue") == 2
+    wait_until(lambda: replicas(crd_installed, ns, "green") == 0, what="the preview scaled down")
+
+
+def test_kill_9_mid_rollout_resumes_from_status(crd_installed: Kube, stand: Stand, ns: str, tmp_path: Path) -> None:
+    rollout = {"analysis": {"windowSeconds": 8}, "scaleDownDelaySeconds": 1}
+    start_v1(crd_installed, ns, rollout=rollout)
+    with preview_pods(crd_installed, stand, ns, tmp_path):
+        apply(crd_installed, agent_manifest(ns, image=V2, replicas=2, rollout=rollout))
+        before = wait_step(crd_installed, ns, "Analysis")
+        stand.operator.kill(signal.SIGKILL)
+        stand.operator.start()
+        done = wait_phase(crd_installed, ns, "hello-agent", "Ready", timeout=90)
+    # The same rollout carried on: not restarted, nothing duplicated.
+    assert done["status"]["rollout"]["startedAt"] == before["rollout"]["startedAt"]
+    assert done["status"]["rollout"]["previewReadyAt"] == before["rollout"]["previewReadyAt"]
+    assert done["status"]["activeColor"] == "green"
+    assert event_reasons(crd_installed, ns).count("RolloutStarted") == 1
+    deployments = json.loads(crd_installed.kubectl("get", "deployments", "-n", ns, "-o", "json").stdout)["items"]
+    assert sorted(d["metadata"]["name"] for d in deployments) == ["hello-agent-blue", "hello-agent-green"]
+    assert (replicas(crd_installed, ns, "green"), replicas(crd_installed, ns, "blue")) == (2, 0)
+
+
+def test_undo_puts_the_previous_spec_back(crd_installed: Kube, stand: Stand, ns: str, tmp_path: Path) -> None:
+    start_v1(crd_installed, ns)
+    apply(crd_installed, agent_manifest(ns, image=V2, replicas=2))
+    wait_until(
+        lambda: (
+            rollout_of(crd_installed, ns).get("image") == V2 and rollout_of(crd_installed, ns).get("phase") == "Ready"
+        ),
+        what="v2 promoted",
+    )
+    undone = kubectl_ea(crd_installed, "undo", "hello-agent", "-n", ns)
+    assert undone.returncode == 0, undone.stderr
+    assert "differs from Git" in undone.stderr
+    agent = get(crd_installed, ns, "ea", "hello-agent") or {}
+    assert agent["spec"]["image"] == V1
+    done = wait_phase(crd_installed, ns, "hello-agent", "Ready")
+    assert (done["status"]["image"], done["status"]["activeColor"]) == (V1, "blue")
+    again = kubectl_ea(crd_installed, "undo", "nope", "-n", ns)
+    assert again.returncode == 2
+    assert 'EnterpriseAgent "nope" not found' in again.stderr
