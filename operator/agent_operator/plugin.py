@@ -15,6 +15,7 @@ reached.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -65,9 +66,18 @@ def _call(function: Any, *args: Any) -> Any:
     except ApiException as error:
         if error.status == 404:
             raise PluginError("not found", EXIT_USAGE) from None
+        if error.status in (400, 409, 422):  # the API refused the change: its message names the field
+            raise PluginError(f"the API server refused the change: {_api_message(error)}", EXIT_USAGE) from None
         raise PluginError(f"API error {error.status}: {error.reason}", EXIT_UNREACHABLE) from None
     except (OSError, urllib3.exceptions.HTTPError) as error:  # connection refused, DNS, TLS, retries exhausted
         raise PluginError(f"cannot reach the API server: {error}", EXIT_UNREACHABLE) from None
+
+
+def _api_message(error: ApiException) -> str:
+    try:
+        return str(json.loads(error.body)["message"])
+    except (TypeError, ValueError, KeyError):
+        return str(error.reason)
 
 
 def _age(timestamp: str | None) -> str:
@@ -187,9 +197,10 @@ def _fetch(api: client.CustomObjectsApi, namespace: str, name: str) -> dict[str,
 
 def _patch(api: client.CustomObjectsApi, namespace: str, name: str, body: Any) -> None:
     """A merge patch (a dict) or a JSON patch (a list), recorded under our field manager."""
+    content_type = "application/json-patch+json" if isinstance(body, list) else "application/merge-patch+json"
     _call(
         lambda: api.patch_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, name, body, field_manager=FIELD_MANAGER
+            GROUP, VERSION, namespace, PLURAL, name, body, field_manager=FIELD_MANAGER, _content_type=content_type
         )
     )
 

@@ -280,20 +280,23 @@ def test_kill_9_mid_rollout_resumes_from_status(crd_installed: Kube, stand: Stan
 
 def test_undo_puts_the_previous_spec_back(crd_installed: Kube, stand: Stand, ns: str, tmp_path: Path) -> None:
     start_v1(crd_installed, ns)
-    apply(crd_installed, agent_manifest(ns, image=V2, replicas=2))
-    wait_until(
-        lambda: (
-            rollout_of(crd_installed, ns).get("image") == V2 and rollout_of(crd_installed, ns).get("phase") == "Ready"
-        ),
-        what="v2 promoted",
-    )
-    undone = kubectl_ea(crd_installed, "undo", "hello-agent", "-n", ns)
-    assert undone.returncode == 0, undone.stderr
-    assert "differs from Git" in undone.stderr
-    agent = get(crd_installed, ns, "ea", "hello-agent") or {}
-    assert agent["spec"]["image"] == V1
-    done = wait_phase(crd_installed, ns, "hello-agent", "Ready")
+    with preview_pods(crd_installed, stand, ns, tmp_path):
+        apply(crd_installed, agent_manifest(ns, image=V2, replicas=2))
+        wait_until(
+            lambda: (
+                rollout_of(crd_installed, ns).get("image") == V2
+                and rollout_of(crd_installed, ns).get("phase") == "Ready"
+            ),
+            what="v2 promoted",
+        )
+        undone = kubectl_ea(crd_installed, "undo", "hello-agent", "-n", ns)
+        assert undone.returncode == 0, undone.stderr
+        assert "differs from Git" in undone.stderr
+        agent = get(crd_installed, ns, "ea", "hello-agent") or {}
+        assert agent["spec"]["image"] == V1
+        done = wait_phase(crd_installed, ns, "hello-agent", "Ready")
     assert (done["status"]["image"], done["status"]["activeColor"]) == (V1, "blue")
-    again = kubectl_ea(crd_installed, "undo", "nope", "-n", ns)
-    assert again.returncode == 2
-    assert 'EnterpriseAgent "nope" not found' in again.stderr
+    assert done["status"]["rollout"]["step"] == "Completed"
+    missing = kubectl_ea(crd_installed, "undo", "nope", "-n", ns)
+    assert missing.returncode == 2
+    assert 'EnterpriseAgent "nope" not found' in missing.stderr
