@@ -75,7 +75,7 @@ def _call(function: Any, *args: Any) -> Any:
 
 def _api_message(error: ApiException) -> str:
     try:
-        return str(json.loads(error.body)["message"])
+        return str(json.loads(error.body or "")["message"])
     except (TypeError, ValueError, KeyError):
         return str(error.reason)
 
