@@ -205,10 +205,16 @@ def _patch(api: client.CustomObjectsApi, namespace: str, name: str, body: Any) -
     )
 
 
-def cmd_promote(args: argparse.Namespace) -> int:
+def _target(args: argparse.Namespace) -> tuple[client.CustomObjectsApi, str, dict[str, Any], dict[str, Any]]:
+    """(api, namespace, agent, status) of the agent a command names."""
     api, namespace = _api(args)
     agent = _fetch(api, namespace, args.name)
-    status, rollout = agent.get("status") or {}, (agent.get("status") or {}).get("rollout") or {}
+    return api, namespace, agent, agent.get("status") or {}
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    api, namespace, agent, status = _target(args)
+    rollout = status.get("rollout") or {}
     revision = status.get("previewRevision")
     if not revision or rollout.get("step") not in ("Preview", "Analysis", "AwaitingPromotion"):
         raise PluginError(
@@ -223,9 +229,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_abort(args: argparse.Namespace) -> int:
-    api, namespace = _api(args)
-    agent = _fetch(api, namespace, args.name)
-    status = agent.get("status") or {}
+    api, namespace, _, status = _target(args)
     step = (status.get("rollout") or {}).get("step")
     if step in ("Preview", "Analysis", "AwaitingPromotion", "Promoting"):
         revision = status.get("previewRevision")
@@ -242,9 +246,7 @@ def cmd_abort(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    api, namespace = _api(args)
-    agent = _fetch(api, namespace, args.name)
-    status = agent.get("status") or {}
+    api, namespace, _, status = _target(args)
     if (status.get("rollout") or {}).get("step") != "Aborted":
         raise PluginError(f"{args.name} has no aborted rollout to retry", 1)
     token = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
@@ -255,9 +257,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_undo(args: argparse.Namespace) -> int:
-    api, namespace = _api(args)
-    agent = _fetch(api, namespace, args.name)
-    status = agent.get("status") or {}
+    api, namespace, agent, status = _target(args)
     active = status.get("activeColor")
     if not active:
         raise PluginError(f"{args.name} has not served any revision yet", 1)

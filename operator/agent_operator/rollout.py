@@ -38,6 +38,9 @@ class Step(StrEnum):
 # Steps during which a preview colour exists next to the stable one, before traffic moves.
 BEFORE_PROMOTION = (Step.PREVIEW, Step.ANALYSIS, Step.AWAITING_PROMOTION, Step.PROMOTING)
 ENDPOINTS_CHECK = "endpoints"
+# How long after the scale-down delay the post-promotion check waits for the new pods to show up
+# in the active Service's endpoints before it counts them as missing.
+ENDPOINTS_GRACE_SECONDS = 30
 
 Outcome = Literal["promoted", "aborted", "analysis_failed", "deadline_exceeded", "rolled_back"]
 
@@ -272,6 +275,21 @@ def _in_rollout(i: RolloutInput, active: Color, roll: dict[str, Any], **changes:
     return replace(base, **changes)
 
 
+def _waiting(
+    i: RolloutInput, active: Color, roll: dict[str, Any], until: datetime, reason: str, doing: str
+) -> Decision:
+    """Waiting for a timer. The message names the moment, not the seconds left, so it stays the
+    same across reconciles and costs no status write."""
+    return _in_rollout(
+        i,
+        active,
+        roll,
+        reason=reason,
+        message=f"{doing} at {rfc3339(until)}",
+        requeue_after=_seconds_until(until, i.now),
+    )
+
+
 def _deadline(i: RolloutInput, roll: dict[str, Any]) -> datetime:
     started = parse_time(roll.get("startedAt")) or i.now
     return started + timedelta(seconds=i.rollout.progress_deadline_seconds)
@@ -336,14 +354,7 @@ def _analysis(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Decision:
     ready_at = parse_time(roll.get("previewReadyAt")) or i.now
     window_end = ready_at + timedelta(seconds=i.rollout.analysis.window_seconds)
     if i.now < window_end:
-        return _in_rollout(
-            i,
-            active,
-            roll,
-            reason=Reason.ANALYSING,
-            message=f"analysing revision {i.revision}: {int(_seconds_until(window_end, i.now))} s of the window left",
-            requeue_after=_seconds_until(window_end, i.now),
-        )
+        return _waiting(i, active, roll, window_end, Reason.ANALYSING, f"analysing revision {i.revision}")
     endpoints = _preview_check(i, active, preview_replicas(i.rollout, i.replicas))
     if endpoints.result != AnalysisResult.PASSED:
         endpoints = replace(endpoints, result=AnalysisResult.FAILED)
@@ -361,13 +372,8 @@ def _awaiting(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Decision:
     count = preview_replicas(i.rollout, i.replicas)
     check = _preview_check(i, active, count)
     if check.result != AnalysisResult.PASSED:
-        roll = {
-            **roll,
-            "analysis": [
-                *roll.get("analysis", [])[1:],
-                replace(check, result=AnalysisResult.FAILED).as_status(rfc3339(i.now)),
-            ],
-        }
+        failed = replace(check, result=AnalysisResult.FAILED).as_status(rfc3339(i.now))
+        roll = {**roll, "analysis": [failed, *roll.get("analysis", [])[1:]]}  # endpoints is the first check
         return _abort(i, active, roll, Reason.ANALYSIS_FAILED, f"the preview lost readiness: {check.message}")
     if i.rollout.promotion == PromotionMode.MANUAL:
         if i.rollout.promote == i.revision:
@@ -386,14 +392,7 @@ def _awaiting(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Decision:
     ready_at = parse_time(roll.get("previewReadyAt")) or i.now
     promote_at = ready_at + timedelta(seconds=i.rollout.analysis.window_seconds + i.rollout.auto_promotion_seconds)
     if i.now < promote_at:
-        return _in_rollout(
-            i,
-            active,
-            roll,
-            reason=Reason.AWAITING_PROMOTION,
-            message=f"analysis passed; promoting automatically in {int(_seconds_until(promote_at, i.now))} s",
-            requeue_after=_seconds_until(promote_at, i.now),
-        )
+        return _waiting(i, active, roll, promote_at, Reason.AWAITING_PROMOTION, "analysis passed; promoting")
     return _promoting(i, active, roll)
 
 
@@ -478,6 +477,11 @@ def _post_promotion(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Dec
         f"{colour.available}/{i.replicas} pods ready, {min(i.active_endpoints, i.replicas)}/{i.replicas} "
         "in the active Service's endpoints",
     )
+    if not healthy and i.now < scale_down_at + timedelta(seconds=ENDPOINTS_GRACE_SECONDS):
+        # The active Service's EndpointSlices follow its selector a moment after the switch.
+        return replace(
+            keep, message=f"post-promotion check: waiting for endpoints: {endpoints.message}", requeue_after=1.0
+        )
     if healthy and i.checks is None:
         return replace(keep, message="post-promotion check: measuring", measure="active")
     checks, passed = _judge(i, endpoints)

@@ -62,15 +62,21 @@ def get(kube: Kube, namespace: str, kind: str, name: str) -> dict[str, Any] | No
 
 
 def wait_phase(kube: Kube, namespace: str, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+
     def current() -> dict[str, Any] | None:
         agent = get(kube, namespace, "ea", name)
         status = (agent or {}).get("status") or {}
         generation = (agent or {}).get("metadata", {}).get("generation")
+        seen.update(generation=generation, status=status)
         if status.get("phase") == phase and status.get("observedGeneration") == generation:
             return agent
         return None
 
-    result: dict[str, Any] = wait_until(current, timeout, what=f"{namespace}/{name} phase {phase}")
+    try:
+        result: dict[str, Any] = wait_until(current, timeout, what=f"{namespace}/{name} phase {phase}")
+    except AssertionError as error:
+        raise AssertionError(f"{error}; last seen: {json.dumps(seen)}") from None
     return result
 
 

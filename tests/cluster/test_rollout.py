@@ -158,9 +158,18 @@ def test_manual_promotion_through_the_spec(crd_installed: Kube, stand: Stand, ns
 def test_manual_promotion_with_the_plugin(crd_installed: Kube, stand: Stand, ns: str, tmp_path: Path) -> None:
     manual = {"promotion": "Manual", "analysis": {"windowSeconds": 0}, "scaleDownDelaySeconds": 0}
     start_v1(crd_installed, ns, rollout=manual)
-    nothing = kubectl_ea(crd_installed, "promote", "hello-agent", "-n", ns)
-    assert nothing.returncode == 1
-    assert "no rollout waiting for promotion" in nothing.stderr
+    # Commands that do not fit the agent's state say so, change nothing and exit 1.
+    for verb, message in (
+        ("promote", "no rollout waiting for promotion"),
+        ("abort", "no rollout in progress"),
+        ("retry", "no aborted rollout to retry"),
+    ):
+        refused = kubectl_ea(crd_installed, verb, "hello-agent", "-n", ns)
+        assert (refused.returncode, refused.stdout) == (1, ""), refused
+        assert message in refused.stderr
+    unchanged = get(crd_installed, ns, "ea", "hello-agent") or {}
+    assert unchanged["metadata"]["generation"] == 1
+    assert not unchanged["metadata"].get("annotations", {}).get("agents.enterprise.io/abort")
     with preview_pods(crd_installed, stand, ns, tmp_path):
         apply(crd_installed, agent_manifest(ns, image=V2, replicas=2, rollout=manual))
         paused = wait_phase(crd_installed, ns, "hello-agent", "Paused")
