@@ -97,6 +97,8 @@ class Bench:
             started = time.monotonic()
             self.apply(agent_manifest(namespace, image=V2, replicas=2, rollout=rollout))
             switched = wait_for(lambda: self.selector_colour(namespace) == "green")
+            # The status is written just after the Service: wait for it to say so, then check it.
+            wait_for(lambda: self.agent(namespace)["status"].get("activeColor") == "green")
             status = self.agent(namespace)["status"]
             checks = {c["name"]: c["result"] for c in status.get("rollout", {}).get("analysis", [])}
             assert checks.get("readyz") == "Passed", f"analysis did not run over HTTP: {checks}"

@@ -113,7 +113,14 @@ class Decision:
 
 
 def rfc3339(moment: datetime) -> str:
+    """Seconds precision, as in Kubernetes conditions."""
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def stamp(moment: datetime) -> str:
+    """Microsecond precision for the rollout's own timestamps: a window measured from a time cut
+    to the second could end up to a second early."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def parse_time(text: Any) -> datetime | None:
@@ -241,7 +248,7 @@ def _start(i: RolloutInput, active: Color, carried: dict[str, Any]) -> Decision:
         **carried,
         "step": Step.PREVIEW.value,
         "previewColor": preview.value,
-        "startedAt": rfc3339(i.now),
+        "startedAt": stamp(i.now),
         "analysis": [],
         "message": f"rolling out revision {i.revision} to {preview.value}; {active.value} keeps serving",
     }
@@ -319,7 +326,7 @@ def _preview(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Decision:
             message=f"preview of revision {i.revision} on {active.other.value}: {check.message}",
             requeue_after=_seconds_until(deadline, i.now),
         )
-    now = rfc3339(i.now)
+    now = stamp(i.now)
     analysis = [check.as_status(now)] + [
         Check(name, AnalysisResult.PENDING).as_status(now) for name in _http_check_names(i.rollout)
     ]
@@ -361,7 +368,7 @@ def _analysis(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Decision:
     elif i.checks is None:
         return _in_rollout(i, active, roll, reason=Reason.ANALYSING, message="measuring", measure="preview")
     checks, passed = _judge(i, endpoints)
-    roll = {**roll, "analysis": [c.as_status(rfc3339(i.now)) for c in checks]}
+    roll = {**roll, "analysis": [c.as_status(stamp(i.now)) for c in checks]}
     if not passed:
         failed = "; ".join(f"{c.name}: {c.message}" for c in checks if c.result == AnalysisResult.FAILED)
         return _abort(i, active, roll, Reason.ANALYSIS_FAILED, f"analysis of revision {i.revision} failed: {failed}")
@@ -372,7 +379,7 @@ def _awaiting(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Decision:
     count = preview_replicas(i.rollout, i.replicas)
     check = _preview_check(i, active, count)
     if check.result != AnalysisResult.PASSED:
-        failed = replace(check, result=AnalysisResult.FAILED).as_status(rfc3339(i.now))
+        failed = replace(check, result=AnalysisResult.FAILED).as_status(stamp(i.now))
         roll = {**roll, "analysis": [failed, *roll.get("analysis", [])[1:]]}  # endpoints is the first check
         return _abort(i, active, roll, Reason.ANALYSIS_FAILED, f"the preview lost readiness: {check.message}")
     if i.rollout.promotion == PromotionMode.MANUAL:
@@ -426,7 +433,7 @@ def _promote(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Decision:
     roll = {
         **roll,
         "step": Step.POST_PROMOTION.value,
-        "promotedAt": rfc3339(i.now),
+        "promotedAt": stamp(i.now),
         "previousRevision": i.status.get("activeRevision"),
         "message": message,
     }
@@ -485,7 +492,7 @@ def _post_promotion(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Dec
     if healthy and i.checks is None:
         return replace(keep, message="post-promotion check: measuring", measure="active")
     checks, passed = _judge(i, endpoints)
-    roll = {**roll, "analysis": [c.as_status(rfc3339(i.now)) for c in checks]}
+    roll = {**roll, "analysis": [c.as_status(stamp(i.now)) for c in checks]}
     if not passed:
         failed = "; ".join(f"{c.name}: {c.message}" for c in checks if c.result == AnalysisResult.FAILED)
         return _switch_back(i, active, roll, Reason.ANALYSIS_FAILED, f"post-promotion check failed: {failed}")
