@@ -35,6 +35,7 @@ test: lint typecheck pytest
 
 crds: venv
 	$(BIN)/agent-operator crd > $(CRD)
+	cp $(CRD) charts/enterprise-agent-operator/crds/
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

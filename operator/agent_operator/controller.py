@@ -134,6 +134,7 @@ class Controller:
             self._failures.pop(key, None)
             self._rendered.pop(key, None)
             self._revisions.pop(key, None)
+            metrics.forget_phase(*key)
         else:
             self.agents[key] = body
             generation = body["metadata"].get("generation", 0)
@@ -432,6 +433,8 @@ class Controller:
         for type_, reason, message in plan.events:
             await self._event(body, type_, reason, message)
         phase = plan.status.get("phase", "")
+        if phase:
+            metrics.set_phase(key[0], key[1], str(phase))
         if phase == "Ready":
             seen = self._generation_seen_at.pop((key, plan.status.get("observedGeneration", 0)), None)
             if seen is not None:

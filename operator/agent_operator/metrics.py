@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import Counter, Gauge, Histogram
 
 RECONCILE_DURATION = Histogram(
@@ -35,3 +37,23 @@ PROMOTION_DURATION = Histogram(
     "Seconds from the start of a rollout until traffic switched to the new colour.",
     buckets=(5, 10, 20, 30, 45, 60, 90, 120, 300, 600, 1800, 3600),
 )
+AGENT_PHASE = Gauge(
+    "agent_operator_agent_phase",
+    "1 for the phase each agent is in (Pending, Progressing, Paused, Ready, Degraded, Stalled), for alerts.",
+    ["namespace", "name", "phase"],
+)
+PHASES = ("Pending", "Progressing", "Paused", "Ready", "Degraded", "Stalled")
+
+
+def set_phase(namespace: str, name: str, phase: str) -> None:
+    for known in PHASES:
+        if known == phase:
+            AGENT_PHASE.labels(namespace, name, known).set(1)
+        else:
+            forget_phase(namespace, name, known)
+
+
+def forget_phase(namespace: str, name: str, phase: str | None = None) -> None:
+    for known in (phase,) if phase else PHASES:
+        with contextlib.suppress(KeyError):  # never set
+            AGENT_PHASE.remove(namespace, name, known)
