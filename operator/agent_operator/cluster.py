@@ -43,18 +43,19 @@ GO_MODULES = {
     "etcd": ("etcd",),
     "kwok": ("kwok",),
 }
+# Packaging tools built from hack/tools (versions pinned in its go.mod).
+HELM_VERSION = "v3.22.0"
+TOOL_PACKAGES = ("helm.sh/helm/v3/cmd/helm", "github.com/prometheus/prometheus/cmd/promtool", "./kstatus")
 
 
 class ClusterError(RuntimeError):
     """A control plane step failed; the message names the component and its log file."""
 
 
-def _repo_source() -> Path:
-    source = Path(__file__).resolve().parents[2] / "hack" / "controlplane"
+def _hack_source(name: str) -> Path:
+    source = Path(__file__).resolve().parents[2] / "hack" / name
     if not (source / "go.mod").is_file():
-        raise ClusterError(
-            f"the local control plane is built from {source}, which is missing: use a checkout of the repository"
-        )
+        raise ClusterError(f"{name} is built from {source}, which is missing: use a checkout of the repository")
     return source
 
 
@@ -73,7 +74,7 @@ def _go() -> str:
     return go
 
 
-def _source_key(source: Path) -> str:
+def _source_key(source: Path, version: str) -> str:
     """Cache key: the pinned versions (go.mod/go.sum), the mains and the Go toolchain."""
     digest = hashlib.sha256()
     for path in sorted(source.rglob("*")):
@@ -82,18 +83,39 @@ def _source_key(source: Path) -> str:
             digest.update(path.read_bytes())
     go_version = subprocess.run([_go(), "env", "GOVERSION"], capture_output=True, text=True, check=True).stdout.strip()
     digest.update(go_version.encode())
-    return f"{KUBERNETES_VERSION}-{digest.hexdigest()[:12]}"
+    return f"{version}-{digest.hexdigest()[:12]}"
 
 
-def ensure_binaries() -> Path:
-    """Builds the control plane binaries once per source version; returns their directory."""
-    source = _repo_source()
-    bin_dir = cache_root() / "controlplane" / _source_key(source) / "bin"
-    wanted = [name for names in GO_MODULES.values() for name in names]
-    if all((bin_dir / name).is_file() for name in wanted):
+def _build_once(name: str, version: str, builds: dict[str, tuple[str, ...]], ldflags: str) -> Path:
+    """Builds the Go programs under hack/<name> once per source version; returns their directory.
+
+    ``builds`` maps a module folder (relative to hack/<name>) to the packages built there; each
+    package's binary is named after its last path element (the module folder's name for ".").
+    """
+    source = _hack_source(name)
+    bin_dir = cache_root() / name / _source_key(source, version) / "bin"
+    wanted = [_binary_name(module, package) for module, packages in builds.items() for package in packages]
+    if all((bin_dir / binary).is_file() for binary in wanted):
         return bin_dir
     bin_dir.mkdir(parents=True, exist_ok=True)
     build_log = bin_dir.parent / "build.log"
+    with build_log.open("w") as out:
+        for module, packages in builds.items():
+            command = [_go(), "build", "-trimpath", "-ldflags", ldflags, "-o", f"{bin_dir}/", *packages]
+            names = ", ".join(_binary_name(module, package) for package in packages)
+            _say(f"building {names} (log: {build_log})")
+            result = subprocess.run(command, cwd=source / module, stdout=out, stderr=subprocess.STDOUT, check=False)
+            if result.returncode != 0:
+                raise ClusterError(f"building {names} failed (exit {result.returncode}); see {build_log}")
+    return bin_dir
+
+
+def _binary_name(module: str, package: str) -> str:
+    return Path(module if package == "." else package).name
+
+
+def ensure_binaries() -> Path:
+    """The control plane binaries (and kubectl), built once per pinned version."""
     ldflags = (
         "-s -w"
         f" -X k8s.io/component-base/version.gitVersion={KUBERNETES_VERSION}"
@@ -101,15 +123,22 @@ def ensure_binaries() -> Path:
         f" -X k8s.io/component-base/version.gitMinor={KUBERNETES_VERSION.split('.')[1]}"
         " -X k8s.io/component-base/version.gitTreeState=clean"
     )
-    with build_log.open("w") as out:
-        for module, names in GO_MODULES.items():
-            packages = [f"./{name}" for name in names] if module == "." else ["."]
-            command = [_go(), "build", "-trimpath", "-ldflags", ldflags, "-o", f"{bin_dir}/", *packages]
-            _say(f"building {', '.join(names)} (log: {build_log})")
-            result = subprocess.run(command, cwd=source / module, stdout=out, stderr=subprocess.STDOUT, check=False)
-            if result.returncode != 0:
-                raise ClusterError(f"building {', '.join(names)} failed (exit {result.returncode}); see {build_log}")
-    return bin_dir
+    builds = {
+        module: tuple(f"./{name}" for name in names) if module == "." else (".",)
+        for module, names in GO_MODULES.items()
+    }
+    return _build_once("controlplane", KUBERNETES_VERSION, builds, ldflags)
+
+
+def ensure_tools() -> Path:
+    """helm, promtool and kstatus for the packaging tests, built once from hack/tools' pinned modules."""
+    # helm renders for the control plane's Kubernetes version unless told otherwise (its Makefile's flags).
+    major, minor = KUBERNETES_VERSION.lstrip("v").split(".")[:2]
+    ldflags = f"-s -w -X helm.sh/helm/v3/internal/version.version={HELM_VERSION}" + "".join(
+        f" -X helm.sh/helm/v3/pkg/{package}.k8sVersionMajor={major} -X helm.sh/helm/v3/pkg/{package}.k8sVersionMinor={minor}"
+        for package in ("chartutil", "lint/rules")
+    )
+    return _build_once("tools", f"{HELM_VERSION}-kube{KUBERNETES_VERSION}", {".": TOOL_PACKAGES}, ldflags)
 
 
 def _say(message: str) -> None:
