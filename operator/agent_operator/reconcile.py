@@ -196,11 +196,13 @@ def _status(
     generation = observed.generation
     old_conditions = list(observed.status.get("conditions") or [])
     progressing = not ready and not stalled and not degraded
-    # (type, whether it holds, the reason when it does not); Ready always explains itself.
+    # (type, whether it holds, the reason when it does not); Ready always explains itself. A
+    # Degraded rollout is also Stalled: it waits for a person (a new spec, retry), and kstatus
+    # (Flux, kpt) reports Stalled as Failed instead of waiting for a Ready that will not come.
     flags = (
         (cond.READY, ready, None),
         (cond.RECONCILING, progressing, Reason.RECONCILED),
-        (cond.STALLED, stalled, Reason.AS_EXPECTED),
+        (cond.STALLED, stalled or degraded, Reason.AS_EXPECTED),
         (cond.PROGRESSING, progressing, Reason.AS_EXPECTED),
         (cond.DEGRADED, degraded, Reason.AS_EXPECTED),
     )

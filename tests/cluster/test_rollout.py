@@ -23,6 +23,7 @@ from tests.cluster.agents import agent_manifest, apply, condition, get, wait_pha
 from tests.cluster.conftest import Kube, temporary_namespace
 from tests.cluster.operator_process import OperatorProcess, free_port
 from tests.cluster.test_plugin import kubectl_ea
+from tests.gitops import assert_gitops_reads
 from tests.runtime.live import agent_runtime_layout, live_runtime
 
 pytestmark = pytest.mark.cluster
@@ -124,7 +125,11 @@ def test_automatic_promotion_moves_traffic_only_after_analysis(
         endpoints = analysing["rollout"]["analysis"][0]
         assert (endpoints["name"], endpoints["result"]) == ("endpoints", "Passed")
         assert "2/2 in the preview Service's endpoints" in endpoints["message"]
+        # The status read at the Analysis step, as Argo CD and Flux see it (the spec has not changed since).
+        served = get(crd_installed, ns, "ea", "hello-agent") or {}
+        assert_gitops_reads({**served, "status": analysing}, "Progressing", "InProgress")
         done = wait_phase(crd_installed, ns, "hello-agent", "Ready", timeout=60)
+    assert_gitops_reads(done, "Healthy", "Current")
     status = done["status"]
     assert (status["activeColor"], status["rollout"]["step"]) == ("green", "Completed")
     assert status["image"] == V2
@@ -146,6 +151,8 @@ def test_manual_promotion_through_the_spec(crd_installed: Kube, stand: Stand, ns
         apply(crd_installed, agent_manifest(ns, image=V2, replicas=2, rollout=manual))
         paused = wait_phase(crd_installed, ns, "hello-agent", "Paused")
         assert condition(paused, "Ready")["reason"] == "AwaitingPromotion"
+        # Argo CD shows the approval wait as Suspended; for kstatus the rollout is still in progress.
+        assert_gitops_reads(paused, "Suspended", "InProgress")
         assert active_selector_colour(crd_installed, ns) == "blue"
         revision = paused["status"]["previewRevision"]
         # The approval a Git commit would carry.
@@ -196,6 +203,8 @@ def test_abort_keeps_traffic_on_the_stable_colour_and_retry_starts_again(
         assert aborted.returncode == 0, aborted.stderr
         degraded = wait_phase(crd_installed, ns, "hello-agent", "Degraded")
         assert condition(degraded, "Degraded")["reason"] == "Aborted"
+        # Stalled with it: Flux fails its health check at once instead of waiting out its timeout.
+        assert_gitops_reads(degraded, "Degraded", "Failed")
         assert active_selector_colour(crd_installed, ns) == "blue"
         wait_until(lambda: replicas(crd_installed, ns, "green") == 0, what="the preview scaled down")
         assert degraded["status"]["activeColor"] == "blue"
@@ -224,6 +233,7 @@ def test_a_failed_analysis_rolls_back_before_traffic_moves(
         apply(crd_installed, agent_manifest(ns, image=V2, replicas=2, operations=["analyze_data"], rollout=failing))
         degraded = wait_phase(crd_installed, ns, "hello-agent", "Degraded")
     assert condition(degraded, "Degraded")["reason"] == "AnalysisFailed"
+    assert_gitops_reads(degraded, "Degraded", "Failed")
     checks = {c["name"]: c for c in degraded["status"]["rollout"]["analysis"]}
     assert checks["smoke"]["result"] == "Failed"
     assert checks["smoke"]["message"].startswith("analyze_data: 422")

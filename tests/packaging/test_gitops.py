@@ -1,0 +1,114 @@
+"""The Argo CD health check and kstatus (Flux) on statuses from the operator's own reconcile code.
+
+The live statuses of a real rollout (Suspended while awaiting approval, Degraded after an abort) are
+read the same way in tests/cluster/test_rollout.py.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import yaml
+
+from agent_operator import conditions as cond
+from agent_operator.manifest import FieldError
+from agent_operator.reconcile import Observed, child_key, plan_for, stalled_plan
+from tests.gitops import HEALTH_LUA, argocd_health, kstatus, to_lua
+from tests.helpers import ROOT, example_agent, example_document
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def as_served(status: dict[str, Any], generation: int = 1) -> dict[str, Any]:
+    """The example agent as the API server would return it with this status."""
+    agent = example_document("minimal")
+    agent["metadata"] = {**agent["metadata"], "generation": generation, "uid": "u1"}
+    return {**agent, "status": status}
+
+
+def new_agent_status() -> dict[str, Any]:
+    return plan_for(
+        example_agent("minimal"), Observed(status={}, children={}, generation=1, uid="u1"), NOW, "ops"
+    ).status
+
+
+def ready_status() -> dict[str, Any]:
+    agent = example_agent("minimal")
+    first = plan_for(agent, Observed(status={}, children={}, generation=1, uid="u1"), NOW, "ops")
+    children = {child_key(c): c for c in first.apply}
+    for key, child in children.items():
+        if child["kind"] == "Deployment":
+            replicas = child["spec"]["replicas"]
+            children[key] = {
+                **child,
+                "metadata": {**child["metadata"], "generation": 1},
+                "status": {"observedGeneration": 1, "replicas": replicas, "updatedReplicas": replicas,
+                           "readyReplicas": replicas, "availableReplicas": replicas},
+            }  # fmt: skip
+    status = plan_for(agent, Observed(status={}, children=children, generation=1, uid="u1"), NOW, "ops").status
+    assert status["phase"] == "Ready"
+    return status
+
+
+def invalid_spec_status() -> dict[str, Any]:
+    errors = [FieldError("spec.security.usersSecretRef.name", "Secret 'users' not found in namespace 'default'")]
+    return stalled_plan(Observed(status={}, children={}, generation=1, uid="u1"), errors, cond.Reason.MISSING_REFERENCE,
+                        "2026-01-01T00:00:00Z").status  # fmt: skip
+
+
+def test_the_argocd_cm_patch_inlines_the_health_check_unchanged() -> None:
+    patch = yaml.safe_load((ROOT / "gitops" / "argocd" / "argocd-cm-patch.yaml").read_text())
+    inlined = patch["data"]["resource.customizations.health.agents.enterprise.io_EnterpriseAgent"]
+    assert inlined == HEALTH_LUA.read_text()
+
+
+@pytest.mark.parametrize(
+    ("name", "agent", "argo", "flux"),
+    [
+        ("not yet seen by the operator", lambda: {**as_served({}), "status": None}, "Progressing", "Current"),
+        ("created, children not ready", lambda: as_served(new_agent_status()), "Progressing", "InProgress"),
+        ("ready", lambda: as_served(ready_status()), "Healthy", "Current"),
+        ("a newer generation not yet observed", lambda: as_served(ready_status(), generation=2), "Progressing",
+         "InProgress"),
+        ("a missing Secret (Stalled)", lambda: as_served(invalid_spec_status()), "Degraded", "Failed"),
+    ],
+)  # fmt: skip
+def test_argocd_and_flux_read_the_operators_statuses(name: str, agent: Any, argo: str, flux: str) -> None:
+    served = agent()
+    assert argocd_health(served).status == argo, name
+    if served.get("status") is not None:
+        assert kstatus(served).status == flux, name
+
+
+def test_the_health_message_says_why() -> None:
+    degraded = argocd_health(as_served(invalid_spec_status()))
+    assert degraded.message.startswith("MissingReference: spec.security.usersSecretRef.name")
+    waiting = argocd_health(as_served(ready_status(), generation=7))
+    assert waiting.message == "Waiting for the operator to observe generation 7"
+
+
+@pytest.mark.parametrize(
+    ("status", "health"),
+    [
+        ({}, "Progressing"),
+        ({"conditions": []}, "Progressing"),
+        ({"phase": "Ready"}, "Progressing"),  # no observedGeneration: not this generation's verdict
+        ({"observedGeneration": 1, "conditions": [{"type": "Ready"}]}, "Progressing"),
+        ({"observedGeneration": 1, "conditions": [{"type": "Degraded", "status": "True"}]}, "Degraded"),
+        ({"observedGeneration": 1, "conditions": [{"type": "Stalled", "status": "True", "reason": ""}]}, "Degraded"),
+        ({"observedGeneration": 1, "phase": "Paused"}, "Suspended"),
+    ],
+)
+def test_odd_statuses_get_an_answer_not_an_error(status: dict[str, Any], health: str) -> None:
+    """Hand-edited or half-written statuses: the script answers (a Lua error shows as Unknown in Argo CD)."""
+    assert argocd_health(as_served(status)).status == health
+
+
+def test_strings_reach_lua_intact() -> None:
+    """The harness' JSON-to-Lua conversion itself: quotes, backslashes, newlines and non-ASCII survive."""
+    message = 'quote "1 backslash \\ newline \n9 tab \t é ]] --[['  # an escape followed by a digit, too
+    status = {"observedGeneration": 1, "phase": "Paused", "message": message, "conditions": []}
+    assert argocd_health(as_served(status)).message == message
+    assert to_lua([1, True, None]) == "{1, true, nil}"
