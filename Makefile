@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CRD := crds/enterpriseagents.agents.enterprise.io.yaml
 
-.PHONY: help venv test lint typecheck pytest crds run cluster-up cluster-down cluster-status bench bench-runtime bench-rollout e2e-kind clean
+.PHONY: help venv system-packages test lint typecheck pytest crds run cluster-up cluster-down cluster-status bench bench-runtime bench-rollout e2e-kind clean
 
 help:
 	@echo "make run    - operator against the current cluster, else the local control plane, with an example agent"
@@ -21,6 +21,16 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Programs the tests run that come from Debian's packages: Lua 5.1 (Argo CD's dialect) and 5.4 for
+# the health check, bubblewrap to run our programs as an unprivileged user with only /tmp writable.
+SYSTEM_PACKAGES := lua5.1 lua5.4 bubblewrap
+system-packages:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing from Debian's packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -28,7 +38,7 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-pytest: venv
+pytest: venv system-packages
 	$(BIN)/pytest
 
 test: lint typecheck pytest
