@@ -11,6 +11,7 @@ import (
 	"os"
 
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	utiljson "k8s.io/apimachinery/pkg/util/json"
 	"sigs.k8s.io/cli-utils/pkg/kstatus/status"
 )
 
@@ -26,7 +27,8 @@ func main() {
 	encoder := json.NewEncoder(os.Stdout)
 	for scanner.Scan() {
 		object := map[string]interface{}{}
-		if err := json.Unmarshal(scanner.Bytes(), &object); err != nil {
+		// The apimachinery decoder keeps whole numbers int64, as objects from the API server are.
+		if err := utiljson.Unmarshal(scanner.Bytes(), &object); err != nil {
 			fmt.Fprintf(os.Stderr, "kstatus: not a JSON object: %v\n", err)
 			os.Exit(2)
 		}
