@@ -11,6 +11,7 @@ from typing import Any
 import kopf
 
 from agent_operator.controller import Controller
+from agent_operator.kube import in_cluster_connection
 from agent_operator.render.common import LABEL_MANAGED_BY, MANAGER
 from agent_operator.spec import GROUP, PLURAL, VERSION
 
@@ -34,7 +35,7 @@ def build_registry(controller: Controller) -> kopf.OperatorRegistry:
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+        return in_cluster_connection() or kopf.login_with_kubeconfig(**kwargs)
 
     # async handlers run on the event loop; sync ones would run in kopf's thread pool, where the
     # controller's caches and asyncio queue must not be touched.

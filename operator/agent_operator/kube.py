@@ -11,9 +11,11 @@ import json
 import os
 import uuid
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import kopf
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -22,6 +24,7 @@ from agent_operator.render.common import MANAGER
 from agent_operator.spec import GROUP, KIND, PLURAL, VERSION
 
 USER_AGENT = f"{MANAGER}/0.1.0"
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 # apiVersion, kind -> (API path prefix, plural, namespaced)
 RESOURCES: dict[tuple[str, str], tuple[str, str]] = {
@@ -80,6 +83,24 @@ def object_path(
 
 def _plural(manifest: Mapping[str, Any]) -> str:
     return RESOURCES[(manifest["apiVersion"], manifest["kind"])][1]
+
+
+def in_cluster_connection() -> kopf.ConnectionInfo | None:
+    """kopf's credentials in a pod, found the way client-go (and ``Kube.connect``) finds them: the
+    API server from KUBERNETES_SERVICE_HOST/PORT, the mounted ServiceAccount token and CA. kopf's own
+    in-cluster login dials https://kubernetes.default.svc instead, which needs cluster DNS."""
+    host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
+    token = SERVICE_ACCOUNT_DIR / "token"
+    if not host or not port or not token.is_file():
+        return None
+    namespace = SERVICE_ACCOUNT_DIR / "namespace"
+    return kopf.ConnectionInfo(
+        server=f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}",
+        ca_path=str(SERVICE_ACCOUNT_DIR / "ca.crt"),
+        scheme="Bearer",
+        token=token.read_text().strip(),  # re-read on every login: the kubelet rotates it
+        default_namespace=namespace.read_text().strip() if namespace.is_file() else None,
+    )
 
 
 def now_rfc3339() -> str:

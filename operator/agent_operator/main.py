@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any, cast
 
 import kopf
 from aiohttp import web
@@ -140,6 +141,10 @@ async def run_operator(options: RunOptions) -> None:
                 namespaces=list(options.namespaces),
                 stop_flag=stop,
                 ready_flag=kopf_ready,
+                # Ours, not kopf's default from getpass: a pod's uid (10001, or an arbitrary one on
+                # OpenShift) has no /etc/passwd entry, and getpass would crash the operator. (kopf's
+                # Identity is a NewType of str that kopf does not export.)
+                identity=cast(Any, identity),
             )
         finally:
             stop.set()

@@ -39,6 +39,7 @@ class OperatorProcess:
         self.kubeconfig = kubeconfig
         self.log_path = log_path
         self.port = free_port()
+        self.env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
         self.args = [
             AGENT_OPERATOR, "run",
             "--metrics-host=127.0.0.1", f"--metrics-port={self.port}",
@@ -48,10 +49,16 @@ class OperatorProcess:
         ]  # fmt: skip
         self.process: subprocess.Popen[bytes] | None = None
 
+    @classmethod
+    def with_command(cls, command: list[str], env: dict[str, str], port: int, log_path: Path) -> OperatorProcess:
+        """An operator started by an exact command line (a sandbox, a chart's arguments)."""
+        process = cls(Path("/nonexistent"), log_path, namespaces=[], lease_namespace="", lease_name="")
+        process.args, process.env, process.port = command, env, port
+        return process
+
     def start(self) -> OperatorProcess:
         log = self.log_path.open("ab")
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
-        self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + 60
         while not self.healthy():
             if self.process.poll() is not None:
