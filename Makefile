@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CRD := crds/enterpriseagents.agents.enterprise.io.yaml
 
-.PHONY: help venv system-packages test lint typecheck pytest crds run cluster-up cluster-down cluster-status bench bench-runtime bench-rollout e2e-kind clean
+.PHONY: help venv system-packages tools test lint typecheck pytest crds run cluster-up cluster-down cluster-status bench bench-runtime bench-rollout e2e-kind clean
 
 help:
 	@echo "make run    - operator against the current cluster, else the local control plane, with an example agent"
@@ -38,7 +38,11 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
-pytest: venv system-packages
+# helm, promtool and kstatus, built once from hack/tools (minutes cold; outside pytest's per-test timeout).
+tools: venv
+	$(BIN)/python -c "from agent_operator.cluster import ensure_tools; print(ensure_tools())"
+
+pytest: venv system-packages tools
 	$(BIN)/pytest
 
 test: lint typecheck pytest
@@ -76,8 +80,9 @@ bench-runtime: venv
 
 # For users with Docker and kind: the same cluster tests against a kind cluster.
 # Not run on this project's machines (no Docker engine there). Pods on kind are real, so the
-# agent image must be pullable by the kind nodes: set EAO_TEST_IMAGE to an image you loaded.
+# agent image must be pullable by the kind nodes: set EAO_TEST_IMAGE to an image you loaded. The
+# chart-install test is for kwok's simulated pods (it runs the operator beside them), so it is left out.
 e2e-kind: venv
 	kind create cluster --name eao-e2e
 	kind get kubeconfig --name eao-e2e > .kind-kubeconfig
-	KUBECONFIG=$(CURDIR)/.kind-kubeconfig $(BIN)/pytest -m cluster; status=$$?; kind delete cluster --name eao-e2e; exit $$status
+	KUBECONFIG=$(CURDIR)/.kind-kubeconfig $(BIN)/pytest -m cluster --deselect tests/cluster/test_chart_install.py; status=$$?; kind delete cluster --name eao-e2e; exit $$status
