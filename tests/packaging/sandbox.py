@@ -103,6 +103,11 @@ def sandboxed(
         args += ["--bind", str(source), target]
     for target, source in read_only.items():
         args += ["--ro-bind", str(source), target]
+    # A checkout under /tmp (CI clones into mktemp -d) holds the program itself: over whatever
+    # now covers /tmp, put it back, read-only.
+    for program in sorted({ROOT, VENV_BIN.parent.resolve()}):
+        if program.is_relative_to("/tmp"):
+            args += ["--ro-bind", str(program), str(program)]
     args += ["--remount-ro", "/"]
     environment = {"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": "/nonexistent", "PYTHONDONTWRITEBYTECODE": "1",
                    "PYTHONUNBUFFERED": "1", **env}  # fmt: skip
