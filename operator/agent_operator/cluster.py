@@ -46,6 +46,8 @@ GO_MODULES = {
 # Packaging tools built from hack/tools (versions pinned in its go.mod).
 HELM_VERSION = "v3.22.0"
 TOOL_PACKAGES = ("helm.sh/helm/v3/cmd/helm", "github.com/prometheus/prometheus/cmd/promtool", "./kstatus")
+# Its module carries the monitoring.coreos.com CRDs the chart's ServiceMonitor and PrometheusRule must fit.
+PROMETHEUS_OPERATOR_MODULE = "github.com/prometheus-operator/prometheus-operator@v0.85.0"
 
 
 class ClusterError(RuntimeError):
@@ -139,6 +141,22 @@ def ensure_tools() -> Path:
         for package in ("chartutil", "lint/rules")
     )
     return _build_once("tools", f"{HELM_VERSION}-kube{KUBERNETES_VERSION}", {".": TOOL_PACKAGES}, ldflags)
+
+
+def prometheus_operator_crds() -> Path:
+    """The Prometheus Operator's CRDs at a pinned version, from the Go module proxy (checksum-verified
+    like any module); returns their folder."""
+    cache_root().mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        [_go(), "mod", "download", "-json", PROMETHEUS_OPERATOR_MODULE],
+        cwd=cache_root(),  # outside any module
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise ClusterError(f"go mod download {PROMETHEUS_OPERATOR_MODULE} failed: {result.stdout} {result.stderr}")
+    return Path(json.loads(result.stdout)["Dir"]) / "example" / "prometheus-operator-crd"
 
 
 def _say(message: str) -> None:
