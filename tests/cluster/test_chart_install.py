@@ -6,7 +6,7 @@ Deployment become Available, but the program in them does not run. The operator 
 beside them as a local process, as its pod would: the chart's container arguments, the chart's
 ServiceAccount token and the cluster CA mounted at the in-cluster paths, KUBERNETES_SERVICE_HOST
 set, uid 10001 and a read-only root with only /tmp writable (bubblewrap, see
-tests/packaging/sandbox.py). Any right the chart's RBAC lacks shows up as a 403 and the agent
+tests/packaging/sandbox.py), from a venv built by the Dockerfile's own commands. Any right the chart's RBAC lacks shows up as a 403 and the agent
 never becomes Ready.
 """
 
@@ -58,7 +58,7 @@ def agent_namespace(kube: Kube) -> Iterator[str]:
 
 @pytest.mark.parametrize("mode", ["namespaced", "cluster-wide"])
 def test_the_installed_chart_runs_the_operator_with_its_own_rights(
-    crd_installed: Kube, agent_namespace: str, mode: str, tmp_path: Path
+    crd_installed: Kube, agent_namespace: str, mode: str, tmp_path: Path, image_venv: Path
 ) -> None:
     kube = crd_installed
     release = f"eao-{uuid.uuid4().hex[:6]}"
@@ -75,14 +75,14 @@ def test_the_installed_chart_runs_the_operator_with_its_own_rights(
             "items"
         ][0]
         assert deployment["status"]["availableReplicas"] == 2  # the simulated pods (kwok)
-        run_operator_like_its_pod(kube, deployment, agent_namespace, mode, tmp_path)
+        run_operator_like_its_pod(kube, deployment, agent_namespace, mode, tmp_path, image_venv)
     finally:
         helm("uninstall", release, "--namespace", release_namespace, "--wait", kubeconfig=kube.kubeconfig)
         kube.kubectl("delete", "namespace", release_namespace, "--wait=false", check=False)
 
 
 def run_operator_like_its_pod(
-    kube: Kube, deployment: dict[str, Any], agent_namespace: str, mode: str, tmp_path: Path
+    kube: Kube, deployment: dict[str, Any], agent_namespace: str, mode: str, tmp_path: Path, venv_bin: Path
 ) -> None:
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
@@ -106,7 +106,9 @@ def run_operator_like_its_pod(
     }  # fmt: skip
     writable = {mount["mountPath"]: tmp_path / mount["name"] for mount in container["volumeMounts"]}
     assert list(writable) == ["/tmp"]
-    command = sandboxed([*entrypoint("operator"), *args], env=env, read_only={SERVICE_ACCOUNT_DIR: account})
+    command = sandboxed(
+        [*entrypoint("operator"), *args], env=env, read_only={SERVICE_ACCOUNT_DIR: account}, venv_bin=venv_bin
+    )
     log = tmp_path / "operator.log"
     operator = OperatorProcess.with_command(command, env={}, port=port, log_path=log).start()
     try:

@@ -24,6 +24,26 @@ from tests.helpers import ROOT
 DOCKERFILE = ROOT / "images" / "Dockerfile"
 IMAGE_UID = 10001
 VENV_BIN = Path(sys.executable).parent
+# The image's build stage, as commands (a test checks the Dockerfile runs these): a venv without pip,
+# the project and its pinned dependencies installed into it from wheels only, no editable install.
+IMAGE_VENV_COMMANDS = (
+    "python -m venv --without-pip /opt/venv",
+    "python -m pip --python /opt/venv/bin/python install --only-binary=:all: --no-binary=enterprise-agent-operator .",
+)
+
+
+def build_image_venv(venv: Path) -> Path:
+    """The image's /opt/venv built at ``venv`` by IMAGE_VENV_COMMANDS (the base interpreter makes the
+    venv, pip installs into it from outside); returns its bin folder."""
+    steps = (
+        [str(Path(sys.base_prefix) / "bin" / "python3"), "-m", "venv", "--without-pip", str(venv)],
+        [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--quiet",
+         "--only-binary=:all:", "--no-binary=enterprise-agent-operator", str(ROOT)],
+    )  # fmt: skip
+    for step in steps:
+        result = subprocess.run(step, capture_output=True, text=True, timeout=600, check=False)
+        assert result.returncode == 0, f"{' '.join(step)}: {result.stdout}{result.stderr}"
+    return venv / "bin"
 
 
 @dataclass(frozen=True)
@@ -91,6 +111,7 @@ def sandboxed(
     read_only: Mapping[str, Path] = {},
     writable: Mapping[str, Path] = {},
     workdir: str = "/tmp",
+    venv_bin: Path = VENV_BIN,
 ) -> list[str]:
     """The bwrap command line running ``command`` as uid 10001 with only /tmp and ``writable``
     (sandbox path -> host directory, made writable for the sandbox user) writable."""
@@ -105,11 +126,11 @@ def sandboxed(
         args += ["--ro-bind", str(source), target]
     # A checkout under /tmp (CI clones into mktemp -d) holds the program itself: over whatever
     # now covers /tmp, put it back, read-only.
-    for program in sorted({ROOT, VENV_BIN.parent.resolve()}):
+    for program in sorted({ROOT, venv_bin.parent.resolve()}):
         if program.is_relative_to("/tmp"):
             args += ["--ro-bind", str(program), str(program)]
     args += ["--remount-ro", "/"]
-    environment = {"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": "/nonexistent", "PYTHONDONTWRITEBYTECODE": "1",
+    environment = {"PATH": f"{venv_bin}:/usr/bin:/bin", "HOME": "/nonexistent", "PYTHONDONTWRITEBYTECODE": "1",
                    "PYTHONUNBUFFERED": "1", **env}  # fmt: skip
     for name, value in environment.items():
         args += ["--setenv", name, value]

@@ -27,6 +27,7 @@ from tests.helpers import ROOT, example_agent
 from tests.packaging.sandbox import (
     DOCKERFILE,
     IMAGE_UID,
+    IMAGE_VENV_COMMANDS,
     dockerfile_stages,
     entrypoint,
     pod_env,
@@ -65,12 +66,23 @@ def test_final_images_are_non_root_pinned_and_carry_no_build_tools(target: str) 
     runs = " ".join(arguments for instruction, arguments in instructions if instruction == "RUN")
     for tool in ("pip install", "apt-get install", "gcc", "build-essential"):
         assert tool not in runs, f"{target} image runs {tool!r}"
+    # ...and the base image's own installer is removed.
+    assert "/usr/local/lib/python3.11/site-packages/pip*" in runs
+    assert "/usr/local/bin/pip*" in runs
     # The base is pinned to a patch release (a digest pin is documented for users' registries).
     text = DOCKERFILE.read_text()
     base = next(line.split("=", 1)[1] for line in text.splitlines() if line.startswith("ARG PYTHON_IMAGE="))
     assert base.startswith("python:3.11."), base
     assert base.endswith("-slim-bookworm"), base
     assert chain[-1].base == "${PYTHON_IMAGE}"
+
+
+def test_the_build_stage_makes_the_venv_the_tests_run() -> None:
+    """The programs below run from a venv built by these commands; the Dockerfile must run them too."""
+    build = dockerfile_stages(DOCKERFILE.read_text())["build"]
+    runs = " ".join(arguments for instruction, arguments in build.instructions if instruction == "RUN")
+    for command in IMAGE_VENV_COMMANDS:
+        assert command in runs, command
 
 
 def test_the_sandbox_is_as_tight_as_the_pod(tmp_path: Path) -> None:
@@ -105,7 +117,7 @@ def rendered_pod() -> tuple[dict[str, Any], dict[str, Any], dict[str, str]]:
 
 
 @contextmanager
-def runtime_pod(tmp_path: Path) -> Iterator[tuple[str, dict[str, Path], dict[str, bytes]]]:
+def runtime_pod(tmp_path: Path, venv_bin: Path) -> Iterator[tuple[str, dict[str, Path], dict[str, bytes]]]:
     """The runtime started from the rendered pod spec inside the sandbox; yields its base URL, the
     host directories behind its emptyDir volumes and its key files."""
     pod, container, config_data = rendered_pod()
@@ -139,7 +151,9 @@ def runtime_pod(tmp_path: Path) -> Iterator[tuple[str, dict[str, Path], dict[str
     log = tmp_path / "runtime.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            sandboxed(command, env=env, read_only=read_only, writable=writable), stdout=out, stderr=subprocess.STDOUT
+            sandboxed(command, env=env, read_only=read_only, writable=writable, venv_bin=venv_bin),
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -165,8 +179,8 @@ def status_of(url: str, token: str | None = None, body: bytes | None = None) -> 
         return 0
 
 
-def test_the_runtime_serves_as_uid_10001_with_a_read_only_root(tmp_path: Path) -> None:
-    with runtime_pod(tmp_path) as (base, writable, keys):
+def test_the_runtime_serves_as_uid_10001_with_a_read_only_root(tmp_path: Path, image_venv: Path) -> None:
+    with runtime_pod(tmp_path, image_venv) as (base, writable, keys):
         assert status_of(f"{base}/readyz") == 200
         assert status_of(f"{base}/metrics") == 200
         key_data = {name: base64.b64encode(content).decode() for name, content in keys.items()}
