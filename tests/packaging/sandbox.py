@@ -3,8 +3,10 @@
 bubblewrap gives the process uid/gid 10001 in a user namespace, the whole filesystem read-only,
 and writable only what the pod spec makes writable: /tmp and the emptyDir volumes. ConfigMaps and
 Secrets are bound read-only at their mount paths, the command is the Dockerfile's ENTRYPOINT and
-the program comes from the project's virtualenv (the image's /opt/venv). The network is shared, so
-it listens on loopback where the test reaches it.
+the program comes from a venv built by the Dockerfile's build commands (the image's /opt/venv). The
+network is shared, so it listens on loopback where the test reaches it. uid 10001 in the sandbox is
+root's uid outside it: this shows a read-only root and a uid without a passwd entry, not host-level
+unprivilege.
 """
 
 from __future__ import annotations
