@@ -59,12 +59,13 @@ def test_our_monitoring_objects_fit_the_prometheus_operator_crds(monitoring_crds
 
 def test_the_crds_do_refuse_a_wrong_field(monitoring_crds: Kube, namespace: str) -> None:
     """The check above can fail: a misspelt field and a wrong type are refused by name."""
-    monitor = by_kind(monitoring_objects(namespace), "ServiceMonitor")[0]
+    objects = monitoring_objects(namespace)
+    monitor = by_kind(objects, "ServiceMonitor")[0]
     monitor["spec"]["endpoints"][0]["portt"] = "metrics"
     code, stderr = server_dry_run(monitoring_crds, monitor)
     assert code != 0
     assert "portt" in stderr
-    rule = by_kind(monitoring_objects(namespace), "PrometheusRule")[0]
+    rule = by_kind(objects, "PrometheusRule")[0]
     rule["spec"]["groups"][0]["rules"][0]["for"] = 10
     code, stderr = server_dry_run(monitoring_crds, rule)
     assert code != 0

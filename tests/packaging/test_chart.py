@@ -58,7 +58,8 @@ def test_strict_validation_can_fail() -> None:
 
 
 def test_the_operator_deployment_defaults() -> None:
-    (deployment,) = by_kind(render(), "Deployment")
+    objects = render()
+    (deployment,) = by_kind(objects, "Deployment")
     spec = deployment["spec"]
     pod = spec["template"]["spec"]
     (container,) = pod["containers"]
@@ -72,7 +73,7 @@ def test_the_operator_deployment_defaults() -> None:
     parsed = build_parser().parse_args(["run", *container["args"]])
     assert (parsed.lease_namespace, parsed.lease_name) == (RELEASE_NAMESPACE, "enterprise-agent-operator")
     assert parsed.namespace in (None, [])
-    (pdb,) = by_kind(render(), "PodDisruptionBudget")
+    (pdb,) = by_kind(objects, "PodDisruptionBudget")
     assert pdb["spec"]["minAvailable"] == 1
     assert pdb["spec"]["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
 
