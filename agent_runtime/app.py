@@ -25,10 +25,11 @@ from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
+from agent_contract.config import AuthMode, ComplianceFramework, Permission, RuntimeConfig, SecurityLevel
+from agent_contract.keyfiles import KeyRing
+from agent_contract.operations import GENERATE_REPORT
 from agent_runtime.audit import AuditLog
-from agent_runtime.config import AuthMode, ComplianceFramework, Permission, RuntimeConfig, SecurityLevel
 from agent_runtime.crypto import FieldEncryptor
-from agent_runtime.keys import KeyRing
 from agent_runtime.metrics import RuntimeMetrics
 from agent_runtime.openapi import build_openapi
 from agent_runtime.operations import BUILTINS, InputError, Operation, Registry, discover_plugins
@@ -490,14 +491,7 @@ def _report_operation(app: web.Application) -> Operation:
             "download": {f: f"/v1/reports/{stored.id}?format={f}" for f in ("markdown", "html", "json")},
         }
 
-    return Operation(
-        "generate_report",
-        Permission.EXECUTE,
-        SecurityLevel.INTERNAL,
-        generate,
-        "A Markdown and HTML report of an analysis, stored and downloadable by id.",
-        ReportInput,
-    )
+    return Operation.builtin(GENERATE_REPORT, generate, ReportInput)
 
 
 async def _retention(app: web.Application, every_seconds: float = 3600.0) -> None:

@@ -31,8 +31,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
-from agent_runtime.config import SigningAlgorithm
-from agent_runtime.keys import KeyRing, SigningKey
+from agent_contract.config import SigningAlgorithm
+from agent_contract.keyfiles import KeyRing, SigningKey
 
 GENESIS = "0" * 64
 MAX_BATCH = 512

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent_runtime.config import RuntimeConfig, SigningAlgorithm
+from agent_contract.config import RuntimeConfig, SigningAlgorithm
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -43,7 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_init(args: argparse.Namespace) -> int:
     """A complete local layout: config.yaml (the ConfigMap's format), fresh keys, an empty users file."""
-    from agent_runtime.keys import new_key_files, write_key_files
+    from agent_contract.keyfiles import new_key_files, write_key_files
 
     root = Path(args.directory).resolve()
     if (root / "config.yaml").exists() and not args.force:
@@ -102,8 +102,8 @@ def cmd_users_add(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from agent_contract.keyfiles import KeyRing
     from agent_runtime.audit import verify_lines
-    from agent_runtime.keys import KeyRing
 
     try:
         keys = KeyRing.load(args.keys) if args.keys else None

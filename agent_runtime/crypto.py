@@ -13,7 +13,7 @@ import os
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from agent_runtime.keys import KeyRing
+from agent_contract.keyfiles import KeyRing
 
 PREFIX = "v1"
 

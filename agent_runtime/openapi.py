@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from agent_runtime.config import RuntimeConfig
+from agent_contract.config import RuntimeConfig
 from agent_runtime.operations import Registry
 
 REF = "#/components/schemas/{model}"

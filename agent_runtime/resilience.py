@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from enum import IntEnum
 from typing import TypeVar
 
-from agent_runtime.config import CircuitBreakerConfig, RetryConfig
+from agent_contract.config import CircuitBreakerConfig, RetryConfig
 
 T = TypeVar("T")
 

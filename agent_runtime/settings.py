@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent_runtime.config import CONFIG_PATH, RuntimeConfig
+from agent_contract.config import RuntimeConfig
+from agent_contract.layout import CONFIG_PATH, RUNTIME_PORT
 
 
 class SettingsError(ValueError):
@@ -18,7 +19,7 @@ class SettingsError(ValueError):
 class Settings:
     config: RuntimeConfig
     host: str = "0.0.0.0"  # noqa: S104 - a pod's port must be reachable from the Service
-    port: int = 8080
+    port: int = RUNTIME_PORT
     shutdown_grace_seconds: float = 25.0  # under the pod's 30 s terminationGracePeriodSeconds
 
     @property
@@ -42,7 +43,7 @@ class Settings:
         except ValueError as error:
             raise SettingsError(f"{path}: {error}") from None
         try:
-            chosen_port = port if port is not None else int(env.get("AGENT_PORT", "8080"))
+            chosen_port = port if port is not None else int(env.get("AGENT_PORT", str(RUNTIME_PORT)))
         except ValueError:
             raise SettingsError("AGENT_PORT must be a number") from None
         return cls(config=config, host=env.get("AGENT_HOST", "0.0.0.0"), port=chosen_port)  # noqa: S104

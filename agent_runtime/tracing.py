@@ -12,7 +12,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from agent_runtime.config import ObservabilityConfig
+from agent_contract.config import ObservabilityConfig
 
 PROPAGATOR = TraceContextTextMapPropagator()
 

@@ -24,10 +24,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from agent_contract.config import RuntimeConfig
 from agent_runtime.cli import main as runtime_cli
-from agent_runtime.config import RuntimeConfig
 from agent_runtime.security.users import hash_line
-from tests.cluster.operator_process import free_port
+from eao_devtools.testkit.operator_process import free_port
 
 BIN = Path(sys.executable).parent
 PASSWORD = "bench-password-0123456789"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 from typing import Any
 
-from agent_runtime.config import Permission, SecurityLevel
+from agent_contract.operations import ANALYZE_DATA, BUILTIN_OPERATIONS, PING, PROCESS_DOCUMENT
 from agent_runtime.operations.analyze import AnalyzeInput, analyze_data
 from agent_runtime.operations.base import Handler, InputError, Operation
 from agent_runtime.operations.documents import DocumentInput, process_document
@@ -15,27 +15,16 @@ async def _ping(payload: dict[str, Any]) -> dict[str, Any]:
     return {"pong": True}
 
 
+# The built-ins that need nothing but their input. generate_report (it stores its result) and chat
+# (it needs the model's client) are made per app by ``create_app``; all five are declared in
+# agent_contract.operations.
 BUILTINS: dict[str, Operation] = {
-    "ping": Operation(
-        "ping", Permission.EXECUTE, SecurityLevel.PUBLIC, _ping, "Answers pong: a no-op for smoke tests."
-    ),
-    "analyze_data": Operation(
-        "analyze_data",
-        Permission.EXECUTE,
-        SecurityLevel.INTERNAL,
-        analyze_data,
-        "Descriptive statistics, quartiles, correlation and outliers of numeric columns.",
-        AnalyzeInput,
-    ),
-    "process_document": Operation(
-        "process_document",
-        Permission.EXECUTE,
-        SecurityLevel.CONFIDENTIAL,
-        process_document,
-        "Text of a plain, Markdown or HTML document, its entities, and PII/PHI found (redacted in the text).",
-        DocumentInput,
-        personal_data=True,
-    ),
+    operation.name: operation
+    for operation in (
+        Operation.builtin(PING, _ping),
+        Operation.builtin(ANALYZE_DATA, analyze_data, AnalyzeInput),
+        Operation.builtin(PROCESS_DOCUMENT, process_document, DocumentInput),
+    )
 }
 
 
@@ -51,7 +40,7 @@ def discover_plugins() -> dict[str, Operation]:
         operation = loaded() if callable(loaded) and not isinstance(loaded, Operation) else loaded
         if not isinstance(operation, Operation):
             raise TypeError(f"plugin {entry.name!r} ({entry.value}) does not provide an Operation")
-        if operation.name in BUILTINS:
+        if operation.name in BUILTIN_OPERATIONS:
             raise ValueError(f"plugin {entry.name!r} would replace the built-in operation {operation.name!r}")
         found[operation.name] = operation
     return found

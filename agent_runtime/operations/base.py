@@ -8,7 +8,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from agent_runtime.config import Permission, SecurityLevel
+from agent_contract.config import Permission, SecurityLevel
+from agent_contract.operations import OperationInfo
 
 # A handler gets its validated input model (or the raw JSON object when it declares none).
 Handler = Callable[[Any], Awaitable[dict[str, Any]]]
@@ -27,3 +28,9 @@ class Operation:
     description: str
     input_model: type[BaseModel] | None = None  # validated before the handler runs
     personal_data: bool = False  # with GDPR, needs the subject's consent for the stated purpose
+
+    @classmethod
+    def builtin(cls, info: OperationInfo, handler: Handler, input_model: type[BaseModel] | None = None) -> Operation:
+        """A built-in operation: what it needs comes from the contract's table, only the
+        implementation from here."""
+        return cls(info.name, info.permission, info.level, handler, info.description, input_model, info.personal_data)

@@ -12,7 +12,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent_runtime.config import ModelConfig, Permission, RetryConfig, SecurityLevel
+from agent_contract.config import ModelConfig, RetryConfig
+from agent_contract.operations import CHAT
 from agent_runtime.operations.base import InputError, Operation
 from agent_runtime.operations.documents import find_pii, redact
 from agent_runtime.resilience import CircuitBreaker, retry
@@ -112,12 +113,4 @@ def chat_operation(
             "usage": answer.get("usage", {}),
         }
 
-    return Operation(
-        "chat",
-        Permission.EXECUTE,
-        SecurityLevel.CONFIDENTIAL,
-        handler,
-        "A chat completion from the configured model, with personal data redacted before sending.",
-        ChatInput,
-        personal_data=True,
-    )
+    return Operation.builtin(CHAT, handler, ChatInput)

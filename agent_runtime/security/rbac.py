@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent_runtime.config import Permission, RuntimeConfig, SecurityLevel
+from agent_contract.config import Permission, RuntimeConfig, SecurityLevel
 
 # A role the config gives no clearance gets the agents' default level.
 DEFAULT_CLEARANCE = SecurityLevel.INTERNAL

@@ -9,20 +9,18 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import jwt
 from jwt import PyJWK, PyJWKSet
 
-from agent_runtime.config import AuthConfig
-from agent_runtime.keys import KeyRing
+from agent_contract.config import AuthConfig
+from agent_contract.keyfiles import KeyRing
+from agent_contract.tokens import ACCESS_TYPE, REFRESH_TYPE, Claims, mint_token
 
-ACCESS_TYPE = "at+jwt"  # RFC 9068
-REFRESH_TYPE = "refresh+jwt"
+__all__ = ["ACCESS_TYPE", "REFRESH_TYPE", "Claims", "LocalTokens", "OidcTokens", "TokenError", "VerifiedCache"]
 # Algorithms an OIDC issuer may use; never "none", never HMAC (we hold no shared secret with it).
 OIDC_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA")
 
@@ -33,15 +31,6 @@ class TokenError(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-@dataclass(frozen=True)
-class Claims:
-    subject: str
-    roles: tuple[str, ...]
-    token_id: str
-    expires_at: float
-    token_type: str
 
 
 def _now() -> float:
@@ -57,24 +46,7 @@ class LocalTokens:
         self.clock = clock
 
     def issue(self, subject: str, roles: tuple[str, ...], token_type: str = ACCESS_TYPE) -> tuple[str, Claims]:
-        now = int(self.clock())
-        ttl = self.config.token_ttl_seconds if token_type == ACCESS_TYPE else self.config.refresh_ttl_seconds
-        claims = Claims(subject, roles, secrets.token_urlsafe(16), now + ttl, token_type)
-        payload = {
-            "iss": self.config.issuer,
-            "aud": self.config.audience,
-            "sub": subject,
-            "roles": list(roles),
-            "iat": now,
-            "nbf": now,
-            "exp": claims.expires_at,
-            "jti": claims.token_id,
-        }
-        signer = self.keys.signer
-        token = jwt.encode(
-            payload, signer.private, algorithm=signer.algorithm.value, headers={"kid": signer.kid, "typ": token_type}
-        )
-        return token, claims
+        return mint_token(self.config, self.keys, subject, roles, token_type, self.clock())
 
     def verify(self, token: str, expected_type: str = ACCESS_TYPE) -> Claims:
         header = _header(token)

@@ -21,18 +21,16 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent_operator.render.common import HTTP_PORT, SERVICE_PORT
+from agent_contract.config import AuthMode
+from agent_contract.layout import RUNTIME_PORT, SERVICE_PORT
+from agent_contract.tokens import mint_smoke_token
 from agent_operator.render.runtime_config import build_runtime_config
 from agent_operator.rollout import Check
 from agent_operator.spec import AnalysisResult, AnalysisSpec, EnterpriseAgent
-from agent_runtime.config import AuthMode
-from agent_runtime.keys import KeyRing
-from agent_runtime.security.tokens import LocalTokens
 
 # Requests made by probes and scrapers say nothing about the agent's health.
 PROBE_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 REQUEST_TIMEOUT_SECONDS = 5.0
-OPERATOR_SUBJECT = "system:enterprise-agent-operator"
 
 
 @dataclass(frozen=True)
@@ -120,7 +118,7 @@ class HttpAnalysis:
             return None
         return Target(
             f"http://{service}.{agent.namespace}.svc:{SERVICE_PORT}",
-            tuple(f"http://{_host(ip)}:{HTTP_PORT}" for ip in pod_ips),
+            tuple(f"http://{_host(ip)}:{RUNTIME_PORT}" for ip in pod_ips),
         )
 
     async def measure(
@@ -185,11 +183,8 @@ async def _metrics(session: aiohttp.ClientSession, target: Target, analysis: Ana
 def operator_token(agent: EnterpriseAgent, key_data: Mapping[str, str]) -> str:
     """A short-lived token the runtime accepts, signed with the agent's own key from its Secret,
     carrying every role its config defines so any operation may be smoke-tested."""
-    config = build_runtime_config(agent)
     files = {name: base64.b64decode(value) for name, value in key_data.items()}
-    tokens = LocalTokens(config.auth, KeyRing.from_files(files, "key Secret"))
-    token, _ = tokens.issue(OPERATOR_SUBJECT, tuple(config.roles))
-    return token
+    return mint_smoke_token(build_runtime_config(agent), files)
 
 
 async def _smoke(

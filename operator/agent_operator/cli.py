@@ -53,37 +53,6 @@ def cmd_crd(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_cluster(args: argparse.Namespace) -> int:
-    from agent_operator.cluster import Cluster, ClusterError
-
-    cluster = Cluster(Path(args.state_dir))
-    try:
-        if args.action == "up":
-            timings = cluster.up(nodes=args.nodes)
-            if timings:
-                print(
-                    f"local control plane ready: build {timings['build_seconds']:.1f}s,"
-                    f" start {timings['start_seconds']:.1f}s, total {timings['total_seconds']:.1f}s"
-                )
-            print(f"export KUBECONFIG={cluster.kubeconfig}")
-        elif args.action == "down":
-            stopped = cluster.down()
-            print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
-        elif args.action == "status":
-            running = cluster.running()
-            for name, alive in running.items():
-                print(f"{name:<24} {'running' if alive else 'stopped'}")
-            healthy = cluster.healthy()
-            print(f"{'api':<24} {'ready' if healthy else 'not ready'}")
-            return 0 if healthy else 1
-        else:
-            print(f"export KUBECONFIG={cluster.kubeconfig}")
-    except ClusterError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from agent_operator.main import RunOptions, run
 
@@ -105,12 +74,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
 
 
-def cmd_dev(_: argparse.Namespace) -> int:
-    from agent_operator.dev import main as dev_main
-
-    return dev_main()
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agent-operator", description="The Enterprise Agent Operator.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -129,19 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="namespace the NetworkPolicy admits the operator from",
     )
     render.set_defaults(func=cmd_render)
-
-    from agent_operator.cluster import default_state_dir
-
-    cluster = commands.add_parser(
-        "cluster",
-        help="the local control plane (etcd, kube-apiserver, controller manager, scheduler, kwok) on 127.0.0.1",
-    )
-    cluster.add_argument("action", choices=["up", "down", "status", "env"])
-    cluster.add_argument(
-        "--state-dir", default=str(default_state_dir()), help="where certificates, logs and etcd data live"
-    )
-    cluster.add_argument("--nodes", type=int, default=3, help="simulated kwok nodes to register")
-    cluster.set_defaults(func=cmd_cluster)
 
     run = commands.add_parser("run", help="run the operator against the current KUBECONFIG (or in-cluster credentials)")
     run.add_argument(
@@ -179,11 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
         "(for a runtime on loopback; outside a cluster the HTTP checks are otherwise Skipped)",
     )
     run.set_defaults(func=cmd_run)
-
-    dev = commands.add_parser(
-        "dev", help="what `make run` does: a cluster (current context or local), the CRD, an example, the operator"
-    )
-    dev.set_defaults(func=cmd_dev)
 
     crd = commands.add_parser("crd", help="print the EnterpriseAgent CustomResourceDefinition")
     crd.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")

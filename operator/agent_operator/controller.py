@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from agent_contract.keyfiles import new_key_files
 from agent_operator import metrics, rollout
 from agent_operator import reconcile as core
 from agent_operator.analysis import HttpAnalysis
@@ -37,7 +38,6 @@ from agent_operator.render.common import (
 )
 from agent_operator.render.keys import ANNOTATION_ROTATED_FOR, build_key_secret
 from agent_operator.spec import API_VERSION, KIND, EnterpriseAgent
-from agent_runtime.keys import new_key_files
 
 log = logging.getLogger("agent_operator")
 

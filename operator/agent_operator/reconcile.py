@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from agent_contract.operations import BUILTIN_OPERATIONS
 from agent_operator import conditions as cond
 from agent_operator import rollout
 from agent_operator.conditions import Reason
@@ -47,7 +48,6 @@ from agent_operator.spec import (
     Phase,
     parse_quantity,
 )
-from agent_runtime.config import BUILTIN_OPERATIONS
 
 # (apiVersion, kind, name) identifies a child within the agent's namespace.
 ChildKey = tuple[str, str, str]

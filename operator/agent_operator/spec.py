@@ -18,7 +18,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from agent_runtime.config import (
+from agent_contract.config import (
     OPERATION_NAME_PATTERN,
     ROLE_NAME_PATTERN,
     ComplianceFramework,

@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
+from agent_contract.config import SigningAlgorithm
+from agent_contract.keyfiles import new_key_files
 from agent_operator.analysis import operator_token
 from agent_operator.render import RenderPlan, build_children
-from agent_runtime.config import SigningAlgorithm
-from agent_runtime.keys import new_key_files
-from tests.cluster.operator_process import free_port
+from eao_devtools.testkit.operator_process import free_port
 from tests.helpers import ROOT, example_agent
 from tests.packaging.sandbox import (
     DOCKERFILE,

@@ -10,9 +10,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from agent_contract.config import Permission, RuntimeConfig, SecurityLevel
 from agent_runtime.app import create_app
 from agent_runtime.cli import main as runtime_cli
-from agent_runtime.config import Permission, RuntimeConfig, SecurityLevel
 from agent_runtime.operations import BUILTINS, Operation
 from agent_runtime.security.users import hash_line
 from agent_runtime.settings import Settings

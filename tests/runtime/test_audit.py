@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from agent_contract.config import SigningAlgorithm
+from agent_contract.keyfiles import KeyRing, new_key_files, write_key_files
 from agent_runtime.audit import AuditLog, chain_hash, verify_lines
-from agent_runtime.config import SigningAlgorithm
-from agent_runtime.keys import KeyRing, new_key_files, write_key_files
+from eao_devtools.testkit.runtime import live_runtime
 from tests.runtime.conftest import make_layout
-from tests.runtime.live import live_runtime, load_then, login
+from tests.runtime.live import load_then, login
 
 AGENT_RUNTIME = str(Path(sys.executable).parent / "agent-runtime")
 

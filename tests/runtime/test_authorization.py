@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent_runtime.config import DEFAULT_CLEARANCES, DEFAULT_ROLES, Permission, SecurityLevel
+from agent_contract.config import DEFAULT_CLEARANCES, DEFAULT_ROLES, Permission, SecurityLevel
 from tests.runtime.conftest import ROLE_USERS, AppFactory, login
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from agent_runtime.config import SigningAlgorithm
+from agent_contract.config import SigningAlgorithm
+from agent_contract.keyfiles import KeyRing, new_key_files, write_key_files
 from agent_runtime.crypto import DecryptionError, FieldEncryptor
-from agent_runtime.keys import KeyRing, new_key_files, write_key_files
 
 
 def test_rotation_round_trip(tmp_path: Path) -> None:

@@ -7,16 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+from agent_contract.keyfiles import KeyRing
 from agent_runtime.audit import verify_lines
-from agent_runtime.keys import KeyRing
+from eao_devtools.testkit.runtime import live_runtime
 from tests.runtime.conftest import make_layout
-from tests.runtime.live import live_runtime, login
+from tests.runtime.live import login
 
 BIN = Path(sys.executable).parent
 
 
 def test_openapi_document_describes_every_route(tmp_path: Path) -> None:
-    from agent_runtime.config import RuntimeConfig
+    from agent_contract.config import RuntimeConfig
     from agent_runtime.openapi import build_openapi
     from agent_runtime.operations import Registry
 

@@ -13,8 +13,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from agent_contract.config import AuthConfig, AuthMode
 from agent_runtime.app import create_app
-from agent_runtime.config import AuthConfig, AuthMode
 from agent_runtime.security.tokens import OidcTokens, TokenError
 from agent_runtime.settings import Settings
 from tests.runtime.conftest import make_layout

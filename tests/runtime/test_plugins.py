@@ -16,7 +16,7 @@ from agent_runtime.settings import Settings
 from tests.runtime.conftest import login, make_layout
 
 PLUGIN = """
-from agent_runtime.config import Permission, SecurityLevel
+from agent_contract.config import Permission, SecurityLevel
 from agent_runtime.operations import Operation
 
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from agent_runtime.config import CircuitBreakerConfig, RetryConfig
+from agent_contract.config import CircuitBreakerConfig, RetryConfig
 from agent_runtime.resilience import (
     Bulkhead,
     CircuitBreaker,

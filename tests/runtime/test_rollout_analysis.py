@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
+from agent_contract.keyfiles import new_key_files
 from agent_operator.analysis import HttpAnalysis, operator_token
 from agent_operator.spec import AnalysisResult, EnterpriseAgent
-from agent_runtime.keys import new_key_files
-from tests.cluster.operator_process import free_port
+from eao_devtools.testkit.operator_process import free_port
+from eao_devtools.testkit.runtime import agent_runtime_layout, live_runtime
 from tests.helpers import example_document
-from tests.runtime.live import agent_runtime_layout, live_runtime
 
 
 def _agent(**analysis: Any) -> EnterpriseAgent:

@@ -8,10 +8,11 @@ import signal
 import sys
 from pathlib import Path
 
+from agent_contract.keyfiles import KeyRing
 from agent_runtime.audit import verify_lines
-from agent_runtime.keys import KeyRing
+from eao_devtools.testkit.runtime import live_runtime
 from tests.runtime.conftest import make_layout
-from tests.runtime.live import live_runtime, load_then, login
+from tests.runtime.live import load_then, login
 
 AGENT_RUNTIME = str(Path(sys.executable).parent / "agent-runtime")
 

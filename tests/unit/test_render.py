@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from agent_contract.config import RuntimeConfig, SecurityLevel
 from agent_operator.render import ColorPlan, KeyVersions, RenderPlan, active_selector, build_children, compute_revision
 from agent_operator.render.common import (
     ANNOTATION_SPEC,
@@ -17,7 +18,6 @@ from agent_operator.render.common import (
 )
 from agent_operator.render.keys import build_key_secret
 from agent_operator.spec import Color, EnterpriseAgent, EnterpriseAgentSpec
-from agent_runtime.config import RuntimeConfig, SecurityLevel
 from tests.helpers import example_agent, example_document
 
 

@@ -12,8 +12,6 @@ from typing import Any
 from agent_operator.spec import GROUP, Color, EnterpriseAgent
 
 MANAGER = "enterprise-agent-operator"
-HTTP_PORT = 8080
-SERVICE_PORT = 80
 # Non-root uid/gid of the runtime image; fsGroup makes mounted keys readable to it.
 RUNTIME_UID = 10001
 

@@ -13,10 +13,9 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from agent_contract.keyfiles import ACTIVE_KEYS_FILE, ENCRYPTION_PREFIX, SIGNING_PREFIX
 from agent_operator.render.common import Manifest, key_secret_name, metadata
 from agent_operator.spec import GROUP, EnterpriseAgent
-from agent_runtime.config import ACTIVE_KEYS_FILE
-from agent_runtime.keys import ENCRYPTION_PREFIX, SIGNING_PREFIX
 
 ANNOTATION_ROTATED_FOR = f"{GROUP}/rotated-for"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from agent_contract.layout import RUNTIME_PORT
 from agent_operator.render.common import (
-    HTTP_PORT,
     Manifest,
     metadata,
     selector_labels,
@@ -117,7 +117,7 @@ def build_network_policy(agent: EnterpriseAgent, operator_namespace: str) -> Man
         "spec": {
             "podSelector": {"matchLabels": selector_labels(agent)},
             "policyTypes": ["Ingress", "Egress"],
-            "ingress": [{"from": peers, "ports": [{"protocol": "TCP", "port": HTTP_PORT}]}],
+            "ingress": [{"from": peers, "ports": [{"protocol": "TCP", "port": RUNTIME_PORT}]}],
             "egress": egress,
         },
     }

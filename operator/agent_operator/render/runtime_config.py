@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from agent_operator.render.common import LABEL_REVISION, Manifest, config_map_name, metadata
-from agent_operator.spec import EnterpriseAgent
-from agent_runtime.config import (
+from agent_contract.config import (
     DEFAULT_ROLES,
-    USERS_DIR,
     AuthConfig,
     AuthMode,
     ComplianceConfig,
@@ -14,8 +11,9 @@ from agent_runtime.config import (
     ObservabilityConfig,
     RuntimeConfig,
 )
-
-USERS_FILE_KEY = "users"
+from agent_contract.layout import CONFIG_FILE_KEY, USERS_DIR, USERS_FILE_KEY
+from agent_operator.render.common import LABEL_REVISION, Manifest, config_map_name, metadata
+from agent_operator.spec import EnterpriseAgent
 
 
 def build_runtime_config(agent: EnterpriseAgent) -> RuntimeConfig:
@@ -57,5 +55,5 @@ def build_config_map(agent: EnterpriseAgent, config: RuntimeConfig, revision: st
         "kind": "ConfigMap",
         "metadata": metadata(agent, config_map_name(agent, revision), {LABEL_REVISION: revision}),
         "immutable": True,
-        "data": {"config.yaml": config.to_yaml()},
+        "data": {CONFIG_FILE_KEY: config.to_yaml()},
     }

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from agent_contract.layout import SERVICE_PORT
 from agent_operator.render.common import (
     LABEL_SERVICE_ROLE,
-    SERVICE_PORT,
     Manifest,
     active_service_name,
     metadata,

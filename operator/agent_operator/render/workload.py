@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from agent_contract.layout import (
+    CONFIG_FILE_KEY,
+    CONFIG_PATH,
+    DATA_DIR,
+    KEYS_DIR,
+    RUNTIME_PORT,
+    USERS_DIR,
+    USERS_FILE_KEY,
+)
 from agent_operator.render.common import (
     ANNOTATION_REVISION,
     ANNOTATION_SPEC,
-    HTTP_PORT,
     LABEL_COLOR,
     LABEL_REVISION,
     RUNTIME_UID,
@@ -22,9 +30,7 @@ from agent_operator.render.common import (
     service_account_name,
     version_labels,
 )
-from agent_operator.render.runtime_config import USERS_FILE_KEY
 from agent_operator.spec import Color, EnterpriseAgent
-from agent_runtime.config import CONFIG_PATH, DATA_DIR, KEYS_DIR, USERS_DIR
 
 RESTRICTED_CONTAINER_SECURITY = {
     "allowPrivilegeEscalation": False,
@@ -69,7 +75,7 @@ def build_pod_template(agent: EnterpriseAgent, revision: str, color: Color | Non
     annotations = {
         **spec.pod.annotations,
         "prometheus.io/scrape": "true",
-        "prometheus.io/port": str(HTTP_PORT),
+        "prometheus.io/port": str(RUNTIME_PORT),
         "prometheus.io/path": "/metrics",
     }
     if revision:
@@ -83,7 +89,7 @@ def build_pod_template(agent: EnterpriseAgent, revision: str, color: Color | Non
     mounts: list[dict[str, Any]] = [
         {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 - the pod's own emptyDir
         {"name": "data", "mountPath": DATA_DIR},
-        {"name": "config", "mountPath": CONFIG_PATH, "subPath": "config.yaml", "readOnly": True},
+        {"name": "config", "mountPath": CONFIG_PATH, "subPath": CONFIG_FILE_KEY, "readOnly": True},
         {"name": "keys", "mountPath": KEYS_DIR, "readOnly": True},
     ]
     if spec.security.users_secret_ref is not None:
@@ -102,7 +108,7 @@ def build_pod_template(agent: EnterpriseAgent, revision: str, color: Color | Non
         "name": "agent",
         "image": spec.image,
         "imagePullPolicy": spec.image_pull_policy.value,
-        "ports": [{"name": "http", "containerPort": HTTP_PORT, "protocol": "TCP"}],
+        "ports": [{"name": "http", "containerPort": RUNTIME_PORT, "protocol": "TCP"}],
         "env": _operator_env(agent, revision, color)
         + [var.model_dump(by_alias=True, exclude_none=True) for var in spec.env],
         "resources": spec.resources.model_dump(by_alias=True),

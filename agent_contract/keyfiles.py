@@ -1,4 +1,4 @@
-"""Key material: JWT signing keys and data-encryption keys, each with a key id (kid).
+"""The key-file format: JWT signing keys and data-encryption keys, each with a key id (kid).
 
 The operator generates them in the cluster (into the key Secret) and ``agent-runtime init``
 generates them into a local directory; both use these functions and the same file layout:
@@ -21,10 +21,13 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from agent_runtime.config import ACTIVE_KEYS_FILE, SigningAlgorithm
+from agent_contract.config import SigningAlgorithm
+from agent_contract.layout import regular_files
 
 SIGNING_PREFIX = "jwt-"
 ENCRYPTION_PREFIX = "dek-"
+# The file in the key directory that names the active key id of each kind.
+ACTIVE_KEYS_FILE = "active.json"
 
 
 def new_key_id() -> str:
@@ -90,8 +93,7 @@ class KeyRing:
 
     @classmethod
     def load(cls, directory: str | Path) -> KeyRing:
-        path = Path(directory)
-        return cls.from_files({file.name: file.read_bytes() for file in sorted(path.iterdir())}, str(path))
+        return cls.from_files(regular_files(directory), str(directory))
 
     @classmethod
     def from_files(cls, files: Mapping[str, bytes], where: str) -> KeyRing:

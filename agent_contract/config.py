@@ -13,13 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-CONFIG_PATH = "/etc/agent/config.yaml"
-KEYS_DIR = "/etc/agent/keys"
-USERS_DIR = "/etc/agent/users"
-DATA_DIR = "/var/lib/agent"
-# The file in the key directory that names the active key id of each kind.
-ACTIVE_KEYS_FILE = "active.json"
-
+from agent_contract.layout import DATA_DIR, KEYS_DIR
 
 # libyaml's emitter when PyYAML was built with it (same output, several times faster).
 _YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
@@ -75,9 +69,6 @@ DEFAULT_ROLES: dict[str, list[Permission]] = {
     "analyst": [Permission.READ, Permission.EXECUTE],
     "viewer": [Permission.READ],
 }
-
-# Operations the runtime ships; the operator refuses (Stalled) names outside this list.
-BUILTIN_OPERATIONS = ("ping", "analyze_data", "generate_report", "process_document", "chat")
 
 # The most sensitive data each role may see; an operation's level must not exceed it.
 DEFAULT_CLEARANCES: dict[str, SecurityLevel] = {

@@ -1,0 +1,36 @@
+"""Where things are in an agent pod, and which ports serve what."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Read-only mounts: the runtime ConfigMap, the key Secret, the users Secret.
+CONFIG_PATH = "/etc/agent/config.yaml"
+CONFIG_FILE_KEY = "config.yaml"  # the ConfigMap key mounted at CONFIG_PATH
+KEYS_DIR = "/etc/agent/keys"
+USERS_DIR = "/etc/agent/users"
+USERS_FILE_KEY = "users"  # the users Secret's key, mounted as USERS_DIR/users
+# Writable: the audit trail and the embedded store.
+DATA_DIR = "/var/lib/agent"
+
+# The runtime serves its API, /healthz, /readyz and /metrics on one port; Services expose it on 80.
+RUNTIME_PORT = 8080
+SERVICE_PORT = 80
+# The operator serves /metrics and its liveness check here.
+OPERATOR_METRICS_PORT = 8000
+
+
+def regular_files(directory: str | Path) -> dict[str, bytes]:
+    """The regular files of a mounted Secret or ConfigMap volume, by name.
+
+    A real volume also holds ``..data`` (a symlink to a timestamped directory, which the kubelet
+    swaps atomically on update), the timestamped directory itself, and one symlink per key into
+    ``..data``. Only the per-key entries are data: ``..``-prefixed entries and anything that does
+    not resolve to a regular file are skipped.
+    """
+    files: dict[str, bytes] = {}
+    for entry in sorted(Path(directory).iterdir()):
+        if entry.name.startswith("..") or not entry.is_file():
+            continue
+        files[entry.name] = entry.read_bytes()
+    return files
