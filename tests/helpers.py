@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from agent_operator.manifest import load_agents
+from agent_operator.reconcile import ChildKey, Observed, admit
 from agent_operator.spec import EnterpriseAgent
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,3 +39,19 @@ def header_values(path: Path, key: str) -> list[str]:
         if name.strip() == key:
             values.append(value.strip())
     return values
+
+
+def served(name: str, status: dict[str, Any] | None = None, generation: int = 1, uid: str = "u1") -> dict[str, Any]:
+    """An example agent as the API server would return it, with this status."""
+    document = example_document(name)
+    document["metadata"] = {**document["metadata"], "namespace": "default", "generation": generation, "uid": uid}
+    return {**document, "status": status or {}}
+
+
+def observe(
+    body: dict[str, Any],
+    children: dict[ChildKey, Any] | None = None,
+    **fields: Any,
+) -> Observed:
+    """What the controller would observe of ``body``, with these children (and other fields)."""
+    return Observed(body=body, admission=admit(body), children=children or {}, **fields)

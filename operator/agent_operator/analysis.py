@@ -24,9 +24,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent_contract.config import AuthMode
 from agent_contract.layout import RUNTIME_PORT, SERVICE_PORT
 from agent_contract.tokens import mint_smoke_token
+from agent_operator import rollout
 from agent_operator.render.runtime_config import build_runtime_config
 from agent_operator.rollout import Check
-from agent_operator.spec import AnalysisResult, AnalysisSpec, EnterpriseAgent
+from agent_operator.spec import AnalysisResult, AnalysisSpec, CheckName, EnterpriseAgent
 
 # Requests made by probes and scrapers say nothing about the agent's health.
 PROBE_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -78,20 +79,23 @@ def judge_metrics(traffic: Traffic, analysis: AnalysisSpec) -> list[Check]:
     """The errorRate and latency checks. No traffic yet is a pass that says so: nothing failed."""
     if traffic.requests <= 0:
         note = "no requests yet (probes excluded)"
-        return [Check("errorRate", AnalysisResult.PASSED, note), Check("latency", AnalysisResult.PASSED, note)]
+        return [
+            Check(CheckName.ERROR_RATE, AnalysisResult.PASSED, note),
+            Check(CheckName.LATENCY, AnalysisResult.PASSED, note),
+        ]
     rate = traffic.errors / traffic.requests
     error_check = Check(
-        "errorRate",
+        CheckName.ERROR_RATE,
         AnalysisResult.PASSED if rate <= analysis.max_error_rate else AnalysisResult.FAILED,
         f"{rate:.2%} of {int(traffic.requests)} requests failed (limit {analysis.max_error_rate:.2%})",
     )
     p95 = traffic.p95()
     if p95 is None:
-        latency = Check("latency", AnalysisResult.PASSED, "no latency samples")
+        latency = Check(CheckName.LATENCY, AnalysisResult.PASSED, "no latency samples")
     else:
         shown = "> largest bucket" if math.isinf(p95) else f"<= {p95:g} s"
         latency = Check(
-            "latency",
+            CheckName.LATENCY,
             AnalysisResult.PASSED if p95 <= analysis.max_p95_latency_seconds else AnalysisResult.FAILED,
             f"p95 {shown} (limit {analysis.max_p95_latency_seconds:g} s)",
         )
@@ -130,7 +134,7 @@ class HttpAnalysis:
     ) -> list[Check]:
         analysis = agent.spec.rollout.analysis
         target = self.target(agent, service, pod_ips)
-        names = ["readyz", "errorRate", "latency"] + (["smoke"] if analysis.smoke else [])
+        names = rollout.http_check_names(agent.spec.rollout)
         if target is None:
             why = "the operator runs outside the cluster and cannot reach pods; set --analysis-base-url"
             return [Check(name, AnalysisResult.SKIPPED, why) for name in names]
@@ -152,16 +156,18 @@ async def _readyz(session: aiohttp.ClientSession, target: Target) -> Check:
             body = (await response.text())[:200]
             passed = response.status == 200
             return Check(
-                "readyz", AnalysisResult.PASSED if passed else AnalysisResult.FAILED, f"{response.status} {body}"
+                CheckName.READYZ,
+                AnalysisResult.PASSED if passed else AnalysisResult.FAILED,
+                f"{response.status} {body}",
             )
     except (aiohttp.ClientError, TimeoutError) as error:
-        return Check("readyz", AnalysisResult.FAILED, f"unreachable: {error or type(error).__name__}")
+        return Check(CheckName.READYZ, AnalysisResult.FAILED, f"unreachable: {error or type(error).__name__}")
 
 
 async def _metrics(session: aiohttp.ClientSession, target: Target, analysis: AnalysisSpec) -> list[Check]:
     if not target.pod_urls:
-        failed = Check("errorRate", AnalysisResult.FAILED, "no pod to scrape")
-        return [failed, Check("latency", AnalysisResult.FAILED, "no pod to scrape")]
+        failed = Check(CheckName.ERROR_RATE, AnalysisResult.FAILED, "no pod to scrape")
+        return [failed, Check(CheckName.LATENCY, AnalysisResult.FAILED, "no pod to scrape")]
 
     async def scrape(url: str) -> Traffic:
         async with session.get(f"{url}/metrics") as response:
@@ -173,7 +179,10 @@ async def _metrics(session: aiohttp.ClientSession, target: Target, analysis: Ana
         parts = await asyncio.gather(*(scrape(url) for url in target.pod_urls))
     except (aiohttp.ClientError, TimeoutError, ValueError) as error:
         message = f"cannot read /metrics: {error or type(error).__name__}"
-        return [Check("errorRate", AnalysisResult.FAILED, message), Check("latency", AnalysisResult.FAILED, message)]
+        return [
+            Check(CheckName.ERROR_RATE, AnalysisResult.FAILED, message),
+            Check(CheckName.LATENCY, AnalysisResult.FAILED, message),
+        ]
     total = Traffic()
     for part in parts:
         total = total + part
@@ -193,13 +202,15 @@ async def _smoke(
     smoke = agent.spec.rollout.analysis.smoke
     assert smoke is not None
     if build_runtime_config(agent).auth.mode != AuthMode.LOCAL:
-        return Check("smoke", AnalysisResult.SKIPPED, "the agent takes OIDC tokens; the operator cannot sign one")
+        return Check(
+            CheckName.SMOKE, AnalysisResult.SKIPPED, "the agent takes OIDC tokens; the operator cannot sign one"
+        )
     if not key_data:
-        return Check("smoke", AnalysisResult.FAILED, "the key Secret has no keys")
+        return Check(CheckName.SMOKE, AnalysisResult.FAILED, "the key Secret has no keys")
     try:
         token = operator_token(agent, key_data)
     except (KeyError, ValueError) as error:
-        return Check("smoke", AnalysisResult.FAILED, f"cannot sign a token: {error}")
+        return Check(CheckName.SMOKE, AnalysisResult.FAILED, f"cannot sign a token: {error}")
     url = f"{target.service_url}/v1/operations/{smoke.operation}"
     timeout = aiohttp.ClientTimeout(total=smoke.timeout_seconds)
     try:
@@ -209,9 +220,9 @@ async def _smoke(
             body: Any = (await response.text())[:300]
             passed = 200 <= response.status < 300
             return Check(
-                "smoke",
+                CheckName.SMOKE,
                 AnalysisResult.PASSED if passed else AnalysisResult.FAILED,
                 f"{smoke.operation}: {response.status} {body}",
             )
     except (aiohttp.ClientError, TimeoutError) as error:
-        return Check("smoke", AnalysisResult.FAILED, f"{smoke.operation}: {error or type(error).__name__}")
+        return Check(CheckName.SMOKE, AnalysisResult.FAILED, f"{smoke.operation}: {error or type(error).__name__}")

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from agent_contract.layout import OPERATOR_METRICS_PORT
+from agent_operator import defaults
 from agent_operator.crd import build_crd
 from agent_operator.manifest import ManifestError, dump_yaml_all, load_agents
 from agent_operator.render import RenderPlan, build_children
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
     render.add_argument(
         "--operator-namespace",
-        default="enterprise-agent-system",
+        default=defaults.OPERATOR_NAMESPACE,
         help="namespace the NetworkPolicy admits the operator from",
     )
     render.set_defaults(func=cmd_render)
@@ -97,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "-n", "--namespace", action="append", default=[], help="watch only this namespace (repeatable); default: all"
     )
-    run.add_argument("--metrics-port", type=int, default=8000, help="port of /metrics and /healthz")
+    run.add_argument("--metrics-port", type=int, default=OPERATOR_METRICS_PORT, help="port of /metrics and /healthz")
     run.add_argument("--metrics-host", default="0.0.0.0", help="address /metrics and /healthz listen on")  # noqa: S104
     run.add_argument("--log-format", choices=["text", "json"], default="text")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -106,20 +108,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("POD_NAMESPACE", "default"),
         help="namespace of the leader-election Lease",
     )
-    run.add_argument("--lease-name", default="enterprise-agent-operator", help="name of the leader-election Lease")
+    run.add_argument("--lease-name", default=defaults.LEASE_NAME, help="name of the leader-election Lease")
     run.add_argument(
         "--lease-seconds",
         type=int,
-        default=15,
+        default=defaults.LEASE_SECONDS,
         help="lease duration; a standby takes over this long after the leader dies",
     )
-    run.add_argument("--workers", type=int, default=8, help="agents reconciled concurrently")
+    run.add_argument("--workers", type=int, default=defaults.WORKERS, help="agents reconciled concurrently")
     run.add_argument(
-        "--resync-seconds", type=float, default=300.0, help="period of the level-based resync of every agent"
+        "--resync-seconds",
+        type=float,
+        default=defaults.RESYNC_SECONDS,
+        help="period of the level-based resync of every agent",
     )
     run.add_argument(
         "--operator-namespace",
-        default=os.environ.get("POD_NAMESPACE", "enterprise-agent-system"),
+        default=os.environ.get("POD_NAMESPACE", defaults.OPERATOR_NAMESPACE),
         help="namespace agents' NetworkPolicies admit the operator from",
     )
     run.add_argument(

@@ -1,16 +1,11 @@
 """Status conditions with kstatus semantics (Ready, Reconciling, Stalled) plus Progressing and
-Degraded. Pure functions on plain dicts, as they appear in ``status.conditions``."""
+Degraded. Pure functions on the typed :class:`~agent_operator.spec.Condition`."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
 
-READY = "Ready"
-RECONCILING = "Reconciling"
-STALLED = "Stalled"
-PROGRESSING = "Progressing"
-DEGRADED = "Degraded"
-CONDITION_TYPES = (READY, RECONCILING, STALLED, PROGRESSING, DEGRADED)
+from agent_operator.spec import Condition, ConditionStatus, ConditionType
 
 
 class Reason:
@@ -38,44 +33,40 @@ class Reason:
     ROLLED_BACK = "RolledBack"
 
 
-Condition = dict[str, Any]
+_ORDER = list(ConditionType)
 
 
 def set_condition(
-    conditions: list[Condition], type_: str, status: bool, reason: str, message: str, generation: int, now: str
+    conditions: Sequence[Condition],
+    type_: ConditionType,
+    holds: bool,
+    reason: str,
+    message: str,
+    generation: int,
+    now: str,
 ) -> list[Condition]:
     """Returns conditions with ``type_`` set. lastTransitionTime only moves when the status
-    flips; reason, message and observedGeneration are refreshed either way."""
-    wanted = "True" if status else "False"
-    result = []
-    found = False
-    for condition in conditions:
-        if condition.get("type") != type_:
-            result.append(condition)
-            continue
-        found = True
-        transition = condition.get("lastTransitionTime", now) if condition.get("status") == wanted else now
-        result.append(_condition(type_, wanted, reason, message, generation, transition))
-    if not found:
-        result.append(_condition(type_, wanted, reason, message, generation, now))
-    return sorted(result, key=lambda c: CONDITION_TYPES.index(c["type"]) if c["type"] in CONDITION_TYPES else 99)
+    flips (as Argo Rollouts' SetCondition keeps it); reason, message and observedGeneration are
+    refreshed either way."""
+    wanted = ConditionStatus.TRUE if holds else ConditionStatus.FALSE
+    before = get_condition(conditions, type_)
+    transition = before.last_transition_time if before is not None and before.status == wanted else now
+    updated = Condition(
+        type=type_.value,
+        status=wanted,
+        reason=reason,
+        message=message,
+        last_transition_time=transition,
+        observed_generation=generation,
+    )
+    result = [c for c in conditions if c.type != type_] + [updated]
+    return sorted(result, key=lambda c: _ORDER.index(ConditionType(c.type)) if c.type in _ORDER else len(_ORDER))
 
 
-def _condition(type_: str, status: str, reason: str, message: str, generation: int, transition: str) -> Condition:
-    return {
-        "type": type_,
-        "status": status,
-        "reason": reason,
-        "message": message,
-        "lastTransitionTime": transition,
-        "observedGeneration": generation,
-    }
+def get_condition(conditions: Sequence[Condition], type_: ConditionType) -> Condition | None:
+    return next((c for c in conditions if c.type == type_), None)
 
 
-def get_condition(conditions: list[Condition], type_: str) -> Condition | None:
-    return next((c for c in conditions if c.get("type") == type_), None)
-
-
-def is_true(conditions: list[Condition], type_: str) -> bool:
+def is_true(conditions: Sequence[Condition], type_: ConditionType) -> bool:
     condition = get_condition(conditions, type_)
-    return condition is not None and condition.get("status") == "True"
+    return condition is not None and condition.status == ConditionStatus.TRUE

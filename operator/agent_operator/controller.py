@@ -15,47 +15,32 @@ import logging
 import random
 import time
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 from agent_contract.keyfiles import new_key_files
-from agent_operator import metrics, rollout
+from agent_operator import defaults, metrics, rollout, timefmt
 from agent_operator import reconcile as core
 from agent_operator.analysis import HttpAnalysis
 from agent_operator.conditions import Reason
-from agent_operator.kube import Kube, KubeError, now_rfc3339
-from agent_operator.manifest import FieldError, ManifestError, parse_agent
-from agent_operator.render import KeyVersions, compute_revision
+from agent_operator.kinds import AGENT, ENDPOINT_SLICE, WATCHED_BY_LABEL
+from agent_operator.kube import Kube, KubeError
+from agent_operator.manifest import FieldError
 from agent_operator.render.common import (
     ANNOTATION_ROTATE_KEYS,
     LABEL_INSTANCE,
     LABEL_MANAGED_BY,
     MANAGER,
-    active_service_name,
     key_secret_name,
-    preview_service_name,
 )
 from agent_operator.render.keys import ANNOTATION_ROTATED_FOR, build_key_secret
-from agent_operator.spec import API_VERSION, KIND, EnterpriseAgent
+from agent_operator.spec import EnterpriseAgent, Phase, read_status
 
 log = logging.getLogger("agent_operator")
 
 AgentKey = tuple[str, str]  # (namespace, name)
 COMPONENT = "enterprise-agent-operator"
-# Every kind of child the operator makes (the ServiceMonitor only when its CRD is installed).
-CHILD_KINDS = (
-    ("apps/v1", "Deployment"),
-    ("v1", "Service"),
-    ("v1", "ConfigMap"),
-    ("v1", "Secret"),
-    ("v1", "ServiceAccount"),
-    ("policy/v1", "PodDisruptionBudget"),
-    ("autoscaling/v2", "HorizontalPodAutoscaler"),
-    ("networking.k8s.io/v1", "NetworkPolicy"),
-    ("discovery.k8s.io/v1", "EndpointSlice"),  # made by Kubernetes from our Services; read only
-)
-ENDPOINT_SLICE = "EndpointSlice"
 
 
 class WorkQueue:
@@ -95,9 +80,9 @@ class WorkQueue:
 
 @dataclass(frozen=True)
 class ControllerSettings:
-    operator_namespace: str = "enterprise-agent-system"
-    workers: int = 8
-    resync_seconds: float = 300.0
+    operator_namespace: str = defaults.OPERATOR_NAMESPACE
+    workers: int = defaults.WORKERS
+    resync_seconds: float = defaults.RESYNC_SECONDS
     # Backoff for failed reconciles and for references we do not watch (a missing users Secret).
     backoff_base_seconds: float = 1.0
     backoff_max_seconds: float = 300.0
@@ -106,21 +91,34 @@ class ControllerSettings:
     analysis_base_url: str | None = None
 
 
+@dataclass
+class AgentRecord:
+    """Everything the controller keeps for one agent: the watch caches and the reconcile's memo."""
+
+    body: dict[str, Any] | None = None  # None: children seen before their agent
+    children: dict[core.ChildKey, dict[str, Any]] = field(default_factory=dict)
+    endpoint_slices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    memo: core.Memo = field(default_factory=core.Memo)
+    failures: int = 0  # consecutive failed (or Stalled) reconciles: the backoff exponent
+    generation_seen_at: dict[int, float] = field(default_factory=dict)  # for apply-to-Ready latency
+
+
 class Controller:
     def __init__(self, kube: Kube, settings: ControllerSettings) -> None:
         self.kube = kube
         self.settings = settings
         self.queue = WorkQueue()
-        self.agents: dict[AgentKey, dict[str, Any]] = {}
-        self.children: dict[AgentKey, dict[core.ChildKey, dict[str, Any]]] = {}
-        self.endpoint_slices: dict[AgentKey, dict[str, dict[str, Any]]] = {}
+        self.records: dict[AgentKey, AgentRecord] = {}
         self.analysis = HttpAnalysis(settings.analysis_base_url)
         self.leading = asyncio.Event()
-        self._failures: dict[AgentKey, int] = {}
-        self._rendered: dict[AgentKey, tuple[tuple[Any, ...], core.Desired]] = {}
-        self._revisions: dict[AgentKey, tuple[tuple[Any, ...], str]] = {}
-        self._generation_seen_at: dict[tuple[AgentKey, int], float] = {}
         self.last_heartbeat = time.monotonic()
+        self._last_resync = 0.0
+
+    def _record(self, key: AgentKey) -> AgentRecord:
+        return self.records.setdefault(key, AgentRecord())
+
+    def agent_count(self) -> int:
+        return sum(1 for record in self.records.values() if record.body is not None)
 
     # --- watch events -----------------------------------------------------------------------------
 
@@ -128,19 +126,15 @@ class Controller:
         body = _slim(body)
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
         if event_type == "DELETED":
-            self.agents.pop(key, None)
-            self.children.pop(key, None)
-            self.endpoint_slices.pop(key, None)
-            self._failures.pop(key, None)
-            self._rendered.pop(key, None)
-            self._revisions.pop(key, None)
+            self.records.pop(key, None)
             metrics.forget_phase(*key)
         else:
-            self.agents[key] = body
+            record = self._record(key)
+            record.body = body
             generation = body["metadata"].get("generation", 0)
-            self._generation_seen_at.setdefault((key, generation), time.monotonic())
+            record.generation_seen_at.setdefault(generation, time.monotonic())
             self.queue.add(key)
-        metrics.AGENTS_MANAGED.set(len(self.agents))
+        metrics.AGENTS_MANAGED.set(self.agent_count())
 
     def observe_child(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         body = _slim(body)
@@ -149,18 +143,18 @@ class Controller:
         if not owner:
             return
         key = (metadata["namespace"], owner)
+        record = self._record(key)
         child = (body["apiVersion"], body["kind"], metadata["name"])
-        if body["kind"] == ENDPOINT_SLICE:  # not a child: never compared, never deleted
-            slices = self.endpoint_slices.setdefault(key, {})
+        if body["kind"] == ENDPOINT_SLICE.kind:  # not a child: never compared, never deleted
             if event_type == "DELETED":
-                slices.pop(metadata["name"], None)
+                record.endpoint_slices.pop(metadata["name"], None)
             else:
-                slices[metadata["name"]] = body
+                record.endpoint_slices[metadata["name"]] = body
         elif event_type == "DELETED":
-            self.children.get(key, {}).pop(child, None)
+            record.children.pop(child, None)
         else:
-            self.children.setdefault(key, {})[child] = body
-        if key in self.agents:
+            record.children[child] = body
+        if record.body is not None:
             # A rollout brings bursts of child status events; waiting a moment folds each burst
             # into one reconcile (and one status write) instead of one per event.
             self.queue.add_after(key, self.settings.child_event_delay_seconds)
@@ -178,11 +172,11 @@ class Controller:
             return not namespaces or any(fnmatch.fnmatchcase(namespace, pattern) for pattern in namespaces)
 
         for scope in scopes:
-            for agent in await self.kube.list(API_VERSION, KIND, scope):
+            for agent in await self.kube.list(AGENT.api_version, AGENT.kind, scope):
                 if wanted(agent):
                     self.observe_agent(None, agent)
-            for api_version, kind in CHILD_KINDS:
-                for child in await self.kube.list(api_version, kind, scope, selector):
+            for kind in WATCHED_BY_LABEL:
+                for child in await self.kube.list(kind.api_version, kind.kind, scope, selector):
                     if wanted(child):
                         self.observe_child(None, child)
 
@@ -199,8 +193,9 @@ class Controller:
             await asyncio.gather(*workers, resync, return_exceptions=True)
 
     def enqueue_all(self) -> None:
-        for key in list(self.agents):
-            self.queue.add(key)
+        for key, record in list(self.records.items()):
+            if record.body is not None:
+                self.queue.add(key)
 
     async def _resync(self) -> None:
         """Level-based safety net: every agent is reconciled periodically even with no events."""
@@ -208,7 +203,7 @@ class Controller:
             self.last_heartbeat = time.monotonic()
             await asyncio.sleep(min(self.settings.resync_seconds, 5.0))
             self.last_heartbeat = time.monotonic()
-            if time.monotonic() - getattr(self, "_last_resync", 0.0) >= self.settings.resync_seconds:
+            if time.monotonic() - self._last_resync >= self.settings.resync_seconds:
                 self._last_resync = time.monotonic()
                 if self.leading.is_set():
                     self.enqueue_all()
@@ -223,8 +218,9 @@ class Controller:
             result = "error"
             try:
                 result = await self.reconcile(key)
-                if result != "stalled":  # a Stalled agent waiting on a reference keeps its backoff growing
-                    self._failures.pop(key, None)
+                if result != "stalled" and key in self.records:
+                    # A Stalled agent waiting on a reference keeps its backoff growing.
+                    self.records[key].failures = 0
             except KubeError as error:
                 metrics.RECONCILE_ERRORS.labels(reason=f"api_{error.status}").inc()
                 log.warning("reconcile of %s/%s failed: %s", *key, error)
@@ -239,147 +235,82 @@ class Controller:
 
     def _retry_later(self, key: AgentKey) -> None:
         """Capped exponential backoff with full jitter: no hot loop on one bad agent."""
-        failures = self._failures.get(key, 0) + 1
-        self._failures[key] = failures
-        ceiling = min(self.settings.backoff_max_seconds, self.settings.backoff_base_seconds * 2**failures)
+        record = self.records.get(key)
+        if record is None:
+            return
+        record.failures += 1
+        ceiling = min(self.settings.backoff_max_seconds, self.settings.backoff_base_seconds * 2**record.failures)
         self.queue.add_after(key, random.uniform(ceiling / 2, ceiling))  # noqa: S311 - jitter, not crypto
 
     # --- one reconcile ----------------------------------------------------------------------------
 
     async def reconcile(self, key: AgentKey) -> str:
-        body = self.agents.get(key)
-        if body is None or body["metadata"].get("deletionTimestamp"):
+        """Observe, plan (pure), write the plan. The clock is read once, here."""
+        record = self.records.get(key)
+        body = record.body if record is not None else None
+        if record is None or body is None or body["metadata"].get("deletionTimestamp"):
             return "deleted"  # children go with the agent through their ownerReferences
-        children = self.children.get(key, {})
+        now = timefmt.now()
         observed = core.Observed(
-            status=body.get("status") or {},
-            children=children,
-            generation=body["metadata"].get("generation", 0),
-            uid=body["metadata"]["uid"],
+            body=body,
+            admission=core.admit(body),
+            children=record.children,
+            endpoint_slices=list(record.endpoint_slices.values()),
         )
-        now = now_rfc3339()
+        agent = observed.admission.agent
+        if agent is not None:
+            missing = await self._missing_references(agent)
+            if missing:
+                self._retry_later(key)  # we do not watch Secrets we do not own: look again later
+                observed = replace(observed, missing=missing)
+            else:
+                observed = replace(observed, key_secret=await self._ensure_keys(agent, body, record.children))
+        checks: list[rollout.Check] | None = None
+        plan = self._plan(observed, now, checks, record)
+        if plan.measure is not None:
+            assert agent is not None  # a stalled plan measures nothing
+            checks = await self.analysis.measure(agent, plan.measure.service, plan.measure.pod_ips, observed.key_data)
+            plan = self._plan(observed, now, checks, record)
         try:
-            agent = parse_agent(body, f"{key[0]}/{key[1]}")
-        except ManifestError as error:
-            return await self._finish(body, core.stalled_plan(observed, error.errors, Reason.INVALID_SPEC, now), key)
-        unknown = core.unknown_operations(agent)
-        if unknown:
-            return await self._finish(body, core.stalled_plan(observed, unknown, Reason.UNKNOWN_OPERATION, now), key)
-        missing = [
+            await asyncio.gather(*(self._apply(record.children, manifest) for manifest in plan.apply))
+        except KubeError as error:
+            if error.status in (400, 404, 422):  # the API server refused what the spec produced
+                refused = core.stalled_plan(observed, [FieldError("spec", str(error))], Reason.APPLY_FAILED, now)
+                return await self._finish(body, refused, key)
+            raise
+        for api_version, kind, name in plan.delete:
+            await self.kube.delete(api_version, kind, body["metadata"]["namespace"], name)
+            record.children.pop((api_version, kind, name), None)
+        if plan.apply or plan.delete:
+            after = self._plan(replace(observed, children=record.children), now, checks, record)
+            plan = core.settle(plan, after)
+        result = await self._finish(body, plan, key)
+        self._after_plan(key, plan)
+        return result
+
+    def _plan(
+        self, observed: core.Observed, now: datetime, checks: list[rollout.Check] | None, record: AgentRecord
+    ) -> core.Plan:
+        return core.reconcile(
+            observed, now, checks, operator_namespace=self.settings.operator_namespace, memo=record.memo
+        )
+
+    def _after_plan(self, key: AgentKey, plan: core.Plan) -> None:
+        """Counts what the written status made final, and comes back when a timer runs out."""
+        if plan.outcome is not None:
+            metrics.ROLLOUTS.labels(result=plan.outcome).inc()
+        if plan.promotion_seconds is not None:
+            metrics.PROMOTION_DURATION.observe(plan.promotion_seconds)
+        if plan.requeue_after is not None:
+            # A moment past the deadline, so the next reconcile sees it has passed.
+            self.queue.add_after(key, plan.requeue_after + 0.5)
+
+    async def _missing_references(self, agent: EnterpriseAgent) -> list[FieldError]:
+        return [
             FieldError(path, f"Secret {name!r} not found in namespace {agent.namespace!r}")
             for path, name in core.referenced_secrets(agent)
             if not await self.kube.exists("v1", "Secret", agent.namespace, name)
         ]
-        if missing:
-            # We do not watch Secrets we do not own: look again later, with backoff.
-            self._retry_later(key)
-            return await self._finish(body, core.stalled_plan(observed, missing, Reason.MISSING_REFERENCE, now), key)
-
-        key_secret = await self._ensure_keys(agent, body, children)
-        observed = core.Observed(
-            status=observed.status,
-            children=children,
-            generation=observed.generation,
-            uid=observed.uid,
-            key_data=key_secret.get("data") or {},
-            key_rotated_for=(key_secret["metadata"].get("annotations") or {}).get(ANNOTATION_ROTATED_FOR),
-            annotations=body["metadata"].get("annotations") or {},
-            endpoint_slices=list(self.endpoint_slices.get(key, {}).values()),
-        )
-        revision = self._revision(key, body, key_secret, agent)
-        moment = datetime.now(UTC)
-        decision = rollout.decide(core.rollout_input(agent, observed, revision, moment))
-        checks = None
-        if decision.measure is not None:
-            checks = await self._measure(agent, observed, decision)
-            decision = rollout.decide(core.rollout_input(agent, observed, revision, moment, checks))
-        wanted = self._desired(key, body, key_secret, agent, observed, decision, revision)
-        plan = core.plan(agent, observed, now, wanted)
-        try:
-            await asyncio.gather(*(self._apply(children, manifest) for manifest in plan.apply))
-        except KubeError as error:
-            if error.status in (400, 404, 422):  # the API server refused what the spec produced
-                reason = Reason.APPLY_FAILED
-                return await self._finish(
-                    body, core.stalled_plan(observed, [FieldError("spec", str(error))], reason, now), key
-                )
-            raise
-        for api_version, kind, name in plan.delete:
-            await self.kube.delete(api_version, kind, agent.namespace, name)
-            children.pop((api_version, kind, name), None)
-        if plan.apply or plan.delete:
-            # Judge the status on what now exists, not on what existed before these writes, as
-            # long as that does not change the decision (a step is taken once its children exist).
-            fresher = rollout.decide(
-                core.rollout_input(agent, replace(observed, children=children), revision, moment, checks)
-            )
-            if rollout.same_course(decision, fresher):
-                plan = core.plan(agent, replace(observed, children=children), now, replace(wanted, decision=fresher))
-        result = await self._finish(body, plan, key)
-        self._after_decision(key, decision)
-        return result
-
-    def _after_decision(self, key: AgentKey, decision: rollout.Decision) -> None:
-        """Counts what the written status made final, and comes back when a timer runs out."""
-        if decision.outcome is not None:
-            metrics.ROLLOUTS.labels(result=decision.outcome).inc()
-        if decision.promotion_seconds is not None:
-            metrics.PROMOTION_DURATION.observe(decision.promotion_seconds)
-        if decision.requeue_after is not None:
-            # A moment past the deadline, so the next reconcile sees it has passed.
-            self.queue.add_after(key, decision.requeue_after + 0.5)
-
-    async def _measure(
-        self, agent: EnterpriseAgent, observed: core.Observed, decision: rollout.Decision
-    ) -> list[rollout.Check]:
-        """The HTTP checks of the colour the decision names, through the Service that serves it."""
-        if decision.measure == "preview":
-            service, color = preview_service_name(agent), decision.active_color.other
-        else:
-            service, color = active_service_name(agent), decision.active_color
-        pod_ips = core.ready_endpoint_addresses(agent, observed.endpoint_slices, service, color)
-        return await self.analysis.measure(agent, service, pod_ips, observed.key_data)
-
-    def _revision(
-        self, key: AgentKey, body: Mapping[str, Any], key_secret: Mapping[str, Any], agent: EnterpriseAgent
-    ) -> str:
-        """The revision hash renders the pod template: reuse it while the spec and keys are unchanged."""
-        inputs = (
-            body["metadata"]["uid"],
-            body["metadata"].get("generation"),
-            key_secret["metadata"].get("resourceVersion"),
-        )
-        cached = self._revisions.get(key)
-        if cached is not None and cached[0] == inputs:
-            return cached[1]
-        revision = compute_revision(agent, KeyVersions.from_secret_data(key_secret.get("data") or {}))
-        self._revisions[key] = (inputs, revision)
-        return revision
-
-    def _desired(
-        self,
-        key: AgentKey,
-        body: Mapping[str, Any],
-        key_secret: Mapping[str, Any],
-        agent: EnterpriseAgent,
-        observed: core.Observed,
-        decision: rollout.Decision,
-        revision: str,
-    ) -> core.Desired:
-        """Rendering is the costly part of a reconcile; reuse it while its inputs are unchanged
-        (the spec's generation, the key Secret, the rollout's layout)."""
-        inputs = (
-            body["metadata"]["uid"],
-            body["metadata"].get("generation"),
-            key_secret["metadata"].get("resourceVersion"),
-            core.render_key(agent, observed, decision),
-        )
-        cached = self._rendered.get(key)
-        if cached is not None and cached[0] == inputs:
-            return replace(cached[1], decision=decision)
-        rendered = core.desired_state(agent, observed, decision, revision, self.settings.operator_namespace)
-        self._rendered[key] = (inputs, rendered)
-        return rendered
 
     async def _apply(self, children: dict[core.ChildKey, dict[str, Any]], manifest: dict[str, Any]) -> None:
         applied = await self.kube.apply(manifest)
@@ -425,21 +356,21 @@ class Controller:
 
     async def _finish(self, body: Mapping[str, Any], plan: core.Plan, key: AgentKey) -> str:
         """Writes the status only when it changed, and posts an Event per transition."""
-        old = body.get("status") or {}
-        if core.status_changed(old, plan.status):
-            updated = await self.kube.apply_status(key[0], key[1], plan.status)
-            if key in self.agents:
-                self.agents[key] = {**self.agents[key], "status": updated.get("status", plan.status)}
+        if read_status(body.get("status")) != plan.status:
+            updated = await self.kube.apply_status(key[0], key[1], plan.status_body())
+            record = self.records.get(key)
+            if record is not None and record.body is not None:
+                record.body = {**record.body, "status": updated.get("status", plan.status_body())}
         for type_, reason, message in plan.events:
             await self._event(body, type_, reason, message)
-        phase = plan.status.get("phase", "")
-        if phase:
-            metrics.set_phase(key[0], key[1], str(phase))
-        if phase == "Ready":
-            seen = self._generation_seen_at.pop((key, plan.status.get("observedGeneration", 0)), None)
+        phase = plan.status.phase
+        if phase is not None:
+            metrics.set_phase(key[0], key[1], phase.value)
+        if phase == Phase.READY and key in self.records:
+            seen = self.records[key].generation_seen_at.pop(plan.status.observed_generation or 0, None)
             if seen is not None:
                 metrics.APPLY_TO_READY.observe(time.monotonic() - seen)
-        return str(phase).lower() or "unknown"
+        return phase.value.lower() if phase is not None else "unknown"
 
     async def _event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
         try:

@@ -11,23 +11,10 @@ from typing import Any
 import kopf
 
 from agent_operator.controller import Controller
+from agent_operator.kinds import AGENT, WATCHED_BY_LABEL
 from agent_operator.kube import in_cluster_connection
 from agent_operator.render.common import LABEL_MANAGED_BY, MANAGER
-from agent_operator.spec import GROUP, PLURAL, VERSION
-
-# Every kind of child, watched by our managed-by label so a hand edit or delete is repaired.
-CHILD_RESOURCES = (
-    ("apps", "v1", "deployments"),
-    ("", "v1", "services"),
-    ("", "v1", "configmaps"),
-    ("", "v1", "secrets"),
-    ("", "v1", "serviceaccounts"),
-    ("policy", "v1", "poddisruptionbudgets"),
-    ("autoscaling", "v2", "horizontalpodautoscalers"),
-    ("networking.k8s.io", "v1", "networkpolicies"),
-    # Not ours, but they carry our Services' labels: which pods really receive traffic.
-    ("discovery.k8s.io", "v1", "endpointslices"),
-)
+from agent_operator.spec import GROUP
 
 
 def build_registry(controller: Controller) -> kopf.OperatorRegistry:
@@ -39,14 +26,21 @@ def build_registry(controller: Controller) -> kopf.OperatorRegistry:
 
     # async handlers run on the event loop; sync ones would run in kopf's thread pool, where the
     # controller's caches and asyncio queue must not be touched.
-    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    @kopf.on.event(AGENT.group, AGENT.version, AGENT.plural, registry=registry)
     async def agent_event(*, event: kopf.RawEvent, **_: Any) -> None:
         controller.observe_agent(event.get("type"), event["object"])
 
-    for group, version, plural in CHILD_RESOURCES:
+    # Children (and our Services' EndpointSlices), by our managed-by label, so a hand edit or
+    # delete is repaired.
+    for kind in WATCHED_BY_LABEL:
 
         @kopf.on.event(
-            group, version, plural, labels={LABEL_MANAGED_BY: MANAGER}, registry=registry, id=f"child-{plural}"
+            kind.group,
+            kind.version,
+            kind.plural,
+            labels={LABEL_MANAGED_BY: MANAGER},
+            registry=registry,
+            id=f"child-{kind.plural}",
         )
         async def child_event(*, event: kopf.RawEvent, **_: Any) -> None:
             controller.observe_child(event.get("type"), event["object"])

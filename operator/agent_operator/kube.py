@@ -6,7 +6,6 @@ in ``api_writes_total`` so a resync that should be a no-op can be shown to be on
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import uuid
@@ -19,29 +18,13 @@ import kopf
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from agent_operator import metrics
+from agent_operator import metrics, timefmt
+from agent_operator.kinds import kind_of
 from agent_operator.render.common import MANAGER
 from agent_operator.spec import GROUP, KIND, PLURAL, VERSION
 
 USER_AGENT = f"{MANAGER}/0.1.0"
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-
-# apiVersion, kind -> (API path prefix, plural, namespaced)
-RESOURCES: dict[tuple[str, str], tuple[str, str]] = {
-    ("v1", "ConfigMap"): ("/api/v1", "configmaps"),
-    ("v1", "Secret"): ("/api/v1", "secrets"),
-    ("v1", "Service"): ("/api/v1", "services"),
-    ("v1", "ServiceAccount"): ("/api/v1", "serviceaccounts"),
-    ("v1", "Event"): ("/api/v1", "events"),
-    ("apps/v1", "Deployment"): ("/apis/apps/v1", "deployments"),
-    ("policy/v1", "PodDisruptionBudget"): ("/apis/policy/v1", "poddisruptionbudgets"),
-    ("autoscaling/v2", "HorizontalPodAutoscaler"): ("/apis/autoscaling/v2", "horizontalpodautoscalers"),
-    ("networking.k8s.io/v1", "NetworkPolicy"): ("/apis/networking.k8s.io/v1", "networkpolicies"),
-    ("discovery.k8s.io/v1", "EndpointSlice"): ("/apis/discovery.k8s.io/v1", "endpointslices"),
-    ("monitoring.coreos.com/v1", "ServiceMonitor"): ("/apis/monitoring.coreos.com/v1", "servicemonitors"),
-    ("coordination.k8s.io/v1", "Lease"): ("/apis/coordination.k8s.io/v1", "leases"),
-    (f"{GROUP}/{VERSION}", KIND): (f"/apis/{GROUP}/{VERSION}", PLURAL),
-}
 
 
 class KubeError(Exception):
@@ -72,7 +55,8 @@ def _message(body: str) -> str:
 def object_path(
     api_version: str, kind: str, namespace: str | None, name: str | None = None, subresource: str | None = None
 ) -> str:
-    prefix, plural = RESOURCES[(api_version, kind)]
+    found = kind_of(api_version, kind)
+    prefix, plural = found.path_prefix, found.plural
     path = f"{prefix}/namespaces/{namespace}/{plural}" if namespace else f"{prefix}/{plural}"
     if name:
         path += f"/{name}"
@@ -82,7 +66,7 @@ def object_path(
 
 
 def _plural(manifest: Mapping[str, Any]) -> str:
-    return RESOURCES[(manifest["apiVersion"], manifest["kind"])][1]
+    return kind_of(manifest["apiVersion"], manifest["kind"]).plural
 
 
 def in_cluster_connection() -> kopf.ConnectionInfo | None:
@@ -101,10 +85,6 @@ def in_cluster_connection() -> kopf.ConnectionInfo | None:
         token=token.read_text().strip(),  # re-read on every login: the kubelet rotates it
         default_namespace=namespace.read_text().strip() if namespace.is_file() else None,
     )
-
-
-def now_rfc3339() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Kube:
@@ -228,7 +208,7 @@ class Kube:
                 "DELETE",
                 object_path(api_version, kind, namespace, name),
                 {"propagationPolicy": "Background"},
-                resource=RESOURCES[(api_version, kind)][1],
+                resource=kind_of(api_version, kind).plural,
             )
         except KubeError as error:
             if not error.not_found:
@@ -238,7 +218,7 @@ class Kube:
         self, involved: Mapping[str, Any], type_: str, reason: str, message: str, component: str
     ) -> None:
         meta = involved["metadata"]
-        now = now_rfc3339()
+        now = timefmt.rfc3339(timefmt.now())
         event = {
             "apiVersion": "v1",
             "kind": "Event",

@@ -8,20 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from agent_operator import metrics
+from agent_operator import metrics, timefmt
 from agent_operator.kube import Kube, KubeError
 
 log = logging.getLogger("agent_operator.leader")
-
-
-def _micro_time() -> str:
-    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class LeaderElector:
@@ -96,7 +91,7 @@ class LeaderElector:
         return {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": metadata, "spec": spec}
 
     async def _try_acquire_or_renew(self) -> bool:
-        now = _micro_time()
+        now = timefmt.rfc3339_micro(timefmt.now())
         try:
             lease = await self.kube.get("coordination.k8s.io/v1", "Lease", self.namespace, self.name)
         except KubeError as error:
@@ -148,7 +143,7 @@ class LeaderElector:
             spec = dict(lease.get("spec") or {})
             if spec.get("holderIdentity") != self.identity:
                 return
-            spec.update(holderIdentity=None, leaseDurationSeconds=1, renewTime=_micro_time())
+            spec.update(holderIdentity=None, leaseDurationSeconds=1, renewTime=timefmt.rfc3339_micro(timefmt.now()))
             await self.kube.replace(self._lease(spec, lease["metadata"]["resourceVersion"]))
         except KubeError as error:
             log.warning("could not release the lease: %s", error)

@@ -19,6 +19,8 @@ import kopf
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from agent_contract.layout import OPERATOR_METRICS_PORT
+from agent_operator import defaults
 from agent_operator.controller import Controller, ControllerSettings
 from agent_operator.handlers import build_registry, configure
 from agent_operator.kube import Kube
@@ -31,15 +33,15 @@ log = logging.getLogger("agent_operator")
 class RunOptions:
     namespaces: tuple[str, ...] = ()
     metrics_host: str = "0.0.0.0"  # noqa: S104 - in a pod the kubelet and Prometheus must reach it
-    metrics_port: int = 8000
+    metrics_port: int = OPERATOR_METRICS_PORT
     log_format: str = "text"
     log_level: str = "INFO"
     lease_namespace: str = "default"
-    lease_name: str = "enterprise-agent-operator"
-    lease_seconds: int = 15
-    workers: int = 8
-    resync_seconds: float = 300.0
-    operator_namespace: str = "enterprise-agent-system"
+    lease_name: str = defaults.LEASE_NAME
+    lease_seconds: int = defaults.LEASE_SECONDS
+    workers: int = defaults.WORKERS
+    resync_seconds: float = defaults.RESYNC_SECONDS
+    operator_namespace: str = defaults.OPERATOR_NAMESPACE
     analysis_base_url: str | None = None
 
 

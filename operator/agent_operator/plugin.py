@@ -19,7 +19,6 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import urllib3
@@ -27,6 +26,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
+from agent_operator import timefmt
 from agent_operator.render.common import (
     ANNOTATION_ABORT,
     ANNOTATION_RETRY,
@@ -34,7 +34,19 @@ from agent_operator.render.common import (
     decode_spec,
     deployment_name_for,
 )
-from agent_operator.spec import GROUP, PLURAL, VERSION
+from agent_operator.rollout import BEFORE_PROMOTION, PROMOTABLE, SEQUENCE
+from agent_operator.spec import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    AbortReason,
+    EnterpriseAgentStatus,
+    Phase,
+    PromotionMode,
+    RolloutStatus,
+    Step,
+    read_status,
+)
 
 EXIT_OK, EXIT_UNHEALTHY, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -56,8 +68,6 @@ def _api(args: argparse.Namespace) -> tuple[client.CustomObjectsApi, str]:
 
 
 FIELD_MANAGER = "kubectl-ea"
-# The sequence `status` draws its progress line from.
-STEPS = ("Preview", "Analysis", "AwaitingPromotion", "Promoting", "PostPromotion", "Completed")
 
 
 def _call(function: Any, *args: Any) -> Any:
@@ -99,16 +109,16 @@ def cmd_get(args: argparse.Namespace) -> int:
         items = _call(api.list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL)["items"]
     rows = [["NAMESPACE", "NAME", "PHASE", "ACTIVE", "READY", "REVISION", "IMAGE", "AGE"]]
     for item in items:
-        status = item.get("status") or {}
-        ready = f"{status.get('readyReplicas', 0)}/{item['spec'].get('replicas', 1)}"
+        status = read_status(item.get("status"))
+        ready = f"{status.ready_replicas or 0}/{item['spec'].get('replicas', 1)}"
         rows.append(
             [
                 item["metadata"]["namespace"],
                 item["metadata"]["name"],
-                status.get("phase", "-"),
-                status.get("activeColor", "-"),
+                status.phase or "-",
+                status.active_color or "-",
                 ready,
-                status.get("activeRevision", "-"),
+                status.active_revision or "-",
                 item["spec"]["image"],
                 _age(item["metadata"].get("creationTimestamp")),
             ]
@@ -125,46 +135,51 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def render_status(agent: dict[str, Any]) -> str:
-    status = agent.get("status") or {}
+    status = read_status(agent.get("status"))
     spec = agent["spec"]
     lines = [
         f"Name:        {agent['metadata']['namespace']}/{agent['metadata']['name']}",
-        f"Phase:       {status.get('phase', 'Unknown')}  {status.get('message', '')}".rstrip(),
+        f"Phase:       {status.phase or 'Unknown'}  {status.message or ''}".rstrip(),
         f"Image:       {spec['image']}",
-        f"Active:      {status.get('activeColor', '-')} at revision {status.get('activeRevision', '-')}"
-        f"  ({status.get('readyReplicas', 0)}/{spec.get('replicas', 1)} ready)",
+        f"Active:      {status.active_color or '-'} at revision {status.active_revision or '-'}"
+        f"  ({status.ready_replicas or 0}/{spec.get('replicas', 1)} ready)",
     ]
-    rollout = status.get("rollout") or {}
-    if status.get("previewRevision"):
-        lines.append(f"Preview:     {rollout.get('previewColor', '-')} at revision {status['previewRevision']}")
-    if rollout.get("step"):
-        lines.append(f"Rollout:     {rollout['step']}  {rollout.get('message', '')}".rstrip())
+    rollout = status.rollout or RolloutStatus()
+    if status.preview_revision:
+        lines.append(f"Preview:     {rollout.preview_color or '-'} at revision {status.preview_revision}")
+    if rollout.step is not None:
+        lines.append(f"Rollout:     {rollout.step}  {rollout.message or ''}".rstrip())
         lines.append(f"Progress:    {progress_line(rollout)}")
-    for check in rollout.get("analysis") or []:
-        lines.append(f"  {check['result']:<8} {check['name']:<12} {check.get('message', '')}")
+    for check in rollout.analysis:
+        lines.append(f"  {check.result:<8} {check.name:<12} {check.message}")
     generation = agent["metadata"].get("generation")
-    observed = status.get("observedGeneration")
+    observed = status.observed_generation
     lines.append(f"Generation:  {generation} (observed {observed if observed is not None else '-'})")
     lines.append("Conditions:")
-    for condition in status.get("conditions") or []:
+    for condition in status.conditions:
         lines.append(
-            f"  {condition['type']:<12} {condition['status']:<6} {condition['reason']:<24} {condition.get('message', '')}".rstrip()
+            f"  {condition.type:<12} {condition.status:<6} {condition.reason:<24} {condition.message}".rstrip()
         )
     return "\n".join(lines)
 
 
-def progress_line(rollout: dict[str, Any]) -> str:
+def progress_line(rollout: RolloutStatus) -> str:
     """A bar over the blue-green steps, e.g. ``[##----] 2/6 Analysis``."""
-    step = rollout.get("step", "")
-    if step == "Aborted":
-        reason = rollout.get("abortReason") or "Aborted"
-        return f"[{'x' * len(STEPS)}] aborted ({reason}); `kubectl ea retry` starts it again"
-    done = STEPS.index(step) + 1 if step in STEPS else 0
-    return f"[{'#' * done}{'-' * (len(STEPS) - done)}] {done}/{len(STEPS)} {step}"
+    steps = SEQUENCE
+    if rollout.step == Step.ABORTED:
+        reason = rollout.abort_reason or AbortReason.ABORTED
+        return f"[{'x' * len(steps)}] aborted ({reason}); `kubectl ea retry` starts it again"
+    done = steps.index(rollout.step) + 1 if rollout.step in steps else 0
+    return f"[{'#' * done}{'-' * (len(steps) - done)}] {done}/{len(steps)} {rollout.step or ''}".rstrip()
 
 
-def _unhealthy(agent: dict[str, Any]) -> bool:
-    return (agent.get("status") or {}).get("phase") in ("Stalled", "Degraded")
+# Phases that end `status --watch`, and those that make `status` exit 1.
+SETTLED = (Phase.READY, Phase.STALLED, Phase.DEGRADED, Phase.PAUSED)
+UNHEALTHY = (Phase.STALLED, Phase.DEGRADED)
+
+
+def _phase(agent: dict[str, Any]) -> Phase | None:
+    return read_status(agent.get("status")).phase
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -176,13 +191,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     agent = fetch()
     print(render_status(agent))
     last = agent["metadata"].get("resourceVersion")
-    while args.watch and (agent.get("status") or {}).get("phase") not in ("Ready", "Stalled", "Degraded", "Paused"):
+    while args.watch and _phase(agent) not in SETTLED:
         time.sleep(args.interval)
         agent = fetch()
         if agent["metadata"].get("resourceVersion") != last:
             last = agent["metadata"].get("resourceVersion")
             print("\n" + render_status(agent), flush=True)
-    return EXIT_UNHEALTHY if _unhealthy(agent) else EXIT_OK
+    return EXIT_UNHEALTHY if _phase(agent) in UNHEALTHY else EXIT_OK
 
 
 def _fetch(api: client.CustomObjectsApi, namespace: str, name: str) -> dict[str, Any]:
@@ -205,22 +220,22 @@ def _patch(api: client.CustomObjectsApi, namespace: str, name: str, body: Any) -
     )
 
 
-def _target(args: argparse.Namespace) -> tuple[client.CustomObjectsApi, str, dict[str, Any], dict[str, Any]]:
+def _target(
+    args: argparse.Namespace,
+) -> tuple[client.CustomObjectsApi, str, dict[str, Any], EnterpriseAgentStatus]:
     """(api, namespace, agent, status) of the agent a command names."""
     api, namespace = _api(args)
     agent = _fetch(api, namespace, args.name)
-    return api, namespace, agent, agent.get("status") or {}
+    return api, namespace, agent, read_status(agent.get("status"))
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
     api, namespace, agent, status = _target(args)
-    rollout = status.get("rollout") or {}
-    revision = status.get("previewRevision")
-    if not revision or rollout.get("step") not in ("Preview", "Analysis", "AwaitingPromotion"):
-        raise PluginError(
-            f"{args.name} has no rollout waiting for promotion (step: {rollout.get('step') or 'none'})", 1
-        )
-    if (agent["spec"].get("rollout") or {}).get("promotion", "Auto") != "Manual":
+    step = status.rollout.step if status.rollout else None
+    revision = status.preview_revision
+    if not revision or step not in PROMOTABLE:
+        raise PluginError(f"{args.name} has no rollout waiting for promotion (step: {step or 'none'})", 1)
+    if (agent["spec"].get("rollout") or {}).get("promotion", PromotionMode.AUTO) != PromotionMode.MANUAL:
         raise PluginError(f"{args.name} promotes automatically (spec.rollout.promotion: Auto); nothing to approve", 1)
     _patch(api, namespace, args.name, {"spec": {"rollout": {"promote": revision}}})
     print(f"approved revision {revision} of {namespace}/{args.name} (spec.rollout.promote: {revision!r})")
@@ -230,11 +245,11 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 def cmd_abort(args: argparse.Namespace) -> int:
     api, namespace, _, status = _target(args)
-    step = (status.get("rollout") or {}).get("step")
-    if step in ("Preview", "Analysis", "AwaitingPromotion", "Promoting"):
-        revision = status.get("previewRevision")
-    elif step == "PostPromotion":
-        revision = status.get("activeRevision")
+    step = status.rollout.step if status.rollout else None
+    if step in BEFORE_PROMOTION:
+        revision = status.preview_revision
+    elif step == Step.POST_PROMOTION:
+        revision = status.active_revision
     else:
         raise PluginError(
             f"{args.name} has no rollout in progress (step: {step or 'none'}); `kubectl ea undo` restores the previous revision",
@@ -247,23 +262,23 @@ def cmd_abort(args: argparse.Namespace) -> int:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     api, namespace, _, status = _target(args)
-    if (status.get("rollout") or {}).get("step") != "Aborted":
+    if status.rollout is None or status.rollout.step != Step.ABORTED:
         raise PluginError(f"{args.name} has no aborted rollout to retry", 1)
-    token = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    token = timefmt.compact(timefmt.now())
     annotations = {ANNOTATION_ABORT: None, ANNOTATION_RETRY: token}
     _patch(api, namespace, args.name, {"metadata": {"annotations": annotations}})
-    print(f"retrying the rollout of revision {status.get('previewRevision')} of {namespace}/{args.name}")
+    print(f"retrying the rollout of revision {status.preview_revision} of {namespace}/{args.name}")
     return EXIT_OK
 
 
 def cmd_undo(args: argparse.Namespace) -> int:
     api, namespace, agent, status = _target(args)
-    active = status.get("activeColor")
-    if not active:
+    active = status.active_color
+    if active is None:
         raise PluginError(f"{args.name} has not served any revision yet", 1)
     # During or after a failed rollout the previous revision is the one serving; otherwise it is
     # the one the other colour ran before the last promotion.
-    color = active if status.get("previewRevision") else ("green" if active == "blue" else "blue")
+    color = active if status.preview_revision else active.other
     apps = client.AppsV1Api()
     try:
         deployment = apps.read_namespaced_deployment(deployment_name_for(args.name, color), namespace)

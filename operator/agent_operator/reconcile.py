@@ -1,24 +1,29 @@
 """The pure core of a reconcile: observed state in, the writes to make and the status out.
 
 No I/O here. The controller gathers what it observed (the agent, its children from the watch
-cache, which referenced objects exist), calls :func:`plan`, then performs exactly the writes the
-plan lists. Comparing desired with observed *before* writing is what makes a resync with no drift
-cost zero write requests.
+cache, which referenced objects exist, the key Secret), calls :func:`reconcile` with the time it
+read once, and performs exactly the writes the plan lists. Comparing desired with observed
+*before* writing is what makes a resync with no drift cost zero write requests.
+
+    admit(body) -> Observed -> reconcile(observed, now, checks) -> Plan
+                                     |-- plan.measure: the controller measures, calls again with checks
 """
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+from agent_contract.config import RuntimeConfig
 from agent_contract.operations import BUILTIN_OPERATIONS
 from agent_operator import conditions as cond
 from agent_operator import rollout
 from agent_operator.conditions import Reason
-from agent_operator.manifest import FieldError
+from agent_operator.manifest import FieldError, ManifestError, parse_agent
 from agent_operator.render import (
     ColorPlan,
     KeyVersions,
@@ -38,16 +43,28 @@ from agent_operator.render.common import (
     deployment_name,
     preview_service_name,
 )
+from agent_operator.render.keys import ANNOTATION_ROTATED_FOR
+from agent_operator.render.runtime_config import build_runtime_config
 from agent_operator.spec import (
     API_VERSION,
     KIND,
     QUANTITY,
     Color,
+    Condition,
+    ConditionStatus,
+    ConditionType,
     EnterpriseAgent,
     EnterpriseAgentSpec,
+    EnterpriseAgentStatus,
     Phase,
     parse_quantity,
+    read_status,
 )
+from agent_operator.timefmt import rfc3339
+
+# The CRD's bound on status.message and each condition's message: a longer one would make the
+# whole status write fail (422) and the agent show nothing.
+MAX_MESSAGE = 4096
 
 # (apiVersion, kind, name) identifies a child within the agent's namespace.
 ChildKey = tuple[str, str, str]
@@ -58,28 +75,108 @@ def child_key(manifest: Mapping[str, Any]) -> ChildKey:
 
 
 @dataclass(frozen=True)
-class Observed:
-    """What the controller saw: the agent's current status and its children by key."""
+class Admission:
+    """The agent as the operator reads it: a valid spec, or the reason it cannot act on it."""
 
-    status: Mapping[str, Any]
-    children: Mapping[ChildKey, Mapping[str, Any]]
-    generation: int
-    uid: str
-    key_data: Mapping[str, str] | None = None
-    key_rotated_for: str | None = None
-    annotations: Mapping[str, str] = field(default_factory=dict)  # the agent's
-    endpoint_slices: Sequence[Mapping[str, Any]] = ()  # of the agent's Services
+    agent: EnterpriseAgent | None
+    reason: str = ""
+    errors: tuple[FieldError, ...] = ()
+
+
+def admit(body: Mapping[str, Any]) -> Admission:
+    """Parses the agent and runs the checks only the operator can make (operation names)."""
+    metadata = body.get("metadata") or {}
+    try:
+        agent = parse_agent(dict(body), f"{metadata.get('namespace')}/{metadata.get('name')}")
+    except ManifestError as error:
+        return Admission(None, Reason.INVALID_SPEC, tuple(error.errors))
+    unknown = unknown_operations(agent)
+    if unknown:
+        return Admission(None, Reason.UNKNOWN_OPERATION, tuple(unknown))
+    return Admission(agent)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the controller saw of one agent: the object, its children, their EndpointSlices, the
+    referenced objects it looked for and did not find, and the key Secret it ensured."""
+
+    body: Mapping[str, Any]
+    admission: Admission
+    children: Mapping[ChildKey, Mapping[str, Any]] = field(default_factory=dict)
+    endpoint_slices: Sequence[Mapping[str, Any]] = ()
+    missing: Sequence[FieldError] = ()
+    key_secret: Mapping[str, Any] | None = None
+
+    @property
+    def metadata(self) -> Mapping[str, Any]:
+        return self.body.get("metadata") or {}
+
+    @property
+    def generation(self) -> int:
+        return int(self.metadata.get("generation") or 0)
+
+    @property
+    def uid(self) -> str:
+        return str(self.metadata.get("uid") or "")
+
+    @property
+    def annotations(self) -> Mapping[str, str]:
+        return self.metadata.get("annotations") or {}
+
+    @property
+    def status(self) -> EnterpriseAgentStatus:
+        return read_status(self.body.get("status"))
+
+    @property
+    def key_data(self) -> Mapping[str, str]:
+        return (self.key_secret or {}).get("data") or {}
+
+
+@dataclass(frozen=True)
+class Measure:
+    """The HTTP checks a decision needs before it can be made: of ``color``, through ``service``
+    (its /readyz and the smoke call) and each pod address (its /metrics)."""
+
+    service: str
+    color: Color
+    pod_ips: tuple[str, ...]
 
 
 @dataclass
 class Plan:
-    """The outcome of one reconcile."""
+    """The outcome of one reconcile: what to write, and what to do after."""
 
+    status: EnterpriseAgentStatus
     apply: list[Manifest] = field(default_factory=list)
     delete: list[ChildKey] = field(default_factory=list)
-    status: dict[str, Any] = field(default_factory=dict)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     revision: str | None = None
+    measure: Measure | None = None  # measure these, then reconcile again with the checks
+    requeue_after: float | None = None
+    outcome: rollout.Outcome | None = None  # a rollout that ended with this status
+    promotion_seconds: float | None = None
+    decision: rollout.Decision | None = None
+    stalled: bool = False
+
+    def status_body(self) -> dict[str, Any]:
+        """The status as written with server-side apply: a field left out is removed."""
+        body: dict[str, Any] = self.status.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return body
+
+
+@dataclass
+class Memo:
+    """What is costly to compute and changes only with the spec or the keys: the revision and the
+    rendered children. Kept per agent by the controller; a cache, so the result is the same with
+    an empty one."""
+
+    revision_inputs: tuple[Any, ...] | None = None
+    revision: str = ""
+    runtime_config: RuntimeConfig | None = None
+    render_inputs: tuple[Any, ...] | None = None
+    rendered: list[Manifest] = field(default_factory=list)
+    kept: frozenset[ChildKey] = frozenset()
 
 
 # --- comparing desired with observed -------------------------------------------------------------
@@ -158,31 +255,47 @@ def referenced_secrets(agent: EnterpriseAgent) -> list[tuple[str, str]]:
 # --- status ---------------------------------------------------------------------------------------
 
 
-def _events_for(old: list[cond.Condition], new: list[cond.Condition]) -> list[tuple[str, str, str]]:
+def _events_for(old: Sequence[Condition], new: Sequence[Condition]) -> list[tuple[str, str, str]]:
     """An Event for every condition that changed status or reason; nothing when all is as before."""
-    events = []
+    events: list[tuple[str, str, str]] = []
     for condition in new:
-        before = cond.get_condition(old, condition["type"])
-        if before is not None and (before.get("status"), before.get("reason")) == (
-            condition["status"],
-            condition["reason"],
-        ):
+        type_ = ConditionType(condition.type)
+        before = cond.get_condition(old, type_)
+        if before is not None and (before.status, before.reason) == (condition.status, condition.reason):
             continue
-        if condition["status"] != "True" and condition["type"] != cond.READY:
+        holds = condition.status == ConditionStatus.TRUE
+        if not holds and type_ != ConditionType.READY:
             continue  # a condition clearing is reported by the one that takes over
-        warning = condition["type"] in (cond.STALLED, cond.DEGRADED) or (
-            condition["type"] == cond.READY and condition["status"] == "False" and before is not None
-        )
-        if condition["type"] == cond.READY and condition["status"] == "False" and before is None:
+        if type_ == ConditionType.READY and not holds and before is None:
             continue  # not ready at creation is no news
-        event = ("Warning" if warning else "Normal", condition["reason"], condition["message"])
+        warning = type_ in (ConditionType.STALLED, ConditionType.DEGRADED) or (
+            type_ == ConditionType.READY and not holds
+        )
+        event = ("Warning" if warning else "Normal", condition.reason, condition.message)
         if event not in events:  # Reconciling and Progressing often move together: one Event
             events.append(event)
     return events
 
 
+def _truncate(message: str) -> str:
+    return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 3] + "..."
+
+
+def _phase(*, ready: bool, reason: str, stalled: bool, degraded: bool, paused: bool) -> Phase:
+    if stalled:
+        return Phase.STALLED
+    if degraded:
+        return Phase.DEGRADED
+    if paused:
+        return Phase.PAUSED
+    if ready:
+        return Phase.READY
+    return Phase.PENDING if reason == Reason.CREATING else Phase.PROGRESSING
+
+
 def _status(
-    observed: Observed,
+    base: EnterpriseAgentStatus,
+    generation: int,
     now: str,
     *,
     ready: bool,
@@ -191,22 +304,22 @@ def _status(
     stalled: bool = False,
     degraded: bool = False,
     paused: bool = False,
-    extra: Mapping[str, Any] | None = None,
-) -> tuple[dict[str, Any], list[tuple[str, str, str]]]:
-    generation = observed.generation
-    old_conditions = list(observed.status.get("conditions") or [])
+    **fields: Any,
+) -> tuple[EnterpriseAgentStatus, list[tuple[str, str, str]]]:
+    """``base`` with the conditions, phase and message for this outcome, and ``fields`` set."""
+    message = _truncate(message)
     progressing = not ready and not stalled and not degraded
     # (type, whether it holds, the reason when it does not); Ready always explains itself. A
     # Degraded rollout is also Stalled: it waits for a person (a new spec, retry), and kstatus
     # (Flux, kpt) reports Stalled as Failed instead of waiting for a Ready that will not come.
     flags = (
-        (cond.READY, ready, None),
-        (cond.RECONCILING, progressing, Reason.RECONCILED),
-        (cond.STALLED, stalled or degraded, Reason.AS_EXPECTED),
-        (cond.PROGRESSING, progressing, Reason.AS_EXPECTED),
-        (cond.DEGRADED, degraded, Reason.AS_EXPECTED),
+        (ConditionType.READY, ready, None),
+        (ConditionType.RECONCILING, progressing, Reason.RECONCILED),
+        (ConditionType.STALLED, stalled or degraded, Reason.AS_EXPECTED),
+        (ConditionType.PROGRESSING, progressing, Reason.AS_EXPECTED),
+        (ConditionType.DEGRADED, degraded, Reason.AS_EXPECTED),
     )
-    conditions = old_conditions
+    conditions = list(base.conditions)
     for type_, holds, idle_reason in flags:
         explained = holds or idle_reason is None
         conditions = cond.set_condition(
@@ -218,39 +331,26 @@ def _status(
             generation,
             now,
         )
-    phase = (
-        Phase.STALLED
-        if stalled
-        else Phase.DEGRADED
-        if degraded
-        else Phase.PAUSED
-        if paused
-        else Phase.READY
-        if ready
-        else Phase.PENDING
-        if reason == Reason.CREATING
-        else Phase.PROGRESSING
+    phase = _phase(ready=ready, reason=reason, stalled=stalled, degraded=degraded, paused=paused)
+    status = base.model_copy(
+        update={
+            **fields,
+            "phase": phase,
+            "message": message,
+            "observed_generation": generation,
+            "conditions": conditions,
+        }
     )
-    status: dict[str, Any] = {
-        **{
-            k: v
-            for k, v in observed.status.items()
-            if k not in ("conditions", "phase", "message", "observedGeneration")
-        },
-        **(extra or {}),
-        "phase": phase.value,
-        "message": message,
-        "observedGeneration": generation,
-        "conditions": conditions,
-    }
-    return status, _events_for(old_conditions, conditions)
+    return status, _events_for(base.conditions, conditions)
 
 
-def stalled_plan(observed: Observed, errors: list[FieldError], reason: str, now: str) -> Plan:
+def stalled_plan(observed: Observed, errors: Sequence[FieldError], reason: str, now: datetime) -> Plan:
     """Bad input: no child is touched (the last good rollout keeps serving); status says why."""
     message = "; ".join(str(error) for error in errors)
-    status, events = _status(observed, now, ready=False, reason=reason, message=message, stalled=True)
-    return Plan(status=status, events=events)
+    status, events = _status(
+        observed.status, observed.generation, rfc3339(now), ready=False, reason=reason, message=message, stalled=True
+    )
+    return Plan(status=status, events=events, stalled=True)
 
 
 # --- what the rollout sees -------------------------------------------------------------------------
@@ -317,7 +417,8 @@ def rollout_input(
     now: datetime,
     checks: Sequence[rollout.Check] | None = None,
 ) -> rollout.RolloutInput:
-    active = Color(observed.status.get("activeColor") or Color.BLUE.value)
+    status = observed.status
+    active = status.active_color or Color.BLUE
     colours = {
         color: colour_observed(observed.children.get(("apps/v1", "Deployment", deployment_name(agent, color))))
         for color in Color
@@ -326,7 +427,7 @@ def rollout_input(
         revision=revision,
         replicas=agent.spec.replicas,
         rollout=agent.spec.rollout,
-        status=observed.status,
+        status=status,
         colours=colours,
         preview_endpoints=ready_endpoints(agent, observed.endpoint_slices, preview_service_name(agent), active.other),
         active_endpoints=ready_endpoints(agent, observed.endpoint_slices, active_service_name(agent), active),
@@ -353,20 +454,9 @@ def recorded_agent(agent: EnterpriseAgent, deployment: Mapping[str, Any] | None)
 # --- the plan -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Desired:
-    """The children the decision asks for. ``keep`` are Deployments left as they are because the
-    spec they were made from cannot be read back."""
-
-    revision: str
-    decision: rollout.Decision
-    children: list[Manifest]
-    keep: frozenset[ChildKey] = frozenset()
-
-
-def render_key(agent: EnterpriseAgent, observed: Observed, decision: rollout.Decision) -> tuple[Any, ...]:
-    """Everything :func:`desired_state` depends on besides the spec and keys, for caching."""
-    recorded = tuple(
+def _recorded_specs(agent: EnterpriseAgent, observed: Observed, decision: rollout.Decision) -> tuple[Any, ...]:
+    """The spec annotation of each colour that keeps an older revision: part of the render's inputs."""
+    return tuple(
         (
             layout,
             None
@@ -380,16 +470,48 @@ def render_key(agent: EnterpriseAgent, observed: Observed, decision: rollout.Dec
         )
         for layout in decision.deployments
     )
-    return (decision.active_color, decision.preview_color, recorded)
 
 
-def desired_state(
-    agent: EnterpriseAgent, observed: Observed, decision: rollout.Decision, revision: str, operator_namespace: str
-) -> Desired:
-    """Renders every child for the decision: a colour that keeps an older revision is rendered
-    from the spec recorded on its Deployment."""
+def _key_files_version(observed: Observed) -> Any:
+    return (observed.key_secret or {}).get("metadata", {}).get("resourceVersion") or sorted(observed.key_data.items())
+
+
+def _revision(agent: EnterpriseAgent, observed: Observed, memo: Memo) -> tuple[str, RuntimeConfig]:
+    """The revision of the current spec with the current keys, computed once per spec and keys."""
+    inputs = (observed.uid, observed.generation, agent.spec, _key_files_version(observed))
+    if memo.revision_inputs != inputs or memo.runtime_config is None:
+        config = build_runtime_config(agent)
+        memo.revision = compute_revision(agent, KeyVersions.from_secret_data(observed.key_data), config)
+        memo.runtime_config = config
+        memo.revision_inputs = inputs
+    return memo.revision, memo.runtime_config
+
+
+def _render(
+    agent: EnterpriseAgent,
+    observed: Observed,
+    decision: rollout.Decision,
+    revision: str,
+    config: RuntimeConfig,
+    operator_namespace: str,
+    memo: Memo,
+) -> tuple[list[Manifest], frozenset[ChildKey]]:
+    """Every child for the decision, and the Deployments left as they are because the spec they
+    were made from cannot be read back. A colour that keeps an older revision is rendered from the
+    spec recorded on its Deployment. Rendering is the costly part: reused while its inputs hold."""
+    inputs = (
+        memo.revision_inputs,
+        revision,
+        operator_namespace,
+        decision.active_color,
+        decision.preview_color,
+        _recorded_specs(agent, observed, decision),
+        (observed.key_secret or {}).get("metadata", {}).get("annotations", {}).get(ANNOTATION_ROTATED_FOR),
+    )
+    if memo.render_inputs == inputs:
+        return memo.rendered, memo.kept
     colours: list[ColorPlan] = []
-    keep: set[ChildKey] = set()
+    kept: set[ChildKey] = set()
     for layout in decision.deployments:
         key = ("apps/v1", "Deployment", deployment_name(agent, layout.color))
         if layout.from_spec:
@@ -398,77 +520,116 @@ def desired_state(
         deployment = observed.children.get(key)
         source = recorded_agent(agent, deployment)
         if source is None or deployment is None:
-            keep.add(key)
+            kept.add(key)
             continue
         colours.append(ColorPlan(layout.color, layout.replicas, source, colour_observed(deployment).revision))
+    key_data = dict(observed.key_data) or None
     render_plan = RenderPlan(
         deployments=tuple(colours),
         active_color=decision.active_color,
         preview_color=decision.preview_color,
-        keys=KeyVersions.from_secret_data(observed.key_data or {}),
-        key_data=dict(observed.key_data) if observed.key_data else None,
-        key_rotated_for=observed.key_rotated_for,
+        keys=KeyVersions.from_secret_data(observed.key_data),
+        key_data=key_data,
+        key_rotated_for=(observed.key_secret or {})
+        .get("metadata", {})
+        .get("annotations", {})
+        .get(ANNOTATION_ROTATED_FOR),
         operator_namespace=operator_namespace,
+        revision=revision,
+        runtime_config=config,
     )
-    children = [owned(child, agent.name, observed.uid) for child in build_children(agent, render_plan)]
-    return Desired(revision, decision, children, frozenset(keep))
+    rendered = [owned(child, agent.name, observed.uid) for child in build_children(agent, render_plan)]
+    memo.render_inputs, memo.rendered, memo.kept = inputs, rendered, frozenset(kept)
+    return rendered, frozenset(kept)
 
 
-def plan(agent: EnterpriseAgent, observed: Observed, now: str, wanted: Desired) -> Plan:
-    """The difference to apply, stale children to delete, and the new status."""
-    decision = wanted.decision
-    result = Plan(revision=wanted.revision)
-    desired_keys = {child_key(child) for child in wanted.children} | wanted.keep
-    result.apply = [child for child in wanted.children if not is_subset(child, observed.children.get(child_key(child)))]
+def reconcile(
+    observed: Observed,
+    now: datetime,
+    checks: Sequence[rollout.Check] | None = None,
+    *,
+    operator_namespace: str,
+    memo: Memo | None = None,
+) -> Plan:
+    """The whole reconcile of one agent, pure: refuse what cannot be acted on, decide the
+    rollout's next step, render the children for it, and diff them with what exists.
+
+    When the decision needs HTTP checks and ``checks`` is None, the plan only asks for them
+    (``plan.measure``); call again with the measured checks and the same ``now``."""
+    agent = observed.admission.agent
+    if agent is None:
+        return stalled_plan(observed, observed.admission.errors, observed.admission.reason, now)
+    if observed.missing:
+        return stalled_plan(observed, observed.missing, Reason.MISSING_REFERENCE, now)
+    memo = memo if memo is not None else Memo()
+    revision, config = _revision(agent, observed, memo)
+    decision = rollout.decide(rollout_input(agent, observed, revision, now, checks))
+    if decision.measure is not None:
+        return Plan(status=observed.status, revision=revision, measure=_measure(agent, observed, decision))
+    children, kept = _render(agent, observed, decision, revision, config, operator_namespace, memo)
+    desired_keys = {child_key(child) for child in children} | kept
+    apply = [child for child in children if not is_subset(child, observed.children.get(child_key(child)))]
     # Children we made earlier that the spec no longer asks for: an old revision's ConfigMap,
     # an HPA or NetworkPolicy switched off.
-    result.delete = sorted(key for key in observed.children if key not in desired_keys)
+    delete = sorted(key for key in observed.children if key not in desired_keys)
     active_key = ("apps/v1", "Deployment", deployment_name(agent, decision.active_color))
     active_status = (observed.children.get(active_key) or {}).get("status") or {}
-    active_manifest = next((c for c in wanted.children if child_key(c) == active_key), None)
+    active_manifest = next((c for c in children if child_key(c) == active_key), None)
     image = (
         active_manifest["spec"]["template"]["spec"]["containers"][0]["image"] if active_manifest else agent.spec.image
     )
-    extra = {
-        "activeColor": decision.active_color.value,
-        "activeRevision": decision.active_revision,
-        "previewRevision": decision.preview_revision,
-        "rollout": decision.rollout,
-        "replicas": active_status.get("replicas", 0),
-        "readyReplicas": active_status.get("readyReplicas", 0),
-        "selector": active_selector(agent, decision.active_color),
-        "image": image,
-    }
     status, events = _status(
-        observed,
-        now,
+        observed.status,
+        observed.generation,
+        rfc3339(now),
         ready=decision.ready,
         reason=decision.reason,
         message=decision.message,
         degraded=decision.degraded,
         paused=decision.paused,
-        extra=extra,
+        active_color=decision.active_color,
+        active_revision=decision.active_revision,
+        preview_revision=decision.preview_revision,
+        rollout=decision.rollout,
+        replicas=int(active_status.get("replicas", 0)),
+        ready_replicas=int(active_status.get("readyReplicas", 0)),
+        selector=active_selector(agent, decision.active_color),
+        image=image,
     )
-    result.status = {k: v for k, v in status.items() if v is not None}
-    result.events = events + [e for e in decision.events if e not in events]
-    return result
+    return Plan(
+        status=status,
+        apply=apply,
+        delete=delete,
+        events=events + [e for e in decision.events if e not in events],
+        revision=revision,
+        requeue_after=decision.requeue_after,
+        outcome=decision.outcome,
+        promotion_seconds=decision.promotion_seconds,
+        decision=decision,
+    )
 
 
-def plan_for(
-    agent: EnterpriseAgent,
-    observed: Observed,
-    now: datetime,
-    operator_namespace: str,
-    checks: Sequence[rollout.Check] | None = None,
-) -> Plan:
-    """The whole pure reconcile in one call, without the controller's caches: revision, rollout
-    decision, rendering and plan."""
-    revision = compute_revision(agent, KeyVersions.from_secret_data(observed.key_data or {}))
-    decision = rollout.decide(rollout_input(agent, observed, revision, now, checks))
-    wanted = desired_state(agent, observed, decision, revision, operator_namespace)
-    return plan(agent, observed, rollout.rfc3339(now), wanted)
+def _measure(agent: EnterpriseAgent, observed: Observed, decision: rollout.Decision) -> Measure:
+    """Where the checks of the colour the decision names go: the Service that serves it, its pods."""
+    if decision.measure == "preview":
+        service, color = preview_service_name(agent), decision.active_color.other
+    else:
+        service, color = active_service_name(agent), decision.active_color
+    return Measure(service, color, tuple(ready_endpoint_addresses(agent, observed.endpoint_slices, service, color)))
 
 
-def status_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
-    """Whether the status is worth writing: any field differs (timestamps move only on transitions)."""
-    return dict(old) != dict(new)
+def settle(made: Plan, after: Plan) -> Plan:
+    """The plan whose writes were just made, with the status judged on what now exists (``after``,
+    the same reconcile over the children as the writes returned them), as long as that takes the
+    same course: a step is taken once its children exist, and the status says so at once instead
+    of in a second write."""
+    if made.decision is None or after.decision is None or after.measure is not None:
+        return made
+    if not rollout.same_course(made.decision, after.decision):
+        return made
+    return replace(made, status=after.status, events=after.events)
+
+
+def key_files(observed: Observed) -> dict[str, bytes]:
+    """The key Secret's files, decoded (what the smoke token is signed with)."""
+    return {name: base64.b64decode(value) for name, value in observed.key_data.items()}

@@ -17,27 +17,30 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
-from enum import StrEnum
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from agent_operator.conditions import Reason
-from agent_operator.spec import AnalysisResult, Color, PromotionMode, RolloutSpec
-
-
-class Step(StrEnum):
-    PREVIEW = "Preview"
-    ANALYSIS = "Analysis"
-    AWAITING_PROMOTION = "AwaitingPromotion"
-    PROMOTING = "Promoting"
-    POST_PROMOTION = "PostPromotion"
-    COMPLETED = "Completed"
-    ABORTED = "Aborted"
-
+from agent_operator.spec import (
+    AbortReason,
+    AnalysisCheck,
+    AnalysisResult,
+    CheckName,
+    Color,
+    EnterpriseAgentStatus,
+    PromotionMode,
+    RolloutSpec,
+    RolloutStatus,
+    Step,
+)
+from agent_operator.timefmt import parse, rfc3339, rfc3339_micro
 
 # Steps during which a preview colour exists next to the stable one, before traffic moves.
 BEFORE_PROMOTION = (Step.PREVIEW, Step.ANALYSIS, Step.AWAITING_PROMOTION, Step.PROMOTING)
-ENDPOINTS_CHECK = "endpoints"
+# Steps at which a person may approve the preview (`kubectl ea promote`, spec.rollout.promote).
+PROMOTABLE = (Step.PREVIEW, Step.ANALYSIS, Step.AWAITING_PROMOTION)
+# The sequence a successful rollout walks, for progress displays.
+SEQUENCE = (*BEFORE_PROMOTION, Step.POST_PROMOTION, Step.COMPLETED)
 # How long after the scale-down delay the post-promotion check waits for the new pods to show up
 # in the active Service's endpoints before it counts them as missing.
 ENDPOINTS_GRACE_SECONDS = 30
@@ -58,14 +61,14 @@ class Colour:
 
 @dataclass(frozen=True)
 class Check:
-    """One analysis check's result."""
+    """One analysis check's result, as measured."""
 
-    name: str
+    name: CheckName
     result: AnalysisResult
     message: str = ""
 
-    def as_status(self, now: str) -> dict[str, Any]:
-        return {"name": self.name, "result": self.result.value, "message": self.message, "observedAt": now}
+    def as_status(self, now: str) -> AnalysisCheck:
+        return AnalysisCheck(name=self.name, result=self.result, message=self.message[:1024], observed_at=now)
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ class RolloutInput:
     revision: str  # the revision the current spec renders
     replicas: int  # spec.replicas
     rollout: RolloutSpec
-    status: Mapping[str, Any]
+    status: EnterpriseAgentStatus
     colours: Mapping[Color, Colour]
     preview_endpoints: int  # ready endpoints of the preview Service that are pods of the preview colour
     active_endpoints: int  # ready endpoints of the active Service that are pods of the active colour
@@ -99,7 +102,7 @@ class Decision:
     deployments: tuple[Layout, ...]
     active_revision: str | None
     preview_revision: str | None
-    rollout: dict[str, Any] | None  # status.rollout
+    rollout: RolloutStatus | None  # status.rollout
     reason: str
     message: str
     ready: bool = False
@@ -112,26 +115,6 @@ class Decision:
     promotion_seconds: float | None = None
 
 
-def rfc3339(moment: datetime) -> str:
-    """Seconds precision, as in Kubernetes conditions."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def stamp(moment: datetime) -> str:
-    """Microsecond precision for the rollout's own timestamps: a window measured from a time cut
-    to the second could end up to a second early."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def parse_time(text: Any) -> datetime | None:
-    if not isinstance(text, str):
-        return None
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
 def _seconds_until(moment: datetime, now: datetime) -> float:
     return max(0.0, (moment - now).total_seconds())
 
@@ -142,11 +125,11 @@ def preview_replicas(rollout: RolloutSpec, replicas: int) -> int:
 
 def decide(i: RolloutInput) -> Decision:
     """The next step for the agent; see the module docstring for the sequence."""
-    roll = dict(i.status.get("rollout") or {})
-    active = Color(i.status.get("activeColor") or Color.BLUE.value)
-    stable = i.status.get("activeRevision")
-    step = _step(roll.get("step"))
-    in_flight = i.status.get("previewRevision")
+    roll = i.status.rollout or RolloutStatus()
+    active = i.status.active_color or Color.BLUE
+    stable = i.status.active_revision
+    step = roll.step
+    in_flight = i.status.preview_revision
 
     if stable is None or i.colours.get(active, Colour()).revision is None:
         # Nothing has served yet (or the stable colour is gone with its spec): roll out in place.
@@ -159,14 +142,13 @@ def decide(i: RolloutInput) -> Decision:
         return _steady(i, active, roll if step == Step.COMPLETED else None)
     if step == Step.ABORTED and in_flight == i.revision:
         token = i.retry_requested
-        if token and token != roll.get("retriedFor"):
-            return _start(i, active, {"retriedFor": token})
+        if token and token != roll.retried_for:
+            return _start(i, active, token)
         return _aborted(i, active, roll)
     if step not in BEFORE_PROMOTION or in_flight != i.revision:
-        carried = {"retriedFor": roll["retriedFor"]} if roll.get("retriedFor") else {}
-        return _start(i, active, carried)
+        return _start(i, active, roll.retried_for)
     if i.abort_requested == i.revision:
-        return _abort(i, active, roll, Reason.ABORTED, "aborted on request; traffic stays on the stable colour")
+        return _abort(i, active, roll, AbortReason.ABORTED, "aborted on request; traffic stays on the stable colour")
     if step == Step.PREVIEW:
         return _preview(i, active, roll)
     if step == Step.ANALYSIS:
@@ -174,13 +156,6 @@ def decide(i: RolloutInput) -> Decision:
     if step == Step.AWAITING_PROMOTION:
         return _awaiting(i, active, roll)
     return _promoting(i, active, roll)
-
-
-def _step(value: Any) -> Step | None:
-    try:
-        return Step(value)
-    except ValueError:
-        return None
 
 
 # --- layouts --------------------------------------------------------------------------------------
@@ -211,7 +186,7 @@ def _during_rollout(i: RolloutInput, active: Color, preview_count: int) -> tuple
 def _steady(
     i: RolloutInput,
     active: Color,
-    roll: dict[str, Any] | None,
+    roll: RolloutStatus | None,
     events: list[tuple[str, str, str]] | None = None,
 ) -> Decision:
     """No rollout: the active colour runs the current spec at spec.replicas."""
@@ -226,7 +201,7 @@ def _steady(
     else:
         reason = Reason.ROLLING_OUT
         message = f"rolling out revision {i.revision}: {colour.available}/{i.replicas} pods available"
-    stable = i.revision if ready else i.status.get("activeRevision")
+    stable = i.revision if ready else i.status.active_revision
     return Decision(
         active_color=active,
         preview_color=active,
@@ -242,38 +217,38 @@ def _steady(
     )
 
 
-def _start(i: RolloutInput, active: Color, carried: dict[str, Any]) -> Decision:
+def _start(i: RolloutInput, active: Color, retried_for: str | None) -> Decision:
+    """A new rollout; the last retry request served is carried, so it is not served twice."""
     preview = active.other
-    roll = {
-        **carried,
-        "step": Step.PREVIEW.value,
-        "previewColor": preview.value,
-        "startedAt": stamp(i.now),
-        "analysis": [],
-        "message": f"rolling out revision {i.revision} to {preview.value}; {active.value} keeps serving",
-    }
+    roll = RolloutStatus(
+        step=Step.PREVIEW,
+        preview_color=preview,
+        started_at=rfc3339_micro(i.now),
+        retried_for=retried_for,
+        message=f"rolling out revision {i.revision} to {preview.value}; {active.value} keeps serving",
+    )
     count = preview_replicas(i.rollout, i.replicas)
     return Decision(
         active_color=active,
         preview_color=preview,
         deployments=_during_rollout(i, active, count),
-        active_revision=i.status.get("activeRevision"),
+        active_revision=i.status.active_revision,
         preview_revision=i.revision,
         rollout=roll,
         reason=Reason.PREVIEW_PROGRESSING,
         message=f"starting preview of revision {i.revision} on {preview.value}: 0/{count} pods ready",
-        events=[("Normal", "RolloutStarted", roll["message"])],
+        events=[("Normal", "RolloutStarted", roll.message or "")],
         requeue_after=float(i.rollout.progress_deadline_seconds),
     )
 
 
-def _in_rollout(i: RolloutInput, active: Color, roll: dict[str, Any], **changes: Any) -> Decision:
+def _in_rollout(i: RolloutInput, active: Color, roll: RolloutStatus, **changes: Any) -> Decision:
     """A decision that keeps both colours up with traffic on the stable one."""
     base = Decision(
         active_color=active,
         preview_color=active.other,
         deployments=_during_rollout(i, active, preview_replicas(i.rollout, i.replicas)),
-        active_revision=i.status.get("activeRevision"),
+        active_revision=i.status.active_revision,
         preview_revision=i.revision,
         rollout=roll,
         reason=Reason.PREVIEW_PROGRESSING,
@@ -282,9 +257,7 @@ def _in_rollout(i: RolloutInput, active: Color, roll: dict[str, Any], **changes:
     return replace(base, **changes)
 
 
-def _waiting(
-    i: RolloutInput, active: Color, roll: dict[str, Any], until: datetime, reason: str, doing: str
-) -> Decision:
+def _waiting(i: RolloutInput, active: Color, roll: RolloutStatus, until: datetime, reason: str, doing: str) -> Decision:
     """Waiting for a timer. The message names the moment, not the seconds left, so it stays the
     same across reconciles and costs no status write."""
     return _in_rollout(
@@ -297,8 +270,8 @@ def _waiting(
     )
 
 
-def _deadline(i: RolloutInput, roll: dict[str, Any]) -> datetime:
-    started = parse_time(roll.get("startedAt")) or i.now
+def _deadline(i: RolloutInput, roll: RolloutStatus) -> datetime:
+    started = parse(roll.started_at) or i.now
     return started + timedelta(seconds=i.rollout.progress_deadline_seconds)
 
 
@@ -309,13 +282,13 @@ def _preview_check(i: RolloutInput, active: Color, count: int) -> Check:
     endpoints = min(i.preview_endpoints, count)
     message = f"{colour.available}/{count} pods ready, {endpoints}/{count} in the preview Service's endpoints"
     passed = healthy and i.preview_endpoints >= count
-    return Check(ENDPOINTS_CHECK, AnalysisResult.PASSED if passed else AnalysisResult.PENDING, message)
+    return Check(CheckName.ENDPOINTS, AnalysisResult.PASSED if passed else AnalysisResult.PENDING, message)
 
 
-def _preview(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Decision:
+def _preview(i: RolloutInput, active: Color, roll: RolloutStatus) -> Decision:
     deadline = _deadline(i, roll)
     if i.now >= deadline or i.colours.get(active.other, Colour()).deadline_exceeded:
-        return _abort(i, active, roll, Reason.DEADLINE_EXCEEDED, _deadline_message(i))
+        return _abort(i, active, roll, AbortReason.PROGRESS_DEADLINE_EXCEEDED, _deadline_message(i))
     count = preview_replicas(i.rollout, i.replicas)
     check = _preview_check(i, active, count)
     if check.result != AnalysisResult.PASSED:
@@ -326,12 +299,12 @@ def _preview(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Decision:
             message=f"preview of revision {i.revision} on {active.other.value}: {check.message}",
             requeue_after=_seconds_until(deadline, i.now),
         )
-    now = stamp(i.now)
+    now = rfc3339_micro(i.now)
     analysis = [check.as_status(now)] + [
-        Check(name, AnalysisResult.PENDING).as_status(now) for name in _http_check_names(i.rollout)
+        Check(name, AnalysisResult.PENDING).as_status(now) for name in http_check_names(i.rollout)
     ]
     window = i.rollout.analysis.window_seconds
-    roll = {**roll, "step": Step.ANALYSIS.value, "previewReadyAt": now, "analysis": analysis}
+    roll = roll.model_copy(update={"step": Step.ANALYSIS, "preview_ready_at": now, "analysis": analysis})
     return _in_rollout(
         i,
         active,
@@ -342,10 +315,11 @@ def _preview(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Decision:
     )
 
 
-def _http_check_names(rollout: RolloutSpec) -> list[str]:
-    names = ["readyz", "errorRate", "latency"]
+def http_check_names(rollout: RolloutSpec) -> list[CheckName]:
+    """The checks the controller measures over HTTP, for this rollout's settings."""
+    names = [CheckName.READYZ, CheckName.ERROR_RATE, CheckName.LATENCY]
     if rollout.analysis.smoke is not None:
-        names.append("smoke")
+        names.append(CheckName.SMOKE)
     return names
 
 
@@ -354,11 +328,11 @@ def _judge(i: RolloutInput, first: Check) -> tuple[list[Check], bool]:
     return checks, all(c.result in (AnalysisResult.PASSED, AnalysisResult.SKIPPED) for c in checks)
 
 
-def _analysis(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Decision:
+def _analysis(i: RolloutInput, active: Color, roll: RolloutStatus) -> Decision:
     deadline = _deadline(i, roll)
     if i.now >= deadline:
-        return _abort(i, active, roll, Reason.DEADLINE_EXCEEDED, _deadline_message(i))
-    ready_at = parse_time(roll.get("previewReadyAt")) or i.now
+        return _abort(i, active, roll, AbortReason.PROGRESS_DEADLINE_EXCEEDED, _deadline_message(i))
+    ready_at = parse(roll.preview_ready_at) or i.now
     window_end = ready_at + timedelta(seconds=i.rollout.analysis.window_seconds)
     if i.now < window_end:
         return _waiting(i, active, roll, window_end, Reason.ANALYSING, f"analysing revision {i.revision}")
@@ -368,20 +342,22 @@ def _analysis(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Decision:
     elif i.checks is None:
         return _in_rollout(i, active, roll, reason=Reason.ANALYSING, message="measuring", measure="preview")
     checks, passed = _judge(i, endpoints)
-    roll = {**roll, "analysis": [c.as_status(stamp(i.now)) for c in checks]}
+    roll = roll.model_copy(update={"analysis": [c.as_status(rfc3339_micro(i.now)) for c in checks]})
     if not passed:
         failed = "; ".join(f"{c.name}: {c.message}" for c in checks if c.result == AnalysisResult.FAILED)
-        return _abort(i, active, roll, Reason.ANALYSIS_FAILED, f"analysis of revision {i.revision} failed: {failed}")
-    return _awaiting(i, active, {**roll, "step": Step.AWAITING_PROMOTION.value})
+        return _abort(
+            i, active, roll, AbortReason.ANALYSIS_FAILED, f"analysis of revision {i.revision} failed: {failed}"
+        )
+    return _awaiting(i, active, roll.model_copy(update={"step": Step.AWAITING_PROMOTION}))
 
 
-def _awaiting(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Decision:
+def _awaiting(i: RolloutInput, active: Color, roll: RolloutStatus) -> Decision:
     count = preview_replicas(i.rollout, i.replicas)
     check = _preview_check(i, active, count)
     if check.result != AnalysisResult.PASSED:
-        failed = replace(check, result=AnalysisResult.FAILED).as_status(stamp(i.now))
-        roll = {**roll, "analysis": [failed, *roll.get("analysis", [])[1:]]}  # endpoints is the first check
-        return _abort(i, active, roll, Reason.ANALYSIS_FAILED, f"the preview lost readiness: {check.message}")
+        failed = replace(check, result=AnalysisResult.FAILED).as_status(rfc3339_micro(i.now))
+        roll = roll.model_copy(update={"analysis": [failed, *roll.analysis[1:]]})  # endpoints is the first check
+        return _abort(i, active, roll, AbortReason.ANALYSIS_FAILED, f"the preview lost readiness: {check.message}")
     if i.rollout.promotion == PromotionMode.MANUAL:
         if i.rollout.promote == i.revision:
             return _promoting(i, active, roll)
@@ -396,14 +372,14 @@ def _awaiting(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Decision:
             ),
             paused=True,
         )
-    ready_at = parse_time(roll.get("previewReadyAt")) or i.now
+    ready_at = parse(roll.preview_ready_at) or i.now
     promote_at = ready_at + timedelta(seconds=i.rollout.analysis.window_seconds + i.rollout.auto_promotion_seconds)
     if i.now < promote_at:
         return _waiting(i, active, roll, promote_at, Reason.AWAITING_PROMOTION, "analysis passed; promoting")
     return _promoting(i, active, roll)
 
 
-def _promoting(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Decision:
+def _promoting(i: RolloutInput, active: Color, roll: RolloutStatus) -> Decision:
     """Scale the preview to spec.replicas and wait until every pod is in its endpoints, then switch."""
     colour = i.colours.get(active.other, Colour())
     full = colour.revision == i.revision and colour.rolled_out and colour.replicas == i.replicas
@@ -411,7 +387,7 @@ def _promoting(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Decision
         return _in_rollout(
             i,
             active,
-            {**roll, "step": Step.PROMOTING.value},
+            roll.model_copy(update={"step": Step.PROMOTING}),
             deployments=_during_rollout(i, active, i.replicas),
             reason=Reason.PROMOTING,
             message=(
@@ -422,21 +398,22 @@ def _promoting(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Decision
     return _promote(i, active, roll)
 
 
-def _promote(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Decision:
+def _promote(i: RolloutInput, active: Color, roll: RolloutStatus) -> Decision:
     new = active.other
-    started = parse_time(roll.get("startedAt"))
+    started = parse(roll.started_at)
     delay = i.rollout.scale_down_delay_seconds
     message = (
         f"traffic switched to {new.value} (revision {i.revision}); "
         f"{active.value} is kept for {delay} s for a fast rollback"
     )
-    roll = {
-        **roll,
-        "step": Step.POST_PROMOTION.value,
-        "promotedAt": stamp(i.now),
-        "previousRevision": i.status.get("activeRevision"),
-        "message": message,
-    }
+    roll = roll.model_copy(
+        update={
+            "step": Step.POST_PROMOTION,
+            "promoted_at": rfc3339_micro(i.now),
+            "previous_revision": i.status.active_revision,
+            "message": message,
+        }
+    )
     return Decision(
         active_color=new,
         preview_color=new,
@@ -451,18 +428,18 @@ def _promote(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Decision:
     )
 
 
-def _post_promotion(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Decision:
+def _post_promotion(i: RolloutInput, active: Color, roll: RolloutStatus) -> Decision:
     """Traffic is on the new colour; the old one is kept until the scale-down delay has passed."""
     old = active.other
-    promoted = i.status.get("activeRevision")
-    previous = roll.get("previousRevision")
+    promoted = i.status.active_revision
+    previous = roll.previous_revision
     if i.revision == previous and previous is not None:
         return _switch_back(i, active, roll, None, f"spec went back to revision {previous}: traffic switched back")
     if i.revision != promoted:
-        return _start(i, active, {})  # a newer revision supersedes; the old colour becomes its preview
+        return _start(i, active, None)  # a newer revision supersedes; the old colour becomes its preview
     if i.abort_requested == promoted:
-        return _switch_back(i, active, roll, Reason.ABORTED, "aborted on request; traffic switched back")
-    promoted_at = parse_time(roll.get("promotedAt")) or i.now
+        return _switch_back(i, active, roll, AbortReason.ABORTED, "aborted on request; traffic switched back")
+    promoted_at = parse(roll.promoted_at) or i.now
     scale_down_at = promoted_at + timedelta(seconds=i.rollout.scale_down_delay_seconds)
     keep = Decision(
         active_color=active,
@@ -472,14 +449,14 @@ def _post_promotion(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Dec
         preview_revision=None,
         rollout=roll,
         reason=Reason.PROMOTED,
-        message=roll.get("message") or f"traffic on {active.value}",
+        message=roll.message or f"traffic on {active.value}",
     )
     if i.now < scale_down_at:
         return replace(keep, requeue_after=_seconds_until(scale_down_at, i.now))
     colour = i.colours.get(active, Colour())
     healthy = colour.rolled_out and colour.replicas == i.replicas and i.active_endpoints >= i.replicas
     endpoints = Check(
-        ENDPOINTS_CHECK,
+        CheckName.ENDPOINTS,
         AnalysisResult.PASSED if healthy else AnalysisResult.FAILED,
         f"{colour.available}/{i.replicas} pods ready, {min(i.active_endpoints, i.replicas)}/{i.replicas} "
         "in the active Service's endpoints",
@@ -492,30 +469,33 @@ def _post_promotion(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Dec
     if healthy and i.checks is None:
         return replace(keep, message="post-promotion check: measuring", measure="active")
     checks, passed = _judge(i, endpoints)
-    roll = {**roll, "analysis": [c.as_status(stamp(i.now)) for c in checks]}
+    roll = roll.model_copy(update={"analysis": [c.as_status(rfc3339_micro(i.now)) for c in checks]})
     if not passed:
         failed = "; ".join(f"{c.name}: {c.message}" for c in checks if c.result == AnalysisResult.FAILED)
-        return _switch_back(i, active, roll, Reason.ANALYSIS_FAILED, f"post-promotion check failed: {failed}")
-    roll = {**roll, "step": Step.COMPLETED.value, "message": f"revision {promoted} promoted; {old.value} scaled down"}
+        return _switch_back(i, active, roll, AbortReason.ANALYSIS_FAILED, f"post-promotion check failed: {failed}")
+    message = f"revision {promoted} promoted; {old.value} scaled down"
+    roll = roll.model_copy(update={"step": Step.COMPLETED, "message": message})
     done = _steady(i, active, roll)
-    done.events.append(("Normal", Reason.ROLLOUT_COMPLETED, roll["message"]))
+    done.events.append(("Normal", Reason.ROLLOUT_COMPLETED, message))
     done.outcome = "promoted"
     return done
 
 
-def _switch_back(i: RolloutInput, active: Color, roll: dict[str, Any], reason: str | None, message: str) -> Decision:
+def _switch_back(
+    i: RolloutInput, active: Color, roll: RolloutStatus, reason: AbortReason | None, message: str
+) -> Decision:
     """Inside the scale-down window: traffic returns to the old colour, still running."""
     old = active.other
-    previous = roll.get("previousRevision")
-    promoted = i.status.get("activeRevision")
-    back = {**i.status, "activeColor": old.value, "activeRevision": previous}
+    previous = roll.previous_revision
+    promoted = i.status.active_revision
+    back = i.status.model_copy(update={"active_color": old, "active_revision": previous})
     if reason is None:  # the spec itself went back: a plain rollback, nothing failed
-        roll = {**roll, "step": Step.COMPLETED.value, "message": message}
+        roll = roll.model_copy(update={"step": Step.COMPLETED, "message": message})
         decision = _steady(replace(i, status=back), old, roll)
         decision.events.append(("Warning", Reason.ROLLED_BACK, message))
         decision.outcome = "rolled_back"
         return decision
-    roll = {**roll, "step": Step.ABORTED.value, "abortReason": reason, "message": message}
+    roll = roll.model_copy(update={"step": Step.ABORTED, "abort_reason": reason, "message": message})
     return Decision(
         active_color=old,
         preview_color=old,
@@ -526,32 +506,34 @@ def _switch_back(i: RolloutInput, active: Color, roll: dict[str, Any], reason: s
         reason=reason,
         message=message,
         degraded=True,
-        outcome="aborted" if reason == Reason.ABORTED else "analysis_failed",
+        outcome="aborted" if reason == AbortReason.ABORTED else "analysis_failed",
     )
 
 
-def _abort(i: RolloutInput, active: Color, roll: dict[str, Any], reason: str, message: str) -> Decision:
+_OUTCOMES: dict[AbortReason, Outcome] = {
+    AbortReason.ABORTED: "aborted",
+    AbortReason.ANALYSIS_FAILED: "analysis_failed",
+    AbortReason.PROGRESS_DEADLINE_EXCEEDED: "deadline_exceeded",
+}
+
+
+def _abort(i: RolloutInput, active: Color, roll: RolloutStatus, reason: AbortReason, message: str) -> Decision:
     """Before promotion: traffic never left the stable colour; the preview is scaled down."""
-    roll = {**roll, "step": Step.ABORTED.value, "abortReason": reason, "message": message}
-    outcome: Outcome = {
-        Reason.ABORTED: "aborted",
-        Reason.DEADLINE_EXCEEDED: "deadline_exceeded",
-    }.get(reason, "analysis_failed")  # type: ignore[assignment]
-    return replace(_aborted(i, active, roll), outcome=outcome)
+    roll = roll.model_copy(update={"step": Step.ABORTED, "abort_reason": reason, "message": message})
+    return replace(_aborted(i, active, roll), outcome=_OUTCOMES[reason])
 
 
-def _aborted(i: RolloutInput, active: Color, roll: dict[str, Any]) -> Decision:
-    reason = roll.get("abortReason") or Reason.ABORTED
+def _aborted(i: RolloutInput, active: Color, roll: RolloutStatus) -> Decision:
+    reason = roll.abort_reason or AbortReason.ABORTED
     return Decision(
         active_color=active,
         preview_color=active,
         deployments=_during_rollout(i, active, 0),
-        active_revision=i.status.get("activeRevision"),
+        active_revision=i.status.active_revision,
         preview_revision=i.revision,
         rollout=roll,
-        reason=str(reason),
-        message=str(roll.get("message") or "rollout aborted")
-        + f"; `kubectl ea retry NAME` tries revision {i.revision} again",
+        reason=reason.value,
+        message=(roll.message or "rollout aborted") + f"; `kubectl ea retry NAME` tries revision {i.revision} again",
         degraded=True,
     )
 

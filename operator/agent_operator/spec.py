@@ -857,12 +857,25 @@ class ConditionStatus(StrEnum):
     UNKNOWN = "Unknown"
 
 
+class ConditionType(StrEnum):
+    """kstatus' three (so Flux and kpt read the agent) plus Progressing and Degraded (Argo CD)."""
+
+    READY = "Ready"
+    RECONCILING = "Reconciling"
+    STALLED = "Stalled"
+    PROGRESSING = "Progressing"
+    DEGRADED = "Degraded"
+
+
+def _one_of(values: type[StrEnum]) -> str:
+    names = [str(value) for value in values]
+    return ", ".join(names[:-1]) + " or " + names[-1]
+
+
 class Condition(ApiModel):
     """A status condition, as in metav1.Condition."""
 
-    type: str = Field(
-        description="Condition type: Ready, Reconciling, Stalled, Progressing or Degraded.", max_length=316
-    )
+    type: str = Field(description=f"Condition type: {_one_of(ConditionType)}.", max_length=316)
     status: ConditionStatus = Field(description="True, False or Unknown.")
     reason: str = Field(
         description="A CamelCase reason.", max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
@@ -879,23 +892,47 @@ class AnalysisResult(StrEnum):
     SKIPPED = "Skipped"
 
 
+class CheckName(StrEnum):
+    """The analysis checks, in the order they are recorded (endpoints first)."""
+
+    ENDPOINTS = "endpoints"
+    READYZ = "readyz"
+    ERROR_RATE = "errorRate"
+    LATENCY = "latency"
+    SMOKE = "smoke"
+
+
 class AnalysisCheck(ApiModel):
     """The result of one analysis check."""
 
-    name: str = Field(description="Check name: endpoints, readyz, errorRate, latency or smoke.", max_length=63)
+    name: CheckName = Field(description=f"Check name: {_one_of(CheckName)}.")
     result: AnalysisResult = Field(description="Pending, Passed, Failed, or Skipped when it cannot run here.")
     message: str = Field(default="", description="What was measured.", max_length=1024)
     observed_at: str | None = Field(default=None, description="When the check last ran (RFC 3339).", max_length=64)
 
 
+class Step(StrEnum):
+    """The steps of a blue-green rollout, in order; Aborted can follow any step before Completed."""
+
+    PREVIEW = "Preview"
+    ANALYSIS = "Analysis"
+    AWAITING_PROMOTION = "AwaitingPromotion"
+    PROMOTING = "Promoting"
+    POST_PROMOTION = "PostPromotion"
+    COMPLETED = "Completed"
+    ABORTED = "Aborted"
+
+
+class AbortReason(StrEnum):
+    ABORTED = "Aborted"
+    ANALYSIS_FAILED = "AnalysisFailed"
+    PROGRESS_DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
+
+
 class RolloutStatus(ApiModel):
     """Progress of the current rollout."""
 
-    step: str | None = Field(
-        default=None,
-        description="Preview, Analysis, AwaitingPromotion, PostPromotion, Completed or Aborted.",
-        max_length=63,
-    )
+    step: Step | None = Field(default=None, description=f"The rollout's step: {_one_of(Step)}.")
     preview_color: Color | None = Field(default=None, description="Colour the preview runs in.")
     started_at: str | None = Field(default=None, description="When the rollout started.", max_length=64)
     preview_ready_at: str | None = Field(
@@ -905,10 +942,8 @@ class RolloutStatus(ApiModel):
     previous_revision: str | None = Field(
         default=None, description="Revision that served traffic before the promotion.", max_length=63
     )
-    abort_reason: str | None = Field(
-        default=None,
-        description="Why the rollout was aborted: Aborted, AnalysisFailed or ProgressDeadlineExceeded.",
-        max_length=63,
+    abort_reason: AbortReason | None = Field(
+        default=None, description=f"Why the rollout was aborted: {_one_of(AbortReason)}."
     )
     retried_for: str | None = Field(
         default=None, description="The last retry request served (the retry annotation's value).", max_length=128
@@ -939,6 +974,15 @@ class EnterpriseAgentStatus(ApiModel):
     )
     image: str | None = Field(default=None, description="Image of the active revision.", max_length=512)
     rollout: RolloutStatus | None = Field(default=None, description="Progress of the current rollout.")
+
+
+def read_status(raw: Any) -> EnterpriseAgentStatus:
+    """The status as an operator wrote it; one the models cannot read (a hand edit the CRD schema
+    let through) counts as no status, so the agent is observed afresh."""
+    try:
+        return EnterpriseAgentStatus.model_validate(raw or {})
+    except ValueError:  # pydantic's ValidationError is a ValueError
+        return EnterpriseAgentStatus()
 
 
 # --- the object -----------------------------------------------------------------------------------

@@ -16,11 +16,11 @@ import pytest
 import yaml
 
 import agent_operator.metrics  # noqa: F401 - registers the operator's metrics
-from agent_operator import kube
+from agent_operator import kinds
 from agent_operator.cli import build_parser
-from agent_operator.cluster import ensure_tools
 from agent_operator.crd import build_crd
 from agent_runtime.metrics import RuntimeMetrics
+from eao_devtools.cluster import ensure_tools
 from tests.helpers import CRD_FILE, KUBERNETES_VERSION, ROOT
 from tests.packaging.chart import CHART, CI_VALUES, RELEASE_NAMESPACE, by_kind, helm, render
 
@@ -169,12 +169,21 @@ def rules_by_resource(rules: list[dict[str, Any]]) -> dict[tuple[str, str], set[
 def used_resources(service_monitors: bool) -> set[tuple[str, str]]:
     """(API group, resource) of everything the operator's API module talks to, less the Lease."""
     used = set()
-    for (api_version, _kind), (_prefix, plural) in kube.RESOURCES.items():
-        group = api_version.rpartition("/")[0]
-        if plural == "leases" or (plural == "servicemonitors" and not service_monitors):
+    for kind in kinds.ALL_KINDS:
+        if kind is kinds.LEASE or (kind.plural == "servicemonitors" and not service_monitors):
             continue
-        used.add((group, plural))
-    return used | {("agents.enterprise.io", "enterpriseagents/status")}
+        used.add((kind.group, kind.plural))
+    return used | {(kinds.AGENT.group, f"{kinds.AGENT.plural}/status")}
+
+
+def granted_verbs(service_monitors: bool) -> dict[tuple[str, str], set[str]]:
+    """The verbs the kinds table says the operator needs on each resource."""
+    needed = {
+        (kind.group, kind.plural): set(kind.verbs)
+        for kind in kinds.ALL_KINDS
+        if kind is not kinds.LEASE and (kind.plural != "servicemonitors" or service_monitors)
+    }
+    return needed | {(kinds.AGENT.group, f"{kinds.AGENT.plural}/status"): set(kinds.AGENT_STATUS_VERBS)}
 
 
 def test_cluster_mode_grants_exactly_what_the_operator_uses() -> None:
@@ -182,6 +191,7 @@ def test_cluster_mode_grants_exactly_what_the_operator_uses() -> None:
     roles = {r["metadata"]["name"]: r for r in by_kind(objects, "ClusterRole")}
     granted = rules_by_resource(roles["eao-enterprise-agent-operator"]["rules"])
     assert set(granted) == used_resources(service_monitors=False)
+    assert granted == granted_verbs(service_monitors=False)
     assert granted[("", "secrets")] == {"get", "list", "watch", "create", "patch"}  # never delete
     assert granted[("agents.enterprise.io", "enterpriseagents")] == {"get", "list", "watch"}  # read only
     assert granted[("", "events")] == {"create"}
@@ -192,12 +202,13 @@ def test_cluster_mode_grants_exactly_what_the_operator_uses() -> None:
     assert lease_role["metadata"]["namespace"] == RELEASE_NAMESPACE
     assert {"create"} in [set(r["verbs"]) for r in lease_role["rules"] if "resourceNames" not in r]
     assert [r["resourceNames"] for r in lease_role["rules"] if "resourceNames" in r] == [["enterprise-agent-operator"]]
+    assert {verb for r in lease_role["rules"] for verb in r["verbs"]} == set(kinds.LEASE.verbs)
 
 
 def test_service_monitor_rights_only_when_asked() -> None:
     roles = by_kind(render(CHART / "ci" / "monitoring-values.yaml"), "ClusterRole")
     main = next(r for r in roles if r["metadata"]["name"] == "eao-enterprise-agent-operator")
-    assert set(rules_by_resource(main["rules"])) == used_resources(service_monitors=True)
+    assert rules_by_resource(main["rules"]) == granted_verbs(service_monitors=True)
 
 
 def test_namespaced_mode_grants_nothing_on_agents_cluster_wide() -> None:
@@ -207,7 +218,7 @@ def test_namespaced_mode_grants_nothing_on_agents_cluster_wide() -> None:
     roles = [r for r in by_kind(objects, "Role") if not r["metadata"]["name"].endswith("leader-election")]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     for role in roles:
-        assert set(rules_by_resource(role["rules"])) == used_resources(service_monitors=False)
+        assert rules_by_resource(role["rules"]) == granted_verbs(service_monitors=False)
     bindings = [b for b in by_kind(objects, "RoleBinding") if not b["metadata"]["name"].endswith("leader-election")]
     assert {(b["metadata"]["namespace"], b["subjects"][0]["namespace"]) for b in bindings} == {
         ("team-a", RELEASE_NAMESPACE),

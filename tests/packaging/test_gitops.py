@@ -14,9 +14,10 @@ import yaml
 
 from agent_operator import conditions as cond
 from agent_operator.manifest import FieldError
-from agent_operator.reconcile import Observed, child_key, plan_for, stalled_plan
+from agent_operator.reconcile import Plan, child_key, reconcile, stalled_plan
+from agent_operator.spec import Phase
 from tests.gitops import HEALTH_LUA, argocd_health, kstatus, to_lua
-from tests.helpers import ROOT, example_agent, example_document
+from tests.helpers import ROOT, example_document, observe, served
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -28,15 +29,16 @@ def as_served(status: dict[str, Any], generation: int = 1) -> dict[str, Any]:
     return {**agent, "status": status}
 
 
+def _plan(body: dict[str, Any], children: dict[Any, Any] | None = None) -> Plan:
+    return reconcile(observe(body, children), NOW, operator_namespace="ops")
+
+
 def new_agent_status() -> dict[str, Any]:
-    return plan_for(
-        example_agent("minimal"), Observed(status={}, children={}, generation=1, uid="u1"), NOW, "ops"
-    ).status
+    return _plan(served("minimal")).status_body()
 
 
 def ready_status() -> dict[str, Any]:
-    agent = example_agent("minimal")
-    first = plan_for(agent, Observed(status={}, children={}, generation=1, uid="u1"), NOW, "ops")
+    first = _plan(served("minimal"))
     children = {child_key(c): c for c in first.apply}
     for key, child in children.items():
         if child["kind"] == "Deployment":
@@ -47,15 +49,14 @@ def ready_status() -> dict[str, Any]:
                 "status": {"observedGeneration": 1, "replicas": replicas, "updatedReplicas": replicas,
                            "readyReplicas": replicas, "availableReplicas": replicas},
             }  # fmt: skip
-    status = plan_for(agent, Observed(status={}, children=children, generation=1, uid="u1"), NOW, "ops").status
-    assert status["phase"] == "Ready"
-    return status
+    plan = _plan(served("minimal"), children)
+    assert plan.status.phase == Phase.READY
+    return plan.status_body()
 
 
 def invalid_spec_status() -> dict[str, Any]:
     errors = [FieldError("spec.security.usersSecretRef.name", "Secret 'users' not found in namespace 'default'")]
-    return stalled_plan(Observed(status={}, children={}, generation=1, uid="u1"), errors, cond.Reason.MISSING_REFERENCE,
-                        "2026-01-01T00:00:00Z").status  # fmt: skip
+    return stalled_plan(observe(served("minimal")), errors, cond.Reason.MISSING_REFERENCE, NOW).status_body()
 
 
 def test_the_argocd_cm_patch_inlines_the_health_check_unchanged() -> None:

@@ -9,9 +9,10 @@ from typing import Any
 from agent_operator import conditions as cond
 from agent_operator.controller import WorkQueue
 from agent_operator.manifest import FieldError
-from agent_operator.reconcile import Observed, child_key, is_subset, plan_for, stalled_plan
+from agent_operator.reconcile import Memo, Plan, child_key, is_subset, reconcile, stalled_plan
 from agent_operator.render.common import LABEL_REVISION
-from tests.helpers import example_agent
+from agent_operator.spec import ConditionType, Phase
+from tests.helpers import observe, served
 
 NOW, LATER = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
 NOW_TIME, LATER_TIME = (datetime.fromisoformat(t.replace("Z", "+00:00")) for t in (NOW, LATER))
@@ -39,14 +40,20 @@ def test_is_subset_compares_quantities_by_value() -> None:
 
 
 def test_set_condition_keeps_transition_time_unless_status_flips() -> None:
-    conditions = cond.set_condition([], cond.READY, False, "RollingOut", "0/1", 1, NOW)
-    same = cond.set_condition(conditions, cond.READY, False, "RollingOut", "still 0/1", 2, LATER)
-    assert same[0]["lastTransitionTime"] == NOW
-    assert same[0]["message"] == "still 0/1"
-    assert same[0]["observedGeneration"] == 2
-    flipped = cond.set_condition(same, cond.READY, True, "Available", "1/1", 2, LATER)
-    assert flipped[0]["lastTransitionTime"] == LATER
-    assert flipped[0]["status"] == "True"
+    conditions = cond.set_condition([], ConditionType.READY, False, "RollingOut", "0/1", 1, NOW)
+    same = cond.set_condition(conditions, ConditionType.READY, False, "RollingOut", "still 0/1", 2, LATER)
+    assert same[0].last_transition_time == NOW
+    assert same[0].message == "still 0/1"
+    assert same[0].observed_generation == 2
+    flipped = cond.set_condition(same, ConditionType.READY, True, "Available", "1/1", 2, LATER)
+    assert flipped[0].last_transition_time == LATER
+    assert flipped[0].status == "True"
+
+
+def plan(status: dict[str, Any] | None = None, children: dict[Any, Any] | None = None, now: datetime = NOW_TIME,
+         memo: Memo | None = None) -> Plan:  # fmt: skip
+    """The production entry point on the minimal example."""
+    return reconcile(observe(served("minimal", status), children), now, operator_namespace="ops", memo=memo)
 
 
 def _deployment(revision: str, available: int, replicas: int = 1) -> dict[str, Any]:
@@ -65,51 +72,67 @@ def _deployment(revision: str, available: int, replicas: int = 1) -> dict[str, A
 
 
 def test_plan_for_a_new_agent_applies_every_child_and_is_progressing() -> None:
-    agent = example_agent("minimal")
-    result = plan_for(agent, Observed(status={}, children={}, generation=1, uid="u1"), NOW_TIME, "ops")
+    result = plan()
     assert {c["kind"] for c in result.apply} >= {"Deployment", "Service", "ConfigMap", "Secret", "NetworkPolicy"}
     assert all(c["metadata"]["ownerReferences"][0]["uid"] == "u1" for c in result.apply)
-    assert result.status["phase"] == "Pending"
-    assert result.status["observedGeneration"] == 1
-    assert cond.is_true(result.status["conditions"], cond.RECONCILING)
+    assert result.status.phase == Phase.PENDING
+    assert result.status.observed_generation == 1
+    assert cond.is_true(result.status.conditions, ConditionType.RECONCILING)
 
 
 def test_plan_with_nothing_changed_writes_nothing_and_posts_nothing() -> None:
-    agent = example_agent("minimal")
-    first = plan_for(agent, Observed(status={}, children={}, generation=1, uid="u1"), NOW_TIME, "ops")
+    memo = Memo()
+    first = plan(memo=memo)
     children = {child_key(c): c for c in first.apply}
     deployment_key = ("apps/v1", "Deployment", "hello-agent-blue")
     children[deployment_key] = {**children[deployment_key], "status": _deployment(first.revision or "", 1)["status"]}
-    ready = plan_for(agent, Observed(status={}, children=children, generation=1, uid="u1"), NOW_TIME, "ops")
-    assert ready.status["phase"] == "Ready"
-    again = plan_for(agent, Observed(status=ready.status, children=children, generation=1, uid="u1"), LATER_TIME, "ops")
+    ready = plan(children=children, memo=memo)
+    assert ready.status.phase == Phase.READY
+    again = plan(ready.status_body(), children, LATER_TIME, memo)
     assert again.apply == []
     assert again.delete == []
     assert again.events == []
     assert again.status == ready.status  # same timestamps: no status write either
+    fresh = plan(ready.status_body(), children, LATER_TIME)  # the memo is a cache: same plan without it
+    assert (fresh.apply, fresh.delete, fresh.events, fresh.status) == ([], [], [], ready.status)
 
 
 def test_plan_deletes_children_the_spec_no_longer_wants() -> None:
-    agent = example_agent("minimal")
     stale = {
         ("v1", "ConfigMap", "hello-agent-config-0000000000"): {"metadata": {"name": "hello-agent-config-0000000000"}}
     }
-    result = plan_for(agent, Observed(status={}, children=stale, generation=1, uid="u1"), NOW_TIME, "ops")
+    result = plan(children=stale)
     assert result.delete == [("v1", "ConfigMap", "hello-agent-config-0000000000")]
 
 
 def test_stalled_plan_touches_no_child_and_warns_once() -> None:
-    observed = Observed(status={}, children={}, generation=3, uid="u1")
     errors = [FieldError("spec.operations[0]", "unknown operation 'x'")]
-    first = stalled_plan(observed, errors, cond.Reason.UNKNOWN_OPERATION, NOW)
+    first = stalled_plan(observe(served("minimal", generation=3)), errors, cond.Reason.UNKNOWN_OPERATION, NOW_TIME)
     assert first.apply == []
-    assert first.status["phase"] == "Stalled"
+    assert first.status.phase == Phase.STALLED
     assert ("Warning", "UnknownOperation", "spec.operations[0]: unknown operation 'x'") in first.events
     again = stalled_plan(
-        Observed(status=first.status, children={}, generation=3, uid="u1"), errors, cond.Reason.UNKNOWN_OPERATION, LATER
+        observe(served("minimal", first.status_body(), generation=3)), errors, cond.Reason.UNKNOWN_OPERATION, LATER_TIME
     )
     assert again.events == []
     assert again.status == first.status
+
+
+def test_an_unknown_operation_stalls_through_the_entry_point_and_names_the_field() -> None:
+    body = served("minimal")
+    body["spec"] = {**body["spec"], "operations": ["ping", "no_such_thing"]}
+    result = reconcile(observe(body), NOW_TIME, operator_namespace="ops")
+    assert (result.apply, result.delete) == ([], [])
+    assert result.status.phase == Phase.STALLED
+    assert "spec.operations[1]" in (result.status.message or "")
+
+
+def test_a_status_message_longer_than_the_crd_allows_is_cut() -> None:
+    errors = [FieldError(f"spec.operations[{i}]", "x" * 60) for i in range(100)]
+    result = stalled_plan(observe(served("minimal")), errors, cond.Reason.UNKNOWN_OPERATION, NOW_TIME)
+    assert result.status.message is not None
+    assert len(result.status.message) == 4096
+    assert all(len(c.message) <= 4096 for c in result.status.conditions)
 
 
 def test_work_queue_coalesces_and_never_hands_one_key_to_two_workers() -> None:

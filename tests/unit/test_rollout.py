@@ -8,15 +8,19 @@ from typing import Any
 
 import pytest
 
-from agent_operator.rollout import Check, Colour, Decision, Layout, RolloutInput, Step, decide, rfc3339
-from agent_operator.spec import AnalysisResult, Color, RolloutSpec
+from agent_operator.rollout import Check, Colour, Decision, Layout, RolloutInput, decide
+from agent_operator.spec import AnalysisResult, CheckName, Color, EnterpriseAgentStatus, RolloutSpec, Step
+from agent_operator.timefmt import rfc3339
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 OLD, NEW, NEWER = "aaaaaaaaaa", "bbbbbbbbbb", "cccccccccc"
 BLUE, GREEN = Color.BLUE, Color.GREEN
-PASS = [Check("readyz", AnalysisResult.PASSED), Check("errorRate", AnalysisResult.PASSED)]
-FAIL = [Check("readyz", AnalysisResult.PASSED), Check("errorRate", AnalysisResult.FAILED, "20% of 50 failed")]
-SKIP = [Check("readyz", AnalysisResult.SKIPPED, "outside the cluster")]
+PASS = [Check(CheckName.READYZ, AnalysisResult.PASSED), Check(CheckName.ERROR_RATE, AnalysisResult.PASSED)]
+FAIL = [
+    Check(CheckName.READYZ, AnalysisResult.PASSED),
+    Check(CheckName.ERROR_RATE, AnalysisResult.FAILED, "20% of 50 failed"),
+]
+SKIP = [Check(CheckName.READYZ, AnalysisResult.SKIPPED, "outside the cluster")]
 
 
 def at(seconds: float) -> str:
@@ -87,7 +91,7 @@ class Case:
                 revision=self.revision,
                 replicas=3,
                 rollout=RolloutSpec.model_validate({"analysis": {"windowSeconds": 30}, **self.spec}),
-                status=self.status,
+                status=EnterpriseAgentStatus.model_validate(self.status),
                 colours=self.colours,
                 preview_endpoints=self.preview_endpoints,
                 active_endpoints=self.active_endpoints,
@@ -232,7 +236,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_transition(case: Case) -> None:
     decision = case.run()
-    assert (decision.rollout or {}).get("step") == case.step
+    assert (decision.rollout.step if decision.rollout else None) == case.step
     assert decision.active_color == case.active
     assert decision.preview_color == (case.preview or case.active)
     if case.layouts is not None:
@@ -254,17 +258,17 @@ def test_a_step_repeated_from_its_own_status_changes_nothing(case: Case) -> None
     first = case.run()
     if first.measure is not None or first.outcome is not None or first.rollout is None:
         return  # a measurement or a final step is not a resting state
-    step = first.rollout.get("step")
+    step = first.rollout.step
     status = {
         **case.status,
         "activeColor": first.active_color.value,
         "activeRevision": first.active_revision,
         "previewRevision": first.preview_revision,
-        "rollout": first.rollout,
+        "rollout": first.rollout.model_dump(mode="json", by_alias=True, exclude_none=True),
     }
     again = replace(case, status=status, checks=None).run()
     assert again.rollout is not None
-    assert again.rollout.get("step") == step
+    assert again.rollout.step == step
     assert again.active_color == first.active_color
     assert again.deployments == first.deployments
 
@@ -273,7 +277,7 @@ def test_analysis_results_are_recorded_in_status() -> None:
     case = next(c for c in CASES if c.name.startswith("a failed check aborts"))
     decision = case.run()
     assert decision.rollout is not None
-    results = {a["name"]: a["result"] for a in decision.rollout["analysis"]}
+    results = {a.name: a.result for a in decision.rollout.analysis}
     assert results == {"endpoints": "Passed", "readyz": "Passed", "errorRate": "Failed"}
     assert "20% of 50 failed" in decision.message
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from agent_contract.config import RuntimeConfig
+from agent_operator import defaults
 from agent_operator.render.common import Manifest, label_selector_string, selector_labels, stable_hash
 from agent_operator.render.keys import KeyVersions, build_key_secret
 from agent_operator.render.policy import build_hpa, build_network_policy, build_pdb, build_service_account
@@ -16,17 +18,15 @@ from agent_operator.render.services import build_service, build_service_monitor
 from agent_operator.render.workload import build_deployment, build_pod_template
 from agent_operator.spec import Color, EnterpriseAgent
 
-DEFAULT_OPERATOR_NAMESPACE = "enterprise-agent-system"
 
-
-def compute_revision(agent: EnterpriseAgent, keys: KeyVersions) -> str:
+def compute_revision(agent: EnterpriseAgent, keys: KeyVersions, config: RuntimeConfig | None = None) -> str:
     """A hash over everything that must start a rollout: the pod template (image, env, resources,
     scheduling), the runtime config and the key versions. Replicas, autoscaling, rollout and
     network settings are left out: changing them does not replace pods."""
     return stable_hash(
         {
             "podTemplate": build_pod_template(agent, revision="", color=None),
-            "runtimeConfig": build_runtime_config(agent).to_yaml(),
+            "runtimeConfig": (config or build_runtime_config(agent)).to_yaml(),
             "keys": keys.fingerprint(),
         }
     )
@@ -54,14 +54,17 @@ class RenderPlan:
     keys: KeyVersions = field(default_factory=KeyVersions)
     key_data: dict[str, str] | None = None
     key_rotated_for: str | None = None
-    operator_namespace: str = DEFAULT_OPERATOR_NAMESPACE
+    operator_namespace: str = defaults.OPERATOR_NAMESPACE
+    # The current spec's revision and runtime config, when the caller has computed them already.
+    revision: str | None = None
+    runtime_config: RuntimeConfig | None = None
 
     @classmethod
     def initial(
         cls,
         agent: EnterpriseAgent,
         keys: KeyVersions | None = None,
-        operator_namespace: str = DEFAULT_OPERATOR_NAMESPACE,
+        operator_namespace: str = defaults.OPERATOR_NAMESPACE,
     ) -> RenderPlan:
         """The plan for a new agent: blue is active at spec.replicas, nothing in preview."""
         return cls(
@@ -81,11 +84,12 @@ def active_selector(agent: EnterpriseAgent, color: Color) -> str:
 def build_children(agent: EnterpriseAgent, plan: RenderPlan) -> list[Manifest]:
     """Every child of the agent. A colour renders the current spec unless the plan gives it
     the spec it was created from; each running revision keeps its own ConfigMap."""
-    revision = compute_revision(agent, plan.keys)
+    config = plan.runtime_config or build_runtime_config(agent)
+    revision = plan.revision or compute_revision(agent, plan.keys, config)
     children: list[Manifest] = [
         build_service_account(agent),
         build_key_secret(agent, plan.key_data, plan.key_rotated_for),
-        build_config_map(agent, build_runtime_config(agent), revision),
+        build_config_map(agent, config, revision),
     ]
     config_maps = {revision}
     for colour in plan.deployments:
