@@ -18,11 +18,12 @@ BIN = Path(sys.executable).parent
 
 def test_openapi_document_describes_every_route(tmp_path: Path) -> None:
     from agent_contract.config import RuntimeConfig
+    from agent_runtime.app import ALL_ROUTES
     from agent_runtime.openapi import build_openapi
     from agent_runtime.operations import Registry
 
     config = RuntimeConfig.from_yaml(make_layout(tmp_path / "agent").read_text())
-    document = build_openapi(config, Registry(config.operations))
+    document = build_openapi(config, Registry(config.operations), ALL_ROUTES)
     assert document["openapi"] == "3.1.0"
     assert {
         "/healthz",

@@ -3,7 +3,7 @@ the proof; export and erasure; the audit trail names subjects only by a hash."""
 
 from __future__ import annotations
 
-from agent_runtime.app import AUDIT
+from agent_runtime.state import AUDIT
 from tests.runtime.conftest import AppFactory, login
 
 DOCUMENT = {"input": {"content": "mail jane@example.com", "format": "text"}}

@@ -8,8 +8,9 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent_contract.config import Permission, SecurityLevel
-from agent_runtime.app import BULKHEADS, breaker
+from agent_runtime.app import breaker
 from agent_runtime.operations import Operation
+from agent_runtime.state import BULKHEADS
 from tests.runtime.conftest import AppFactory, login
 
 

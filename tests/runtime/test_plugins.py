@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
-from agent_runtime.app import REGISTRY, create_app
+from agent_runtime.app import create_app
 from agent_runtime.operations import discover_plugins
 from agent_runtime.settings import Settings
+from agent_runtime.state import REGISTRY
 from tests.runtime.conftest import login, make_layout
 
 PLUGIN = """

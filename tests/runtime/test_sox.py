@@ -3,7 +3,7 @@ it; an approval runs it once; every step is audited."""
 
 from __future__ import annotations
 
-from agent_runtime.app import AUDIT
+from agent_runtime.state import AUDIT
 from tests.runtime.conftest import AppFactory, login
 
 REQUEST = {"input": {"data": [{"amount": 100}, {"amount": 250}]}}

@@ -15,8 +15,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from agent_contract.keyfiles import KeyRing, new_key_files, write_key_files
-from agent_runtime.app import KEYS, LOCAL_TOKENS
 from agent_runtime.security.tokens import ACCESS_TYPE, REFRESH_TYPE, LocalTokens
+from agent_runtime.state import KEYS, LOCAL_TOKENS
 from tests.runtime.conftest import AppFactory, login
 
 

@@ -10,9 +10,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from agent_contract.config import ObservabilityConfig
-from agent_runtime.app import AUDIT, create_app
+from agent_runtime.app import create_app
 from agent_runtime.operations import BUILTINS
 from agent_runtime.settings import Settings
+from agent_runtime.state import AUDIT
 from agent_runtime.tracing import make_tracer_provider
 from tests.runtime.conftest import login, make_layout
 

@@ -1,0 +1,67 @@
+"""The typed keys of everything hung off the application and each request.
+
+All runtime state lives on the app under these keys (no module globals), so tests build as many
+apps as they like; every room imports this one small module instead of importing each other.
+"""
+
+from __future__ import annotations
+
+import random
+
+import aiohttp
+from aiohttp import web
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+
+from agent_contract.config import RuntimeConfig
+from agent_contract.keyfiles import KeyRing
+from agent_runtime.audit import AuditLog
+from agent_runtime.crypto import FieldEncryptor
+from agent_runtime.metrics import RuntimeMetrics
+from agent_runtime.operations import Registry
+from agent_runtime.readiness import Readiness
+from agent_runtime.resilience import Bulkhead, CircuitBreaker
+from agent_runtime.routing import Route
+from agent_runtime.security.rbac import Authorizer, Principal
+from agent_runtime.security.revocation import RevocationList
+from agent_runtime.security.throttle import LoginThrottle
+from agent_runtime.security.tokens import LocalTokens, OidcTokens, VerifiedCache
+from agent_runtime.security.users import UserStore
+from agent_runtime.settings import Settings
+from agent_runtime.store import Store
+
+# --- the application's components ---
+SETTINGS = web.AppKey("settings", Settings)
+CONFIG = web.AppKey("config", RuntimeConfig)
+KEYS = web.AppKey("keys", KeyRing)
+LOCAL_TOKENS = web.AppKey("local_tokens", LocalTokens)
+OIDC_TOKENS = web.AppKey("oidc_tokens", OidcTokens)
+USERS = web.AppKey("users", UserStore)
+THROTTLE = web.AppKey("throttle", LoginThrottle)
+REVOKED = web.AppKey("revoked", RevocationList)
+AUDIT = web.AppKey("audit", AuditLog)
+AUTHORIZER = web.AppKey("authorizer", Authorizer)
+REGISTRY = web.AppKey("registry", Registry)
+ENCRYPTOR = web.AppKey("encryptor", FieldEncryptor)
+HTTP = web.AppKey("http", aiohttp.ClientSession)
+VERIFIED = web.AppKey("verified", VerifiedCache)
+METRICS = web.AppKey("metrics", RuntimeMetrics)
+TRACER_PROVIDER = web.AppKey("tracer_provider", TracerProvider)
+TRACER = web.AppKey("tracer", trace.Tracer)
+BULKHEADS = web.AppKey("bulkheads", dict[str, Bulkhead])
+BREAKERS = web.AppKey("breakers", dict[str, CircuitBreaker])
+READINESS = web.AppKey("readiness", Readiness)
+STORE = web.AppKey("store", Store)
+# The declared routes this app serves (the OpenAPI document is built from them) and, derived from
+# them, the paths that need no token.
+ROUTE_TABLE = web.AppKey("route_table", tuple[Route, ...])
+PUBLIC_PATHS = web.AppKey("public_paths", frozenset[str])
+# Request and trace ids must be unique, not secret: a seeded PRNG saves an os.urandom system call
+# per request on the hot path.
+ID_SOURCE = web.AppKey("id_source", random.Random)
+
+# --- per request ---
+REQUEST_ID = web.RequestKey("request_id", str)
+TRACE_ID = web.RequestKey("trace_id", str)
+TRACED = web.RequestKey("traced", bool)
+PRINCIPAL = web.RequestKey("principal", Principal)
