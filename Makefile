@@ -10,13 +10,16 @@ CRD := crds/enterpriseagents.agents.enterprise.io.yaml
 
 help:
 	@echo "make run    - operator against the current cluster, else the local control plane, with an example agent"
-	@echo "make test   - ruff, mypy and pytest (unit and cluster tests)"
+	@echo "make test   - ruff, import-linter contracts, mypy and pytest (unit and cluster tests)"
 	@echo "make crds   - regenerate $(CRD) from operator/agent_operator/spec.py"
 
-$(STAMP): pyproject.toml
+# devtools/ (eao-dev: the local control plane, `make run`, the test kit) is a distribution of its own,
+# never in the product wheel or the images; it goes into the same venv, after the product it drives.
+$(STAMP): pyproject.toml devtools/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check pip==25.3
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ./devtools
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -34,13 +37,15 @@ system-packages:
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-logo
 
 typecheck: venv
 	$(BIN)/mypy
 
-# helm, promtool and kstatus, built once from hack/tools (minutes cold; outside pytest's per-test timeout).
+# The control plane binaries and helm, promtool and kstatus, built once from hack/ (minutes cold:
+# done before pytest, outside its per-test timeout).
 tools: venv
-	$(BIN)/python -c "from agent_operator.cluster import ensure_tools; print(ensure_tools())"
+	$(BIN)/eao-dev tools
 
 pytest: venv system-packages tools
 	$(BIN)/pytest
@@ -55,28 +60,28 @@ clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
 
 run: venv
-	$(BIN)/agent-operator dev
+	$(BIN)/eao-dev run
 
 cluster-up: venv
-	$(BIN)/agent-operator cluster up
+	$(BIN)/eao-dev cluster up
 
 cluster-down: venv
-	$(BIN)/agent-operator cluster down
+	$(BIN)/eao-dev cluster down
 
 cluster-status: venv
-	$(BIN)/agent-operator cluster status
+	$(BIN)/eao-dev cluster status
 
 bench: venv
-	$(BIN)/python -m bench.operator --agents 100 1000
+	$(BIN)/eao-dev bench operator --agents 100 1000
 
 bench-rollout: venv
-	$(BIN)/python -m bench.rollout --windows 0 5 10 --runs 3
+	$(BIN)/eao-dev bench rollout --windows 0 5 10 --runs 3
 
 # wrk comes from Debian's packages; FastAPI and uvicorn from the bench extra (installed with the venv,
 # so mypy checks the bench servers too).
 bench-runtime: venv
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
-	$(BIN)/python -m bench.runtime
+	$(BIN)/eao-dev bench runtime
 
 # For users with Docker and kind: the same cluster tests against a kind cluster.
 # Not run on this project's machines (no Docker engine there). Pods on kind are real, so the

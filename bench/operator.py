@@ -25,11 +25,11 @@ from typing import Any
 
 import yaml
 
-from agent_operator.cluster import Cluster, ensure_binaries
 from agent_operator.manifest import dump_yaml_all, load_agents
 from agent_operator.render import RenderPlan, build_children
-from tests.cluster.conftest import Kube
-from tests.cluster.operator_process import OperatorProcess
+from eao_devtools.cluster import Cluster, ensure_binaries
+from eao_devtools.testkit.kube import Kube
+from eao_devtools.testkit.operator_process import OperatorProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 CRD = ROOT / "crds" / "enterpriseagents.agents.enterprise.io.yaml"

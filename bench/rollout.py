@@ -28,12 +28,12 @@ from typing import Any
 
 from kubernetes import client, config
 
-from agent_operator.cluster import Cluster, ensure_binaries
 from agent_operator.manifest import parse_agent
-from tests.cluster.agents import agent_manifest
-from tests.cluster.conftest import Kube
-from tests.cluster.operator_process import OperatorProcess, free_port
-from tests.runtime.live import agent_runtime_layout, live_runtime
+from eao_devtools.cluster import Cluster, ensure_binaries
+from eao_devtools.testkit.agents import agent_manifest
+from eao_devtools.testkit.kube import Kube
+from eao_devtools.testkit.operator_process import OperatorProcess, free_port
+from eao_devtools.testkit.runtime import agent_runtime_layout, live_runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 CRD = ROOT / "crds" / "enterpriseagents.agents.enterprise.io.yaml"

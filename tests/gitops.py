@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent_operator.cluster import ensure_tools
+from eao_devtools.cluster import ensure_tools
 from tests.helpers import ROOT
 
 HEALTH_LUA = ROOT / "gitops" / "argocd" / "health.lua"

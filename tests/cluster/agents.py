@@ -1,19 +1,15 @@
-"""Helpers for tests that drive EnterpriseAgents through kubectl, as a user would."""
+"""Helpers for tests that drive EnterpriseAgents through kubectl, as a user would (the manifests
+themselves come from eao_devtools.testkit.agents, which the benchmarks use too)."""
 
 from __future__ import annotations
 
-import copy
 import json
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from tests.cluster.conftest import Kube
-from tests.helpers import ROOT
+from eao_devtools.testkit.kube import Kube
 
 
 def wait_until(
@@ -28,25 +24,6 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout}s (last value: {value!r})")
         time.sleep(interval)
-
-
-# On kwok any image "runs"; on a real cluster (make e2e-kind) set an image the nodes can pull.
-TEST_IMAGE = os.environ.get("EAO_TEST_IMAGE")
-
-
-# Rollouts in tests skip the waiting: no analysis window, no scale-down delay (unless a test sets them).
-FAST_ROLLOUT = {"analysis": {"windowSeconds": 0}, "scaleDownDelaySeconds": 0}
-
-
-def agent_manifest(namespace: str, name: str = "hello-agent", **spec: Any) -> dict[str, Any]:
-    document: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "minimal.yaml").read_text())
-    document = copy.deepcopy(document)
-    document["metadata"] = {"name": name, "namespace": namespace}
-    if TEST_IMAGE:
-        document["spec"]["image"] = TEST_IMAGE
-    document["spec"]["rollout"] = copy.deepcopy(FAST_ROLLOUT)
-    document["spec"].update(spec)
-    return document
 
 
 def apply(kube: Kube, manifest: dict[str, Any]) -> None:

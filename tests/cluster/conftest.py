@@ -13,41 +13,14 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from agent_operator.cluster import Cluster, ensure_binaries
-from tests.cluster.operator_process import OperatorProcess
+from eao_devtools.cluster import Cluster, ensure_binaries
+from eao_devtools.testkit.kube import Kube
+from eao_devtools.testkit.operator_process import OperatorProcess
 from tests.helpers import CRD_FILE
-
-
-@dataclass
-class Kube:
-    """A cluster reached through a kubeconfig; ``local`` is set when we started it ourselves."""
-
-    kubeconfig: Path
-    kubectl_path: str
-    local: Cluster | None
-
-    def kubectl(
-        self, *args: str, stdin: str | None = None, check: bool = True, timeout: float = 120
-    ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [self.kubectl_path, f"--kubeconfig={self.kubeconfig}", *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}): {result.stderr}")
-        return result
-
-    def env(self) -> dict[str, str]:
-        return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
 
 
 def _external_cluster(kubectl: str) -> Path | None:

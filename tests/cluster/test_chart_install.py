@@ -23,9 +23,10 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from tests.cluster.agents import agent_manifest, apply, condition, wait_phase, wait_until
-from tests.cluster.conftest import Kube
-from tests.cluster.operator_process import OperatorProcess, free_port
+from eao_devtools.testkit.agents import agent_manifest
+from eao_devtools.testkit.kube import Kube
+from eao_devtools.testkit.operator_process import OperatorProcess, free_port
+from tests.cluster.agents import apply, condition, wait_phase, wait_until
 from tests.gitops import assert_gitops_reads
 from tests.packaging.chart import CHART, helm
 from tests.packaging.sandbox import entrypoint, pod_env, sandboxed

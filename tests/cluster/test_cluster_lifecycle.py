@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent_operator import cluster as cluster_module
-from agent_operator.cluster import Cluster, ClusterError
+from eao_devtools import cluster as cluster_module
+from eao_devtools.cluster import Cluster, ClusterError
 
 pytestmark = pytest.mark.cluster
 

@@ -13,7 +13,7 @@ import yaml
 
 from agent_operator.manifest import dump_yaml_all, load_agents
 from agent_operator.render import RenderPlan, build_children
-from tests.cluster.conftest import Kube
+from eao_devtools.testkit.kube import Kube
 from tests.helpers import BAD, ROOT, header_values
 
 pytestmark = pytest.mark.cluster
@@ -191,7 +191,7 @@ def test_cluster_status_command(kube: Kube) -> None:
 
     result = subprocess.run(
         [
-            str(Path(sys.executable).parent / "agent-operator"),
+            str(Path(sys.executable).parent / "eao-dev"),
             "cluster",
             "status",
             "--state-dir",

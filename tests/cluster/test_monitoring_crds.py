@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from agent_operator.cluster import prometheus_operator_crds
 from agent_operator.render import RenderPlan, build_children
-from tests.cluster.conftest import Kube
+from eao_devtools.cluster import prometheus_operator_crds
+from eao_devtools.testkit.kube import Kube
 from tests.helpers import example_agent
 from tests.packaging.chart import CHART, by_kind, render
 

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from eao_devtools.testkit.agents import agent_manifest
+from eao_devtools.testkit.kube import Kube
+from eao_devtools.testkit.operator_process import OperatorProcess
 from tests.cluster.agents import (
-    agent_manifest,
     apply,
     children,
     condition,
@@ -22,8 +24,7 @@ from tests.cluster.agents import (
     wait_phase,
     wait_until,
 )
-from tests.cluster.conftest import Kube, temporary_namespace
-from tests.cluster.operator_process import OperatorProcess
+from tests.cluster.conftest import temporary_namespace
 
 pytestmark = pytest.mark.cluster
 

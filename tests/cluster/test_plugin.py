@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.agents import agent_manifest, apply, wait_phase
-from tests.cluster.conftest import Kube
-from tests.cluster.operator_process import OperatorProcess
+from eao_devtools.testkit.agents import agent_manifest
+from eao_devtools.testkit.kube import Kube
+from eao_devtools.testkit.operator_process import OperatorProcess
+from tests.cluster.agents import apply, wait_phase
 
 pytestmark = pytest.mark.cluster
 VENV_BIN = str(Path(sys.executable).parent)

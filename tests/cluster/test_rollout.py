@@ -19,12 +19,14 @@ from typing import Any
 import pytest
 
 from agent_operator.manifest import parse_agent
-from tests.cluster.agents import agent_manifest, apply, condition, get, wait_phase, wait_until
-from tests.cluster.conftest import Kube, temporary_namespace
-from tests.cluster.operator_process import OperatorProcess, free_port
+from eao_devtools.testkit.agents import agent_manifest
+from eao_devtools.testkit.kube import Kube
+from eao_devtools.testkit.operator_process import OperatorProcess, free_port
+from eao_devtools.testkit.runtime import agent_runtime_layout, live_runtime
+from tests.cluster.agents import apply, condition, get, wait_phase, wait_until
+from tests.cluster.conftest import temporary_namespace
 from tests.cluster.test_plugin import kubectl_ea
 from tests.gitops import assert_gitops_reads
-from tests.runtime.live import agent_runtime_layout, live_runtime
 
 pytestmark = pytest.mark.cluster
 V1, V2 = "registry.example/enterprise-agent-runtime:0.1.0", "registry.example/enterprise-agent-runtime:0.2.0"

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from agent_operator.cluster import ensure_tools
+from eao_devtools.cluster import ensure_tools
 from tests.helpers import ROOT
 
 CHART = ROOT / "charts" / "enterprise-agent-operator"

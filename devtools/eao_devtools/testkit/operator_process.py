@@ -1,4 +1,5 @@
-"""The operator as a separate process, started the way `make run` and the Helm chart start it."""
+"""The operator as a separate process, started the way `make run` and the Helm chart start it
+(``agent-operator run`` from the venv of the running interpreter)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
