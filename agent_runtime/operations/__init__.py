@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 from typing import Any
 
+from agent_contract.config import Permission, SecurityLevel
 from agent_contract.operations import ANALYZE_DATA, BUILTIN_OPERATIONS, PING, PROCESS_DOCUMENT
 from agent_runtime.operations.analyze import AnalyzeInput, analyze_data
 from agent_runtime.operations.base import Handler, InputError, Operation
@@ -58,4 +59,15 @@ class Registry:
         return self.operations.get(name)
 
 
-__all__ = ["BUILTINS", "PLUGIN_GROUP", "Handler", "InputError", "Operation", "Registry", "discover_plugins"]
+# The plugin API: everything a plugin needs to declare an Operation comes from this module.
+__all__ = [
+    "BUILTINS",
+    "PLUGIN_GROUP",
+    "Handler",
+    "InputError",
+    "Operation",
+    "Permission",
+    "Registry",
+    "SecurityLevel",
+    "discover_plugins",
+]

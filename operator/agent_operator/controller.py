@@ -143,6 +143,8 @@ class Controller:
         if not owner:
             return
         key = (metadata["namespace"], owner)
+        if event_type == "DELETED" and key not in self.records:
+            return  # a child of a deleted agent, going with it: nothing to forget
         record = self._record(key)
         child = (body["apiVersion"], body["kind"], metadata["name"])
         if body["kind"] == ENDPOINT_SLICE.kind:  # not a child: never compared, never deleted
@@ -154,6 +156,9 @@ class Controller:
             record.children.pop(child, None)
         else:
             record.children[child] = body
+        if record.body is None and not record.children and not record.endpoint_slices:
+            del self.records[key]  # children seen before (or after) their agent, all gone now
+            return
         if record.body is not None:
             # A rollout brings bursts of child status events; waiting a moment folds each burst
             # into one reconcile (and one status write) instead of one per event.

@@ -57,14 +57,11 @@ from agent_operator.spec import (
     EnterpriseAgentSpec,
     EnterpriseAgentStatus,
     Phase,
+    cut_message,
     parse_quantity,
     read_status,
 )
 from agent_operator.timefmt import rfc3339
-
-# The CRD's bound on status.message and each condition's message: a longer one would make the
-# whole status write fail (422) and the agent show nothing.
-MAX_MESSAGE = 4096
 
 # (apiVersion, kind, name) identifies a child within the agent's namespace.
 ChildKey = tuple[str, str, str]
@@ -86,8 +83,11 @@ class Admission:
 def admit(body: Mapping[str, Any]) -> Admission:
     """Parses the agent and runs the checks only the operator can make (operation names)."""
     metadata = body.get("metadata") or {}
+    # The status is the operator's own record, read leniently (read_status); a status the models
+    # cannot read must never make the spec invalid.
+    spec_only = {key: value for key, value in body.items() if key != "status"}
     try:
-        agent = parse_agent(dict(body), f"{metadata.get('namespace')}/{metadata.get('name')}")
+        agent = parse_agent(spec_only, f"{metadata.get('namespace')}/{metadata.get('name')}")
     except ManifestError as error:
         return Admission(None, Reason.INVALID_SPEC, tuple(error.errors))
     unknown = unknown_operations(agent)
@@ -259,6 +259,8 @@ def _events_for(old: Sequence[Condition], new: Sequence[Condition]) -> list[tupl
     """An Event for every condition that changed status or reason; nothing when all is as before."""
     events: list[tuple[str, str, str]] = []
     for condition in new:
+        if condition.type not in _OWN_TYPES:
+            continue  # another controller's condition, carried along untouched
         type_ = ConditionType(condition.type)
         before = cond.get_condition(old, type_)
         if before is not None and (before.status, before.reason) == (condition.status, condition.reason):
@@ -277,8 +279,7 @@ def _events_for(old: Sequence[Condition], new: Sequence[Condition]) -> list[tupl
     return events
 
 
-def _truncate(message: str) -> str:
-    return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 3] + "..."
+_OWN_TYPES = frozenset(ConditionType)
 
 
 def _phase(*, ready: bool, reason: str, stalled: bool, degraded: bool, paused: bool) -> Phase:
@@ -307,7 +308,7 @@ def _status(
     **fields: Any,
 ) -> tuple[EnterpriseAgentStatus, list[tuple[str, str, str]]]:
     """``base`` with the conditions, phase and message for this outcome, and ``fields`` set."""
-    message = _truncate(message)
+    message = cut_message(message)
     progressing = not ready and not stalled and not degraded
     # (type, whether it holds, the reason when it does not); Ready always explains itself. A
     # Degraded rollout is also Stalled: it waits for a person (a new spec, retry), and kstatus

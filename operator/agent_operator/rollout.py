@@ -32,6 +32,7 @@ from agent_operator.spec import (
     RolloutSpec,
     RolloutStatus,
     Step,
+    cut_message,
 )
 from agent_operator.timefmt import parse, rfc3339, rfc3339_micro
 
@@ -490,12 +491,12 @@ def _switch_back(
     promoted = i.status.active_revision
     back = i.status.model_copy(update={"active_color": old, "active_revision": previous})
     if reason is None:  # the spec itself went back: a plain rollback, nothing failed
-        roll = roll.model_copy(update={"step": Step.COMPLETED, "message": message})
+        roll = roll.model_copy(update={"step": Step.COMPLETED, "message": cut_message(message)})
         decision = _steady(replace(i, status=back), old, roll)
         decision.events.append(("Warning", Reason.ROLLED_BACK, message))
         decision.outcome = "rolled_back"
         return decision
-    roll = roll.model_copy(update={"step": Step.ABORTED, "abort_reason": reason, "message": message})
+    roll = roll.model_copy(update={"step": Step.ABORTED, "abort_reason": reason, "message": cut_message(message)})
     return Decision(
         active_color=old,
         preview_color=old,
@@ -519,7 +520,7 @@ _OUTCOMES: dict[AbortReason, Outcome] = {
 
 def _abort(i: RolloutInput, active: Color, roll: RolloutStatus, reason: AbortReason, message: str) -> Decision:
     """Before promotion: traffic never left the stable colour; the preview is scaled down."""
-    roll = roll.model_copy(update={"step": Step.ABORTED, "abort_reason": reason, "message": message})
+    roll = roll.model_copy(update={"step": Step.ABORTED, "abort_reason": reason, "message": cut_message(message)})
     return replace(_aborted(i, active, roll), outcome=_OUTCOMES[reason])
 
 

@@ -59,6 +59,15 @@ REVISION_PATTERN = r"^[a-f0-9]{10}$"
 # Label and annotation prefixes the operator owns; user-supplied ones may not use them.
 RESERVED_PREFIXES = ("app.kubernetes.io/", f"{GROUP}/")
 
+# The CRD's bound on status.message, status.rollout.message and each condition's message: a longer
+# one would make the whole status write fail (422) and the agent show nothing.
+MAX_MESSAGE_LENGTH = 4096
+
+
+def cut_message(text: str) -> str:
+    return text if len(text) <= MAX_MESSAGE_LENGTH else text[: MAX_MESSAGE_LENGTH - 3] + "..."
+
+
 # Keys of a CEL rule in the generated CRD.
 CEL = "x-kubernetes-validations"
 
@@ -949,14 +958,18 @@ class RolloutStatus(ApiModel):
         default=None, description="The last retry request served (the retry annotation's value).", max_length=128
     )
     analysis: list[AnalysisCheck] = Field(default_factory=list, description="Analysis check results.", max_length=16)
-    message: str | None = Field(default=None, description="A human-readable note on the rollout.", max_length=4096)
+    message: str | None = Field(
+        default=None, description="A human-readable note on the rollout.", max_length=MAX_MESSAGE_LENGTH
+    )
 
 
 class EnterpriseAgentStatus(ApiModel):
     """Observed state of an agent, written by the operator."""
 
     phase: Phase | None = Field(default=None, description="A one-word summary for humans.")
-    message: str | None = Field(default=None, description="A short explanation of the phase.", max_length=4096)
+    message: str | None = Field(
+        default=None, description="A short explanation of the phase.", max_length=MAX_MESSAGE_LENGTH
+    )
     observed_generation: int | None = Field(default=None, description="The .metadata.generation last acted upon.", ge=0)
     conditions: list[Condition] = Field(
         default_factory=list,
@@ -977,12 +990,32 @@ class EnterpriseAgentStatus(ApiModel):
 
 
 def read_status(raw: Any) -> EnterpriseAgentStatus:
-    """The status as an operator wrote it; one the models cannot read (a hand edit the CRD schema
-    let through) counts as no status, so the agent is observed afresh."""
-    try:
-        return EnterpriseAgentStatus.model_validate(raw or {})
-    except ValueError:  # pydantic's ValidationError is a ValueError
+    """The status as an operator wrote it. What the models cannot read (a field a newer operator
+    added, a hand edit the CRD schema let through, a step this version does not know) is left
+    out field by field, never the whole status: losing activeColor or activeRevision would make
+    the next reconcile take the serving colour down."""
+    if not isinstance(raw, dict):
         return EnterpriseAgentStatus()
+    try:
+        return EnterpriseAgentStatus.model_validate(raw)
+    except ValueError:  # pydantic's ValidationError is a ValueError
+        kept = _readable_fields(EnterpriseAgentStatus, raw)
+        rollout = raw.get("rollout")
+        if "rollout" not in kept and isinstance(rollout, dict):
+            kept["rollout"] = _readable_fields(RolloutStatus, rollout)
+        return EnterpriseAgentStatus.model_validate(kept)
+
+
+def _readable_fields(model: type[ApiModel], raw: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``raw`` that ``model`` reads on their own (every field of it is optional)."""
+    kept: dict[str, Any] = {}
+    for key, value in raw.items():
+        try:
+            model.model_validate({key: value})
+        except ValueError:
+            continue
+        kept[key] = value
+    return kept
 
 
 # --- the object -----------------------------------------------------------------------------------

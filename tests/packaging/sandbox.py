@@ -34,13 +34,33 @@ IMAGE_VENV_COMMANDS = (
 )
 
 
+def build_context(target: Path) -> Path:
+    """What the build stage sees: only the paths its COPY instructions copy from the context, so a
+    package the Dockerfile forgets to copy is missing here too."""
+    for instruction, arguments in dockerfile_stages(DOCKERFILE.read_text())["build"].instructions:
+        if instruction != "COPY" or arguments.startswith("--from"):
+            continue
+        *sources, destination = arguments.split()
+        for source in sources:
+            origin = ROOT / source
+            placed = target / (destination if destination.endswith("/") and source.endswith("/") else source)
+            placed.parent.mkdir(parents=True, exist_ok=True)
+            if origin.is_dir():
+                shutil.copytree(origin, placed, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                shutil.copy2(origin, placed)
+    return target
+
+
 def build_image_venv(venv: Path) -> Path:
-    """The image's /opt/venv built at ``venv`` by IMAGE_VENV_COMMANDS (the base interpreter makes the
-    venv, pip installs into it from outside); returns its bin folder."""
+    """The image's /opt/venv built at ``venv`` by IMAGE_VENV_COMMANDS from the Dockerfile's build
+    context (the base interpreter makes the venv, pip installs into it from outside); returns its
+    bin folder."""
+    context = build_context(venv.parent / "context")
     steps = (
         [str(Path(sys.base_prefix) / "bin" / "python3"), "-m", "venv", "--without-pip", str(venv)],
         [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--quiet",
-         "--only-binary=:all:", "--no-binary=enterprise-agent-operator", str(ROOT)],
+         "--only-binary=:all:", "--no-binary=enterprise-agent-operator", str(context)],
     )  # fmt: skip
     for step in steps:
         result = subprocess.run(step, capture_output=True, text=True, timeout=600, check=False)

@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from tests.packaging.sandbox import (
     DOCKERFILE,
     IMAGE_UID,
     IMAGE_VENV_COMMANDS,
+    build_context,
     dockerfile_stages,
     entrypoint,
     pod_env,
@@ -192,3 +194,11 @@ def test_the_runtime_serves_as_uid_10001_with_a_read_only_root(tmp_path: Path, i
     written = {path.relative_to(tmp_path).parts[0] for path in tmp_path.rglob("*") if path.is_file()}
     assert "data" in written, sorted(tmp_path.rglob("*"))
     assert set(writable) == {"/tmp", "/var/lib/agent"}
+
+
+def test_the_build_context_holds_every_package_of_the_distribution(tmp_path: Path) -> None:
+    """pip installs from what the Dockerfile copies: a package it forgets fails the image build."""
+    context = build_context(tmp_path / "context")
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for package, folder in setuptools["package-dir"].items():
+        assert (context / folder / "__init__.py").is_file(), f"the Dockerfile does not copy {folder} ({package})"

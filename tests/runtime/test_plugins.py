@@ -17,8 +17,7 @@ from agent_runtime.state import REGISTRY
 from tests.runtime.conftest import login, make_layout
 
 PLUGIN = """
-from agent_contract.config import Permission, SecurityLevel
-from agent_runtime.operations import Operation
+from agent_runtime.operations import Operation, Permission, SecurityLevel
 
 
 async def _shout(payload):

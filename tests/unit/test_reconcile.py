@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from agent_operator import conditions as cond
-from agent_operator.controller import WorkQueue
+from agent_operator.controller import Controller, ControllerSettings, WorkQueue
+from agent_operator.kube import Kube
 from agent_operator.manifest import FieldError
 from agent_operator.reconcile import Memo, Plan, child_key, is_subset, reconcile, stalled_plan
-from agent_operator.render.common import LABEL_REVISION
+from agent_operator.render.common import LABEL_INSTANCE, LABEL_REVISION
 from agent_operator.spec import ConditionType, Phase
 from tests.helpers import observe, served
 
@@ -151,3 +152,41 @@ def test_work_queue_coalesces_and_never_hands_one_key_to_two_workers() -> None:
         return [str(first), str(second), str(third)]
 
     assert asyncio.run(scenario()) == ["a", "b", "a"]
+
+
+def test_another_controllers_condition_is_carried_along() -> None:
+    foreign = {"type": "Synced", "status": "True", "reason": "Synced", "lastTransitionTime": NOW}
+    result = plan({"conditions": [foreign]})
+    assert result.status.phase == Phase.PENDING
+    assert [c.type for c in result.status.conditions if c.type == "Synced"] == ["Synced"]
+    assert all(event[1] != "Synced" for event in result.events)
+
+
+def test_a_status_field_this_version_cannot_read_loses_nothing_else() -> None:
+    """A newer operator's step (or a hand edit) must not cost the serving colour: green stays active."""
+    status = {
+        "activeColor": "green",
+        "activeRevision": "aaaaaaaaaa",
+        "someNewField": {"x": 1},
+        "rollout": {"step": "SomethingNew", "previewColor": "blue"},
+    }
+    green = _deployment("aaaaaaaaaa", 1)
+    green["metadata"]["name"] = "hello-agent-green"
+    result = plan(status, {("apps/v1", "Deployment", "hello-agent-green"): green})
+    assert result.status.active_color == "green"
+    scaled = {c["metadata"]["name"]: c["spec"]["replicas"] for c in result.apply if c["kind"] == "Deployment"}
+    assert scaled.get("hello-agent-green", 1) >= 1, scaled
+
+
+def test_children_of_a_deleted_agent_leave_no_record_behind() -> None:
+    controller = Controller(cast(Kube, None), ControllerSettings())
+    child = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "gone-config", "namespace": "default", "labels": {LABEL_INSTANCE: "gone"}},
+    }
+    controller.observe_child("DELETED", child)
+    assert controller.records == {}
+    controller.observe_child("ADDED", child)  # seen before its agent: kept until it goes
+    controller.observe_child("DELETED", child)
+    assert controller.records == {}
