@@ -16,6 +16,7 @@ from eao_devtools.cluster import (
     ClusterError,
     default_state_dir,
     ensure_binaries,
+    ensure_node_binaries,
     ensure_tools,
 )
 
@@ -26,7 +27,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     cluster = Cluster(Path(args.state_dir))
     try:
         if args.action == "up":
-            timings = cluster.up(nodes=args.nodes)
+            timings = cluster.up(nodes=args.nodes, real_node=args.real_node)
             if timings:
                 print(
                     f"local control plane ready: build {timings['build_seconds']:.1f}s,"
@@ -62,6 +63,7 @@ def cmd_tools(_: argparse.Namespace) -> int:
     # Both cold builds take minutes: done here, before pytest, so no test's timeout pays for them.
     try:
         print(ensure_binaries())
+        print("\n".join(str(folder) for folder in ensure_node_binaries()))
         print(ensure_tools())
     except ClusterError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -90,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir", default=str(default_state_dir()), help="where certificates, logs and etcd data live"
     )
     cluster.add_argument("--nodes", type=int, default=NODE_COUNT, help="simulated kwok nodes to register")
+    cluster.add_argument(
+        "--real-node",
+        action="store_true",
+        help="one real node (kubelet, containerd, CNI bridge, kube-proxy; as root) instead of kwok's",
+    )
     cluster.set_defaults(func=cmd_cluster)
 
     run = commands.add_parser(
@@ -99,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tools = commands.add_parser(
         "tools",
-        help="build the control plane (hack/controlplane) and helm, promtool and kstatus (hack/tools) once;"
-        " print their folders",
+        help="build the control plane and the real node's kubelet, kube-proxy and pause (hack/controlplane,"
+        " hack/node) and helm, promtool and kstatus (hack/tools) once; print their folders",
     )
     tools.set_defaults(func=cmd_tools)
 

@@ -32,13 +32,22 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from eao_devtools.checkout import REPO_ROOT_VARIABLE, repo_root
+from eao_devtools.images import write_single_layer_image
+from eao_devtools.node import NODE_IP, NODE_NAME, PAUSE_IMAGE, NodeError, RealNode
 
 KUBERNETES_VERSION = "v1.34.4"
 LOOPBACK = "127.0.0.1"
-SERVICE_CIDR = "10.96.0.0/16"
+# Services and (kwok's) pods take addresses from 198.18.0.0/15, the range reserved for network
+# testing, so no cluster address can be mistaken for a real network. The real node's bridge and pods
+# use 198.18.0.0/24 (eao_devtools.node).
+SERVICE_CIDR = "198.18.128.0/17"
+CLUSTER_DNS = "198.18.128.10"
+KWOK_POD_CIDR = "198.19.0.1/16"
 NODE_COUNT = 3
 # Components in start order; stopped in reverse.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+# With a real node, started after the control plane in this order (and stopped in reverse).
+NODE_COMPONENTS = ("containerd", "kubelet", "kube-proxy")
 # Go modules under hack/controlplane and the binaries each builds.
 GO_MODULES = {
     ".": ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl"),
@@ -121,20 +130,31 @@ def _binary_name(module: str, package: str) -> str:
     return Path(module if package == "." else package).name
 
 
-def ensure_binaries() -> Path:
-    """The control plane binaries (and kubectl), built once per pinned version."""
-    ldflags = (
+def _kube_ldflags() -> str:
+    return (
         "-s -w"
         f" -X k8s.io/component-base/version.gitVersion={KUBERNETES_VERSION}"
         f" -X k8s.io/component-base/version.gitMajor={KUBERNETES_VERSION.split('.')[0].lstrip('v')}"
         f" -X k8s.io/component-base/version.gitMinor={KUBERNETES_VERSION.split('.')[1]}"
         " -X k8s.io/component-base/version.gitTreeState=clean"
     )
+
+
+def ensure_binaries() -> Path:
+    """The control plane binaries (and kubectl), built once per pinned version."""
     builds = {
         module: tuple(f"./{name}" for name in names) if module == "." else (".",)
         for module, names in GO_MODULES.items()
     }
-    return _build_once("controlplane", KUBERNETES_VERSION, builds, ldflags)
+    return _build_once("controlplane", KUBERNETES_VERSION, builds, _kube_ldflags())
+
+
+def ensure_node_binaries() -> tuple[Path, Path]:
+    """kubelet and kube-proxy (same module and version as the control plane, several minutes cold),
+    and the static pause program; returns their two folders."""
+    kube = _build_once("controlplane", KUBERNETES_VERSION, {".": ("./kubelet", "./kube-proxy")}, _kube_ldflags())
+    pause = _build_once("node", "v1", {".": ("./pause",)}, "-s -w")
+    return kube, pause
 
 
 def ensure_tools() -> Path:
@@ -232,8 +252,18 @@ _CLIENTS = (
 )
 
 
-def generate_pki(pki: Path) -> None:
-    """A CA, the API server's serving certificate, client certificates and the service-account key."""
+# With a real node: its kubelet's identity (the Node authorizer knows it by this name), kube-proxy's,
+# and the API server's client identity towards kubelets (logs, exec, port-forward).
+_NODE_CLIENTS = (
+    ("kubelet", f"system:node:{NODE_NAME}", "system:nodes"),
+    ("kube-proxy", "system:kube-proxy", None),
+    ("apiserver-kubelet-client", "kube-apiserver-kubelet-client", "system:masters"),
+)
+
+
+def generate_pki(pki: Path, real_node: bool = False) -> None:
+    """A CA, the API server's serving certificate, client certificates and the service-account key;
+    with a real node also its kubelet's serving and client certificates and kube-proxy's."""
     pki.mkdir(parents=True, exist_ok=True)
     ca_key = _key()
     ca = _certificate("local-control-plane-ca", ca_key, None)
@@ -252,14 +282,21 @@ def generate_pki(pki: Path) -> None:
             "kubernetes.default.svc",
             "kubernetes.default.svc.cluster.local",
         ),
-        server_ips=(LOOPBACK, service_ip),
+        server_ips=(LOOPBACK, service_ip, *((NODE_IP,) if real_node else ())),
     )
     _write_key(pki / "apiserver.key", server_key)
     _write_cert(pki / "apiserver.crt", server)
-    for stem, common_name, organization in _CLIENTS:
+    for stem, common_name, organization in _CLIENTS + (_NODE_CLIENTS if real_node else ()):
         key = _key()
         _write_key(pki / f"{stem}.key", key)
         _write_cert(pki / f"{stem}.crt", _certificate(common_name, key, (ca, ca_key), organization=organization))
+    if real_node:
+        serving_key = _key()
+        _write_key(pki / "kubelet-serving.key", serving_key)
+        serving = _certificate(
+            f"system:node:{NODE_NAME}", serving_key, (ca, ca_key), "system:nodes", (NODE_NAME,), (NODE_IP,)
+        )
+        _write_cert(pki / "kubelet-serving.crt", serving)
     sa_key = _key()
     _write_key(pki / "service-account.key", sa_key)
     (pki / "service-account.pub").write_bytes(
@@ -342,21 +379,40 @@ class Cluster:
     def running(self) -> dict[str, bool]:
         state = self._load_state()
         binaries = state.get("binaries", "")
-        return {name: _is_our_process(pid, str(binaries)) for name, pid in self.pids().items()}
+        return {
+            name: _is_our_process(pid, str(binaries)) or _is_node_process(pid, name)
+            for name, pid in self.pids().items()
+        }
 
     # -- up ----------------------------------------------------------------------------------------
 
-    def up(self, nodes: int = NODE_COUNT) -> dict[str, float]:
+    @property
+    def node(self) -> RealNode:
+        return RealNode(self.state_dir / "node")
+
+    def has_real_node(self) -> bool:
+        return bool(self._load_state().get("real_node"))
+
+    def up(self, nodes: int = NODE_COUNT, real_node: bool = False) -> dict[str, float]:
         """Builds (first time), starts every component and waits until the cluster is usable.
-        Returns timings in seconds."""
+        With ``real_node``, one real node (kubelet, containerd, kube-proxy) instead of kwok's
+        simulated ones. Returns timings in seconds."""
         if any(self.running().values()):
-            if self.healthy():
+            if self.healthy() and self.has_real_node() == real_node:
                 _say(f"already running; KUBECONFIG={self.kubeconfig}")
                 return {}
             self.down()
         started = time.monotonic()
         bin_dir = ensure_binaries()
+        node_bins = ensure_node_binaries() if real_node else None
         built = time.monotonic()
+        host = LOOPBACK
+        if real_node:
+            try:
+                self.node.prepare_host()
+            except NodeError as error:
+                raise ClusterError(str(error)) from None
+            host = NODE_IP  # pods reach the API server on the node's bridge address
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if self.logs.exists():
             shutil.rmtree(self.logs)
@@ -364,20 +420,33 @@ class Cluster:
         etcd_data = self.state_dir / "etcd-data"
         if etcd_data.exists():
             shutil.rmtree(etcd_data)  # a fresh cluster each time: tests must not depend on leftovers
-        generate_pki(self.pki)
+        generate_pki(self.pki, real_node)
         ports = {
             name: _free_port() for name in ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok")
         }
-        server = f"https://{LOOPBACK}:{ports['apiserver']}"
-        for user in ("admin", "controller-manager", "scheduler", "kwok"):
+        server = f"https://{host}:{ports['apiserver']}"
+        users = ("admin", "controller-manager", "scheduler", "kwok") + (("kubelet", "kube-proxy") if real_node else ())
+        for user in users:
             (self.state_dir / f"{user}.kubeconfig").write_text(_kubeconfig(server, self.pki, user))
         shutil.copy(self.state_dir / "admin.kubeconfig", self.kubeconfig)
         audit_policy = self.state_dir / "audit-policy.yaml"
         audit_policy.write_text(_AUDIT_POLICY)
-        commands = self._commands(bin_dir, ports, etcd_data, audit_policy)
-        state: dict[str, object] = {"binaries": str(bin_dir), "ports": ports, "server": server, "pids": {}}
+        commands = self._commands(bin_dir, ports, etcd_data, audit_policy, host)
+        components: tuple[str, ...] = COMPONENTS
+        if node_bins is not None:
+            kubeconfigs = {user: self.state_dir / f"{user}.kubeconfig" for user in ("kubelet", "kube-proxy")}
+            self.node.write_configs(kubeconfigs, self.pki, CLUSTER_DNS, SERVICE_CIDR)
+            commands |= self.node.commands(node_bins[0], kubeconfigs)
+            components = COMPONENTS + NODE_COMPONENTS
+        state: dict[str, object] = {
+            "binaries": str(bin_dir),
+            "ports": ports,
+            "server": server,
+            "pids": {},
+            "real_node": real_node,
+        }
         pids: dict[str, int] = {}
-        for name in COMPONENTS:
+        for name in components:
             log_path = self.logs / f"{name}.log"
             with log_path.open("w") as log_file:
                 process = subprocess.Popen(
@@ -391,7 +460,12 @@ class Cluster:
             state["pids"] = pids
             self._save_state(state)
             self._wait_started(name, process, ports)
-        self._register_nodes(bin_dir, nodes)
+            if name == "containerd" and node_bins is not None:
+                self._import_pause(node_bins[1])
+        if real_node:
+            self._wait_real_node()
+        else:
+            self._register_nodes(bin_dir, nodes)
         ready = time.monotonic()
         timings = {"build_seconds": built - started, "start_seconds": ready - built, "total_seconds": ready - started}
         state["timings"] = timings
@@ -399,7 +473,7 @@ class Cluster:
         return timings
 
     def _commands(
-        self, bin_dir: Path, ports: dict[str, int], etcd_data: Path, audit_policy: Path
+        self, bin_dir: Path, ports: dict[str, int], etcd_data: Path, audit_policy: Path, host: str
     ) -> dict[str, list[str]]:
         pki, sd = self.pki, self.state_dir
         etcd_url = f"http://{LOOPBACK}:{ports['etcd']}"
@@ -420,9 +494,14 @@ class Cluster:
             "kube-apiserver": [
                 str(bin_dir / "kube-apiserver"),
                 f"--etcd-servers={etcd_url}",
-                f"--bind-address={LOOPBACK}",
-                f"--advertise-address={LOOPBACK}",
+                f"--bind-address={host}",
+                f"--advertise-address={host}",
                 f"--secure-port={ports['apiserver']}",
+                # For logs, exec and port-forward on a real node (its kubelet serves with our CA).
+                f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+                f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
+                f"--kubelet-certificate-authority={pki / 'ca.crt'}",
+                "--kubelet-preferred-address-types=InternalIP",
                 f"--tls-cert-file={pki / 'apiserver.crt'}",
                 f"--tls-private-key-file={pki / 'apiserver.key'}",
                 f"--client-ca-file={pki / 'ca.crt'}",
@@ -488,7 +567,7 @@ class Cluster:
                 # declares the nodes unreachable after its grace period and marks every pod NotReady.
                 "--node-lease-duration-seconds=40",
                 f"--server-address={LOOPBACK}:{ports['kwok']}",
-                "--cidr=10.244.0.1/16",
+                f"--cidr={KWOK_POD_CIDR}",
                 f"--config={sd / 'kwok.yaml'}",
             ],
         }
@@ -501,7 +580,9 @@ class Cluster:
             (self.state_dir / "kwok.yaml").touch()
         checks = {
             "etcd": f"http://{LOOPBACK}:{ports['etcd']}/health",
-            "kube-apiserver": f"https://{LOOPBACK}:{ports['apiserver']}/readyz",
+            "kube-apiserver": f"{self._load_state().get('server')}/readyz",
+            "kubelet": "http://127.0.0.1:10248/healthz",
+            "kube-proxy": "http://127.0.0.1:10256/healthz",
             "kube-controller-manager": f"https://{LOOPBACK}:{ports['controller-manager']}/healthz",
             "kube-scheduler": f"https://{LOOPBACK}:{ports['scheduler']}/healthz",
             "kwok": f"http://{LOOPBACK}:{ports['kwok']}/healthz",
@@ -511,6 +592,12 @@ class Cluster:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise ClusterError(f"{name} exited with code {process.returncode} while starting; see {log_path}")
+            if name == "containerd":
+                try:
+                    self.node.wait_containerd(timeout=max(0.0, deadline - time.monotonic()))
+                except NodeError as error:
+                    raise ClusterError(f"{error}; see {log_path}") from None
+                return
             if self._probe(checks[name]):
                 return
             time.sleep(0.2)
@@ -549,19 +636,51 @@ class Cluster:
             timeout=120,
         )
 
+    def _import_pause(self, pause_bin: Path) -> None:
+        archive = write_single_layer_image(
+            self.state_dir / "pause.tar",
+            PAUSE_IMAGE,
+            {"/pause": ((pause_bin / "pause").read_bytes(), 0o755)},
+            ["/pause"],
+        )
+        try:
+            self.node.import_image(archive)
+        except NodeError as error:
+            raise ClusterError(f"importing the pause image failed: {error}") from None
+
+    def _wait_real_node(self, timeout: float = 120) -> None:
+        """The kubelet registers its Node; Ready once the CNI config is found and the runtime answers."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            result = self.kubectl(
+                "get", "node", NODE_NAME, "-o", "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
+                check=False,
+            )  # fmt: skip
+            if result.stdout.strip() == "True":
+                break
+            time.sleep(0.5)
+        else:
+            raise ClusterError(
+                f"node {NODE_NAME} did not become Ready within {timeout:.0f}s; see {self.logs / 'kubelet.log'}"
+            )
+        self._wait_default_service_account()
+
+    def _wait_default_service_account(self) -> None:
+        # Pods need the default ServiceAccount, which the controller manager creates.
+        deadline = time.monotonic() + 60
+        while self.kubectl("get", "serviceaccount", "default", "-n", "default", check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                raise ClusterError(
+                    f"the default ServiceAccount never appeared; see {self.logs / 'kube-controller-manager.log'}"
+                )
+            time.sleep(0.2)
+
     def _register_nodes(self, bin_dir: Path, count: int) -> None:
         nodes = [_node_manifest(f"kwok-node-{index}") for index in range(count)]
         try:
             self.kubectl("apply", "-f", "-", input_text=yaml.safe_dump_all(nodes))
             self.kubectl("wait", "--for=condition=Ready", "node", "--all", "--timeout=60s")
-            # Pods need the default ServiceAccount, which the controller manager creates.
-            deadline = time.monotonic() + 60
-            while self.kubectl("get", "serviceaccount", "default", "-n", "default", check=False).returncode != 0:
-                if time.monotonic() > deadline:
-                    raise ClusterError(
-                        f"the default ServiceAccount never appeared; see {self.logs / 'kube-controller-manager.log'}"
-                    )
-                time.sleep(0.2)
+            self._wait_default_service_account()
         except subprocess.CalledProcessError as error:
             raise ClusterError(
                 f"registering kwok nodes failed: {error.stderr.strip()}; see {self.logs / 'kwok.log'}"
@@ -570,19 +689,26 @@ class Cluster:
     # -- down --------------------------------------------------------------------------------------
 
     def down(self) -> list[str]:
-        """Stops every component (SIGTERM, then SIGKILL after 10 s); returns the names stopped."""
+        """Stops every component (SIGTERM, then SIGKILL after 10 s); returns the names stopped.
+        With a real node, its containers go first and the host is put back last; raises
+        ClusterError naming whatever could not be undone."""
         state = self._load_state()
         binaries = str(state.get("binaries", ""))
         stopped = []
-        for name in reversed(COMPONENTS):
+        for name in reversed(COMPONENTS + NODE_COMPONENTS):
             pid = self.pids().get(name)
-            if pid is None or not _is_our_process(pid, binaries):
+            if pid is None or not (_is_our_process(pid, binaries) or _is_node_process(pid, name)):
                 continue
+            if name == "containerd":
+                self.node.remove_containers()  # the kubelet is gone; pods must not outlive the node
             _terminate(pid)
             stopped.append(name)
         if state:
             state["pids"] = {}
             self._save_state(state)
+        problems = self.node.restore_host()
+        if problems:
+            raise ClusterError("the real node left host state behind: " + "; ".join(problems))
         return stopped
 
 
@@ -595,6 +721,16 @@ def _is_our_process(pid: int, binaries: str) -> bool:
         return False
     zombie = "State:\tZ" in status
     return bool(binaries) and command.startswith(binaries) and not zombie
+
+
+def _is_node_process(pid: int, name: str) -> bool:
+    """containerd comes from Debian's package, not our build folder."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return name == "containerd" and command == "/usr/bin/containerd" and "State:\tZ" not in status
 
 
 def _terminate(pid: int, grace: float = 10) -> None:

@@ -1,0 +1,278 @@
+"""One real node for the local control plane: containerd, runc and the CNI bridge from Debian's
+packages; kubelet and kube-proxy built from the same Go modules as the control plane.
+
+Every address lives in 198.18.0.0/15, the range reserved for network testing: the node's bridge
+``eao0`` is 198.18.0.1/24 and its pods take the rest of that /24; Services take 198.18.128.0/17.
+Nothing is routed off the machine. What the node changes on the host is recorded first
+(:mod:`eao_devtools.hoststate`) and put back by :meth:`RealNode.stop`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from eao_devtools.hoststate import HostSnapshot
+
+NODE_NAME = "eao-node"
+BRIDGE = "eao0"
+NODE_IP = "198.18.0.1"
+POD_CIDR = "198.18.0.0/24"
+# containerd's socket path must stay short (unix socket paths are limited to 108 bytes).
+CONTAINERD_RUN = Path("/run/eao-containerd")
+CONTAINERD_SOCKET = CONTAINERD_RUN / "containerd.sock"
+CNI_BIN = Path("/usr/lib/cni")
+K8S_NAMESPACE = "k8s.io"  # containerd's namespace for the kubelet's images and containers
+PAUSE_IMAGE = "eao.local/pause:1"
+# Debian's packages a real node needs (the Makefile installs them with the other system packages).
+DEBIAN_PACKAGES = ("containerd", "runc", "containernetworking-plugins", "iptables", "nftables", "conntrack", "ipset")
+
+
+class NodeError(RuntimeError):
+    pass
+
+
+def _run(*command: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(command, capture_output=True, text=True, check=False, timeout=timeout)
+    if check and result.returncode != 0:
+        raise NodeError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr.strip()}")
+    return result
+
+
+def missing_packages() -> list[str]:
+    return [p for p in DEBIAN_PACKAGES if _run("dpkg", "-s", p, check=False).returncode != 0]
+
+
+@dataclass
+class RealNode:
+    """The node's files live in ``state_dir``; its processes are started by the cluster."""
+
+    state_dir: Path
+
+    @property
+    def snapshot_file(self) -> Path:
+        return self.state_dir / "host-snapshot.json"
+
+    @property
+    def kubelet_root(self) -> Path:
+        return self.state_dir / "kubelet"
+
+    @property
+    def mount_prefixes(self) -> tuple[str, ...]:
+        return (str(self.state_dir), str(CONTAINERD_RUN), "/run/netns", "/var/lib/kubelet")
+
+    # -- host network ------------------------------------------------------------------------------
+
+    def prepare_host(self) -> None:
+        """Records the host, then makes the bridge the node and its pods live on."""
+        missing = missing_packages()
+        if missing:
+            raise NodeError(f"a real node needs Debian's packages {', '.join(missing)} (make system-packages)")
+        if os.geteuid() != 0:
+            raise NodeError("a real node needs root (it creates a bridge, mounts and iptables rules)")
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if not self.snapshot_file.exists():  # a second `up` keeps the first, pristine record
+            HostSnapshot.capture().save(self.snapshot_file)
+        if _run("ip", "link", "show", BRIDGE, check=False).returncode != 0:
+            _run("ip", "link", "add", BRIDGE, "type", "bridge")
+        prefix = ipaddress.ip_network(POD_CIDR).prefixlen
+        if NODE_IP not in _run("ip", "-o", "addr", "show", "dev", BRIDGE).stdout:
+            _run("ip", "addr", "add", f"{NODE_IP}/{prefix}", "dev", BRIDGE)
+        _run("ip", "link", "set", BRIDGE, "up")
+        # Pod traffic is forwarded between the bridge's ports and to the host's own addresses.
+        Path("/proc/sys/net/ipv4/ip_forward").write_text("1")
+
+    # -- configuration -----------------------------------------------------------------------------
+
+    def write_configs(self, kubeconfigs: dict[str, Path], pki: Path, cluster_dns: str, service_cidr: str) -> None:
+        config = self.state_dir / "config"
+        config.mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "cni" / "net.d").mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "cni" / "net.d" / "10-eao.conflist").write_text(json.dumps(self._cni(), indent=2))
+        (config / "containerd.toml").write_text(self._containerd())
+        (config / "kubelet.yaml").write_text(yaml.safe_dump(self._kubelet(pki, cluster_dns), sort_keys=False))
+        (config / "kube-proxy.yaml").write_text(
+            yaml.safe_dump(self._kube_proxy(kubeconfigs["kube-proxy"], service_cidr), sort_keys=False)
+        )
+
+    def _cni(self) -> dict[str, object]:
+        network = ipaddress.ip_network(POD_CIDR)
+        return {
+            "cniVersion": "1.0.0",
+            "name": "eao",
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": BRIDGE,
+                    "isGateway": True,
+                    "ipMasq": False,  # nothing leaves the machine: no address to hide
+                    "hairpinMode": True,  # a pod reaching itself through its Service
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": str(network), "rangeStart": str(network[10]), "gateway": NODE_IP}]],
+                        "dataDir": str(self.state_dir / "cni" / "ipam"),
+                    },
+                },
+                {"type": "portmap", "capabilities": {"portMappings": True}},
+            ],
+        }
+
+    def _containerd(self) -> str:
+        root = self.state_dir / "containerd"
+        return f"""version = 2
+root = "{root}"
+state = "{CONTAINERD_RUN / "state"}"
+
+[grpc]
+  address = "{CONTAINERD_SOCKET}"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  # This VM lacks CAP_SYS_RESOURCE: without this, runc fails to lower the pause container's
+  # oom_score_adj ("can't get final child's PID from pipe: EOF").
+  restrict_oom_score_adj = true
+  enable_selinux = false
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{CNI_BIN}"
+    conf_dir = "{self.state_dir / "cni" / "net.d"}"
+"""
+
+    def _kubelet(self, pki: Path, cluster_dns: str) -> dict[str, object]:
+        return {
+            "apiVersion": "kubelet.config.k8s.io/v1beta1",
+            "kind": "KubeletConfiguration",
+            "address": NODE_IP,
+            "port": 10250,
+            "readOnlyPort": 0,
+            "healthzBindAddress": "127.0.0.1",
+            "healthzPort": 10248,
+            "authentication": {
+                "anonymous": {"enabled": False},
+                "webhook": {"enabled": True},
+                "x509": {"clientCAFile": str(pki / "ca.crt")},
+            },
+            "authorization": {"mode": "Webhook"},
+            "tlsCertFile": str(pki / "kubelet-serving.crt"),
+            "tlsPrivateKeyFile": str(pki / "kubelet-serving.key"),
+            "containerRuntimeEndpoint": f"unix://{CONTAINERD_SOCKET}",
+            "cgroupDriver": "cgroupfs",  # no systemd here
+            "failSwapOn": False,
+            "failCgroupV1": False,  # the VM runs cgroup v1; 1.35 makes that fatal unless set
+            "clusterDomain": "cluster.local",
+            "clusterDNS": [cluster_dns],
+            "resolvConf": str(self.state_dir / "config" / "resolv.conf"),
+            "staticPodPath": "",
+            "serializeImagePulls": False,
+            "imageGCHighThresholdPercent": 100,  # never delete the images we imported (no registry)
+            "imageGCLowThresholdPercent": 99,
+            "evictionHard": {"memory.available": "100Mi", "nodefs.available": "1%", "imagefs.available": "1%"},
+            "maxPods": 60,
+            "podCIDR": POD_CIDR,
+            "nodeStatusReportFrequency": "10s",
+            "syncFrequency": "5s",
+            "shutdownGracePeriod": "0s",
+        }
+
+    def _kube_proxy(self, kubeconfig: Path, service_cidr: str) -> dict[str, object]:
+        return {
+            "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+            "kind": "KubeProxyConfiguration",
+            "clientConnection": {"kubeconfig": str(kubeconfig)},
+            "mode": "iptables",
+            "hostnameOverride": NODE_NAME,
+            "bindAddress": NODE_IP,
+            "clusterCIDR": POD_CIDR,
+            "healthzBindAddress": "127.0.0.1:10256",
+            "metricsBindAddress": "127.0.0.1:10249",
+            # Leave the host's conntrack sysctls alone (nothing to restore afterwards).
+            "conntrack": {"maxPerCore": 0, "min": 0, "tcpEstablishedTimeout": "0s", "tcpCloseWaitTimeout": "0s"},
+            "iptables": {"syncPeriod": "5s", "minSyncPeriod": "0s"},
+            "nodePortAddresses": [f"{NODE_IP}/32"],
+        }
+
+    # -- commands ----------------------------------------------------------------------------------
+
+    def commands(self, bin_dir: Path, kubeconfigs: dict[str, Path]) -> dict[str, list[str]]:
+        config = self.state_dir / "config"
+        (config / "resolv.conf").write_text("nameserver 127.0.0.1\n")  # pods use cluster DNS, not the host's
+        return {
+            "containerd": ["/usr/bin/containerd", f"--config={config / 'containerd.toml'}", "--log-level=warn"],
+            "kubelet": [
+                str(bin_dir / "kubelet"),
+                f"--config={config / 'kubelet.yaml'}",
+                f"--kubeconfig={kubeconfigs['kubelet']}",
+                f"--root-dir={self.kubelet_root}",
+                f"--hostname-override={NODE_NAME}",
+                f"--node-ip={NODE_IP}",
+                "--node-labels=type=real",
+                "--v=1",
+            ],
+            "kube-proxy": [str(bin_dir / "kube-proxy"), f"--config={config / 'kube-proxy.yaml'}", "--v=1"],
+        }
+
+    def wait_containerd(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if _run("ctr", f"--address={CONTAINERD_SOCKET}", "version", check=False).returncode == 0:
+                return
+            time.sleep(0.2)
+        raise NodeError(f"containerd did not answer on {CONTAINERD_SOCKET} within {timeout:.0f}s")
+
+    def import_image(self, archive: Path) -> None:
+        _run(
+            "ctr",
+            f"--address={CONTAINERD_SOCKET}",
+            "-n",
+            K8S_NAMESPACE,
+            "images",
+            "import",
+            str(archive),
+            timeout=600,
+        )
+
+    # -- teardown ----------------------------------------------------------------------------------
+
+    def remove_containers(self) -> None:
+        """Every task and container the kubelet left in containerd (called before containerd stops)."""
+        if _run("ctr", f"--address={CONTAINERD_SOCKET}", "version", check=False).returncode != 0:
+            return
+        base = ("ctr", f"--address={CONTAINERD_SOCKET}", "-n", K8S_NAMESPACE)
+        tasks = _run(*base, "tasks", "list", "-q", check=False).stdout.split()
+        for task in tasks:
+            _run(*base, "tasks", "kill", "-s", "SIGKILL", task, check=False)
+        deadline = time.monotonic() + 15
+        for task in tasks:
+            while _run(*base, "tasks", "delete", task, check=False).returncode != 0:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+        for container in _run(*base, "containers", "list", "-q", check=False).stdout.split():
+            _run(*base, "containers", "delete", container, check=False)
+
+    def restore_host(self) -> list[str]:
+        """Unmounts, deletes links, chains, ipsets and files the node made; restores sysctls."""
+        if not self.snapshot_file.exists():
+            return []
+        snapshot = HostSnapshot.load(self.snapshot_file)
+        problems = snapshot.restore(self.mount_prefixes)
+        if CONTAINERD_RUN.exists():
+            shutil.rmtree(CONTAINERD_RUN, ignore_errors=True)
+        leftovers = snapshot.leftovers(self.mount_prefixes)
+        if not leftovers:
+            self.snapshot_file.unlink()
+        return problems + leftovers
