@@ -10,7 +10,7 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, model_validator
 from pydantic.alias_generators import to_camel
 
 from agent_contract.layout import DATA_DIR, KEYS_DIR
@@ -101,6 +101,12 @@ class AuthConfig(ConfigModel):
     users_file: str | None = None
     roles_claim: str = "roles"  # where OIDC tokens carry the caller's roles
     leeway_seconds: int = Field(default=30, ge=0, le=300)  # clock skew allowed on exp and nbf
+    # A login's refresh chain ends this long after the password was checked, however often it refreshes.
+    session_max_seconds: int = Field(default=43200, ge=300, le=2592000)
+    # Peers whose X-Forwarded-For is believed (the ingress); nobody's by default.
+    trusted_proxies: list[IPvAnyNetwork] = Field(default_factory=list, max_length=64)
+    # OIDC: also take `typ: JWT` or no typ as an access token (issuers that do not follow RFC 9068).
+    accept_jwt_type: bool = False
 
 
 class AuditConfig(ConfigModel):

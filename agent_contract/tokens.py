@@ -30,16 +30,33 @@ class Claims:
     token_id: str
     expires_at: float
     token_type: str
+    # The login these tokens descend from (``sid``) and when its password was checked
+    # (``auth_time``); empty for tokens outside a session (the operator's smoke token).
+    session_id: str = ""
+    session_start: float = 0.0
 
 
 def mint_token(
-    auth: AuthConfig, keys: KeyRing, subject: str, roles: tuple[str, ...], token_type: str, now: float
+    auth: AuthConfig,
+    keys: KeyRing,
+    subject: str,
+    roles: tuple[str, ...],
+    token_type: str,
+    now: float,
+    session_id: str = "",
+    session_start: float = 0.0,
 ) -> tuple[str, Claims]:
-    """A token signed with the ring's active signing key, with the claims the runtime requires."""
+    """A token signed with the ring's active signing key, with the claims the runtime requires.
+    Within a session (``session_id``) no token outlives ``session_start + auth.session_max_seconds``."""
     issued = int(now)
     ttl = auth.token_ttl_seconds if token_type == ACCESS_TYPE else auth.refresh_ttl_seconds
-    claims = Claims(subject, roles, secrets.token_urlsafe(16), issued + ttl, token_type)
-    payload = {
+    expires = issued + ttl
+    if session_id:
+        expires = min(expires, int(session_start) + auth.session_max_seconds)
+    claims = Claims(
+        subject, roles, secrets.token_urlsafe(16), expires, token_type, session_id, float(int(session_start))
+    )
+    payload: dict[str, object] = {
         "iss": auth.issuer,
         "aud": auth.audience,
         "sub": subject,
@@ -49,6 +66,9 @@ def mint_token(
         "exp": claims.expires_at,
         "jti": claims.token_id,
     }
+    if session_id:
+        payload["sid"] = session_id
+        payload["auth_time"] = int(session_start)
     signer = keys.signer
     token = jwt.encode(
         payload, signer.private, algorithm=signer.algorithm.value, headers={"kid": signer.kid, "typ": token_type}

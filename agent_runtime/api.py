@@ -3,19 +3,25 @@ authorizing the caller and writing the audit record."""
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
+import contextvars
+import ipaddress
 import json
 from typing import Any
 
 from aiohttp import web
 
 from agent_contract.config import AuthMode, Permission, SecurityLevel
+from agent_runtime import crypto
 from agent_runtime.security.rbac import Principal
 from agent_runtime.security.tokens import Claims, TokenError
 from agent_runtime.state import (
     AUDIT,
+    AUTH_FAILURES,
     AUTHORIZER,
+    CLIENT_REQUEST_ID,
     CONFIG,
+    KEYS,
     LOCAL_TOKENS,
     OIDC_TOKENS,
     PRINCIPAL,
@@ -35,20 +41,65 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
 
+    def __reduce__(self) -> tuple[type[ApiError], tuple[int, str, str, dict[str, str]]]:
+        return ApiError, (self.status, self.code, self.message, self.headers)  # raised in a worker process too
+
 
 def client_ip(request: web.Request) -> str:
-    return request.remote or "unknown"
+    """The client's address. X-Forwarded-For is believed only from a peer in auth.trustedProxies,
+    and then read from the right: each trusted hop appended what it saw, so the right-most
+    address that is not a trusted proxy is the client (anything left of it, the client wrote)."""
+    remote = request.remote or "unknown"
+    trusted = request.app[CONFIG].auth.trusted_proxies
+    if not trusted or not _is_trusted(remote, trusted):
+        return remote
+    hops = [hop.strip() for value in request.headers.getall("X-Forwarded-For", ()) for hop in value.split(",")]
+    client = remote
+    for hop in reversed(hops):
+        if _address(hop) is None:
+            break  # not an address: the chain is broken here; the last trusted hop is all we know
+        client = hop
+        if not _is_trusted(hop, trusted):
+            break
+    return client
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped  # a dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d
+    return address
+
+
+def _is_trusted(text: str, trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    address = _address(text)
+    return address is not None and any(address in network for network in trusted)
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
+    return parse_json_object(await read_body(request))
+
+
+async def read_body(request: web.Request) -> bytes:
+    too_large = ApiError(413, "payload_too_large", f"the body must be at most {MAX_BODY_BYTES} bytes")
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise ApiError(413, "payload_too_large", f"the body must be at most {MAX_BODY_BYTES} bytes")
-    raw = await request.content.read(MAX_BODY_BYTES + 1)
-    if len(raw) > MAX_BODY_BYTES:
-        raise ApiError(413, "payload_too_large", f"the body must be at most {MAX_BODY_BYTES} bytes")
+        raise too_large
+    # The whole body, however it is cut on the wire (one read returns only what has arrived).
+    raw = bytearray()
+    while chunk := await request.content.readany():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise too_large
+    return bytes(raw)
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw or b"{}")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays nested some thousands deep
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_body", "the body must be a JSON object")
@@ -62,8 +113,9 @@ def string_field(body: dict[str, Any], name: str, max_bytes: int) -> str:
     return value
 
 
-async def verify_token(app: web.Application, token: str, token_type: str) -> Claims:
-    """The claims of a valid, unrevoked token (from the issuer this agent trusts)."""
+async def verify_token(app: web.Application, token: str, token_type: str, check_token_id: bool = True) -> Claims:
+    """The claims of a valid token (from the issuer this agent trusts) of a session not revoked,
+    and, unless ``check_token_id`` is off (refresh decides about used tokens itself), not revoked."""
     claims = app[VERIFIED].get(token, token_type)
     if claims is None:
         if app[CONFIG].auth.mode is AuthMode.OIDC:
@@ -71,23 +123,65 @@ async def verify_token(app: web.Application, token: str, token_type: str) -> Cla
         else:
             claims = app[LOCAL_TOKENS].verify(token, token_type)
         app[VERIFIED].put(token, token_type, claims)
-    if app[REVOKED].is_revoked(claims.token_id):
+    if (check_token_id and app[REVOKED].is_revoked(claims.token_id)) or app[REVOKED].is_session_revoked(
+        claims.session_id
+    ):
         raise TokenError("token revoked")
     return claims
 
 
 async def audit(request: web.Request, **fields: Any) -> None:
-    """An audit record of this request: the caller, its address and the request and trace ids."""
+    """An audit record of this request: the caller, its address and the request and trace ids
+    (the server's; the id a client sent, if any, goes in details as ``client_request_id``)."""
     principal: Principal | None = request.get(PRINCIPAL)
     fields.setdefault("actor", principal.subject if principal else None)
+    client_request_id = request.get(CLIENT_REQUEST_ID)
+    if client_request_id:
+        fields["details"] = {**(fields.get("details") or {}), "client_request_id": client_request_id}
     await request.app[AUDIT].record(
         client_ip=client_ip(request), request_id=request.get(REQUEST_ID), trace_id=request.get(TRACE_ID), **fields
     )
 
 
-def pseudonym(subject: str) -> str:
-    """How the audit trail names a data subject: a hash, so an erasure leaves no name behind."""
-    return hashlib.sha256(subject.encode()).hexdigest()[:16]
+async def audit_auth_failure(request: web.Request, action: str, reason: str, actor: str | None = None) -> None:
+    """A failed authentication nobody was throttled for (a bad token): recorded if it is the
+    first of its kind from this address in the digest's window, otherwise only counted; the
+    summaries of windows that ended are written alongside."""
+    first = request.app[AUTH_FAILURES].add(action, reason, client_ip(request))
+    await record_failure_summaries(request.app)  # windows that ended come before this new one
+    if first:
+        await audit(request, type="authn", action=action, actor=actor, result="failure", details={"reason": reason})
+
+
+async def record_failure_summaries(app: web.Application, everything: bool = False) -> None:
+    digest = app[AUTH_FAILURES]
+    records = [
+        app[AUDIT].record(
+            type="authn",
+            action=summary.action,
+            result="failure",
+            client_ip=summary.address,
+            details={
+                "reason": summary.reason,
+                "repeated": summary.repeated,  # after the first, which has its own record
+                "window_seconds": digest.interval_seconds,
+            },
+        )
+        for summary in digest.take(everything)
+    ]
+    await asyncio.gather(*records)  # one group commit for all of them
+
+
+def pseudonym(app: web.Application, subject: str) -> str:
+    """How the audit trail names a data subject: a keyed hash (HMAC under a key derived from the
+    active data-encryption key), so an erasure leaves no name behind and a list of candidate names
+    cannot re-identify one without the key. A key rotation changes the pseudonyms from then on."""
+    return crypto.pseudonym(app[KEYS], subject)
+
+
+# The subject of the principal the current operation acts for: an operation handler gets only its
+# input, and generate_report records the report's owner from this. Set when an action is authorized.
+ACTING_FOR: contextvars.ContextVar[str | None] = contextvars.ContextVar("acting_for", default=None)
 
 
 async def authorize(request: web.Request, permission: Permission, level: SecurityLevel, action: str) -> Principal:
@@ -96,4 +190,5 @@ async def authorize(request: web.Request, permission: Permission, level: Securit
     if not decision.allowed:
         await audit(request, type="authz", action=action, result="denied", details={"reason": decision.reason})
         raise ApiError(403, "forbidden", decision.reason)
+    ACTING_FOR.set(principal.subject)
     return principal

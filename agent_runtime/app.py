@@ -26,19 +26,20 @@ from agent_runtime.api import MAX_BODY_BYTES
 from agent_runtime.audit import AuditLog
 from agent_runtime.crypto import FieldEncryptor
 from agent_runtime.metrics import RuntimeMetrics
-from agent_runtime.middlewares import MIDDLEWARES
+from agent_runtime.middlewares import MIDDLEWARES, failure_summaries, hide_server_version
 from agent_runtime.operations import BUILTINS, Operation, Registry, discover_plugins
 from agent_runtime.operations.chat import chat_operation
 from agent_runtime.resilience import Bulkhead, CircuitBreaker
 from agent_runtime.routing import Route, public_paths, register_routes
 from agent_runtime.security.rbac import Authorizer
 from agent_runtime.security.revocation import RevocationList
-from agent_runtime.security.throttle import LoginThrottle
+from agent_runtime.security.throttle import FailureDigest, LoginThrottle
 from agent_runtime.security.tokens import LocalTokens, OidcTokens, VerifiedCache
 from agent_runtime.security.users import UserStore
 from agent_runtime.settings import Settings
 from agent_runtime.state import (
     AUDIT,
+    AUTH_FAILURES,
     AUTHORIZER,
     BREAKERS,
     BULKHEADS,
@@ -62,9 +63,11 @@ from agent_runtime.state import (
     TRACER_PROVIDER,
     USERS,
     VERIFIED,
+    WORKERS,
 )
 from agent_runtime.store import Store
 from agent_runtime.tracing import make_tracer_provider
+from agent_runtime.workers import WorkerPool
 
 # Every route the runtime serves, in the order the OpenAPI document lists them.
 ALL_ROUTES: tuple[Route, ...] = (
@@ -164,6 +167,7 @@ def create_app(
     app[VERIFIED] = VerifiedCache()
     app[USERS] = UserStore.load(config.auth.users_file)
     app[THROTTLE] = LoginThrottle()
+    app[AUTH_FAILURES] = FailureDigest()
     app[REVOKED] = RevocationList(settings.data_dir / "revocations.sqlite3")
     app[AUDIT] = AuditLog(
         settings.audit_file,
@@ -176,6 +180,7 @@ def create_app(
     app[AUTHORIZER] = Authorizer(config)
     app[REGISTRY] = _catalogue(app, config, operations)
     app[BULKHEADS] = {name: _bulkhead(metrics, name, config) for name in app[REGISTRY].operations}
+    app[WORKERS] = WorkerPool()
     app[BREAKERS] = {}
     app[READINESS] = health.readiness_of(app)
     app[ENCRYPTOR] = FieldEncryptor(keys)
@@ -185,6 +190,9 @@ def create_app(
     if config.auth.mode is AuthMode.OIDC:
         app[OIDC_TOKENS] = OidcTokens(config.auth, lambda url: _fetch_jwks(app, url))
     app.cleanup_ctx.append(_resources)
+    app.cleanup_ctx.append(failure_summaries)  # after _resources: it still writes to the audit log
+    app.cleanup_ctx.append(operation_routes.worker_pool)
+    app.on_response_prepare.append(hide_server_version)
     # The one route table: served, let through without a token when public, and documented.
     app[ROUTE_TABLE] = ALL_ROUTES
     app[PUBLIC_PATHS] = public_paths(ALL_ROUTES)

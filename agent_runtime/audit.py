@@ -1,42 +1,78 @@
-"""A tamper-evident, durable audit trail.
+"""A tamper-evident, durable audit trail that an auditor can check with public keys only.
 
 Each record is one JSON line carrying its sequence number, the previous record's SHA-256 and its
-own, so any edit, deletion, insertion or reordering breaks the chain at a named record. Every
-``checkpoint_every`` records (or ``checkpoint_seconds``) a checkpoint record signs the chain head
-with the runtime's signing key, so the chain cannot be silently rewritten from scratch either.
+own, so any edit, deletion, insertion or reordering breaks the chain at a named record. The chain
+alone is unkeyed (anyone can re-hash it), so checkpoints sign it: a checkpoint record carries the
+chain head and an Ed25519 signature by the agent's dedicated audit key (``audit-<kid>`` in the key
+directory, never the token key). A checkpoint is written when the runtime starts, after
+``checkpoint_every`` records, ``checkpoint_seconds`` after the oldest unsigned record, and a
+``final`` one on a clean shutdown; each carries that interval, so ``verify`` knows how long an
+unsigned span may be. Every checkpoint is also printed to stdout as a ``{"audit_checkpoint": ...}``
+line, so the log collector holds a copy that a later rewrite of the file cannot reach.
 
 Writes are group-committed: records queue up, one writer appends a batch and fsyncs once, and
 only then are the callers' awaits released. A request is answered after its record is on disk, so
 a crash never loses the record of an acknowledged request.
+
+At start-up nothing is discarded silently: an unreadable line in the middle stays where it is
+(later records are kept), a torn last line (a crash mid-write, never acknowledged) is cut off, and
+both are copied to ``<file>.damaged-<time>`` with their offsets and described in a ``recover``
+record, which ``verify`` reports.
+
+A key directory without an audit key (made by an older operator) still starts: checkpoints are
+then signed with an ephemeral key whose public half is in every checkpoint, which proves nothing
+on its own; ``verify`` accepts it only when the log collector's copy announces the same key.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import collections
 import contextlib
 import datetime
+import enum
 import hashlib
 import json
 import os
+import secrets
 import sys
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, TypeGuard
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, hmac
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from agent_contract.config import SigningAlgorithm
-from agent_contract.keyfiles import KeyRing, SigningKey
+from agent_contract.keyfiles import KeyRing, public_jwk
 
 GENESIS = "0" * 64
 MAX_BATCH = 512
 RECENT = 1000
+FORMAT = 2  # of checkpoints; 1 (before audit keys) was signed with the token key
+CHECKPOINT_LINE = "audit_checkpoint"  # the key of the checkpoint lines on stdout
+# Clocks, queueing and fsync make a checkpoint a little later than its interval; an unsigned span
+# longer than the interval by more than this did not come from the runtime.
+SLACK_SECONDS = 10.0
+_CONTEXT = b"eao-audit-checkpoint-v2\n"  # signatures over checkpoints are good for nothing else
+
+
+class Reason(enum.StrEnum):
+    START = "start"  # the runtime started: signs the trail as it found it
+    INTERVAL = "interval"
+    RECOVERY = "recovery"  # right after the record of what start-up found and set aside
+    FINAL = "final"  # a clean shutdown: nothing follows but a restart
+
+
+class Status(enum.IntEnum):
+    """The outcome of a verification; the value is the exit code of ``agent-runtime audit verify``."""
+
+    VERIFIED = 0  # every record signed within the interval, the trail ends with a final checkpoint
+    FAILED = 1  # tampered, damaged, not signed by a given key, or beyond what the runtime writes
+    UNSIGNED = 3  # intact and signed up to a point, but records after it are not (unclean shutdown?)
 
 
 def canonical(record: dict[str, Any]) -> bytes:
@@ -49,38 +85,106 @@ def chain_hash(record: dict[str, Any]) -> str:
     return hashlib.sha256(canonical({k: v for k, v in record.items() if k != "hash"})).hexdigest()
 
 
-def sign(key: SigningKey, message: bytes) -> bytes:
-    if key.algorithm is SigningAlgorithm.EDDSA:
-        return bytes(key.private.sign(message))
-    if key.algorithm is SigningAlgorithm.RS256:
-        return bytes(key.private.sign(message, padding.PKCS1v15(), hashes.SHA256()))
-    mac = hmac.HMAC(key.private, hashes.SHA256())
-    mac.update(message)
-    return mac.finalize()
-
-
-def verify_signature(key: SigningKey, message: bytes, signature: bytes) -> bool:
-    try:
-        verifier = key.verifier
-        if isinstance(verifier, ed25519.Ed25519PublicKey):
-            verifier.verify(signature, message)
-        elif isinstance(verifier, rsa.RSAPublicKey):
-            verifier.verify(signature, message, padding.PKCS1v15(), hashes.SHA256())
-        else:
-            mac = hmac.HMAC(verifier, hashes.SHA256())
-            mac.update(message)
-            mac.verify(signature)
-    except InvalidSignature:
-        return False
-    return True
-
-
-def _checkpoint_message(upto: int, head: str) -> bytes:
-    return f"audit-checkpoint:{upto}:{head}".encode()
+def checkpoint_message(record: dict[str, Any]) -> bytes:
+    """What a checkpoint's signature covers: the whole record (its place in the chain, the head,
+    the interval, the trail id, the reason) but the signature and the hash."""
+    details = {k: v for k, v in dict(record.get("details") or {}).items() if k != "signature"}
+    return _CONTEXT + canonical({**{k: v for k, v in record.items() if k != "hash"}, "details": details})
 
 
 def utc_now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _b64url_decode(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return type(value) is int  # not bool, which JSON's true would give
+
+
+def _self_consistent(record: dict[str, Any], raw: bytes = b"") -> bool:
+    """Whether a record's hash is its own. ``raw``, the line it was read from, saves serialising it
+    again when it is as the runtime wrote it: the hash then is over the line without its ``hash``."""
+    digest = record.get("hash")
+    if not _is_int(record.get("seq")) or not isinstance(digest, str):
+        return False
+    body = raw.rstrip(b"\n")
+    if body.endswith(f',"hash":"{digest}"}}'.encode()):
+        unhashed = body[: -len(digest) - 11] + b"}"
+        if hashlib.sha256(unhashed).hexdigest() == digest:
+            return True
+    try:
+        return digest == chain_hash(record)
+    except (ValueError, TypeError, RecursionError):
+        return False
+
+
+def _parse(raw: bytes) -> tuple[dict[str, Any] | None, str]:
+    """A line as a record, or None and why not."""
+    body = raw.rstrip(b"\n")
+    if not body.strip():
+        return None, "empty line"
+    try:
+        record = json.loads(body.decode())
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return None, "not a JSON record"
+    if not isinstance(record, dict):
+        return None, "not a JSON object"
+    return record, ""
+
+
+def _lines(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(offset, line) for each line, on ``\\n`` only; the last may lack its newline (a torn write)."""
+    start = 0
+    while start < len(data):
+        end = data.find(b"\n", start)
+        end = len(data) if end < 0 else end + 1
+        yield start, data[start:end]
+        start = end
+
+
+@dataclass(frozen=True)
+class _Span:
+    """Bytes that start-up recovery set aside, as its ``recover`` record declares them."""
+
+    offset: int
+    length: int
+    sha256: str
+    recorded_at: int  # the seq of the recover record
+    set_aside: str
+
+    def covers(self, offset: int) -> bool:
+        return self.offset <= offset < self.offset + self.length
+
+
+def _declared_damage(record: dict[str, Any]) -> list[_Span]:
+    if record.get("type") != "audit" or record.get("action") != "recover":
+        return []
+    details = record.get("details")
+    if not isinstance(details, dict) or not isinstance(details.get("damaged"), list):
+        return []
+    spans = []
+    for item in details["damaged"]:
+        if isinstance(item, dict) and _is_int(item.get("offset")) and _is_int(item.get("length")):
+            spans.append(
+                _Span(
+                    item["offset"],
+                    item["length"],
+                    str(item.get("sha256")),
+                    record["seq"] if _is_int(record.get("seq")) else 0,
+                    str(details.get("set_aside")),
+                )
+            )
+    return spans
+
+
+def _describe_bytes(offset: int, data: bytes, line: int | None = None) -> dict[str, Any]:
+    described: dict[str, Any] = {"offset": offset, "length": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    if line is not None:
+        described["line"] = line
+    return described
 
 
 @dataclass
@@ -98,69 +202,164 @@ class AuditLog:
         checkpoint_every: int = 1000,
         checkpoint_seconds: float = 60.0,
         on_write: Callable[[float, int], None] | None = None,
+        stream: TextIO | None = None,
+        checkpoints_to_stdout: bool = True,
     ) -> None:
+        """``to_stdout``: every record also goes to ``stream`` (default: stdout);
+        ``checkpoints_to_stdout``: every checkpoint goes there as an ``audit_checkpoint`` line."""
         self.path = Path(path)
-        self.keys = keys
         self.to_stdout = to_stdout
+        self.checkpoints_to_stdout = checkpoints_to_stdout
+        self.stream = stream
         self.checkpoint_every = checkpoint_every
         self.checkpoint_seconds = checkpoint_seconds
         self.on_write = on_write  # (seconds a batch took, records in it), for metrics
         self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT)
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        signer = keys.audit_signer if keys is not None else None
+        # No audit key (a key directory from an older operator): keep serving, sign with a key of
+        # this process's own and say so in every checkpoint; verify does not trust it by itself.
+        self.ephemeral_key = signer is None
+        self._kid, self._key = signer or (f"ephemeral-{secrets.token_hex(8)}", ed25519.Ed25519PrivateKey.generate())
+        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._fd = -1
+        self._size = 0  # the file's length after the last good append, to undo a failed one
         self._seq = 0
         self._head = GENESIS
+        self._trail = ""
         self._since_checkpoint = 0
-        self._last_checkpoint = time.monotonic()
+        self._first_unsigned = 0.0  # monotonic time the oldest unsigned record was chained
         self._writer: asyncio.Task[None] | None = None
+        self._closing = False
         self.healthy = True
+        self.recovered: dict[str, Any] | None = None  # the details of the recover record, if one was written
 
     # --- lifecycle --------------------------------------------------------------------------------
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._recover()
+        recover = await asyncio.to_thread(self._recover)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._size = os.fstat(self._fd).st_size
+        shipped: list[str] = []
+        lines = [self._checkpoint(Reason.START, shipped)]
+        if recover is not None:
+            self.recovered = recover["details"]
+            lines.append(self._chain(recover))
+            lines.append(self._checkpoint(Reason.RECOVERY, shipped))
+        await asyncio.to_thread(self._append, lines, shipped)
+        if self.ephemeral_key:
+            print(
+                f"warning: {self.path}: the key directory has no audit key (audit-<kid>), so audit checkpoints are "
+                f"signed with the ephemeral key {self._kid}; they verify only against the checkpoint lines on "
+                "stdout. Add an audit key to the key Secret and restart.",
+                file=sys.stderr,
+            )
         self._writer = asyncio.create_task(self._write_loop(), name="audit-writer")
 
-    def _recover(self) -> None:
-        """Continues the chain of an existing file; a torn last line (a crash mid-write, never
-        acknowledged) is cut off."""
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        good_end = 0
-        position = 0
-        for line in data.splitlines(keepends=True):
-            position += len(line)
-            if not line.endswith(b"\n"):
+    def _recover(self) -> dict[str, Any] | None:
+        """Continues the chain of an existing file from its last good record. Returns the record
+        to write about what was found (an unclean shutdown, damage, a torn last line), or None."""
+        data = self.path.read_bytes() if self.path.exists() else b""
+        declared: list[_Span] = []
+        damaged: list[dict[str, Any]] = []  # runs of unreadable lines, each {offset, length, line}
+        torn: tuple[int, bytes, int] | None = None
+        last_checkpoint: dict[str, Any] | None = None
+        last_checkpoint_seq: int | None = None
+        first_unsigned = 0
+        for number, (offset, raw) in enumerate(_lines(data), start=1):
+            if not raw.endswith(b"\n"):
+                torn = (offset, raw, number)
                 break
-            try:
-                record = json.loads(line)
-            except ValueError:
-                break
-            self._seq, self._head = int(record["seq"]), str(record["hash"])
-            self._since_checkpoint = 0 if record.get("type") == "checkpoint" else self._since_checkpoint + 1
+            record, _ = _parse(raw)
+            if record is None or not _self_consistent(record, raw):
+                previous = damaged[-1] if damaged else None
+                if previous is not None and previous["offset"] + previous["length"] == offset:
+                    previous["length"] += len(raw)
+                else:
+                    damaged.append({"offset": offset, "length": len(raw), "line": number})
+                continue
+            self._seq, self._head = record["seq"], str(record["hash"])
             self.recent.append(record)
-            good_end = position
-        if good_end < len(data):
-            with self.path.open("r+b") as handle:
-                handle.truncate(good_end)
+            found = record.get("details")
+            if record.get("type") == "checkpoint" and isinstance(found, dict):
+                last_checkpoint, last_checkpoint_seq = found, record["seq"]
+                self._trail = str(found.get("trail") or self._trail)
+                self._since_checkpoint = 0
+            else:
+                first_unsigned = first_unsigned if self._since_checkpoint else record["seq"]
+                self._since_checkpoint += 1
+                declared.extend(_declared_damage(record))
+        if not self._trail:
+            self._trail = secrets.token_hex(8)  # a new file: the id ties the stdout copy to it
+        new_damage = [run for run in damaged if not any(span.covers(run["offset"]) for span in declared)]
+        ended_cleanly = last_checkpoint is not None and last_checkpoint.get("reason") == Reason.FINAL
+        clean = self._seq == 0 or (ended_cleanly and not self._since_checkpoint)
+        unsigned = self._since_checkpoint
+        self._since_checkpoint = 0  # the start checkpoint follows at once
+        if clean and not new_damage and torn is None:
+            return None
+        details: dict[str, Any] = {"clean": clean, "last_checkpoint": last_checkpoint_seq}
+        if unsigned:
+            details["unsigned"] = {"from": first_unsigned, "to": self._seq}
+        if new_damage or torn is not None:
+            spans = [
+                (run["offset"], data[run["offset"] : run["offset"] + run["length"]], run["line"]) for run in new_damage
+            ]
+            details["damaged"] = [_describe_bytes(offset, chunk, line) for offset, chunk, line in spans]
+            if torn is not None:
+                details["torn_tail"] = _describe_bytes(*torn)
+                spans.append(torn)
+            details["set_aside"] = self._set_aside(spans)
+            if torn is not None:
+                # Never acknowledged (its fsync did not return), and the next append must start a line.
+                with self.path.open("r+b") as handle:
+                    handle.truncate(torn[0])
+                    os.fsync(handle.fileno())
+        return self._new_record(type="audit", action="recover", result="recovered", details=details)
+
+    def _set_aside(self, spans: list[tuple[int, bytes, int]]) -> str:
+        """Copies damaged bytes to ``<file>.damaged-<time>`` (JSON lines: offset, line, bytes in
+        base64), durably, before anything is cut. Returns the file's name."""
+        content = b"".join(
+            canonical({**_describe_bytes(offset, chunk, line), "base64": base64.b64encode(chunk).decode()}) + b"\n"
+            for offset, chunk, line in spans
+        )
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        for attempt in range(100):
+            target = self.path.with_name(f"{self.path.name}.damaged-{stamp}" + (f"-{attempt}" if attempt else ""))
+            try:
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue
+            try:
+                os.write(fd, content)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            directory = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+            return target.name
+        raise FileExistsError(f"{self.path}: cannot name a file for the damaged bytes")
 
     async def close(self) -> None:
-        """Flushes what is queued, writes a final checkpoint and closes the file."""
+        """Writes what is queued, then a final checkpoint, and closes the file."""
         if self._writer is None:
             return
-        await self._queue.join()
-        self._writer.cancel()
+        self._closing = True
+        self._queue.put_nowait(None)  # after everything queued before it
         with contextlib.suppress(asyncio.CancelledError):
             await self._writer
         self._writer = None
-        if self._since_checkpoint:
-            lines = [self._checkpoint()]
-            await asyncio.to_thread(self._append, lines)
-        os.close(self._fd)
-        self._fd = -1
+        shipped: list[str] = []
+        lines = [self._checkpoint(Reason.FINAL, shipped)]
+        try:
+            await asyncio.to_thread(self._append, lines, shipped)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
 
     # --- writing ----------------------------------------------------------------------------------
 
@@ -178,9 +377,37 @@ class AuditLog:
         details: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Queues a record and returns once it is on disk (fsynced)."""
-        if self._writer is None or self._writer.done():
+        if self._writer is None or self._writer.done() or self._closing:
             raise RuntimeError("the audit log is not running")
-        record = {
+        record = self._new_record(
+            type=type,
+            action=action,
+            result=result,
+            actor=actor,
+            resource=resource,
+            client_ip=client_ip,
+            request_id=request_id,
+            trace_id=trace_id,
+            details=details,
+        )
+        done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(record, done))
+        return await done
+
+    @staticmethod
+    def _new_record(
+        *,
+        type: str,
+        action: str,
+        result: str,
+        actor: str | None = None,
+        resource: str | None = None,
+        client_ip: str | None = None,
+        request_id: str | None = None,
+        trace_id: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        return {
             "time": utc_now(),
             "type": type,
             "actor": actor,
@@ -192,142 +419,611 @@ class AuditLog:
             "trace_id": trace_id,
             "details": details or {},
         }
-        done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(record, done))
-        return await done
 
     def _chain(self, record: dict[str, Any]) -> str:
-        self._seq += 1
-        record["seq"] = self._seq
+        record["seq"] = self._seq + 1
         record["prev"] = self._head
         body = canonical(record)  # serialised once: hashed, then written with the hash appended
+        self._seq += 1  # only now: a value JSON cannot hold has raised above and changed nothing
         record["hash"] = self._head = hashlib.sha256(body).hexdigest()
         self.recent.append(record)
         return f'{body[:-1].decode()},"hash":"{record["hash"]}"}}\n'
 
-    def _checkpoint(self) -> str:
-        details: dict[str, Any] = {"upto": self._seq, "head": self._head}
-        if self.keys is not None:
-            signer = self.keys.signer
-            signature = sign(signer, _checkpoint_message(self._seq, self._head))
-            details.update(kid=signer.kid, alg=signer.algorithm.value, signature=base64.b64encode(signature).decode())
-        self._since_checkpoint = 0
-        self._last_checkpoint = time.monotonic()
+    def _checkpoint(self, reason: Reason, shipped: list[str]) -> str:
+        """A signed checkpoint over the chain so far; its stdout copy is added to ``shipped``."""
+        details: dict[str, Any] = {
+            "format": FORMAT,
+            "trail": self._trail,
+            "reason": reason.value,
+            "upto": self._seq,
+            "head": self._head,
+            "every": self.checkpoint_every,
+            "seconds": self.checkpoint_seconds,
+            "kid": self._kid,
+            "alg": "EdDSA",
+        }
+        if self.ephemeral_key:
+            details.update(ephemeral=True, public_key=public_jwk(self._kid, self._key.public_key()))
         record = {
             "time": utc_now(),
             "type": "checkpoint",
             "action": "checkpoint",
             "result": "success",
             "details": details,
+            "seq": self._seq + 1,
+            "prev": self._head,
         }
-        return self._chain(record)
+        details["signature"] = base64.b64encode(self._key.sign(checkpoint_message(record))).decode()
+        self._since_checkpoint = 0
+        line = self._chain(record)
+        shipped.append(f'{{"{CHECKPOINT_LINE}":{line[:-1]}}}\n')
+        return line
 
-    def _append(self, lines: list[str]) -> None:
+    def _append(self, lines: list[str], shipped: list[str]) -> None:
         data = "".join(lines).encode()
-        written = 0
-        while written < len(data):
-            written += os.write(self._fd, data[written:])
-        os.fsync(self._fd)
-        if self.to_stdout:
-            sys.stdout.write("".join(lines))
-            sys.stdout.flush()
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(self._fd, data[written:])
+            os.fsync(self._fd)
+        except OSError:
+            # No partial line may stay behind for the next batch to run into.
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)
+            raise
+        self._size += len(data)
+        text = ("".join(lines) if self.to_stdout else "") + ("".join(shipped) if self.checkpoints_to_stdout else "")
+        if text:
+            stream = self.stream or sys.stdout
+            # The copy is best effort: the records are on disk already, and a closed stdout must
+            # not fail the requests they belong to.
+            with contextlib.suppress(OSError, ValueError):
+                stream.write(text)
+                stream.flush()
 
     async def _write_loop(self) -> None:
         while True:
-            batch = [await self._queue.get()]
-            while len(batch) < MAX_BATCH and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            started = time.perf_counter()
-            lines = [self._chain(item.record) for item in batch]
-            self._since_checkpoint += len(batch)
-            due = time.monotonic() - self._last_checkpoint >= self.checkpoint_seconds
-            if self._since_checkpoint >= self.checkpoint_every or due:
-                lines.append(self._checkpoint())
+            timeout = None
+            if self._since_checkpoint:
+                timeout = max(0.0, self._first_unsigned + self.checkpoint_seconds - time.monotonic())
             try:
-                await asyncio.to_thread(self._append, lines)
-            except OSError as error:
-                self.healthy = False
-                for item in batch:
-                    if not item.done.done():
-                        item.done.set_exception(error)
-            else:
-                self.healthy = True
-                for item in batch:
-                    if not item.done.done():
-                        item.done.set_result(item.record)
-            finally:
-                for _ in batch:
-                    self._queue.task_done()
-            if self.on_write is not None:
-                self.on_write(time.perf_counter() - started, len(batch))
+                first = await asyncio.wait_for(self._queue.get(), timeout)
+            except TimeoutError:
+                await self._write([])  # records have waited checkpoint_seconds: sign them now
+                continue
+            batch: list[_Pending] = []
+            item = first
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= MAX_BATCH or self._queue.empty():
+                    break
+                item = self._queue.get_nowait()
+            if batch:
+                await self._write(batch)
+            if item is None:
+                return  # close() asked for it, after everything queued before
+
+    async def _write(self, batch: list[_Pending]) -> None:
+        started = time.perf_counter()
+        saved = (self._seq, self._head, self._since_checkpoint, self._first_unsigned)
+        lines: list[str] = []
+        shipped: list[str] = []
+        for item in batch:
+            try:
+                line = self._chain(item.record)
+            except (TypeError, ValueError) as error:  # details JSON cannot hold: that caller's error only
+                item.done.set_exception(error)
+                continue
+            if not self._since_checkpoint:
+                self._first_unsigned = time.monotonic()
+            lines.append(line)
+            self._since_checkpoint += 1
+            if self._since_checkpoint >= self.checkpoint_every:
+                lines.append(self._checkpoint(Reason.INTERVAL, shipped))
+        if self._since_checkpoint and time.monotonic() - self._first_unsigned >= self.checkpoint_seconds:
+            lines.append(self._checkpoint(Reason.INTERVAL, shipped))
+        try:
+            await asyncio.to_thread(self._append, lines, shipped)
+        except OSError as error:
+            # Nothing of the batch is in the file: the chain goes on from where the file ends.
+            self._seq, self._head, self._since_checkpoint, self._first_unsigned = saved
+            for _ in range(min(len(lines), len(self.recent))):
+                self.recent.pop()
+            self.healthy = False
+            for item in batch:
+                if not item.done.done():
+                    item.done.set_exception(error)
+        else:
+            self.healthy = True
+            for item in batch:
+                if not item.done.done():
+                    item.done.set_result(item.record)
+        if self.on_write is not None and batch:
+            self.on_write(time.perf_counter() - started, len(batch))
 
 
 # --- verification -----------------------------------------------------------------------------------
 
 
+class AuditKeyError(ValueError):
+    """Public keys that cannot be used."""
+
+
+def load_public_keys(data: bytes) -> dict[str, ed25519.Ed25519PublicKey]:
+    """The Ed25519 keys of a JWK set (what ``agent-runtime audit export-key`` prints), by kid."""
+    try:
+        document = json.loads(data)
+    except (ValueError, RecursionError):
+        raise AuditKeyError('not a JSON document (expected a JWK set: {"keys": [...]})') from None
+    entries = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(entries, list):
+        raise AuditKeyError('not a JWK set (expected {"keys": [...]})')
+    keys: dict[str, ed25519.Ed25519PublicKey] = {}
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or entry.get("kty") != "OKP" or entry.get("crv") != "Ed25519":
+            continue  # another kind of key (a token JWKS may hold RSA keys too): not an audit key
+        kid, x = entry.get("kid"), entry.get("x")
+        if not isinstance(kid, str) or not kid or not isinstance(x, str):
+            raise AuditKeyError(f"key {index}: an Ed25519 key needs a kid and x")
+        try:
+            keys[kid] = ed25519.Ed25519PublicKey.from_public_bytes(_b64url_decode(x))
+        except (ValueError, binascii.Error):
+            raise AuditKeyError(f"key {kid!r}: x is not a 32-byte Ed25519 public key in base64url") from None
+    if not keys:
+        raise AuditKeyError("the JWK set holds no Ed25519 key")
+    return keys
+
+
+def _verify_checkpoint_signature(record: dict[str, Any], key: ed25519.Ed25519PublicKey, details: dict[str, Any]) -> str:
+    """'' when the signature is good, else why not."""
+    try:
+        signature = base64.b64decode(str(details.get("signature", "")), validate=True)
+    except (ValueError, binascii.Error):
+        return "checkpoint signature is not base64"
+    try:
+        key.verify(signature, checkpoint_message(record))
+    except InvalidSignature:
+        return "checkpoint signature does not verify"
+    except (ValueError, TypeError, RecursionError):
+        return "checkpoint cannot be checked"
+    return ""
+
+
+def _announced_key(details: dict[str, Any]) -> ed25519.Ed25519PublicKey | None:
+    """The public key an ephemeral checkpoint carries, if well-formed and named by its kid."""
+    jwk = details.get("public_key")
+    if not details.get("ephemeral") or not isinstance(jwk, dict) or jwk.get("kid") != details.get("kid"):
+        return None
+    try:
+        return load_public_keys(json.dumps({"keys": [jwk]}).encode()).get(str(details.get("kid")))
+    except AuditKeyError:
+        return None
+
+
+@dataclass(frozen=True)
+class _Shipped:
+    seq: int
+    hash: str
+    trail: str
+    line: int
+
+
+def _shipped_record(raw: bytes) -> dict[str, Any] | None:
+    """The checkpoint on a line of the log collector's copy: an ``audit_checkpoint`` line or a
+    checkpoint record, maybe behind a timestamp prefix or inside a JSON log wrapper."""
+    start = raw.find(b"{")
+    if start < 0:
+        return None
+    document, _ = _parse(raw[start:])
+    if document is not None and isinstance(document.get("log"), str):  # a container runtime's JSON log
+        document, _ = _parse(document["log"].encode())
+    if document is None:
+        return None
+    if CHECKPOINT_LINE in document:
+        inner = document[CHECKPOINT_LINE]
+        return inner if isinstance(inner, dict) else {}
+    return document if document.get("type") == "checkpoint" else None
+
+
+def _read_shipped(
+    data: bytes, keys: Mapping[str, ed25519.Ed25519PublicKey]
+) -> tuple[list[_Shipped], dict[str, tuple[str, ed25519.Ed25519PublicKey]], list[str]]:
+    """The signed checkpoints of the log collector's copy, the ephemeral keys it announces (by kid:
+    trail, key) and what in it is not a valid signed checkpoint."""
+    shipped: list[_Shipped] = []
+    announced: dict[str, tuple[str, ed25519.Ed25519PublicKey]] = {}
+    problems: list[str] = []
+    for number, (_, raw) in enumerate(_lines(data), start=1):
+        record = _shipped_record(raw)
+        if record is None:
+            continue  # another line of the pod's output
+        details = record.get("details")
+        where = f"line {number} of the checkpoint copy"
+        if not _self_consistent(record) or not isinstance(details, dict) or details.get("format") != FORMAT:
+            problems.append(f"{where}: not a checkpoint record of this format (edited?)")
+            continue
+        kid = str(details.get("kid"))
+        key = keys.get(kid) or _announced_key(details)
+        if key is None:
+            problems.append(f"{where}: checkpoint seq {record['seq']} signed by unknown key {kid!r}")
+            continue
+        why = _verify_checkpoint_signature(record, key, details)
+        if why:
+            problems.append(f"{where}: {why} (seq {record['seq']})")
+            continue
+        trail = str(details.get("trail"))
+        if kid not in keys:
+            announced[kid] = (trail, key)
+        shipped.append(_Shipped(record["seq"], str(record["hash"]), trail, number))
+    return shipped, announced, problems
+
+
 @dataclass(frozen=True)
 class Verification:
-    ok: bool
+    status: Status
     records: int
     checkpoints: int
-    signatures_checked: bool
+    problems: tuple[str, ...] = ()  # why it failed, each naming a line and record
+    unsigned: tuple[str, ...] = ()  # records no signature covered in time (unclean shutdowns)
+    notes: tuple[str, ...] = ()  # what an auditor should know that is no failure
     first_bad_line: int | None = None
     first_bad_seq: int | None = None
     reason: str = ""
 
+    @property
+    def ok(self) -> bool:
+        return self.status is Status.VERIFIED
+
     def describe(self) -> str:
-        if self.ok:
-            signed = "signatures verified" if self.signatures_checked else "signatures NOT checked (no keys given)"
-            return f"ok: {self.records} records, {self.checkpoints} checkpoints, chain intact, {signed}"
-        return f"TAMPERED at line {self.first_bad_line} (record seq {self.first_bad_seq}): {self.reason}"
+        counts = f"{self.records} records, {self.checkpoints} checkpoints"
+        if self.status is Status.VERIFIED:
+            lines = [f"ok: {counts}, chain intact, every record signed by an audit key, ends with a final checkpoint"]
+        elif self.status is Status.UNSIGNED:
+            lines = [f"INCOMPLETE: {counts}, chain intact and signatures verified, but:", *self.unsigned]
+        else:
+            lines = [f"FAILED: {problem}" for problem in self.problems]
+            lines += [f"also: {span}" for span in self.unsigned]
+        return "\n".join([*lines, *(f"note: {note}" for note in self.notes)])
 
 
-def verify_lines(lines: Iterable[str], keys: KeyRing | None = None) -> Verification:
-    """Checks the chain and the checkpoints; names the first record that does not fit."""
-    expected_seq, head = 1, GENESIS
-    records = checkpoints = 0
+@dataclass
+class _Walk:
+    """The state of one pass over a trail, first line to last."""
 
-    def bad(number: int, seq: Any, reason: str) -> Verification:
-        return Verification(
-            False, records, checkpoints, keys is not None, number, seq if isinstance(seq, int) else None, reason
-        )
+    keys: Mapping[str, ed25519.Ed25519PublicKey]
+    announced: Mapping[str, tuple[str, ed25519.Ed25519PublicKey]]
+    declared: list[_Span]
+    data: bytes
+    expected_seq: int = 1
+    head: str = GENESIS
+    last_seq: int = 0
+    records: int = 0
+    checkpoints: int = 0
+    trail: str | None = None
+    last_checkpoint: dict[str, Any] | None = None
+    last_checkpoint_seq: int = 0
+    last_was_final: bool = False
+    span: list[dict[str, Any]] = field(default_factory=list)  # records since the last checkpoint
+    span_damaged: bool = False
+    resync: bool = False
+    stopped: bool = False
+    hashes: dict[int, str] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    unsigned: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    first_bad: tuple[int, int | None, str] | None = None
 
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            return bad(number, None, "empty line")
-        try:
-            record = json.loads(line)
-        except ValueError:
-            return bad(number, None, "not a JSON record")
-        if not isinstance(record, dict):
-            return bad(number, None, "not a JSON object")
+    def where(self, line: int, seq: Any) -> str:
+        if _is_int(seq):
+            return f"line {line} (record seq {seq})"
+        return f"line {line} (after record seq {self.last_seq})"
+
+    def fail(self, line: int, seq: Any, reason: str, stop: bool = True) -> None:
+        self.problems.append(f"{self.where(line, seq)}: {reason}")
+        if self.first_bad is None:
+            self.first_bad = (line, seq if _is_int(seq) else None, reason)
+        self.stopped = self.stopped or stop
+
+    def line(self, number: int, offset: int, raw: bytes) -> None:
+        if not raw.endswith(b"\n"):
+            self.notes.append(
+                f"line {number}: an incomplete last line ({len(raw)} bytes), a write cut short and never "
+                "acknowledged; not part of the trail"
+            )
+            return
+        span = next((s for s in self.declared if s.covers(offset)), None)
+        if span is not None and hashlib.sha256(self.data[span.offset : span.offset + span.length]).hexdigest() == (
+            span.sha256
+        ):
+            if span.offset == offset:
+                self.fail(
+                    number,
+                    None,
+                    f"damaged ({span.length} bytes at offset {span.offset}); set aside by the runtime's recovery "
+                    f"(record seq {span.recorded_at}) in {span.set_aside}: the records in it are lost from the chain",
+                    stop=False,
+                )
+            self.resync = self.span_damaged = True
+            return
+        record, why = _parse(raw)
+        if record is None:
+            self.fail(number, None, why)
+            return
         seq = record.get("seq")
-        if seq != expected_seq:
-            return bad(
+        if self.resync:
+            # After declared damage the next record is taken as is: what it follows is lost.
+            if not _is_int(seq) or not _self_consistent(record, raw) or seq <= self.last_seq:
+                self.fail(number, seq, "does not continue the chain after the damaged lines")
+                return
+            self.expected_seq, self.head = seq, str(record.get("prev"))
+            self.resync = False
+        if not _is_int(seq) or seq != self.expected_seq:
+            self.fail(
                 number,
                 seq,
-                f"sequence {seq} where {expected_seq} was expected (a record was removed, inserted or moved)",
+                f"sequence {seq} where {self.expected_seq} was expected (a record was removed, inserted or moved)",
             )
-        if record.get("prev") != head:
-            return bad(number, seq, "does not follow the previous record (prev hash differs)")
-        if record.get("hash") != chain_hash(record):
-            return bad(number, seq, "content does not match its hash (the record was edited)")
-        if record.get("type") == "checkpoint":
-            details = record.get("details") or {}
-            if details.get("upto") != seq - 1 or details.get("head") != head:
-                return bad(number, seq, "checkpoint does not describe the chain before it")
-            if keys is not None:
-                key = keys.signing.get(str(details.get("kid")))
-                if key is None:
-                    return bad(number, seq, f"checkpoint signed by unknown key {details.get('kid')!r}")
-                try:
-                    signature = base64.b64decode(str(details.get("signature", "")), validate=True)
-                except ValueError:
-                    return bad(number, seq, "checkpoint signature is not base64")
-                if not verify_signature(key, _checkpoint_message(seq - 1, head), signature):
-                    return bad(number, seq, "checkpoint signature does not verify")
-            checkpoints += 1
+            return
+        if record.get("prev") != self.head:
+            self.fail(number, seq, "does not follow the previous record (prev hash differs)")
+            return
+        if not _self_consistent(record, raw):
+            self.fail(number, seq, "content does not match its hash (the record was edited)")
+            return
+        is_checkpoint = record.get("type") == "checkpoint"
+        details = record.get("details")
+        if self.last_was_final and not (
+            is_checkpoint and isinstance(details, dict) and details.get("reason") == "start"
+        ):
+            self.fail(
+                number,
+                seq,
+                f"follows the final checkpoint (seq {self.last_checkpoint_seq}) without a signed restart: "
+                "records were appended after a clean shutdown",
+            )
+            return
+        if is_checkpoint:
+            self.checkpoint(number, record)
+            if self.stopped:
+                return
         else:
-            records += 1
-        head, expected_seq = record["hash"], expected_seq + 1
-    return Verification(True, records, checkpoints, keys is not None)
+            if self.last_checkpoint is None and not self.span_damaged:
+                self.fail(
+                    number,
+                    seq,
+                    "comes before any checkpoint: a trail begins with a signed start checkpoint "
+                    "(written by an older runtime, or rewritten from scratch)",
+                )
+                return
+            self.records += 1
+            self.span.append(record)
+            self.recovery_note(record)
+        self.hashes[seq] = str(record["hash"])
+        self.head, self.expected_seq, self.last_seq = str(record["hash"]), seq + 1, seq
+
+    def recovery_note(self, record: dict[str, Any]) -> None:
+        details = record.get("details")
+        if record.get("type") != "audit" or record.get("action") != "recover" or not isinstance(details, dict):
+            return
+        torn = details.get("torn_tail")
+        if isinstance(torn, dict):
+            self.notes.append(
+                f"record seq {record['seq']}: at start-up the runtime cut off an incomplete last line (a write "
+                f"never acknowledged, {torn.get('length')} bytes at offset {torn.get('offset')}) and kept it in "
+                f"{details.get('set_aside')}"
+            )
+        damaged = details.get("damaged")
+        if isinstance(damaged, list) and damaged:
+            self.notes.append(
+                f"record seq {record['seq']}: at start-up the runtime found {len(damaged)} damaged span(s) and "
+                f"copied them to {details.get('set_aside')}"
+            )
+
+    def checkpoint(self, number: int, record: dict[str, Any]) -> None:
+        seq: int = record["seq"]
+        details = record.get("details")
+        if not isinstance(details, dict):
+            self.fail(number, seq, "checkpoint without details")
+            return
+        if details.get("format") != FORMAT:
+            self.fail(number, seq, "checkpoint in an older format (signed with the token key, not an audit key)")
+            return
+        if details.get("upto") != seq - 1 or details.get("head") != self.head:
+            self.fail(number, seq, "checkpoint does not describe the chain before it")
+            return
+        reason, every, seconds = details.get("reason"), details.get("every"), details.get("seconds")
+        if reason not in set(Reason) or not _is_int(every) or every < 1:
+            self.fail(number, seq, "checkpoint without a valid reason and interval")
+            return
+        if not (_is_int(seconds) or isinstance(seconds, float)) or not seconds > 0:
+            self.fail(number, seq, "checkpoint without a valid interval")
+            return
+        trail, kid = str(details.get("trail")), str(details.get("kid"))
+        if self.trail is not None and trail != self.trail:
+            self.fail(number, seq, f"checkpoint of another trail ({trail}; this trail is {self.trail})")
+            return
+        key = self.keys.get(kid)
+        if key is None and kid in self.announced and self.announced[kid][0] == trail:
+            key = self.announced[kid][1]
+        if key is None:
+            if details.get("ephemeral"):
+                self.fail(
+                    number,
+                    seq,
+                    f"checkpoint signed with the ephemeral key {kid!r} (the runtime had no audit key): it proves "
+                    "nothing unless the log collector's copy of the checkpoints (--checkpoints) announces that key",
+                )
+            else:
+                self.fail(number, seq, f"checkpoint signed by unknown key {kid!r} (not among the public keys given)")
+            return
+        why = _verify_checkpoint_signature(record, key, details)
+        if why:
+            self.fail(number, seq, why)
+            return
+        if kid not in self.keys:
+            self.notes.append(
+                f"checkpoint seq {seq} is signed with the ephemeral key {kid!r}, trusted from the checkpoint copy"
+            )
+        self.trail = trail
+        if reason == Reason.START and self.last_checkpoint is not None and not self.last_was_final:
+            if self.span:
+                self.unsigned.append(
+                    f"records {self.span[0]['seq']}-{self.span[-1]['seq']} after the checkpoint at seq "
+                    f"{self.last_checkpoint_seq} were not signed until the restart at seq {seq} (unclean shutdown)"
+                )
+            else:
+                self.notes.append(
+                    f"the runtime stopped without a final checkpoint after seq {self.last_checkpoint_seq} "
+                    "(unclean shutdown); no record was left unsigned"
+                )
+        self.check_span(number, seq, None if reason == Reason.START else record.get("time"))
+        self.last_checkpoint, self.last_checkpoint_seq = details, seq
+        self.last_was_final = reason == Reason.FINAL
+        self.span, self.span_damaged = [], False
+        self.checkpoints += 1
+
+    def check_span(self, number: int, seq: int | None, signed_at: Any) -> bool:
+        """Whether the records since the last checkpoint are within the interval it carries (in
+        records, and in seconds from the first of them to ``signed_at``, or to the last of them)."""
+        if not self.span or self.last_checkpoint is None or self.span_damaged:
+            return True
+        every, seconds = self.last_checkpoint["every"], self.last_checkpoint["seconds"]
+        first, last = self.span[0]["seq"], self.span[-1]["seq"]
+        if len(self.span) > every:
+            self.fail(
+                number,
+                seq,
+                f"records {first}-{last} after the checkpoint at seq {self.last_checkpoint_seq} are "
+                f"{len(self.span)} records, more than its interval of {every} (a checkpoint was removed, or "
+                "records were added)",
+                stop=False,
+            )
+            return False
+        start, end = _timestamp(self.span[0].get("time")), _timestamp(signed_at or self.span[-1].get("time"))
+        if start is None or end is None:
+            self.fail(number, seq, f"records {first}-{last}: a record has no readable time", stop=False)
+            return False
+        if end - start > seconds + SLACK_SECONDS:
+            self.fail(
+                number,
+                seq,
+                f"records {first}-{last} after the checkpoint at seq {self.last_checkpoint_seq} were unsigned for "
+                f"{end - start:.0f} s, longer than its interval of {seconds:g} s (a checkpoint was removed, or "
+                "records were added)",
+                stop=False,
+            )
+            return False
+        return True
+
+    def end(self, lines: int) -> None:
+        if self.stopped:
+            return
+        if self.last_checkpoint is None:
+            self.fail(lines + 1, None, "the trail has no checkpoint: nothing in it is signed")
+        elif self.span:
+            first, last = self.span[0]["seq"], self.span[-1]["seq"]
+            if self.check_span(lines + 1, None, None):
+                self.unsigned.append(
+                    f"records {first}-{last} after the last checkpoint (seq {self.last_checkpoint_seq}) are not "
+                    "signed (unclean shutdown, the runtime is still writing, or they were cut off or added)"
+                )
+        elif not self.last_was_final:
+            self.unsigned.append(
+                f"the trail ends at checkpoint seq {self.last_checkpoint_seq}, which is not a final checkpoint "
+                "(unclean shutdown, or the runtime is still running): records after it may be missing"
+            )
+
+    def compare(self, shipped: list[_Shipped]) -> None:
+        """Every checkpoint the log collector holds for this trail must be in the file, unchanged."""
+        if self.trail is None:
+            return
+        mine = sorted((s for s in shipped if s.trail == self.trail), key=lambda s: s.seq)
+        if not mine:
+            others = sorted({s.trail for s in shipped})
+            self.problems.append(
+                f"the checkpoint copy holds no checkpoint of this trail ({self.trail}; it holds {others or 'none'}): "
+                "the file was rewritten from scratch, or the copy is of another agent"
+            )
+            return
+        for item in mine:
+            held = self.hashes.get(item.seq)
+            if held is not None and held != item.hash:
+                self.problems.append(
+                    f"record seq {item.seq} differs from the signed checkpoint the log collector holds (line "
+                    f"{item.line} of the copy): the trail was rewritten at or before seq {item.seq}"
+                )
+                return
+        if not self.stopped and mine[-1].seq > self.last_seq:
+            self.problems.append(
+                f"the trail ends at seq {self.last_seq}, but the log collector holds the signed checkpoint seq "
+                f"{mine[-1].seq} (line {mine[-1].line} of the copy): records {self.last_seq + 1}-{mine[-1].seq} were "
+                "cut off"
+            )
+            return
+        matched = sum(1 for item in mine if self.hashes.get(item.seq) == item.hash)
+        self.notes.append(
+            f"{matched} of the {len(mine)} checkpoints the log collector holds for this trail are in it, unchanged"
+        )
+
+
+def _timestamp(value: Any) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except (ValueError, OverflowError):
+        return None
+
+
+def verify_trail(
+    data: bytes,
+    keys: KeyRing | Mapping[str, ed25519.Ed25519PublicKey],
+    checkpoints: bytes | None = None,
+) -> Verification:
+    """Checks a trail's chain, its checkpoints' signatures with the audit public ``keys``, the
+    length of every unsigned span, that it ends with a final checkpoint and, given the log
+    collector's copy of the checkpoints, that every one of them is in the file unchanged."""
+    public = keys.audit_public_keys if isinstance(keys, KeyRing) else dict(keys)
+    shipped: list[_Shipped] = []
+    announced: dict[str, tuple[str, ed25519.Ed25519PublicKey]] = {}
+    copy_problems: list[str] = []
+    if checkpoints is not None:
+        shipped, announced, copy_problems = _read_shipped(checkpoints, public)
+    declared: list[_Span] = []
+    lines = list(_lines(data))
+    for _, raw in lines:
+        if b'"recover"' in raw:  # only recover records declare damage: parse no other line twice
+            record, _ = _parse(raw)
+            if record is not None:
+                declared.extend(_declared_damage(record))
+    walk = _Walk(public, announced, declared, data)
+    for number, (offset, raw) in enumerate(lines, start=1):
+        walk.line(number, offset, raw)
+        if walk.stopped:
+            break
+    walk.end(len(lines))
+    if checkpoints is not None:
+        walk.problems.extend(copy_problems)
+        walk.compare(shipped)
+    status = Status.FAILED if walk.problems else Status.UNSIGNED if walk.unsigned else Status.VERIFIED
+    line, seq, reason = walk.first_bad or (None, None, walk.problems[0] if walk.problems else "")
+    return Verification(
+        status,
+        walk.records,
+        walk.checkpoints,
+        tuple(walk.problems),
+        tuple(walk.unsigned),
+        tuple(walk.notes),
+        line,
+        seq,
+        reason,
+    )
+
+
+def verify_lines(
+    lines: Iterable[str | bytes],
+    keys: KeyRing | Mapping[str, ed25519.Ed25519PublicKey],
+    checkpoints: bytes | None = None,
+) -> Verification:
+    """``verify_trail`` over the trail's lines (each with its newline)."""
+    return verify_trail(b"".join(line.encode() if isinstance(line, str) else line for line in lines), keys, checkpoints)

@@ -1,4 +1,4 @@
-"""The ``agent-runtime`` command: serve, init, users add, audit verify, check-config."""
+"""The ``agent-runtime`` command: serve, init, users add, audit verify and export-key, check-config."""
 
 from __future__ import annotations
 
@@ -6,8 +6,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent_contract.config import RuntimeConfig, SigningAlgorithm
+
+if TYPE_CHECKING:
+    from agent_contract.keyfiles import KeyRing
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -101,19 +105,71 @@ def cmd_users_add(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from agent_contract.keyfiles import KeyRing
-    from agent_runtime.audit import verify_lines
+class _AuditInputError(Exception):
+    pass
+
+
+def _audit_ring(directory: str) -> KeyRing:
+    """The key directory's ring, or an error naming what is wrong with it (never a traceback)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+
+    from agent_contract.keyfiles import AUDIT_PREFIX, KeyRing
 
     try:
-        keys = KeyRing.load(args.keys) if args.keys else None
-        with open(args.file, encoding="utf-8") as handle:
-            result = verify_lines(handle, keys)
-    except (OSError, KeyError) as error:
+        ring = KeyRing.load(directory)
+    except (OSError, KeyError, ValueError, TypeError, UnsupportedAlgorithm) as error:
+        raise _AuditInputError(f"{directory}: not a readable key directory: {error}") from None
+    if not ring.audit:
+        raise _AuditInputError(
+            f"{directory} has no audit key ({AUDIT_PREFIX}<kid>): it was made before audit keys; the runtime "
+            "signs with an ephemeral key then, which only the checkpoint copy on stdout vouches for"
+        )
+    return ring
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    """Exit 0 verified, 1 failed, 2 unusable input, 3 unsigned records at the end or after an unclean shutdown."""
+    from agent_runtime.audit import AuditKeyError, load_public_keys, verify_trail
+
+    try:
+        if args.public_keys:
+            try:
+                keys = load_public_keys(Path(args.public_keys).read_bytes())
+            except AuditKeyError as error:
+                raise _AuditInputError(f"{args.public_keys}: {error}") from None
+        elif args.keys:
+            keys = _audit_ring(args.keys).audit_public_keys
+        elif args.checkpoints:
+            keys = {}  # only ephemeral keys that the checkpoint copy announces (an agent without audit keys)
+        else:
+            raise _AuditInputError(
+                "give the audit public keys (--public-keys FILE, from: agent-runtime audit export-key), or --keys DIR"
+            )
+        data = Path(args.file).read_bytes()
+        checkpoints = Path(args.checkpoints).read_bytes() if args.checkpoints else None
+    except (OSError, _AuditInputError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        result = verify_trail(data, keys, checkpoints)
+    except Exception as error:  # an input verify does not foresee must still get an answer, not a traceback
+        print(f"error: {args.file}: cannot be verified: {error!r}", file=sys.stderr)
+        return EXIT_FAILED
     print(result.describe())
-    return EXIT_OK if result.ok else EXIT_FAILED
+    return int(result.status)
+
+
+def cmd_audit_export_key(args: argparse.Namespace) -> int:
+    """Prints the audit public keys as a JWK set: what an auditor needs to run verify."""
+    import json
+
+    try:
+        ring = _audit_ring(args.keys)
+    except _AuditInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(ring.audit_jwks(), indent=2))
+    return EXIT_OK
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -154,10 +210,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     audit = commands.add_parser("audit", help="audit trail tools")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
-    verify = audit_commands.add_parser("verify", help="check a trail's hash chain and signed checkpoints")
+    verify = audit_commands.add_parser(
+        "verify",
+        help="check a trail's chain, signed checkpoints and unsigned spans",
+        description="Exit status: 0 verified; 1 failed (tampered, damaged, or not signed by the given keys); "
+        "2 unusable input; 3 intact but records at the end (or before an unclean restart) are not signed.",
+    )
     verify.add_argument("file")
-    verify.add_argument("--keys", help="the key directory, to check checkpoint signatures")
+    keys = verify.add_mutually_exclusive_group()
+    keys.add_argument("--public-keys", help="the audit public keys, a JWK set (from: audit export-key)")
+    keys.add_argument("--keys", help="the key directory (only the audit keys' public halves are used)")
+    verify.add_argument(
+        "--checkpoints", help="the log collector's copy of the runtime's stdout, holding its audit_checkpoint lines"
+    )
     verify.set_defaults(func=cmd_audit_verify)
+    export = audit_commands.add_parser("export-key", help="print the audit public keys (a JWK set) for auditors")
+    export.add_argument("--keys", required=True, help="the key directory")
+    export.set_defaults(func=cmd_audit_export_key)
 
     check = commands.add_parser("check-config", help="validate a runtime config file")
     check.add_argument("config")

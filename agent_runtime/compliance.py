@@ -69,7 +69,7 @@ async def record_consent(request: web.Request) -> web.Response:
         type="admin",
         action="consent_granted" if granted else "consent_withdrawn",
         result="success",
-        details={"subject": pseudonym(subject), "purpose": purpose},
+        details={"subject": pseudonym(request.app, subject), "purpose": purpose},
     )
     return web.json_response({"subject": subject, "purpose": purpose, "granted": granted}, status=201)
 
@@ -90,17 +90,42 @@ async def export_subject(request: web.Request) -> web.Response:
     subject = request.match_info["subject"]
     store = request.app[STORE]
     results = [
-        {"id": r.id, "kind": r.kind, "created_at": r.created_at, "content": json.loads(r.body)}
+        {"id": r.id, "kind": r.kind, "created_at": r.created_at, "owner": r.owner, "content": json.loads(r.body)}
         for r in await store.results_of(subject)
     ]
+    approvals = [
+        {
+            "id": a["id"],
+            "operation": a["operation"],
+            "purpose": a["purpose"],
+            "requester": a["requester"],
+            "status": a["status"],
+            "decided_by": a["decided_by"],
+            "created_at": a["created_at"],
+            "input": json.loads(a["input"]),
+        }
+        for a in await store.approvals_of(subject)
+    ]
     await audit(
-        request, type="admin", action="export_subject", result="success", details={"subject": pseudonym(subject)}
+        request,
+        type="admin",
+        action="export_subject",
+        result="success",
+        details={"subject": pseudonym(request.app, subject)},
     )
-    return web.json_response({"subject": subject, "consents": await store.consent_history(subject), "results": results})
+    return web.json_response(
+        {
+            "subject": subject,
+            "consents": await store.consent_history(subject),
+            "results": results,
+            "approvals": approvals,
+        }
+    )
 
 
 async def erase_subject(request: web.Request) -> web.Response:
-    """Art. 17: the subject's stored data and consent records are deleted."""
+    """Art. 17: the subject's results and consent records are deleted; approvals made for the
+    subject lose their input (a pending one can no longer run), keeping the SOX record."""
     _gdpr(request)
     await authorize(request, Permission.ADMIN, SecurityLevel.INTERNAL, "erase_subject")
     subject = request.match_info["subject"]
@@ -110,7 +135,7 @@ async def erase_subject(request: web.Request) -> web.Response:
         type="admin",
         action="erase_subject",
         result="success",
-        details={"subject": pseudonym(subject), **removed},
+        details={"subject": pseudonym(request.app, subject), **removed},
     )
     return web.json_response({"erased": removed})
 
@@ -149,10 +174,40 @@ async def decide_approval(request: web.Request) -> web.Response:
         raise ApiError(
             403, "self_approval", "the requester of a financial operation cannot approve it (SOX maker-checker)"
         )
-    if not await store.decide_approval(
-        approval["id"], "approved" if decision == "approve" else "rejected", approver.subject
-    ):
-        raise ApiError(409, "already_decided", f"this approval is already {approval['status']}")
+    # Consent is checked again now, not only when the request was made: a withdrawal in between
+    # refuses the approval for good (a later grant needs a new request).
+    subject, purpose = approval["subject"], approval["purpose"] or ""
+    withdrawn = decision == "approve" and subject is not None and not await store.has_consent(subject, purpose)
+    status = "refused" if withdrawn else "approved" if decision == "approve" else "rejected"
+    if not await store.decide_approval(approval["id"], status, approver.subject):
+        current = await store.get_approval(approval["id"])
+        now = current["status"] if current is not None else "gone"
+        await audit(
+            request,
+            type="operation",
+            action=f"approve:{operation.name}",
+            result="failure",
+            details={**details, "reason": f"already {now}"},
+        )
+        raise ApiError(409, "already_decided", f"this approval is already {now}")
+    if withdrawn and subject is not None:
+        await audit(
+            request,
+            type="authz",
+            action=f"approve:{operation.name}",
+            result="denied",
+            details={
+                **details,
+                "reason": "consent withdrawn",
+                "subject": pseudonym(request.app, subject),
+                "purpose": purpose,
+            },
+        )
+        raise ApiError(
+            403,
+            "consent_required",
+            f"the subject no longer consents to purpose {purpose!r}; the approval is refused (GDPR)",
+        )
     if decision == "reject":
         await audit(request, type="operation", action=operation.name, result="rejected", details=details)
         return web.json_response({"approval_id": approval["id"], "status": "rejected"})
@@ -243,7 +298,7 @@ ROUTES: tuple[Route, ...] = (
         decide_approval,
         "Approve (and run) or reject a pending financial operation; not by its requester",
         body=Body(DECISION),
-        replies=(Reply(200, "Decided"), Reply(409, "Already decided", ERROR)),
+        replies=(Reply(200, "Decided"), Reply(409, "Already decided, refused or erased", ERROR)),
         errors=(400, 401, 403, 404, 422, 500, 502, 503, 504),
     ),
 )

@@ -3,15 +3,22 @@
 A sealed value is ``v1.<kid>.<nonce>.<ciphertext>`` (URL-safe base64, no padding). The key id
 lets any key of the ring decrypt what it sealed after a rotation; the associated data binds a
 value to its context (a subject, a field name), so a ciphertext moved elsewhere fails to open.
+
+Pseudonyms of data subjects are HMAC-SHA256 under a key derived (HKDF) from the active
+data-encryption key: stable across restarts, useless to anyone holding a list of candidate names
+but not the key. Rotating the data-encryption key changes the pseudonyms given from then on.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import os
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from agent_contract.keyfiles import KeyRing
 
@@ -62,3 +69,19 @@ class FieldEncryptor:
     @staticmethod
     def key_id(sealed: str) -> str:
         return sealed.split(".")[1]
+
+
+# HKDF's info: the derived key is for pseudonyms only, independent of the AES-GCM use of the DEK.
+_PSEUDONYM_INFO = b"agent-runtime/pseudonym/v1"
+
+
+@functools.lru_cache(maxsize=8)
+def _pseudonym_key(data_encryption_key: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_PSEUDONYM_INFO).derive(data_encryption_key)
+
+
+def pseudonym(keys: KeyRing, subject: str) -> str:
+    """A data subject's keyed pseudonym (128 bits, hex), under the active data-encryption key."""
+    mac = hmac.HMAC(_pseudonym_key(keys.encryption[keys.active_encryption]), hashes.SHA256())
+    mac.update(subject.encode())
+    return mac.finalize()[:16].hex()

@@ -1,20 +1,27 @@
 """The middlewares every request passes, outermost first: metrics, tracing, request context
-(ids and JSON errors), authentication. Each is a plain ``async def (request, handler)``."""
+(ids and JSON errors), authentication. Each is a plain ``async def (request, handler)``. Also the
+response hook that keeps versions out of the ``Server`` header, and the task that writes the
+digest of failed authentications."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 import time
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 from opentelemetry import trace
 
-from agent_runtime.api import ApiError, audit, client_ip, verify_token
+from agent_runtime.api import ApiError, audit_auth_failure, client_ip, record_failure_summaries, verify_token
 from agent_runtime.routing import Handler
 from agent_runtime.security.rbac import Principal
 from agent_runtime.security.tokens import ACCESS_TYPE, TokenError
 from agent_runtime.state import (
+    AUTH_FAILURES,
+    CLIENT_REQUEST_ID,
     CONFIG,
     ID_SOURCE,
     METRICS,
@@ -29,6 +36,14 @@ from agent_runtime.tracing import PROPAGATOR, trace_id_of
 
 log = logging.getLogger("agent_runtime")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")
+SERVER = "agent"  # what the Server header says: no product versions to look up vulnerabilities by
+
+
+def route_template(request: web.Request) -> str | None:
+    """The route the request matched, as declared (``/v1/gdpr/subjects/{subject}``): what spans,
+    metrics and logs name, never the raw path with its identifiers. None when nothing matched."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else None
 
 
 def error_response(request: web.Request, error: ApiError) -> web.Response:
@@ -41,8 +56,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request count and duration by route template (never the raw path: no ids in labels)."""
     started = time.perf_counter()
     response = await handler(request)
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "unmatched"
+    route = route_template(request) or "unmatched"
     request.app[METRICS].observe_request(route, request.method, str(response.status), time.perf_counter() - started)
     return response
 
@@ -61,19 +75,19 @@ async def traced(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[TRACED] = True
     context = PROPAGATOR.extract(carrier=request.headers)
     tracer = request.app[TRACER]
+    # The router has matched before any middleware runs, so the template is known from the start.
+    # No url.path attribute: the raw path holds subject ids (GDPR) and other identifiers.
+    route = route_template(request)
+    name = f"{request.method} {route}" if route else request.method
     with tracer.start_as_current_span(
-        f"{request.method} {request.path}", context=context, kind=trace.SpanKind.SERVER, record_exception=False
+        name, context=context, kind=trace.SpanKind.SERVER, record_exception=False
     ) as span:
         request[TRACE_ID] = trace_id_of(span)
         response = await handler(request)
         if span.is_recording():
-            resource = request.match_info.route.resource
-            route = resource.canonical if resource is not None else None
             if route:
-                span.update_name(f"{request.method} {route}")
                 span.set_attribute("http.route", route)
             span.set_attribute("http.request.method", request.method)
-            span.set_attribute("url.path", request.path)
             span.set_attribute("url.scheme", request.scheme)
             span.set_attribute("client.address", client_ip(request))
             span.set_attribute("http.response.status_code", response.status)
@@ -84,12 +98,13 @@ async def traced(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """A request id and trace id on every request and answer; every error as JSON."""
+    """A request id and trace id on every request and answer; every error as JSON. The request
+    id is always the server's own, so the audit trail's ids are unique and cannot be forged; a
+    client's X-Request-ID (if it looks like one) is kept beside it as ``client_request_id``."""
+    request[REQUEST_ID] = f"{request.app[ID_SOURCE].getrandbits(64):016x}"
     incoming = request.headers.get("X-Request-ID", "")
     if _REQUEST_ID.fullmatch(incoming):
-        request[REQUEST_ID] = incoming
-    else:
-        request[REQUEST_ID] = f"{request.app[ID_SOURCE].getrandbits(64):016x}"
+        request[CLIENT_REQUEST_ID] = incoming
     try:
         response = await handler(request)
     except ApiError as error:
@@ -101,7 +116,13 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         else:
             raise
     except Exception:  # a bug: answer in JSON with the ids to look it up, never a stack trace
-        log.exception("unhandled error on %s %s (request %s)", request.method, request.path, request[REQUEST_ID])
+        log.exception(
+            "unhandled error on %s %s (request %s, client request %s)",
+            request.method,
+            route_template(request) or "(no route)",
+            request[REQUEST_ID],
+            request.get(CLIENT_REQUEST_ID, "-"),
+        )
         response = error_response(request, ApiError(500, "internal_error", "an internal error occurred"))
     response.headers["X-Request-ID"] = request[REQUEST_ID]
     response.headers["X-Trace-ID"] = request[TRACE_ID]
@@ -123,16 +144,45 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
         claims = await verify_token(request.app, token.strip(), ACCESS_TYPE)
     except TokenError as error:
         request.app[METRICS].auth_failures.labels(error.reason).inc()
-        await audit(request, type="authn", action="verify_token", result="failure", details={"reason": error.reason})
+        # Anyone can send these, unthrottled: aggregated, so a flood cannot cost an fsync each.
+        await audit_auth_failure(request, "verify_token", error.reason)
         raise ApiError(
             401,
             "invalid_token",
             error.reason,
             {"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{error.reason}"'},
         ) from None
-    request[PRINCIPAL] = Principal(claims.subject, claims.roles, claims.token_id, claims.expires_at)
+    request[PRINCIPAL] = Principal(
+        claims.subject, claims.roles, claims.token_id, claims.expires_at, claims.session_id, claims.session_start
+    )
     return await handler(request)
 
 
 # In the order aiohttp applies them: the first is outermost.
 MIDDLEWARES = (observe, traced, request_context, authenticate)
+
+
+async def hide_server_version(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: replaces aiohttp's ``Server: Python/3.x aiohttp/3.x`` on every answer
+    the application makes (errors the HTTP parser answers itself never reach the app)."""
+    response.headers["Server"] = SERVER
+
+
+async def failure_summaries(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: writes the failed-authentication summaries as their windows end, and what is
+    left at shutdown (registered after the audit log's context, so it is torn down before it)."""
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(app[AUTH_FAILURES].interval_seconds / 4)
+            try:
+                await record_failure_summaries(app)
+            except (OSError, RuntimeError):
+                log.exception("could not write the failed-authentication summaries")
+
+    task = asyncio.create_task(loop(), name="auth-failure-summaries")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await record_failure_summaries(app, everything=True)

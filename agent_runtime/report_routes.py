@@ -1,5 +1,9 @@
 """Reports: generate_report bound to this app's store, and their download by id. (How a report
-is built lives in operations/reports.py.)"""
+is built lives in operations/reports.py.)
+
+Each report is stored with its owner, the principal who made it; only the owner and admins may
+download it. Anyone else gets the same 404 as for an id that does not exist, so ids cannot be
+probed; the audit record says which it was."""
 
 from __future__ import annotations
 
@@ -10,13 +14,16 @@ from aiohttp import web
 
 from agent_contract.config import Permission, SecurityLevel
 from agent_contract.operations import GENERATE_REPORT
-from agent_runtime.api import ApiError, audit, authorize
+from agent_runtime.api import ACTING_FOR, ApiError, audit, authorize
 from agent_runtime.operations import InputError, Operation
 from agent_runtime.operations.reports import ReportInput, build_report
 from agent_runtime.routing import QueryParameter, Reply, Route
-from agent_runtime.state import STORE
+from agent_runtime.state import AUTHORIZER, STORE, WORKERS
 
 FORMATS = ("markdown", "html", "json")
+EXTENSIONS = {"markdown": "md", "html": "html", "json": "json"}
+# The HTML report is static: nothing may load or run, whatever a title or column name holds.
+REPORT_CSP = "default-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 
 
 def report_operation(app: web.Application) -> Operation:
@@ -24,11 +31,14 @@ def report_operation(app: web.Application) -> Operation:
 
     async def generate(request: ReportInput) -> dict[str, Any]:
         try:
-            markdown, html_text = build_report(request)
+            # CPU-bound: in a worker process, which the operation's timeout kills.
+            markdown, html_text = await app[WORKERS].run(build_report, request)
         except (ValueError, ArithmeticError) as error:
             raise InputError(str(error)) from None
         body = json.dumps({"title": request.title, "markdown": markdown, "html": html_text}).encode()
-        stored = await app[STORE].put("report", "agent", "application/json", body)
+        # No caller (never the case behind the API): an owner nobody has, so admins only.
+        owner = ACTING_FOR.get() or ""
+        stored = await app[STORE].put("report", owner, "application/json", body, subject=request.subject)
         return {
             "report_id": stored.id,
             "download": {f: f"/v1/reports/{stored.id}?format={f}" for f in FORMATS},
@@ -38,12 +48,33 @@ def report_operation(app: web.Application) -> Operation:
 
 
 async def download_report(request: web.Request) -> web.Response:
-    await authorize(request, Permission.READ, SecurityLevel.INTERNAL, "download_report")
-    stored = await request.app[STORE].get(request.match_info["id"])
-    if stored is None or stored.kind != "report":
-        raise ApiError(404, "not_found", "no report with this id (it may have passed the retention period)")
-    report = json.loads(stored.body)
+    principal = await authorize(request, Permission.READ, SecurityLevel.INTERNAL, "download_report")
+    report_id = request.match_info["id"][:64]  # only for the audit record; real ids are 16 characters
     wanted = request.query.get("format", "markdown")
+
+    async def refuse(result: str, reason: str) -> None:
+        await audit(
+            request,
+            type="operation",
+            action="download_report",
+            resource=report_id,
+            result=result,
+            details={"reason": reason},
+        )
+
+    if wanted not in FORMATS:
+        await refuse("failure", "invalid format")
+        raise ApiError(400, "invalid_query", "format must be markdown, html or json")
+    stored = await request.app[STORE].get(request.match_info["id"])
+    not_found = ApiError(404, "not_found", "no report with this id (it may have passed the retention period)")
+    if stored is None or stored.kind != "report":
+        await refuse("failure", "not found")
+        raise not_found
+    is_admin = Permission.ADMIN in request.app[AUTHORIZER].permissions(principal)
+    if stored.owner != principal.subject and not is_admin:
+        await refuse("denied", "not the owner")
+        raise not_found
+    report = json.loads(stored.body)
     await audit(
         request,
         type="operation",
@@ -52,13 +83,15 @@ async def download_report(request: web.Request) -> web.Response:
         result="success",
         details={"format": wanted},
     )
-    if wanted == "markdown":
-        return web.Response(text=report["markdown"], content_type="text/markdown")
-    if wanted == "html":
-        return web.Response(text=report["html"], content_type="text/html")
+    headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
     if wanted == "json":
-        return web.json_response(report)
-    raise ApiError(400, "invalid_query", "format must be markdown, html or json")
+        return web.json_response(report, headers=headers)
+    # A download, never rendered in the API's origin; the id is URL-safe base64, safe in the name.
+    headers["Content-Disposition"] = f'attachment; filename="report-{stored.id}.{EXTENSIONS[wanted]}"'
+    if wanted == "html":
+        headers["Content-Security-Policy"] = REPORT_CSP
+        return web.Response(text=report["html"], content_type="text/html", headers=headers)
+    return web.Response(text=report["markdown"], content_type="text/markdown", headers=headers)
 
 
 ROUTES: tuple[Route, ...] = (

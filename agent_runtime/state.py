@@ -24,11 +24,12 @@ from agent_runtime.resilience import Bulkhead, CircuitBreaker
 from agent_runtime.routing import Route
 from agent_runtime.security.rbac import Authorizer, Principal
 from agent_runtime.security.revocation import RevocationList
-from agent_runtime.security.throttle import LoginThrottle
+from agent_runtime.security.throttle import FailureDigest, LoginThrottle
 from agent_runtime.security.tokens import LocalTokens, OidcTokens, VerifiedCache
 from agent_runtime.security.users import UserStore
 from agent_runtime.settings import Settings
 from agent_runtime.store import Store
+from agent_runtime.workers import WorkerPool
 
 # --- the application's components ---
 SETTINGS = web.AppKey("settings", Settings)
@@ -38,6 +39,7 @@ LOCAL_TOKENS = web.AppKey("local_tokens", LocalTokens)
 OIDC_TOKENS = web.AppKey("oidc_tokens", OidcTokens)
 USERS = web.AppKey("users", UserStore)
 THROTTLE = web.AppKey("throttle", LoginThrottle)
+AUTH_FAILURES = web.AppKey("auth_failures", FailureDigest)
 REVOKED = web.AppKey("revoked", RevocationList)
 AUDIT = web.AppKey("audit", AuditLog)
 AUTHORIZER = web.AppKey("authorizer", Authorizer)
@@ -49,6 +51,7 @@ METRICS = web.AppKey("metrics", RuntimeMetrics)
 TRACER_PROVIDER = web.AppKey("tracer_provider", TracerProvider)
 TRACER = web.AppKey("tracer", trace.Tracer)
 BULKHEADS = web.AppKey("bulkheads", dict[str, Bulkhead])
+WORKERS = web.AppKey("workers", WorkerPool)  # where CPU-bound operations run, off the loop
 BREAKERS = web.AppKey("breakers", dict[str, CircuitBreaker])
 READINESS = web.AppKey("readiness", Readiness)
 STORE = web.AppKey("store", Store)
@@ -61,7 +64,8 @@ PUBLIC_PATHS = web.AppKey("public_paths", frozenset[str])
 ID_SOURCE = web.AppKey("id_source", random.Random)
 
 # --- per request ---
-REQUEST_ID = web.RequestKey("request_id", str)
+REQUEST_ID = web.RequestKey("request_id", str)  # always the server's own
+CLIENT_REQUEST_ID = web.RequestKey("client_request_id", str)  # the caller's X-Request-ID, when sane
 TRACE_ID = web.RequestKey("trace_id", str)
 TRACED = web.RequestKey("traced", bool)
 PRINCIPAL = web.RequestKey("principal", Principal)

@@ -1,10 +1,16 @@
 """The embedded store: SQLite under the data directory, for what operations keep (reports) and,
 with GDPR, what must be purged after ``retentionDays``. Each replica has its own file; a
-multi-replica agent that needs shared results needs a shared database (see the README)."""
+multi-replica agent that needs shared results needs a shared database (see the README).
+
+The directory is created 0700 and the database files 0600, whatever the process umask: they hold
+results, consents and approval inputs. With an encryptor (HIPAA), result bodies and approval
+inputs are sealed with AES-GCM bound to their id."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import secrets
 import sqlite3
 import threading
@@ -17,9 +23,25 @@ from typing import Any
 from agent_runtime.crypto import FieldEncryptor
 
 
+def _private_directory(directory: Path) -> None:
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # An existing directory is tightened when it is ours; a volume root owned by someone else
+    # (an emptyDir with fsGroup) keeps its mode, and the files in it are private anyway.
+    with contextlib.suppress(PermissionError):
+        if directory.stat().st_uid == os.geteuid():
+            directory.chmod(0o700)
+
+
 def open_sqlite(path: Path) -> sqlite3.Connection:
-    """One connection for worker threads (callers serialise with a lock), in WAL mode, autocommit."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """One connection for worker threads (callers serialise with a lock), in WAL mode, autocommit.
+    The file is created 0600 before SQLite opens it; SQLite gives its -wal and -shm files the
+    database file's mode."""
+    _private_directory(path.parent)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    path.chmod(0o600)  # one made by an older version, under a looser umask
+    for companion in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            companion.chmod(0o600)
     connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
     connection.execute("PRAGMA journal_mode=WAL")
     return connection
@@ -29,17 +51,32 @@ def open_sqlite(path: Path) -> sqlite3.Connection:
 class StoredResult:
     id: str
     kind: str
-    owner: str
+    owner: str  # the principal who made it (may download it; admins may too)
     created_at: float
     content_type: str
     body: bytes
+    subject: str | None = None  # the GDPR data subject it is about: found by export and erasure
+
+
+# Columns added after the first release: (table, column, how), applied to older files on open.
+_ADDED_COLUMNS = (
+    ("results", "subject", "ALTER TABLE results ADD COLUMN subject TEXT"),
+    ("approvals", "subject", "ALTER TABLE approvals ADD COLUMN subject TEXT"),
+    ("approvals", "purpose", "ALTER TABLE approvals ADD COLUMN purpose TEXT"),
+)
+_SELECT_RESULTS = "SELECT id, kind, owner, created_at, content_type, body, subject FROM results"
+_SELECT_APPROVALS = (
+    "SELECT id, operation, requester, input, created_at, status, decided_by, subject, purpose FROM approvals"
+)
+_APPROVAL_KEYS = ("id", "operation", "requester", "input", "created_at", "status", "decided_by", "subject", "purpose")
 
 
 class Store:
     def __init__(
         self, path: str | Path, clock: Callable[[], float] = time.time, encryptor: FieldEncryptor | None = None
     ) -> None:
-        """With an ``encryptor`` (HIPAA), every stored body is sealed with AES-GCM, bound to its id."""
+        """With an ``encryptor`` (HIPAA), every stored body and approval input is sealed with
+        AES-GCM, bound to its id."""
         self.path = Path(path)
         self.clock = clock
         self.encryptor = encryptor
@@ -61,6 +98,10 @@ class Store:
             "CREATE TABLE IF NOT EXISTS consents (subject TEXT NOT NULL, purpose TEXT NOT NULL, granted INTEGER NOT NULL,"
             " at REAL NOT NULL, actor TEXT NOT NULL, evidence TEXT NOT NULL)"
         )
+        for table, column, alter in _ADDED_COLUMNS:
+            present = {row[0] for row in self._db.execute("SELECT name FROM pragma_table_info(?)", (table,))}
+            if column not in present:
+                self._db.execute(alter)
 
     def close(self) -> None:
         with self._lock:
@@ -73,26 +114,27 @@ class Store:
             assert self._db is not None, "the store is not open"
             return list(self._db.execute(sql, parameters).fetchall())
 
-    async def put(self, kind: str, owner: str, content_type: str, body: bytes) -> StoredResult:
-        result = StoredResult(secrets.token_urlsafe(12), kind, owner, self.clock(), content_type, body)
+    async def put(
+        self, kind: str, owner: str, content_type: str, body: bytes, subject: str | None = None
+    ) -> StoredResult:
+        result = StoredResult(secrets.token_urlsafe(12), kind, owner, self.clock(), content_type, body, subject)
         at_rest = self.encryptor.seal(body, result.id.encode()).encode() if self.encryptor else body
         await asyncio.to_thread(
             self._run,
-            "INSERT INTO results VALUES (?, ?, ?, ?, ?, ?)",
-            (result.id, kind, owner, result.created_at, content_type, at_rest),
+            "INSERT INTO results (id, kind, owner, created_at, content_type, body, subject)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (result.id, kind, owner, result.created_at, content_type, at_rest, subject),
         )
         return result
 
     def _result(self, row: tuple[Any, ...]) -> StoredResult:
-        identifier, kind, owner, created_at, content_type, body = row
+        identifier, kind, owner, created_at, content_type, body, subject = row
         if self.encryptor is not None and body.startswith(b"v1."):
             body = self.encryptor.open(body.decode(), identifier.encode())
-        return StoredResult(identifier, kind, owner, created_at, content_type, body)
+        return StoredResult(identifier, kind, owner, created_at, content_type, body, subject)
 
     async def get(self, result_id: str) -> StoredResult | None:
-        rows = await asyncio.to_thread(
-            self._run, "SELECT id, kind, owner, created_at, content_type, body FROM results WHERE id = ?", (result_id,)
-        )
+        rows = await asyncio.to_thread(self._run, _SELECT_RESULTS + " WHERE id = ?", (result_id,))
         if not rows:
             return None
         return self._result(rows[0])
@@ -120,39 +162,78 @@ class Store:
         )
         return bool(rows and rows[0][0])
 
-    async def results_of(self, owner: str) -> list[StoredResult]:
+    async def results_of(self, subject: str) -> list[StoredResult]:
+        """The results made for this data subject."""
         rows = await asyncio.to_thread(
-            self._run, "SELECT id, kind, owner, created_at, content_type, body FROM results WHERE owner = ?", (owner,)
+            self._run, _SELECT_RESULTS + " WHERE subject = ? ORDER BY created_at", (subject,)
         )
         return [self._result(row) for row in rows]
 
     async def erase(self, subject: str) -> dict[str, int]:
-        """Art. 17: the subject's stored results and consent records are deleted."""
-        results = await asyncio.to_thread(self._run, "DELETE FROM results WHERE owner = ? RETURNING id", (subject,))
+        """Art. 17: the subject's results and consent records are deleted. Approvals made for the
+        subject lose their input and the subject's name; the rest (who asked, who decided, when)
+        is kept as the SOX record, and a pending one can no longer run (status ``erased``)."""
+        results = await asyncio.to_thread(self._run, "DELETE FROM results WHERE subject = ? RETURNING id", (subject,))
         consents = await asyncio.to_thread(
             self._run, "DELETE FROM consents WHERE subject = ? RETURNING rowid", (subject,)
         )
-        return {"results": len(results), "consents": len(consents)}
+        approvals = await asyncio.to_thread(
+            self._run,
+            "UPDATE approvals SET input = '', subject = NULL,"
+            " status = CASE status WHEN 'pending' THEN 'erased' ELSE status END WHERE subject = ? RETURNING id",
+            (subject,),
+        )
+        return {"results": len(results), "consents": len(consents), "approvals": len(approvals)}
 
-    async def create_approval(self, operation: str, requester: str, input_json: str) -> str:
+    @staticmethod
+    def _approval_context(approval_id: str) -> bytes:
+        # Not the bare id: a sealed result body can never pass for an approval input.
+        return f"approval:{approval_id}".encode()
+
+    async def create_approval(
+        self,
+        operation: str,
+        requester: str,
+        input_json: str,
+        subject: str | None = None,
+        purpose: str | None = None,
+    ) -> str:
+        """A pending approval; ``subject`` and ``purpose`` when the input is a data subject's
+        personal data under a consent (checked again when it runs)."""
         approval_id = secrets.token_urlsafe(12)
+        at_rest = (
+            self.encryptor.seal(input_json.encode(), self._approval_context(approval_id))
+            if self.encryptor
+            else input_json
+        )
         await asyncio.to_thread(
             self._run,
-            "INSERT INTO approvals VALUES (?, ?, ?, ?, ?, 'pending', NULL, NULL)",
-            (approval_id, operation, requester, input_json, self.clock()),
+            "INSERT INTO approvals (id, operation, requester, input, created_at, status, subject, purpose)"
+            " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
+            (approval_id, operation, requester, at_rest, self.clock(), subject, purpose),
         )
         return approval_id
 
+    def _approval(self, row: tuple[Any, ...]) -> dict[str, Any]:
+        approval = dict(zip(_APPROVAL_KEYS, row, strict=True))
+        if self.encryptor is not None and approval["input"].startswith("v1."):
+            approval["input"] = self.encryptor.open(approval["input"], self._approval_context(approval["id"])).decode()
+        return approval
+
     async def get_approval(self, approval_id: str) -> dict[str, Any] | None:
-        rows = await asyncio.to_thread(
-            self._run,
-            "SELECT id, operation, requester, input, created_at, status, decided_by FROM approvals WHERE id = ?",
-            (approval_id,),
-        )
+        rows = await asyncio.to_thread(self._run, _SELECT_APPROVALS + " WHERE id = ?", (approval_id,))
         if not rows:
             return None
-        keys = ("id", "operation", "requester", "input", "created_at", "status", "decided_by")
-        return dict(zip(keys, rows[0], strict=True))
+        return self._approval(rows[0])
+
+    async def approvals_of(self, subject: str) -> list[dict[str, Any]]:
+        """The approvals made for this data subject, with their inputs."""
+        rows = await asyncio.to_thread(
+            self._run,
+            _SELECT_APPROVALS + " WHERE subject = ? ORDER BY created_at",
+            (subject,),
+        )
+        return [self._approval(row) for row in rows]
 
     async def pending_approvals(self) -> list[dict[str, Any]]:
         rows = await asyncio.to_thread(

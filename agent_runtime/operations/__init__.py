@@ -23,8 +23,8 @@ BUILTINS: dict[str, Operation] = {
     operation.name: operation
     for operation in (
         Operation.builtin(PING, _ping),
-        Operation.builtin(ANALYZE_DATA, analyze_data, AnalyzeInput),
-        Operation.builtin(PROCESS_DOCUMENT, process_document, DocumentInput),
+        Operation.builtin(ANALYZE_DATA, analyze_data, AnalyzeInput, cpu_bound=True),
+        Operation.builtin(PROCESS_DOCUMENT, process_document, DocumentInput, cpu_bound=True),
     )
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,9 +29,36 @@ class Operation:
     description: str
     input_model: type[BaseModel] | None = None  # validated before the handler runs
     personal_data: bool = False  # with GDPR, needs the subject's consent for the stated purpose
+    # Runs in a worker process, not on the event loop, and is killed at the operation's timeout.
+    # The handler then goes there by pickle: a module-level function, its input picklable.
+    cpu_bound: bool = False
+
+    def __post_init__(self) -> None:
+        if self.cpu_bound:
+            try:
+                pickle.dumps(self.handler)
+            except (pickle.PicklingError, AttributeError, TypeError) as error:
+                raise TypeError(
+                    f"operation {self.name!r} is CPU-bound, so its handler must be a module-level function: {error}"
+                ) from None
 
     @classmethod
-    def builtin(cls, info: OperationInfo, handler: Handler, input_model: type[BaseModel] | None = None) -> Operation:
+    def builtin(
+        cls,
+        info: OperationInfo,
+        handler: Handler,
+        input_model: type[BaseModel] | None = None,
+        cpu_bound: bool = False,
+    ) -> Operation:
         """A built-in operation: what it needs comes from the contract's table, only the
         implementation from here."""
-        return cls(info.name, info.permission, info.level, handler, info.description, input_model, info.personal_data)
+        return cls(
+            info.name,
+            info.permission,
+            info.level,
+            handler,
+            info.description,
+            input_model,
+            info.personal_data,
+            cpu_bound,
+        )

@@ -1,10 +1,15 @@
-"""chat: a call to an OpenAI-compatible chat completions endpoint, with personal data redacted
-before it leaves the pod, through the model's circuit breaker and with retries on transient errors."""
+"""chat: a call to an OpenAI-compatible chat completions endpoint, with personal data and health
+information redacted before it leaves the pod, through the model's circuit breaker and with retries
+on transient errors.
+
+Egress: the endpoint's host must be in ``egress.allowedHosts`` (an empty list allows no host, so
+chat is refused at start-up), and redirects are never followed, so no hop leaves the list."""
 
 from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from collections.abc import Callable
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -15,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from agent_contract.config import ModelConfig, RetryConfig
 from agent_contract.operations import CHAT
 from agent_runtime.operations.base import InputError, Operation
-from agent_runtime.operations.documents import find_pii, redact
+from agent_runtime.operations.documents import find_phi, find_pii, redact
 from agent_runtime.resilience import CircuitBreaker, retry
 
 
@@ -42,10 +47,44 @@ class ModelError(Exception):
         self.transient = transient
 
 
+class EgressRefusedError(ModelError):
+    """The endpoint tried to send the request elsewhere (a redirect): a dependency failure (502),
+    never retried, never the caller's input."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, transient=False)
+
+
 def host_allowed(url: str, allowed_hosts: list[str]) -> bool:
-    """With an allow-list configured, the endpoint's host must match one entry (``*.`` wildcards)."""
+    """The URL's host matches an entry of the allow-list (``*.`` wildcards); an empty list allows none."""
     host = urlsplit(url).hostname or ""
-    return not allowed_hosts or any(fnmatch.fnmatchcase(host, pattern) for pattern in allowed_hosts)
+    return bool(host) and any(fnmatch.fnmatchcase(host, pattern.lower()) for pattern in allowed_hosts)
+
+
+# Names the document detectors do not cover: after a title, or after "patient"/"name" (a label in
+# any case, then one to three capitalised words). Bounded repetition: linear time.
+_PERSON_NAME = re.compile(
+    r"\b(?:(?:Mr|Mrs|Ms|Mx|Miss|Dr|Prof)\.?|(?i:patient|name)[ \t]*:?)[ \t]+"
+    r"([A-Z][a-z'-]+(?:[ \t]+[A-Z][a-z'-]+){0,2})"
+)
+
+
+def find_identifiers(text: str) -> list[dict[str, Any]]:
+    """Everything chat keeps from the model: PII, PHI (record and plan numbers, diagnosis codes,
+    identifiers in a health context, as process_document finds them) and person names, merged so
+    overlapping findings count once."""
+    pii = find_pii(text)
+    found = pii + find_phi(text, pii)
+    found += [
+        {"type": "person_name", "text": m.group(1), "start": m.start(1), "end": m.end(1)}
+        for m in _PERSON_NAME.finditer(text)
+    ]
+    merged: list[dict[str, Any]] = []
+    for item in sorted(found, key=lambda f: (f["start"], -f["end"])):
+        if merged and item["start"] < merged[-1]["end"]:
+            continue  # inside (or overlapping) the previous one, which is replaced whole
+        merged.append(item)
+    return merged
 
 
 def chat_operation(
@@ -55,6 +94,10 @@ def chat_operation(
     session: Callable[[], aiohttp.ClientSession],
     breaker: Callable[[], CircuitBreaker],
 ) -> Operation:
+    if not allowed_hosts:
+        raise ValueError(
+            "egress.allowedHosts is empty, so no host may be called: list the model endpoint's host to enable chat"
+        )
     if not host_allowed(model.endpoint, allowed_hosts):
         raise ValueError(f"model.endpoint {model.endpoint!r} is not in egress.allowedHosts")
     url = f"{model.endpoint.rstrip('/')}/v1/chat/completions"
@@ -65,9 +108,19 @@ def chat_operation(
         if key:
             headers["Authorization"] = f"Bearer {key}"
         try:
+            # No redirects: the allow-list was checked for this URL only, and a 307 would resend the
+            # conversation to wherever the endpoint (or someone controlling it) points.
             async with session().post(
-                url, json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=model.timeout_seconds)
+                url,
+                json=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=model.timeout_seconds),
+                allow_redirects=False,
             ) as response:
+                if 300 <= response.status < 400:
+                    raise EgressRefusedError(
+                        f"model endpoint answered a redirect ({response.status}); redirects are not followed"
+                    )
                 if response.status >= 500 or response.status == 429:
                     raise ModelError(f"model endpoint answered {response.status}", transient=True)
                 if response.status >= 400:
@@ -81,7 +134,7 @@ def chat_operation(
         redactions = 0
         messages = []
         for message in request.messages:
-            found = find_pii(message.content)
+            found = find_identifiers(message.content)
             redactions += len(found)
             messages.append({"role": message.role, "content": redact(message.content, found)})
         body = {
@@ -97,7 +150,7 @@ def chat_operation(
         try:
             answer = await retry(attempt, retry_config, lambda error: isinstance(error, ModelError) and error.transient)
         except ModelError as error:
-            if not error.transient:
+            if not error.transient and not isinstance(error, EgressRefusedError):
                 raise InputError(str(error)) from None
             raise
         try:

@@ -4,7 +4,8 @@ stored in the embedded store and downloadable by id from /v1/reports/{id}."""
 from __future__ import annotations
 
 import html
-from typing import Any
+import re
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -14,30 +15,54 @@ from agent_runtime.operations.analyze import AnalyzeInput, analyze
 class ReportInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    # Read only by build_report, in a worker process: a large body's analysis stays pickled on
+    # the server's side (see operation_routes.parsed_body), never unpickled on its event loop.
+    WORKER_FIELDS: ClassVar[tuple[str, ...]] = ("analysis",)
+
     title: str = Field(min_length=1, max_length=200)
     analysis: AnalyzeInput
+    # The GDPR data subject the report is about, if any: GDPR export and erasure then include it.
+    subject: str | None = Field(default=None, min_length=1, max_length=128)
 
 
 def _number(value: float) -> str:
     return f"{value:.4g}"
 
 
+# What could open raw HTML, a link or image, emphasis, code or a table cell in CommonMark/GFM
+# (backslash-escaped, which CommonMark defines for any ASCII punctuation).
+_MARKDOWN_SYNTAX = re.compile(r"([\\`*_~\[\]<>!|&#])")
+_LINE_BREAKS = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]+")
+
+
+def markdown_text(text: str) -> str:
+    """``text`` as literal Markdown text on one line: a title or column name from the caller can
+    neither start a block nor inject HTML or a link."""
+    return _MARKDOWN_SYNTAX.sub(r"\\\1", _LINE_BREAKS.sub(" ", text))
+
+
 def render_markdown(title: str, analysis: dict[str, Any]) -> str:
-    lines = [f"# {title}", "", f"{analysis['rows']} rows, {len(analysis['columns'])} numeric columns.", ""]
+    lines = [
+        f"# {markdown_text(title)}",
+        "",
+        f"{analysis['rows']} rows, {len(analysis['columns'])} numeric columns.",
+        "",
+    ]
     if analysis["columns"]:
         lines += ["| column | count | mean | std | min | p50 | max | outliers |", "|---|---|---|---|---|---|---|---|"]
         for name, stats in analysis["columns"].items():
             q = stats["quantiles"]
             outliers = len(analysis["outliers"].get(name, []))
             lines.append(
-                f"| {name} | {stats['count']} | {_number(stats['mean'])} | {_number(stats['std'])} | {_number(stats['min'])}"
+                f"| {markdown_text(name)} | {stats['count']} | {_number(stats['mean'])} | {_number(stats['std'])} | {_number(stats['min'])}"
                 f" | {_number(q['p50'])} | {_number(stats['max'])} | {outliers} |"
             )
         lines.append("")
     if analysis["correlation"]:
         lines += ["## Correlation", ""]
         lines += [
-            f"- {pair.replace('~', ' and ')}: {_number(value)}" for pair, value in analysis["correlation"].items()
+            f"- {markdown_text(pair.replace('~', ' and '))}: {_number(value)}"
+            for pair, value in analysis["correlation"].items()
         ]
     return "\n".join(lines) + "\n"
 

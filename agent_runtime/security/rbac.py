@@ -17,6 +17,8 @@ class Principal:
     roles: tuple[str, ...]
     token_id: str = ""
     expires_at: float = 0.0
+    session_id: str = ""  # the login session of a local token (logout ends it)
+    session_start: float = 0.0
 
 
 @dataclass(frozen=True)

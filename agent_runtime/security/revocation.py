@@ -1,4 +1,5 @@
-"""Revoked token ids (logout, refresh rotation), kept until the token would have expired anyway.
+"""Revoked token ids (logout, refresh rotation) and revoked sessions (logout, a replayed refresh
+token), kept until the token, or the last token of the session, would have expired anyway.
 
 Stored in the embedded SQLite store under the data directory and held in memory for the per-request
 check. With several replicas each has its own store, so a token revoked on one replica is still
@@ -16,6 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent_runtime.store import open_sqlite
+
+# Sessions share the table with token ids; the prefix keeps the two name spaces apart.
+_SESSION = "session:"
 
 
 class RevocationList:
@@ -42,6 +46,21 @@ class RevocationList:
     def is_revoked(self, token_id: str) -> bool:
         expires_at = self._revoked.get(token_id)
         return expires_at is not None and expires_at >= self.clock()
+
+    def is_session_revoked(self, session_id: str) -> bool:
+        return bool(session_id) and self.is_revoked(_SESSION + session_id)
+
+    async def revoke_session(self, session_id: str, until: float) -> None:
+        """Every token of the session is refused from now on (``until``: when its last one expires)."""
+        await self.revoke(_SESSION + session_id, until)
+
+    async def use_once(self, token_id: str, expires_at: float) -> bool:
+        """Marks a single-use token as used; False when it already was. The check and the mark
+        happen with no await between them, so two concurrent uses cannot both get True."""
+        if self.is_revoked(token_id):
+            return False
+        await self.revoke(token_id, expires_at)
+        return True
 
     async def revoke(self, token_id: str, expires_at: float) -> None:
         self._revoked[token_id] = expires_at

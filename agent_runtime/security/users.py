@@ -1,12 +1,17 @@
 """Local users: argon2id password hashes in a mounted file, one ``name:role[,role]:hash`` per line.
 
-``agent-runtime users add NAME --role ROLE --password-stdin`` prints such a line. There is no user
-list in code.
+``agent-runtime users add NAME --role ROLE --password-stdin`` prints such a line; a ``!`` before
+the hash disables the user (as in /etc/shadow). There is no user list in code.
+
+The file is a mounted Secret, which the kubelet replaces while the pod runs: it is read again
+whenever it changed, so a removed, disabled or re-roled user takes effect at the next login or
+refresh.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +25,8 @@ MAX_PASSWORD_BYTES = 1024
 _HASHER = PasswordHasher()  # argon2id with the library's (RFC 9106 low-memory) parameters
 # Unknown users are checked against this, so they cost the same time as a wrong password.
 _DUMMY_HASH = _HASHER.hash("not a real password: equalises the time of unknown users")
+DISABLED = "!"
+log = logging.getLogger("agent_runtime.users")
 
 
 @dataclass(frozen=True)
@@ -27,6 +34,7 @@ class User:
     name: str
     roles: tuple[str, ...]
     password_hash: str
+    disabled: bool = False
 
 
 class UsersFileError(ValueError):
@@ -51,6 +59,9 @@ def parse_users(text: str, source: str = "users") -> dict[str, User]:
         if not line or line.startswith("#"):
             continue
         parts = line.split(":", 2)
+        disabled = len(parts) == 3 and parts[2].startswith(DISABLED)
+        if disabled:
+            parts[2] = parts[2].removeprefix(DISABLED)
         if len(parts) != 3 or not parts[2].startswith("$argon2id$"):
             raise UsersFileError(f"{source}:{number}: expected name:roles:$argon2id$... ")
         name, roles, password_hash = parts
@@ -58,31 +69,69 @@ def parse_users(text: str, source: str = "users") -> dict[str, User]:
             raise UsersFileError(f"{source}:{number}: bad user name or role")
         if name in users:
             raise UsersFileError(f"{source}:{number}: user {name!r} is listed twice")
-        users[name] = User(name, tuple(roles.split(",")), password_hash)
+        users[name] = User(name, tuple(roles.split(",")), password_hash, disabled)
     return users
 
 
+# What identifies one version of the file: the kubelet swaps a Secret's files in by renaming a new
+# directory into place, so the inode changes; size and mtime catch an edit in place.
+_Version = tuple[int, int, int, int] | None
+
+
+def _version(path: Path) -> _Version:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
 class UserStore:
-    def __init__(self, users: dict[str, User]) -> None:
+    def __init__(self, users: dict[str, User], path: Path | None = None) -> None:
         self._users = users
+        self._path = path
+        self._version = _version(path) if path is not None else None
 
     @classmethod
     def load(cls, path: str | None) -> UserStore:
+        """The users in the file (none when there is no file); an unreadable file is an error."""
         if path is None:
             return cls({})
         file = Path(path)
-        return cls(parse_users(file.read_text(), str(file)) if file.exists() else {})
+        return cls(parse_users(file.read_text(), str(file)) if file.exists() else {}, file)
+
+    def _current(self) -> dict[str, User]:
+        """The users as the file says now, read again when it changed since the last look."""
+        if self._path is None:
+            return self._users
+        version = _version(self._path)
+        if version != self._version:
+            self._version = version
+            try:
+                text = self._path.read_text() if version is not None else ""
+                self._users = parse_users(text, str(self._path))
+            except (OSError, UnicodeDecodeError, UsersFileError) as error:
+                # Fail closed: keeping the old list would keep a user someone just removed.
+                log.error("users file %s is unusable, nobody can log in until it is fixed: %s", self._path, error)
+                self._users = {}
+        return self._users
 
     def __len__(self) -> int:
-        return len(self._users)
+        return len(self._current())
+
+    def get(self, name: str) -> User | None:
+        """The user if listed and not disabled, as the file says now."""
+        user = self._current().get(name)
+        return user if user is not None and not user.disabled else None
 
     async def authenticate(self, name: str, password: str) -> User | None:
         """The user when the password is right, else None. Unknown users and wrong passwords
-        take the same path and time (an argon2 verification either way), off the event loop."""
-        user = self._users.get(name)
+        take the same path and time (an argon2 verification either way), off the event loop;
+        so do disabled users, who never get in."""
+        user = self._current().get(name)
         candidate = user.password_hash if user else _DUMMY_HASH
         ok = await asyncio.to_thread(_verify, candidate, password)
-        return user if ok and user is not None else None
+        return user if ok and user is not None and not user.disabled else None
 
 
 def _verify(password_hash: str, password: str) -> bool:

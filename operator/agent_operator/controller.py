@@ -355,7 +355,7 @@ class Controller:
                 body,
                 "Normal",
                 "KeysRotated",
-                f"added new signing and encryption keys for rotation request {requested!r}",
+                f"added new signing, encryption and audit keys for rotation request {requested!r}",
             )
         return secret
 

@@ -58,3 +58,32 @@ async def test_phi_is_encrypted_at_rest_and_kept_out_of_audit_and_traces(aiohttp
     for span in spans:
         assert "00987654" not in str(span.attributes)
         assert "00987654" not in span.name
+
+
+async def test_approval_input_is_encrypted_at_rest(aiohttp_client: Any, tmp_path: Path) -> None:
+    """A financial operation's input waits for its approval in the store: sealed, yet it still runs."""
+    config_file = make_layout(
+        tmp_path / "agent",
+        securityLevel="restricted",
+        operations=["process_document"],
+        compliance={"frameworks": ["HIPAA", "SOX"], "financialOperations": ["process_document"]},
+    )
+    client = await aiohttp_client(create_app(Settings.load(str(config_file)), BUILTINS))
+    maker = {"Authorization": f"Bearer {(await login(client, 'otto'))['access_token']}"}
+    checker = {"Authorization": f"Bearer {(await login(client, 'ada'))['access_token']}"}
+    pending = await client.post("/v1/operations/process_document", json={"input": {"content": PHI}}, headers=maker)
+    assert pending.status == 202, await pending.text()
+    approval_id = (await pending.json())["approval_id"]
+    with sqlite3.connect(tmp_path / "agent" / "data" / "store.sqlite3") as db:
+        (stored,) = db.execute("SELECT input FROM approvals WHERE id = ?", (approval_id,)).fetchone()
+    assert stored.startswith("v1.")
+    assert "00987654" not in stored
+
+    approved = await client.post(f"/v1/approvals/{approval_id}", json={"decision": "approve"}, headers=checker)
+    assert approved.status == 200, await approved.text()
+    assert (await approved.json())["result"]["contains_phi"] is True  # opened again to run
+
+    await client.close()
+    data = tmp_path / "agent" / "data"
+    for path in data.glob("store.sqlite3*"):  # the database and its write-ahead log
+        assert b"00987654" not in path.read_bytes(), path.name

@@ -27,6 +27,7 @@ async def test_sigterm_under_load_finishes_in_flight_work(tmp_path: Path) -> Non
     lines = (tmp_path / "agent" / "data" / "audit.log").read_text().splitlines(keepends=True)
     result = verify_lines(lines, KeyRing.load(tmp_path / "agent" / "keys"))
     assert result.ok, result.describe()
-    recorded = {json.loads(line).get("request_id") for line in lines}
+    # The id the client sent (X-Request-ID) is kept as details.client_request_id beside the server's.
+    recorded = {json.loads(line).get("details", {}).get("client_request_id") for line in lines}
     assert [request_id for request_id in answered if request_id not in recorded] == []
     assert json.loads(lines[-1])["type"] == "checkpoint"  # closed cleanly: the final checkpoint is there

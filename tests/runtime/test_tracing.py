@@ -8,6 +8,7 @@ from typing import Any
 
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from agent_contract.config import ObservabilityConfig
 from agent_runtime.app import create_app
@@ -66,3 +67,30 @@ async def test_sampling_ratio_comes_from_config(aiohttp_client: Any, tmp_path: P
     response = await client.get("/healthz")
     assert len(response.headers["X-Trace-ID"]) == 32  # a trace id even when not sampled
     assert exporter.get_finished_spans() == ()
+
+
+async def test_spans_and_metrics_name_route_templates_never_identifiers(aiohttp_client: Any, tmp_path: Path) -> None:
+    """A GDPR export names its subject in the path: spans (names and attributes) and metric labels
+    carry the route template instead, for answered, refused and unmatched requests alike."""
+    client, exporter = await _client(aiohttp_client, tmp_path, ratio=1.0)
+    token = (await login(client, "ada"))["access_token"]
+    exporter.clear()
+    subject = "alice@example.com"
+    await client.get(f"/v1/gdpr/subjects/{subject}/export", headers={"Authorization": f"Bearer {token}"})
+    await client.delete(f"/v1/gdpr/subjects/{subject}")  # no token: 401
+    await client.get(f"/v1/nothing-here/{subject}")  # no route: 404
+    spans = exporter.get_finished_spans()
+    server_spans = [span for span in spans if span.kind is SpanKind.SERVER]
+    assert [span.name for span in server_spans] == [
+        "GET /v1/gdpr/subjects/{subject}/export",
+        "DELETE /v1/gdpr/subjects/{subject}",
+        "GET",
+    ]
+    assert server_spans[0].attributes is not None
+    assert server_spans[0].attributes["http.route"] == "/v1/gdpr/subjects/{subject}/export"
+    for span in spans:
+        assert "alice" not in span.name
+        assert not any("alice" in str(value) for value in (span.attributes or {}).values()), span.name
+    metrics = await (await client.get("/metrics")).text()
+    assert 'route="/v1/gdpr/subjects/{subject}/export"' in metrics
+    assert "alice" not in metrics

@@ -48,7 +48,11 @@ class KeyVersions:
         )
 
     def fingerprint(self) -> dict[str, object]:
-        """What a rollout depends on: which keys exist and which are active (never key material)."""
+        """What a rollout depends on: which keys exist and which are active (never key material).
+
+        Audit keys are left out on purpose: every rotation changes the signing and encryption ids
+        too, and an operator upgrade that knew a new kind of key must not change the revision of
+        every existing agent (their Secrets, made before audit keys, get one at their next rotation)."""
         return {
             "signing": list(self.signing),
             "encryption": list(self.encryption),

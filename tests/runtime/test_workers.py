@@ -1,0 +1,205 @@
+"""CPU-bound operations run in worker processes: the loop keeps answering meanwhile, a timeout
+kills the worker (which is replaced), and bulkheads, input errors and crashes are answered as
+before. Also: a body is read whole however it arrives, and never beyond the limit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from agent_contract.config import Permission, SecurityLevel
+from agent_runtime.api import MAX_BODY_BYTES
+from agent_runtime.operation_routes import INLINE_BODY_BYTES
+from agent_runtime.operations import Operation
+from agent_runtime.state import WORKERS
+from tests.runtime.conftest import AppFactory, login
+from tests.runtime.cpu_operations import OPERATIONS
+
+Client = TestClient[web.Request, web.Application]
+
+
+async def _headers(client: Client, user: str = "ada") -> dict[str, str]:
+    return {"Authorization": f"Bearer {(await login(client, user))['access_token']}"}
+
+
+@contextlib.asynccontextmanager
+async def healthz_latencies(client: Client) -> AsyncIterator[list[float]]:
+    """/healthz asked again and again while the block runs; yields the latencies, filled in.
+
+    Client and server share this process, which holds the whole test session: a full garbage
+    collection of it takes some 0.2 s, nothing to do with what is measured, so the objects there
+    before the block are frozen out of the collector's way meanwhile."""
+    latencies: list[float] = []
+    done = asyncio.Event()
+    gc.freeze()
+
+    async def poll() -> None:
+        while not done.is_set():
+            started = time.perf_counter()
+            response = await client.get("/healthz")
+            await response.read()
+            assert response.status == 200
+            latencies.append(time.perf_counter() - started)
+
+    poller = asyncio.create_task(poll())
+    try:
+        yield latencies
+    finally:
+        done.set()
+        await poller
+        gc.unfreeze()
+
+
+async def test_cpu_bound_operations_run_in_a_worker_and_the_others_on_the_loop(make_client: AppFactory) -> None:
+    client = await make_client(extra_operations=OPERATIONS)
+    headers = await _headers(client)
+    workers = client.app[WORKERS]
+    assert len(workers.pids) == workers.size >= 1
+    spun = await client.post("/v1/operations/spin", json={"input": {"seconds": 0}}, headers=headers)
+    assert (await spun.json())["result"]["pid"] in workers.pids
+    on_the_loop = await client.post("/v1/operations/spin_on_the_loop", json={"input": {}}, headers=headers)
+    assert (await on_the_loop.json())["result"]["pid"] == os.getpid()  # undeclared: as before
+    analysed = await client.post(
+        "/v1/operations/analyze_data", json={"input": {"data": [{"v": 1}, {"v": 3}]}}, headers=headers
+    )
+    body: dict[str, Any] = await analysed.json()
+    assert analysed.status == 200, body
+    assert body["result"]["columns"]["v"]["mean"] == 2
+    assert set(body) == {"operation", "result", "request_id", "trace_id", "actor"}
+
+
+async def test_a_timeout_answers_504_kills_the_worker_and_a_fresh_one_replaces_it(make_client: AppFactory) -> None:
+    client = await make_client(extra_operations=OPERATIONS, resilience={"operationTimeoutSeconds": 1})
+    headers = await _headers(client)
+    workers = client.app[WORKERS]
+    before = workers.pids
+    async with healthz_latencies(client) as latencies:
+        started = time.monotonic()
+        timed_out = await client.post("/v1/operations/spin", json={"input": {"seconds": 60}}, headers=headers)
+        elapsed = time.monotonic() - started
+    assert timed_out.status == 504
+    assert (await timed_out.json())["code"] == "operation_timeout"
+    assert 1.0 <= elapsed < 1.5
+    assert len(latencies) >= 10  # the loop answered throughout...
+    assert max(latencies) < 0.1, latencies  # ...and promptly
+    killed = before - workers.pids
+    assert len(killed) == 1  # the one that ran it, and only that one
+    with pytest.raises(ProcessLookupError):
+        os.kill(killed.pop(), 0)  # gone and reaped by the time the 504 was sent
+    await workers.settled()
+    assert len(workers.pids) == workers.size
+    assert workers.replaced == 1
+    again = await client.post("/v1/operations/spin", json={"input": {"seconds": 0}}, headers=headers)
+    assert again.status == 200
+    assert (await again.json())["result"]["pid"] in workers.pids
+
+
+async def test_a_crashed_worker_answers_500_and_is_replaced(make_client: AppFactory) -> None:
+    client = await make_client(extra_operations=OPERATIONS)
+    headers = await _headers(client)
+    workers = client.app[WORKERS]
+    crashed = await client.post("/v1/operations/crash", json={"input": {}}, headers=headers)
+    assert crashed.status == 500
+    assert (await crashed.json())["code"] == "operation_failed"
+    await workers.settled()
+    assert (len(workers.pids), workers.replaced) == (workers.size, 1)
+    assert (await client.post("/v1/operations/spin", json={"input": {}}, headers=headers)).status == 200
+
+
+async def test_errors_raised_in_a_worker_are_answered_as_on_the_loop(make_client: AppFactory) -> None:
+    client = await make_client(extra_operations=OPERATIONS)
+    headers = await _headers(client)
+    refused = await client.post("/v1/operations/refuse", json={"input": {}}, headers=headers)
+    assert (refused.status, (await refused.json())["message"]) == (422, "input: nothing to work with")
+    unknown = await client.post(
+        "/v1/operations/analyze_data", json={"input": {"data": [{"v": 1}], "columns": ["w"]}}, headers=headers
+    )
+    assert (unknown.status, (await unknown.json())["message"]) == (422, "input: columns: not in the data: w")
+    # A large body is parsed and validated in a worker: the same answers as the loop gives.
+    padding = b" " * INLINE_BODY_BYTES
+    for body, status, code in (
+        (b"{not json" + padding, 400, "invalid_json"),
+        (b"[1]" + padding, 400, "invalid_body"),
+        (b'{"input": "text"}' + padding, 400, "invalid_field"),
+        (json.dumps({"input": {"data": [1] * 50_000}}).encode(), 422, "invalid_input"),
+    ):
+        response = await client.post("/v1/operations/analyze_data", data=body, headers=headers)
+        answer = await response.json()
+        assert (response.status, answer["code"]) == (status, code), answer
+    assert answer["message"].endswith("; and 49990 more")  # ten problems named, not 50,000
+
+
+async def test_the_bulkhead_still_bounds_cpu_bound_operations(make_client: AppFactory) -> None:
+    client = await make_client(
+        extra_operations=OPERATIONS,
+        resilience={"maxConcurrentPerOperation": 1, "maxQueuedPerOperation": 0, "operationTimeoutSeconds": 1},
+    )
+    headers = await _headers(client)
+    calls = [client.post("/v1/operations/spin", json={"input": {"seconds": 60}}, headers=headers) for _ in range(2)]
+    answers = await asyncio.gather(*calls)
+    # One runs (and times out); the other finds the bulkhead full, however the two interleave.
+    assert sorted(answer.status for answer in answers) == [503, 504]
+
+
+def test_a_cpu_bound_operation_needs_a_handler_a_worker_can_import() -> None:
+    async def inner(payload: dict[str, Any]) -> dict[str, Any]:
+        return payload
+
+    with pytest.raises(TypeError, match="module-level function"):
+        Operation("inner", Permission.EXECUTE, SecurityLevel.PUBLIC, inner, "a closure", cpu_bound=True)
+
+
+async def test_closing_the_app_stops_its_workers(make_client: AppFactory) -> None:
+    client = await make_client()
+    pids = client.app[WORKERS].pids
+    await client.close()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+async def test_a_body_sent_in_pieces_is_read_whole(make_client: AppFactory) -> None:
+    client = await make_client()
+    headers = {**await _headers(client, "ana"), "Content-Type": "application/json"}
+    body = json.dumps({"input": {"data": [{"a": i, "b": 2 * i} for i in range(8000)]}}).encode()
+    assert 190_000 < len(body) < 200_000
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 64 * 1024):
+            yield body[start : start + 64 * 1024]
+            await asyncio.sleep(0.05)  # a slow client: each 64 KiB write reaches the server alone
+
+    response = await client.post("/v1/operations/analyze_data", data=pieces(), headers=headers)
+    answer = await response.json()
+    assert response.status == 200, answer
+    assert answer["result"]["columns"]["a"]["count"] == 8000
+
+
+async def test_a_body_beyond_the_limit_is_refused_without_a_content_length(make_client: AppFactory) -> None:
+    client = await make_client()
+    headers = await _headers(client)
+
+    async def too_much() -> AsyncIterator[bytes]:
+        for _ in range(MAX_BODY_BYTES // 65536 + 2):
+            yield b" " * 65536  # whitespace: valid JSON up to the limit, then too much of it
+
+    response = await client.post("/v1/operations/ping", data=too_much(), headers=headers)
+    assert (response.status, (await response.json())["code"]) == (413, "payload_too_large")
+
+
+async def test_json_nested_too_deep_is_invalid_json_not_a_server_error(make_client: AppFactory) -> None:
+    client = await make_client()
+    headers = await _headers(client)
+    for depth in (10_000, INLINE_BODY_BYTES + 1):  # parsed on the loop, and in a worker
+        response = await client.post("/v1/operations/ping", data=b"[" * depth, headers=headers)
+        assert (response.status, (await response.json())["code"]) == (400, "invalid_json")
