@@ -249,15 +249,15 @@ _CLIENTS = (
     ("controller-manager", "system:kube-controller-manager", None),
     ("scheduler", "system:kube-scheduler", None),
     ("kwok", "kwok-controller", "system:masters"),
+    # The API server's identity towards kubelets (logs, exec, port-forward on a real node).
+    ("apiserver-kubelet-client", "kube-apiserver-kubelet-client", "system:masters"),
 )
 
 
-# With a real node: its kubelet's identity (the Node authorizer knows it by this name), kube-proxy's,
-# and the API server's client identity towards kubelets (logs, exec, port-forward).
+# With a real node: its kubelet's identity (the Node authorizer knows it by this name) and kube-proxy's.
 _NODE_CLIENTS = (
     ("kubelet", f"system:node:{NODE_NAME}", "system:nodes"),
     ("kube-proxy", "system:kube-proxy", None),
-    ("apiserver-kubelet-client", "kube-apiserver-kubelet-client", "system:masters"),
 )
 
 
