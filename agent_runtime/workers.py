@@ -189,6 +189,8 @@ class WorkerPool:
         self._idle.put_nowait(worker)
 
     async def _discard(self, worker: _Worker) -> None:
+        if worker not in self._workers:
+            return  # close() stops it
         self._workers.discard(worker)
         if worker.process.exitcode is None:
             worker.process.kill()
@@ -236,7 +238,9 @@ def _stop(process: BaseProcess) -> None:
 
 def _serve(connection: socket.socket) -> None:
     """A worker's life: read a call, run it, write the reply, until the server closes the socket."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C is for the server, which then closes our socket
+    # ^C, sent to the whole process group, is for the server: it lets the calls in flight finish,
+    # then closes our socket. (SIGTERM keeps its default: multiprocessing stops leftovers with it.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(OSError):
         os.nice(_NICENESS)
     loop = asyncio.new_event_loop()
