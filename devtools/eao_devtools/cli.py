@@ -14,11 +14,13 @@ from eao_devtools.cluster import (
     NODE_COUNT,
     Cluster,
     ClusterError,
+    cache_root,
     default_state_dir,
     ensure_binaries,
     ensure_node_binaries,
     ensure_tools,
 )
+from eao_devtools.imagebuild import ImageBuildError, build_images
 
 BENCHMARKS = ("operator", "rollout", "runtime")
 
@@ -59,13 +61,17 @@ def cmd_run(_: argparse.Namespace) -> int:
     return run_main()
 
 
-def cmd_tools(_: argparse.Namespace) -> int:
+def cmd_tools(args: argparse.Namespace) -> int:
     # Both cold builds take minutes: done here, before pytest, so no test's timeout pays for them.
     try:
         print(ensure_binaries())
-        print("\n".join(str(folder) for folder in ensure_node_binaries()))
+        node = ensure_node_binaries()
+        print("\n".join(str(folder) for folder in (node.kube, node.pause, node.coredns, node.kube_router)))
         print(ensure_tools())
-    except ClusterError as error:
+        if args.images:
+            for image in build_images(cache_root() / "images"):
+                print(f"{image.reference} {image.archive}")
+    except (ClusterError, ImageBuildError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
@@ -95,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument(
         "--real-node",
         action="store_true",
-        help="one real node (kubelet, containerd, CNI bridge, kube-proxy; as root) instead of kwok's",
+        help="one real node (kubelet, containerd, CNI bridge, kube-proxy, kube-router, CoreDNS; the two"
+        " images built from images/Dockerfile and imported; as root) instead of kwok's",
     )
     cluster.set_defaults(func=cmd_cluster)
 
@@ -106,8 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     tools = commands.add_parser(
         "tools",
-        help="build the control plane and the real node's kubelet, kube-proxy and pause (hack/controlplane,"
-        " hack/node) and helm, promtool and kstatus (hack/tools) once; print their folders",
+        help="build the control plane, the real node's kubelet, kube-proxy, pause, CoreDNS and kube-router"
+        " (hack/) and helm, promtool and kstatus (hack/tools) once; print their folders",
+    )
+    tools.add_argument(
+        "--images",
+        action="store_true",
+        help="also build the operator and runtime images from images/Dockerfile with buildah (as root)",
     )
     tools.set_defaults(func=cmd_tools)
 

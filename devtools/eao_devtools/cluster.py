@@ -33,7 +33,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from eao_devtools.checkout import REPO_ROOT_VARIABLE, repo_root
 from eao_devtools.images import write_single_layer_image
-from eao_devtools.node import NODE_IP, NODE_NAME, PAUSE_IMAGE, NodeError, RealNode
+from eao_devtools import addons
+from eao_devtools.imagebuild import BuiltImage, ImageBuildError, build_images
+from eao_devtools.node import NODE_IP, NODE_NAME, PAUSE_IMAGE, POD_CIDR, NodeError, RealNode
 
 KUBERNETES_VERSION = "v1.34.4"
 LOOPBACK = "127.0.0.1"
@@ -47,7 +49,7 @@ NODE_COUNT = 3
 # Components in start order; stopped in reverse.
 COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
 # With a real node, started after the control plane in this order (and stopped in reverse).
-NODE_COMPONENTS = ("containerd", "kubelet", "kube-proxy")
+NODE_COMPONENTS = ("containerd", "kubelet", "kube-proxy", "kube-router")
 # Go modules under hack/controlplane and the binaries each builds.
 GO_MODULES = {
     ".": ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl"),
@@ -102,7 +104,9 @@ def _source_key(source: Path, version: str) -> str:
     return f"{version}-{digest.hexdigest()[:12]}"
 
 
-def _build_once(name: str, version: str, builds: dict[str, tuple[str, ...]], ldflags: str) -> Path:
+def _build_once(
+    name: str, version: str, builds: dict[str, tuple[str, ...]], ldflags: str, env: dict[str, str] | None = None
+) -> Path:
     """Builds the Go programs under hack/<name> once per source version; returns their directory.
 
     ``builds`` maps a module folder (relative to hack/<name>) to the packages built there; each
@@ -120,7 +124,14 @@ def _build_once(name: str, version: str, builds: dict[str, tuple[str, ...]], ldf
             command = [_go(), "build", "-trimpath", "-ldflags", ldflags, "-o", f"{bin_dir}/", *packages]
             names = ", ".join(_binary_name(module, package) for package in packages)
             _say(f"building {names} (log: {build_log})")
-            result = subprocess.run(command, cwd=source / module, stdout=out, stderr=subprocess.STDOUT, check=False)
+            result = subprocess.run(
+                command,
+                cwd=source / module,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                check=False,
+                env={**os.environ, **(env or {})},
+            )
             if result.returncode != 0:
                 raise ClusterError(f"building {names} failed (exit {result.returncode}); see {build_log}")
     return bin_dir
@@ -149,12 +160,26 @@ def ensure_binaries() -> Path:
     return _build_once("controlplane", KUBERNETES_VERSION, builds, _kube_ldflags())
 
 
-def ensure_node_binaries() -> tuple[Path, Path]:
+@dataclass(frozen=True)
+class NodeBinaries:
+    kube: Path  # kubelet and kube-proxy
+    pause: Path
+    coredns: Path
+    kube_router: Path
+
+
+def ensure_node_binaries() -> NodeBinaries:
     """kubelet and kube-proxy (same module and version as the control plane, several minutes cold),
-    and the static pause program; returns their two folders."""
-    kube = _build_once("controlplane", KUBERNETES_VERSION, {".": ("./kubelet", "./kube-proxy")}, _kube_ldflags())
-    pause = _build_once("node", "v1", {".": ("./pause",)}, "-s -w")
-    return kube, pause
+    the static pause program, CoreDNS (static: it runs alone in its image) and kube-router."""
+    static = {"CGO_ENABLED": "0"}
+    return NodeBinaries(
+        kube=_build_once("controlplane", KUBERNETES_VERSION, {".": ("./kubelet", "./kube-proxy")}, _kube_ldflags()),
+        pause=_build_once("node", "v1", {".": ("./pause",)}, "-s -w"),
+        coredns=_build_once("coredns", "v1", {".": ("github.com/coredns/coredns",)}, "-s -w", static),
+        kube_router=_build_once(
+            "kube-router", "v1", {".": ("github.com/cloudnativelabs/kube-router/v2/cmd/kube-router",)}, "-s -w"
+        ),
+    )
 
 
 def ensure_tools() -> Path:
@@ -258,6 +283,7 @@ _CLIENTS = (
 _NODE_CLIENTS = (
     ("kubelet", f"system:node:{NODE_NAME}", "system:nodes"),
     ("kube-proxy", "system:kube-proxy", None),
+    ("kube-router", addons.KUBE_ROUTER_USER, None),
 )
 
 
@@ -405,6 +431,12 @@ class Cluster:
         started = time.monotonic()
         bin_dir = ensure_binaries()
         node_bins = ensure_node_binaries() if real_node else None
+        images: list[BuiltImage] = []
+        if real_node:
+            try:
+                images = build_images(cache_root() / "images", say=_say)
+            except ImageBuildError as error:
+                raise ClusterError(str(error)) from None
         built = time.monotonic()
         host = LOOPBACK
         if real_node:
@@ -425,7 +457,9 @@ class Cluster:
             name: _free_port() for name in ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok")
         }
         server = f"https://{host}:{ports['apiserver']}"
-        users = ("admin", "controller-manager", "scheduler", "kwok") + (("kubelet", "kube-proxy") if real_node else ())
+        users = ("admin", "controller-manager", "scheduler", "kwok") + (
+            ("kubelet", "kube-proxy", "kube-router") if real_node else ()
+        )
         for user in users:
             (self.state_dir / f"{user}.kubeconfig").write_text(_kubeconfig(server, self.pki, user))
         shutil.copy(self.state_dir / "admin.kubeconfig", self.kubeconfig)
@@ -436,7 +470,10 @@ class Cluster:
         if node_bins is not None:
             kubeconfigs = {user: self.state_dir / f"{user}.kubeconfig" for user in ("kubelet", "kube-proxy")}
             self.node.write_configs(kubeconfigs, self.pki, CLUSTER_DNS, SERVICE_CIDR)
-            commands |= self.node.commands(node_bins[0], kubeconfigs)
+            commands |= self.node.commands(node_bins.kube, kubeconfigs)
+            commands["kube-router"] = addons.kube_router_command(
+                node_bins.kube_router, self.state_dir / "kube-router.kubeconfig"
+            )
             components = COMPONENTS + NODE_COMPONENTS
         state: dict[str, object] = {
             "binaries": str(bin_dir),
@@ -447,6 +484,8 @@ class Cluster:
         }
         pids: dict[str, int] = {}
         for name in components:
+            if name == "kube-router":
+                self._wait_real_node()  # its firewall needs the Node and its podCIDR
             log_path = self.logs / f"{name}.log"
             with log_path.open("w") as log_file:
                 process = subprocess.Popen(
@@ -461,9 +500,9 @@ class Cluster:
             self._save_state(state)
             self._wait_started(name, process, ports)
             if name == "containerd" and node_bins is not None:
-                self._import_pause(node_bins[1])
+                self._import_images(node_bins, images)
         if real_node:
-            self._wait_real_node()
+            self._start_dns()
         else:
             self._register_nodes(bin_dir, nodes)
         ready = time.monotonic()
@@ -583,6 +622,7 @@ class Cluster:
             "kube-apiserver": f"{self._load_state().get('server')}/readyz",
             "kubelet": "http://127.0.0.1:10248/healthz",
             "kube-proxy": "http://127.0.0.1:10256/healthz",
+            "kube-router": "",  # no health port (it would listen on every address): its chains tell
             "kube-controller-manager": f"https://{LOOPBACK}:{ports['controller-manager']}/healthz",
             "kube-scheduler": f"https://{LOOPBACK}:{ports['scheduler']}/healthz",
             "kwok": f"http://{LOOPBACK}:{ports['kwok']}/healthz",
@@ -598,7 +638,7 @@ class Cluster:
                 except NodeError as error:
                     raise ClusterError(f"{error}; see {log_path}") from None
                 return
-            if self._probe(checks[name]):
+            if addons.kube_router_ready() if name == "kube-router" else self._probe(checks[name]):
                 return
             time.sleep(0.2)
         raise ClusterError(f"{name} did not become healthy within {timeout:.0f}s; see {log_path}")
@@ -636,20 +676,45 @@ class Cluster:
             timeout=120,
         )
 
-    def _import_pause(self, pause_bin: Path) -> None:
-        archive = write_single_layer_image(
-            self.state_dir / "pause.tar",
-            PAUSE_IMAGE,
-            {"/pause": ((pause_bin / "pause").read_bytes(), 0o755)},
-            ["/pause"],
-        )
+    def _import_images(self, node_bins: NodeBinaries, images: list[BuiltImage]) -> None:
+        """The node has no registry: pause and CoreDNS (one static program each) and the two
+        images built from images/Dockerfile go straight into its containerd."""
+        archives = [
+            write_single_layer_image(
+                self.state_dir / "pause.tar", PAUSE_IMAGE, {"/pause": ((node_bins.pause / "pause").read_bytes(), 0o755)},
+                ["/pause"],
+            ),
+            write_single_layer_image(
+                self.state_dir / "coredns.tar", addons.COREDNS_IMAGE,
+                {"/coredns": ((node_bins.coredns / "coredns").read_bytes(), 0o755)}, ["/coredns"],
+                user=str(addons.COREDNS_UID),
+            ),
+            *(image.archive for image in images),
+        ]  # fmt: skip
+        for archive in archives:
+            try:
+                self.node.import_image(archive)
+            except NodeError as error:
+                raise ClusterError(f"importing {archive.name} failed: {error}") from None
+
+    def _start_dns(self, timeout: float = 120) -> None:
+        """CoreDNS behind kube-dns, Available before the cluster is called ready."""
+        manifests = addons.dns_manifests(CLUSTER_DNS)
         try:
-            self.node.import_image(archive)
-        except NodeError as error:
-            raise ClusterError(f"importing the pause image failed: {error}") from None
+            self.kubectl("apply", "-f", "-", input_text=yaml.safe_dump_all(manifests))
+            self.kubectl(
+                "rollout", "status", "deployment/coredns", "-n", addons.DNS_NAMESPACE, f"--timeout={timeout:.0f}s"
+            )
+        except subprocess.CalledProcessError as error:
+            raise ClusterError(
+                f"cluster DNS did not start: {(error.stderr or error.stdout).strip()};"
+                f" see kubectl -n {addons.DNS_NAMESPACE} describe pods -l k8s-app=kube-dns"
+            ) from None
 
     def _wait_real_node(self, timeout: float = 120) -> None:
-        """The kubelet registers its Node; Ready once the CNI config is found and the runtime answers."""
+        """The kubelet registers its Node; Ready once the CNI config is found and the runtime answers.
+        Then its pod range is written on the Node (as the node IPAM controller would) for
+        kube-router, and kube-router's rights are granted."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             result = self.kubectl(
@@ -663,6 +728,9 @@ class Cluster:
             raise ClusterError(
                 f"node {NODE_NAME} did not become Ready within {timeout:.0f}s; see {self.logs / 'kubelet.log'}"
             )
+        pod_cidr = json.dumps({"spec": {"podCIDR": POD_CIDR, "podCIDRs": [POD_CIDR]}})
+        self.kubectl("patch", "node", NODE_NAME, "--type=merge", "-p", pod_cidr)
+        self.kubectl("apply", "-f", "-", input_text=yaml.safe_dump_all(addons.kube_router_rbac()))
         self._wait_default_service_account()
 
     def _wait_default_service_account(self) -> None:
@@ -724,13 +792,14 @@ def _is_our_process(pid: int, binaries: str) -> bool:
 
 
 def _is_node_process(pid: int, name: str) -> bool:
-    """containerd comes from Debian's package, not our build folder."""
+    """containerd comes from Debian's package and kube-router from its own build folder."""
     try:
         command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return False
-    return name == "containerd" and command == "/usr/bin/containerd" and "State:\tZ" not in status
+    expected = {"containerd": "/usr/bin/containerd", "kube-router": str(cache_root() / "kube-router")}.get(name)
+    return expected is not None and command.startswith(expected) and "State:\tZ" not in status
 
 
 def _terminate(pid: int, grace: float = 10) -> None:

@@ -96,14 +96,14 @@ class RealNode:
         config = self.state_dir / "config"
         config.mkdir(parents=True, exist_ok=True)
         (self.state_dir / "cni" / "net.d").mkdir(parents=True, exist_ok=True)
-        (self.state_dir / "cni" / "net.d" / "10-eao.conflist").write_text(json.dumps(self._cni(), indent=2))
+        (self.state_dir / "cni" / "net.d" / "10-eao.conflist").write_text(json.dumps(self._cni(service_cidr), indent=2))
         (config / "containerd.toml").write_text(self._containerd())
         (config / "kubelet.yaml").write_text(yaml.safe_dump(self._kubelet(pki, cluster_dns), sort_keys=False))
         (config / "kube-proxy.yaml").write_text(
             yaml.safe_dump(self._kube_proxy(kubeconfigs["kube-proxy"], service_cidr), sort_keys=False)
         )
 
-    def _cni(self) -> dict[str, object]:
+    def _cni(self, service_cidr: str) -> dict[str, object]:
         network = ipaddress.ip_network(POD_CIDR)
         return {
             "cniVersion": "1.0.0",
@@ -118,6 +118,9 @@ class RealNode:
                     "ipam": {
                         "type": "host-local",
                         "ranges": [[{"subnet": str(network), "rangeStart": str(network[10]), "gateway": NODE_IP}]],
+                        # Pods reach their /24 and the Services through the node, and nothing else:
+                        # no default route, so nothing a pod sends can be forwarded off the machine.
+                        "routes": [{"dst": service_cidr}],
                         "dataDir": str(self.state_dir / "cni" / "ipam"),
                     },
                 },
