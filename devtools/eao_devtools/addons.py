@@ -65,7 +65,12 @@ def dns_manifests(cluster_dns: str) -> list[dict[str, Any]]:
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "system:coredns"},
             "subjects": [{"kind": "ServiceAccount", "name": "coredns", "namespace": DNS_NAMESPACE}],
         },
-        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "coredns", **meta}, "data": {"Corefile": _COREFILE}},
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "coredns", **meta},
+            "data": {"Corefile": _COREFILE},
+        },
         {
             "apiVersion": "apps/v1",
             "kind": "Deployment",
@@ -172,5 +177,7 @@ def kube_router_command(bin_dir: Path, kubeconfig: Path) -> list[str]:
 
 def kube_router_ready() -> bool:
     """kube-router has synced once when its top-level filter chain exists."""
-    result = subprocess.run(["iptables", "-w", "5", "-S", "KUBE-ROUTER-FORWARD"], capture_output=True, check=False)
+    result = subprocess.run(
+        ["/usr/sbin/iptables", "-w", "5", "-S", "KUBE-ROUTER-FORWARD"], capture_output=True, check=False
+    )
     return result.returncode == 0

@@ -31,10 +31,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from eao_devtools.checkout import REPO_ROOT_VARIABLE, repo_root
-from eao_devtools.images import write_single_layer_image
 from eao_devtools import addons
+from eao_devtools.checkout import REPO_ROOT_VARIABLE, repo_root
 from eao_devtools.imagebuild import BuiltImage, ImageBuildError, build_images
+from eao_devtools.images import write_single_layer_image
 from eao_devtools.node import NODE_IP, NODE_NAME, PAUSE_IMAGE, POD_CIDR, NodeError, RealNode
 
 KUBERNETES_VERSION = "v1.34.4"

@@ -81,7 +81,10 @@ def _run(*command: str, log: Path, timeout: float = 1800) -> None:
 
 
 def _has_image(reference: str) -> bool:
-    return subprocess.run(["buildah", "inspect", "--type", "image", reference], capture_output=True).returncode == 0
+    return (
+        subprocess.run(["/usr/bin/buildah", "inspect", "--type", "image", reference], capture_output=True).returncode
+        == 0
+    )
 
 
 def _digest(*parts: bytes) -> str:
