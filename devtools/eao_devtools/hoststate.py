@@ -121,7 +121,8 @@ class HostSnapshot:
             if _run("umount", point).returncode != 0 and _run("umount", "-l", point).returncode != 0:
                 problems.append(f"cannot unmount {point}")
         for link in sorted(set(links()) - set(self.links)):
-            if _run("ip", "link", "delete", link).returncode != 0:
+            # A pod's veth also goes by itself once its network namespace is unmounted and freed.
+            if _run("ip", "link", "delete", link).returncode != 0 and link in links():
                 problems.append(f"cannot delete link {link}")
         if firewall_ruleset() != self.firewall:
             # Back to the recorded ruleset as a whole, in one transaction.

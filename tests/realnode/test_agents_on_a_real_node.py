@@ -1,0 +1,303 @@
+"""End to end on real pods: the images built from images/Dockerfile, the operator installed by its
+chart and running as pods, agents served by the runtime in real containers behind kube-proxy's
+Services, NetworkPolicy enforced by kube-router, names resolved by CoreDNS.
+
+The tests run in file order and share one cluster (see conftest.py); each uses its own namespace,
+except the first agent, which is examples/minimal.yaml applied exactly as it is."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+from typing import Any
+
+import pytest
+
+from agent_operator.analysis import operator_token
+from agent_operator.manifest import parse_agent
+from eao_devtools.imagebuild import image_references
+from eao_devtools.node import CONTAINERD_SOCKET, K8S_NAMESPACE
+from eao_devtools.testkit.agents import agent_manifest
+from eao_devtools.testkit.kube import Kube
+from tests.cluster.agents import apply, condition, get, wait_phase, wait_until
+from tests.cluster.test_plugin import kubectl_ea
+from tests.helpers import ROOT
+from tests.realnode.conftest import (
+    OPERATOR_NAMESPACE,
+    SteadyLoad,
+    can_connect,
+    cluster_ip,
+    exec_python,
+    pods,
+    requires_root,
+    restarts,
+)
+
+pytestmark = [pytest.mark.cluster, requires_root]
+OPERATOR_PODS = "app.kubernetes.io/name=enterprise-agent-operator"
+ANALYZE = json.dumps({"input": {"data": [{"v": 1}, {"v": 3}]}}).encode()
+SMOKE = {"operation": "analyze_data", "payload": {"input": {"data": [{"v": 2}]}}}
+
+
+def agent_pods(kube: Kube, namespace: str, name: str) -> list[dict[str, Any]]:
+    return pods(kube, namespace, f"app.kubernetes.io/instance={name}")
+
+
+def live_pods(kube: Kube, namespace: str, name: str) -> list[dict[str, Any]]:
+    """The agent's pods not on their way out."""
+    return [p for p in agent_pods(kube, namespace, name) if "deletionTimestamp" not in p["metadata"]]
+
+
+def create_namespace(kube: Kube, name: str) -> str:
+    kube.kubectl("create", "namespace", name)
+    return name
+
+
+def key_secret_data(kube: Kube, namespace: str, name: str) -> dict[str, str]:
+    secret = get(kube, namespace, "secret", f"{name}-keys")
+    assert secret is not None
+    return dict(secret["data"])
+
+
+def token_for(kube: Kube, namespace: str, name: str) -> str:
+    """A token signed with the agent's own key, as the operator's smoke call signs one."""
+    agent = parse_agent(get(kube, namespace, "ea", name) or {})
+    return operator_token(agent, key_secret_data(kube, namespace, name))
+
+
+def readyz(kube: Kube, namespace: str, pod: str) -> dict[str, Any]:
+    code = (
+        "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:8080/readyz',timeout=5).read().decode())"
+    )
+    result = exec_python(kube, namespace, pod, code)
+    assert result.returncode == 0, result.stderr
+    body: dict[str, Any] = json.loads(result.stdout)
+    return body
+
+
+def wait_rollout_done(
+    kube: Kube, namespace: str, name: str, revision: str | None, timeout: float = 180
+) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        agent = get(kube, namespace, "ea", name) or {}
+        status = agent.get("status") or {}
+        finished = (status.get("rollout") or {}).get("step") == "Completed" and status.get("activeRevision") != revision
+        return agent if finished and status.get("phase") == "Ready" else None
+
+    found: dict[str, Any] = wait_until(done, timeout, interval=1, what=f"{namespace}/{name} rollout completed")
+    return found
+
+
+# -- the images ------------------------------------------------------------------------------------
+
+
+def test_both_images_are_in_the_nodes_runtime_under_the_default_names(real_cluster: Kube) -> None:
+    listing = subprocess.run(
+        ["ctr", f"--address={CONTAINERD_SOCKET}", "-n", K8S_NAMESPACE, "images", "list", "-q"],
+        capture_output=True, text=True, check=True, timeout=30,
+    ).stdout.split()  # fmt: skip
+    for reference in image_references().values():
+        assert reference in listing, listing
+    chart_values = (ROOT / "charts" / "enterprise-agent-operator" / "values.yaml").read_text()
+    assert "repository: " + image_references()["operator"].rsplit(":", 1)[0] in chart_values
+    example = (ROOT / "examples" / "minimal.yaml").read_text()
+    assert f"image: {image_references()['runtime']}" in example
+
+
+def test_the_operator_runs_from_its_image_as_10001_without_pip_or_compiler(chart_operator: Kube) -> None:
+    kube = chart_operator
+    running = pods(kube, OPERATOR_NAMESPACE, OPERATOR_PODS)
+    assert len(running) == 2
+    pod = running[0]
+    assert pod["status"]["containerStatuses"][0]["image"].endswith(image_references()["operator"])
+    probe = (
+        "import os, shutil, importlib.util as u, sys; "
+        "print(json.dumps({'uid': os.getuid(), 'gid': os.getgid(), 'exe': sys.executable,"
+        " 'pip': u.find_spec('pip') is not None, 'ensurepip': u.find_spec('ensurepip') is not None,"
+        " 'tools': [t for t in ('pip', 'pip3', 'gcc', 'cc', 'make', 'apt-get') if shutil.which(t)],"
+        " 'root_writable': os.access('/', os.W_OK)}))"
+    )
+    result = exec_python(kube, OPERATOR_NAMESPACE, pod["metadata"]["name"], "import json; " + probe)
+    assert result.returncode == 0, result.stderr
+    facts = json.loads(result.stdout)
+    assert (facts["uid"], facts["gid"]) == (10001, 10001)
+    assert facts["exe"].startswith("/opt/venv/")
+    assert not facts["pip"], facts
+    assert not facts["ensurepip"], facts
+    # apt-get stays (Debian's base has it; it cannot run as uid 10001); no installer or compiler.
+    assert [tool for tool in facts["tools"] if tool != "apt-get"] == [], facts
+    assert facts["root_writable"] is False
+
+
+# -- the operator, as the chart installs it --------------------------------------------------------
+
+
+def test_the_chart_runs_the_operator_as_real_pods_holding_the_lease(chart_operator: Kube) -> None:
+    kube = chart_operator
+    running = pods(kube, OPERATOR_NAMESPACE, OPERATOR_PODS)
+    names = {pod["metadata"]["name"] for pod in running}
+    lease = json.loads(
+        kube.kubectl("get", "lease", "enterprise-agent-operator", "-n", OPERATOR_NAMESPACE, "-o", "json").stdout
+    )
+    holder = lease["spec"]["holderIdentity"]
+    assert any(holder.startswith(name) for name in names), (holder, names)
+    for pod in running:
+        assert restarts(pod) == 0
+        log = kube.kubectl("logs", "-n", OPERATOR_NAMESPACE, pod["metadata"]["name"]).stdout
+        assert "Forbidden" not in log, log[-3000:]
+        assert " 403" not in log, log[-3000:]
+
+
+def test_the_minimal_example_runs_as_it_is(chart_operator: Kube) -> None:
+    kube = chart_operator
+    kube.kubectl("apply", "-f", str(ROOT / "examples" / "minimal.yaml"))
+    agent = wait_phase(kube, "default", "hello-agent", "Ready", timeout=120)
+    assert condition(agent, "Ready")["status"] == "True"
+    (pod,) = agent_pods(kube, "default", "hello-agent")
+    container = pod["spec"]["containers"][0]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"  # Ready came from a real probe
+    assert {c["type"]: c["status"] for c in pod["status"]["conditions"]}["Ready"] == "True"
+    assert restarts(pod) == 0
+    # The keys volume is a real Secret volume (..data, a timestamped folder): the runtime read it.
+    ready = readyz(kube, "default", pod["metadata"]["name"])
+    assert ready["checks"]["keys"]["ok"] is True
+    status = kubectl_ea(kube, "status", "hello-agent", "-n", "default")
+    assert status.returncode == 0, status.stderr
+    assert "Ready" in status.stdout
+
+
+def test_service_names_resolve_in_pods(chart_operator: Kube) -> None:
+    kube = chart_operator
+    (pod,) = agent_pods(kube, "default", "hello-agent")
+    code = "import socket; print(socket.gethostbyname('hello-agent.default.svc.cluster.local'))"
+    result = exec_python(kube, "default", pod["metadata"]["name"], code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == cluster_ip(kube, "default", "hello-agent")
+
+
+# -- a blue-green rollout on real pods -------------------------------------------------------------
+
+
+def test_a_rollout_analyses_real_pods_and_drops_no_request(chart_operator: Kube) -> None:
+    kube = chart_operator
+    namespace = create_namespace(kube, "rn-rollout")
+    rollout = {"analysis": {"windowSeconds": 10, "smoke": SMOKE}, "scaleDownDelaySeconds": 5}
+    apply(kube, agent_manifest(namespace, replicas=2, rollout=rollout))
+    first = wait_phase(kube, namespace, "hello-agent", "Ready", timeout=120)
+    url = f"http://{cluster_ip(kube, namespace, 'hello-agent')}/v1/operations/analyze_data"
+    with SteadyLoad(url, ANALYZE, token_for(kube, namespace, "hello-agent")) as load:
+        apply(kube, agent_manifest(namespace, replicas=2, rollout=rollout, env=[{"name": "RELEASE", "value": "2"}]))
+        done = wait_rollout_done(kube, namespace, "hello-agent", first["status"]["activeRevision"])
+        old = first["status"]["activeColor"]
+        wait_until(
+            lambda: not [p for p in agent_pods(kube, namespace, "hello-agent") if old in p["metadata"]["name"]],
+            timeout=90, interval=1, what=f"the {old} pods gone",
+        )  # fmt: skip
+    print(
+        f"requests across the promotion: {load.result.total}, failed {load.result.failed}: {dict(load.result.statuses)}"
+    )
+    assert load.result.failed == 0, dict(load.result.statuses)
+    assert load.result.total > 100
+    checks = {check["name"]: check for check in done["status"]["rollout"]["analysis"]}
+    assert {name: check["result"] for name, check in checks.items()} == {
+        "endpoints": "Passed", "readyz": "Passed", "errorRate": "Passed", "latency": "Passed", "smoke": "Passed",
+    }  # fmt: skip
+    assert checks["smoke"]["message"].startswith("analyze_data: 200"), checks["smoke"]
+    assert done["status"]["activeColor"] != old
+
+
+def test_rotated_keys_reach_the_new_pods(chart_operator: Kube) -> None:
+    kube = chart_operator
+    namespace = create_namespace(kube, "rn-keys")
+    apply(kube, agent_manifest(namespace))
+    first = wait_phase(kube, namespace, "hello-agent", "Ready", timeout=120)
+    (pod,) = agent_pods(kube, namespace, "hello-agent")
+    before = readyz(kube, namespace, pod["metadata"]["name"])["checks"]["keys"]["signing"]
+    old_token = token_for(kube, namespace, "hello-agent")
+    kube.kubectl("annotate", "ea", "hello-agent", "-n", namespace, "agents.enterprise.io/rotate-keys=rn-1")
+    wait_rollout_done(kube, namespace, "hello-agent", first["status"]["activeRevision"])
+    (new_pod,) = wait_until(
+        lambda: [p for p in live_pods(kube, namespace, "hello-agent") if p["metadata"]["name"] != pod["metadata"]["name"]]
+        if len(live_pods(kube, namespace, "hello-agent")) == 1 else None,
+        timeout=90, interval=1, what="only the new pod left",
+    )  # fmt: skip
+    after = readyz(kube, namespace, new_pod["metadata"]["name"])["checks"]["keys"]["signing"]
+    active = json.loads(base64.b64decode(key_secret_data(kube, namespace, "hello-agent")["active.json"]))
+    assert after != before
+    assert after == active["jwt"]
+    # A token signed before the rotation still verifies on the new pod (the old key is kept).
+    url = f"http://{cluster_ip(kube, namespace, 'hello-agent')}/v1/operations/analyze_data"
+    with SteadyLoad(url, ANALYZE, old_token, clients=1) as load:
+        pass
+    assert load.result.failed == 0, dict(load.result.statuses)
+
+
+# -- NetworkPolicy, enforced -----------------------------------------------------------------------
+
+
+def client_pod(kube: Kube, namespace: str, name: str, labels: dict[str, str] | None = None) -> str:
+    """A pod of the runtime image that only sleeps, to connect from."""
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels or {}},
+        "spec": {
+            "terminationGracePeriodSeconds": 0,
+            "containers": [{
+                "name": "client", "image": image_references()["runtime"], "imagePullPolicy": "Never",
+                "command": ["sleep", "3600"],
+                "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+            }],
+        },
+    }  # fmt: skip
+    apply(kube, manifest)
+    kube.kubectl("wait", "--for=condition=Ready", f"pod/{name}", "-n", namespace, "--timeout=90s")
+    return name
+
+
+def pod_ip(kube: Kube, namespace: str, selector: str) -> str:
+    (pod,) = [p for p in pods(kube, namespace, selector) if "deletionTimestamp" not in p["metadata"]]
+    return str(pod["status"]["podIP"])
+
+
+def test_the_network_policy_blocks_and_admits_what_it_says(chart_operator: Kube) -> None:
+    kube = chart_operator
+    namespace = create_namespace(kube, "rn-policy")
+    outsider_namespace = create_namespace(kube, "rn-outsider")
+    dns_ip = pod_ip(kube, "kube-system", "k8s-app=kube-dns")
+    policy = {
+        "allowedIngressPodLabels": {"role": "caller"},
+        "allowedEgressCIDRs": [f"{dns_ip}/32"],
+        "egressPorts": [8080],
+    }
+    apply(kube, agent_manifest(namespace, networkPolicy=policy))
+    wait_phase(kube, namespace, "hello-agent", "Ready", timeout=120)
+    (agent,) = agent_pods(kube, namespace, "hello-agent")
+    agent_pod, agent_ip = agent["metadata"]["name"], agent["status"]["podIP"]
+
+    caller = client_pod(kube, namespace, "caller", {"role": "caller"})
+    stranger = client_pod(kube, namespace, "stranger", {"role": "other"})
+    outsider = client_pod(kube, outsider_namespace, "outsider", {"role": "caller"})
+    operator_pod = pods(kube, OPERATOR_NAMESPACE, OPERATOR_PODS)[0]["metadata"]["name"]
+    # Ingress: the listed pods and the operator's namespace, nobody else.
+    assert can_connect(kube, namespace, caller, agent_ip, 8080)
+    assert can_connect(kube, OPERATOR_NAMESPACE, operator_pod, agent_ip, 8080)
+    assert not can_connect(kube, namespace, stranger, agent_ip, 8080)
+    assert not can_connect(kube, outsider_namespace, outsider, agent_ip, 8080)
+    # Without the policy the stranger does get in: the refusal above is the policy's doing.
+    kube.kubectl("delete", "networkpolicy", "hello-agent", "-n", namespace)
+    assert wait_until(lambda: can_connect(kube, namespace, stranger, agent_ip, 8080), timeout=30, what="no policy")
+    wait_until(lambda: get(kube, namespace, "networkpolicy", "hello-agent"), timeout=60, what="policy repaired")
+    wait_until(lambda: not can_connect(kube, namespace, stranger, agent_ip, 8080), timeout=30, what="policy back")
+    # Egress: DNS and the listed CIDR on the listed port; not another port there, not the API server.
+    code = "import socket; print(socket.gethostbyname('kubernetes.default.svc.cluster.local'))"
+    resolved = exec_python(kube, namespace, agent_pod, code)
+    assert resolved.returncode == 0, resolved.stderr
+    assert resolved.stdout.strip() == cluster_ip(kube, "default", "kubernetes")
+    assert can_connect(kube, namespace, agent_pod, dns_ip, 8080)
+    assert not can_connect(kube, namespace, agent_pod, dns_ip, 8181)
+    assert not can_connect(kube, namespace, agent_pod, cluster_ip(kube, "default", "kubernetes"), 443)
+    assert can_connect(
+        kube, namespace, caller, cluster_ip(kube, "default", "kubernetes"), 443
+    )  # not the network's fault
