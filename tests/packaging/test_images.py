@@ -1,6 +1,6 @@
 """images/Dockerfile: linted by hadolint, shaped as the issue asks, and its programs run the way the
 images run them (see sandbox.py): uid 10001, read-only root, only /tmp and the pod's emptyDirs
-writable. No container engine runs here, so the image itself is never built in these tests."""
+writable. The images themselves are built by buildah and run as real pods in tests/realnode."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from agent_contract.config import SigningAlgorithm
 from agent_contract.keyfiles import new_key_files
 from agent_operator.analysis import operator_token
 from agent_operator.render import RenderPlan, build_children
+from eao_devtools.imagebuild import CONTEXT_PATHS
 from eao_devtools.testkit.operator_process import free_port
 from tests.helpers import ROOT, example_agent
 from tests.packaging.sandbox import (
@@ -202,3 +203,16 @@ def test_the_build_context_holds_every_package_of_the_distribution(tmp_path: Pat
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     for package, folder in setuptools["package-dir"].items():
         assert (context / folder / "__init__.py").is_file(), f"the Dockerfile does not copy {folder} ({package})"
+
+
+def test_the_image_builds_cache_key_covers_everything_the_dockerfile_copies() -> None:
+    """eao-dev rebuilds the images when a file they copy changes: its key must read every COPY source."""
+    copied = {
+        source.rstrip("/")
+        for stage in dockerfile_stages(DOCKERFILE.read_text()).values()
+        for instruction, arguments in stage.instructions
+        if instruction == "COPY" and not arguments.startswith("--from")
+        for source in arguments.split()[:-1]
+    }
+    assert copied
+    assert copied | {"images/Dockerfile"} == set(CONTEXT_PATHS)

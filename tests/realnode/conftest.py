@@ -119,7 +119,9 @@ class SteadyLoad:
                 return str(response.status)
         except urllib.error.HTTPError as error:
             return str(error.code)
-        except (OSError, ValueError) as error:
+        except urllib.error.URLError as error:  # before the request was sent: refused, unreachable
+            return f"URLError({type(error.reason).__name__})"
+        except (OSError, ValueError) as error:  # after: reset, timed out, cut short
             return type(error).__name__
 
     def _run(self) -> None:
@@ -139,3 +141,32 @@ class SteadyLoad:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=15)
+
+
+def final_container_states(kube: Kube, namespace: str, pod: str, timeout: float = 90) -> list[dict[str, Any]]:
+    """Watches a pod until it is deleted; returns the terminated states its containers reported last."""
+    watch = subprocess.Popen(
+        [kube.kubectl_path, f"--kubeconfig={kube.kubeconfig}", "get", "pod", pod, "-n", namespace,
+         "--watch", "--output-watch-events", "-o", "json"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    decoder, buffer = json.JSONDecoder(), ""
+    last: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        assert watch.stdout is not None
+        for line in watch.stdout:
+            buffer += line
+            try:
+                event, end = decoder.raw_decode(buffer.strip())
+            except json.JSONDecodeError:
+                continue
+            buffer = buffer.strip()[end:]
+            statuses = event["object"]["status"].get("containerStatuses", [])
+            last = {s["name"]: s["state"]["terminated"] for s in statuses if "terminated" in s.get("state", {})} or last
+            if event["type"] == "DELETED" or time.monotonic() > deadline:
+                break
+    finally:
+        watch.kill()
+        watch.wait()
+    return list(last.values())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import subprocess
+import time
 from typing import Any
 
 import pytest
@@ -29,6 +30,7 @@ from tests.realnode.conftest import (
     can_connect,
     cluster_ip,
     exec_python,
+    final_container_states,
     pods,
     requires_root,
     restarts,
@@ -301,3 +303,28 @@ def test_the_network_policy_blocks_and_admits_what_it_says(chart_operator: Kube)
     assert can_connect(
         kube, namespace, caller, cluster_ip(kube, "default", "kubernetes"), 443
     )  # not the network's fault
+
+
+# -- SIGTERM ---------------------------------------------------------------------------------------
+
+
+def test_a_deleted_pod_drains_without_failing_a_request(chart_operator: Kube) -> None:
+    """kubectl delete pod (as a drain or eviction does) under load through the Service: the pod
+    leaves the endpoints, its preStop pause covers kube-proxy's update, SIGTERM closes the
+    listener and in-flight requests finish; the container exits 0 well inside its grace period."""
+    kube = chart_operator
+    namespace = create_namespace(kube, "rn-drain")
+    apply(kube, agent_manifest(namespace, replicas=2))
+    wait_phase(kube, namespace, "hello-agent", "Ready", timeout=120)
+    wait_until(lambda: len(live_pods(kube, namespace, "hello-agent")) == 2, timeout=60, what="two pods")
+    victim = live_pods(kube, namespace, "hello-agent")[0]["metadata"]["name"]
+    url = f"http://{cluster_ip(kube, namespace, 'hello-agent')}/v1/operations/analyze_data"
+    with SteadyLoad(url, ANALYZE, token_for(kube, namespace, "hello-agent")) as load:
+        started = time.monotonic()
+        kube.kubectl("delete", "pod", victim, "-n", namespace, "--wait=false")
+        states = final_container_states(kube, namespace, victim)
+        took = time.monotonic() - started
+    print(f"requests across the drain: {load.result.total}, failed {load.result.failed}; pod gone in {took:.1f}s")
+    assert load.result.failed == 0, dict(load.result.statuses)
+    assert [state["exitCode"] for state in states] == [0], states
+    assert took < 30  # terminationGracePeriodSeconds: it was not killed at the deadline
