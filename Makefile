@@ -45,7 +45,7 @@ typecheck: venv
 
 # The control plane binaries and helm, promtool and kstatus, built once from hack/ (minutes cold:
 # done before pytest, outside its per-test timeout).
-tools: venv
+tools: venv system-packages
 	$(BIN)/eao-dev tools --images
 
 pytest: venv system-packages tools
@@ -76,7 +76,7 @@ bench: venv
 	$(BIN)/eao-dev bench operator --agents 100 1000
 
 bench-rollout: venv
-	$(BIN)/eao-dev bench rollout --windows 0 5 10 --runs 3
+	$(BIN)/eao-dev bench rollout --windows 0 5 10 --runs 3 $(ARGS)
 
 # wrk comes from Debian's packages; FastAPI and uvicorn from the bench extra (installed with the venv,
 # so mypy checks the bench servers too).

@@ -1,5 +1,7 @@
 """`make run`: the operator against the current cluster, or else the local control plane, with
-the minimal example applied and its status shown."""
+the minimal example applied and its status shown. The local control plane gets a real node (the
+example's pods really run) when the machine allows it: root and the Debian packages a node needs;
+otherwise kwok's simulated nodes."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from pathlib import Path
 from agent_operator.main import RunOptions, run
 from eao_devtools.checkout import REPO_ROOT_VARIABLE, repo_root
 from eao_devtools.cluster import Cluster, ClusterError, default_state_dir, ensure_binaries
+from eao_devtools.imagebuild import DEBIAN_PACKAGES as BUILDER_PACKAGES
+from eao_devtools.node import missing_packages
 
 CRD_NAME = "enterpriseagents.agents.enterprise.io"
 
@@ -29,6 +33,14 @@ def _current_cluster(kubectl: str) -> Path | None:
         return None
     probe = subprocess.run([kubectl, "get", "--raw=/readyz", "--request-timeout=5s"], capture_output=True, check=False)
     return Path(configured) if probe.returncode == 0 else None
+
+
+def _real_node_possible() -> str | None:
+    """None when this machine can run a real node, else why not."""
+    if os.geteuid() != 0:
+        return "not root"
+    missing = missing_packages() + [tool for tool in BUILDER_PACKAGES if shutil.which(tool) is None]
+    return f"missing {', '.join(missing)} (make system-packages)" if missing else None
 
 
 def _show_status_when_ready(kubectl: list[str]) -> None:
@@ -70,9 +82,11 @@ def main() -> int:
         kubectl_path = shutil.which("kubectl")
         kubeconfig = _current_cluster(kubectl_path) if kubectl_path else None
         if kubeconfig is None:
-            _say("no reachable cluster in the current context: starting the local control plane")
+            why_not = _real_node_possible()
+            node = "with a real node" if why_not is None else f"with simulated (kwok) nodes: no real node, {why_not}"
+            _say(f"no reachable cluster in the current context: starting the local control plane {node}")
             cluster = Cluster(default_state_dir())
-            timings = cluster.up()
+            timings = cluster.up(real_node=why_not is None)
             if timings:
                 _say(
                     f"local control plane up in {timings['total_seconds']:.1f}s (build {timings['build_seconds']:.1f}s)"

@@ -171,11 +171,16 @@ def test_the_minimal_example_runs_as_it_is(chart_operator: Kube) -> None:
 
 def test_service_names_resolve_in_pods(chart_operator: Kube) -> None:
     kube = chart_operator
-    (pod,) = agent_pods(kube, "default", "hello-agent")
-    code = "import socket; print(socket.gethostbyname('hello-agent.default.svc.cluster.local'))"
-    result = exec_python(kube, "default", pod["metadata"]["name"], code)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == cluster_ip(kube, "default", "hello-agent")
+    pod = pods(kube, OPERATOR_NAMESPACE, OPERATOR_PODS)[0]["metadata"]["name"]
+    for service, namespace in (("kubernetes", "default"), ("kube-dns", "kube-system")):
+        code = f"import socket; print(socket.gethostbyname('{service}.{namespace}.svc.cluster.local'))"
+        result = exec_python(kube, OPERATOR_NAMESPACE, pod, code)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == cluster_ip(kube, namespace, service)
+    unknown = exec_python(
+        kube, OPERATOR_NAMESPACE, pod, "import socket; socket.gethostbyname('nope.default.svc.cluster.local')"
+    )
+    assert "gaierror" in unknown.stderr  # an unknown name is an answer (NXDOMAIN), not an outage
 
 
 # -- a blue-green rollout on real pods -------------------------------------------------------------
