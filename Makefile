@@ -27,7 +27,7 @@ venv: $(STAMP)
 # Programs the tests run that come from Debian's packages: Lua 5.1 (Argo CD's dialect) and 5.4 for
 # the health check, bubblewrap to run our programs as an unprivileged user with only /tmp writable,
 # and the real node's container runtime, CNI plugins and netfilter tools (eao_devtools.node).
-SYSTEM_PACKAGES := lua5.1 lua5.4 bubblewrap containerd runc containernetworking-plugins iptables nftables conntrack ipset buildah mmdebstrap
+SYSTEM_PACKAGES := lua5.1 lua5.4 bubblewrap containerd runc containernetworking-plugins iptables nftables conntrack ipset buildah mmdebstrap postgresql-15
 system-packages:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -12,6 +12,9 @@ USERS_DIR = "/etc/agent/users"
 USERS_FILE_KEY = "users"  # the users Secret's key, mounted as USERS_DIR/users
 # Writable: the audit trail and the embedded store.
 DATA_DIR = "/var/lib/agent"
+# Set (from the Secret named in spec.state.postgres.secretRef) when the replicas share state on
+# PostgreSQL; without it the runtime keeps its state in the embedded store under DATA_DIR.
+DATABASE_URL_ENV = "DATABASE_URL"
 
 # The runtime serves its API, /healthz, /readyz and /metrics on one port; Services expose it on 80.
 RUNTIME_PORT = 8080

@@ -123,9 +123,7 @@ async def verify_token(app: web.Application, token: str, token_type: str, check_
         else:
             claims = app[LOCAL_TOKENS].verify(token, token_type)
         app[VERIFIED].put(token, token_type, claims)
-    if (check_token_id and app[REVOKED].is_revoked(claims.token_id)) or app[REVOKED].is_session_revoked(
-        claims.session_id
-    ):
+    if await app[REVOKED].revoked(claims.token_id if check_token_id else None, claims.session_id):
         raise TokenError("token revoked")
     return claims
 

@@ -37,6 +37,7 @@ from agent_runtime.security.throttle import FailureDigest, LoginThrottle
 from agent_runtime.security.tokens import LocalTokens, OidcTokens, VerifiedCache
 from agent_runtime.security.users import UserStore
 from agent_runtime.settings import Settings
+from agent_runtime.sharedstate import PostgresEngine, PostgresRevocations, PostgresThrottleCounters
 from agent_runtime.state import (
     AUDIT,
     AUTH_FAILURES,
@@ -131,8 +132,8 @@ def _catalogue(app: web.Application, config: RuntimeConfig, operations: dict[str
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     """What lives as long as the server: HTTP client, databases, audit writer, retention task."""
     app[HTTP] = aiohttp.ClientSession()
-    app[REVOKED].open()
-    app[STORE].open()
+    await app[STORE].open()  # with PostgreSQL: connects and migrates (the revocations share it)
+    await app[REVOKED].open()
     await app[AUDIT].start()
     retention = asyncio.create_task(compliance.retention_loop(app), name="retention")
     yield
@@ -140,10 +141,24 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await retention
     await app[AUDIT].close()  # the last records and a final checkpoint reach the disk
-    app[REVOKED].close()
-    app[STORE].close()
+    await app[REVOKED].close()
+    await app[STORE].close()
     await app[HTTP].close()
     app[TRACER_PROVIDER].shutdown()  # flushes the spans still batched
+
+
+def _state(app: web.Application, settings: Settings, encryptor: FieldEncryptor | None) -> None:
+    """The store, revocations and login throttle: this replica's own (SQLite files, counters in
+    memory), or with DATABASE_URL one PostgreSQL shared by every replica."""
+    if settings.database_url is None:
+        app[STORE] = Store(settings.data_dir / "store.sqlite3", encryptor=encryptor)
+        app[REVOKED] = RevocationList(settings.data_dir / "revocations.sqlite3")
+        app[THROTTLE] = LoginThrottle()
+        return
+    engine = PostgresEngine(settings.database_url, breaker(app, "database"))
+    app[STORE] = Store(engine, encryptor=encryptor)
+    app[REVOKED] = PostgresRevocations(engine)
+    app[THROTTLE] = LoginThrottle(PostgresThrottleCounters(engine))
 
 
 def create_app(
@@ -166,9 +181,8 @@ def create_app(
     app[LOCAL_TOKENS] = LocalTokens(config.auth, keys)
     app[VERIFIED] = VerifiedCache()
     app[USERS] = UserStore.load(config.auth.users_file)
-    app[THROTTLE] = LoginThrottle()
     app[AUTH_FAILURES] = FailureDigest()
-    app[REVOKED] = RevocationList(settings.data_dir / "revocations.sqlite3")
+    app[BREAKERS] = {}
     app[AUDIT] = AuditLog(
         settings.audit_file,
         keys,
@@ -181,12 +195,11 @@ def create_app(
     app[REGISTRY] = _catalogue(app, config, operations)
     app[BULKHEADS] = {name: _bulkhead(metrics, name, config) for name in app[REGISTRY].operations}
     app[WORKERS] = WorkerPool()
-    app[BREAKERS] = {}
-    app[READINESS] = health.readiness_of(app)
     app[ENCRYPTOR] = FieldEncryptor(keys)
     # HIPAA: stored results may hold PHI, so they are encrypted at rest.
     hipaa = ComplianceFramework.HIPAA in config.compliance.frameworks
-    app[STORE] = Store(settings.data_dir / "store.sqlite3", encryptor=app[ENCRYPTOR] if hipaa else None)
+    _state(app, settings, encryptor=app[ENCRYPTOR] if hipaa else None)
+    app[READINESS] = health.readiness_of(app)
     if config.auth.mode is AuthMode.OIDC:
         app[OIDC_TOKENS] = OidcTokens(config.auth, lambda url: _fetch_jwks(app, url))
     app.cleanup_ctx.append(_resources)

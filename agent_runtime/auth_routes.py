@@ -61,7 +61,7 @@ async def login(request: web.Request) -> web.Response:
     address = client_ip(request)
     try:
         # Reserved before the password is checked: concurrent guesses count as they start.
-        attempt = app[THROTTLE].reserve(username, address)
+        attempt = await app[THROTTLE].reserve(username, address)
     except ThrottledError as throttled:
         wait = throttled.retry_after
         app[METRICS].auth_failures.labels("throttled").inc()
@@ -75,9 +75,9 @@ async def login(request: web.Request) -> web.Response:
         user = await app[USERS].authenticate(username, password) if USERNAME.match(username) else None
     finally:  # an attempt cut short (a cancelled request) counts as failed
         if user is not None:
-            attempt.succeeded()
+            await attempt.succeeded()
         else:
-            attempt.failed()
+            await attempt.failed()
     if user is None:
         app[METRICS].auth_failures.labels("invalid credentials").inc()
         await audit(request, type="authn", action="login", actor=username, result="failure")

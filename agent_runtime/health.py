@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from agent_runtime.readiness import Readiness
 from agent_runtime.resilience import CircuitState
 from agent_runtime.routing import Reply, Route
-from agent_runtime.state import AUDIT, BREAKERS, BULKHEADS, CONFIG, KEYS, METRICS, READINESS, REGISTRY
+from agent_runtime.state import AUDIT, BREAKERS, BULKHEADS, CONFIG, KEYS, METRICS, READINESS, REGISTRY, STORE
 
 
 async def healthz(_: web.Request) -> web.Response:
@@ -56,6 +56,8 @@ def readiness_of(app: web.Application) -> Readiness:
             "audit": lambda: _ok({}) if app[AUDIT].healthy else _fail({"reason": "the last audit write failed"}),
             "operations": lambda: _ok({"unavailable": app[REGISTRY].missing, "saturated": _saturated(app)}),
             "dependencies": lambda: _dependencies(app),
+            # The store's engine: with PostgreSQL a round trip, so a replica that lost it is unready.
+            "state": lambda: app[STORE].engine.ping(),
         }
     )
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent_contract.config import RuntimeConfig
-from agent_contract.layout import CONFIG_PATH, RUNTIME_PORT
+from agent_contract.layout import CONFIG_PATH, DATABASE_URL_ENV, RUNTIME_PORT
 
 
 class SettingsError(ValueError):
@@ -21,6 +21,9 @@ class Settings:
     host: str = "0.0.0.0"  # noqa: S104 - a pod's port must be reachable from the Service
     port: int = RUNTIME_PORT
     shutdown_grace_seconds: float = 25.0  # under the pod's 30 s terminationGracePeriodSeconds
+    # The shared state of several replicas (PostgreSQL); None: this replica's own SQLite files.
+    # From the environment only (the operator renders it from a Secret), never from the config.
+    database_url: str | None = None
 
     @property
     def data_dir(self) -> Path:
@@ -46,4 +49,12 @@ class Settings:
             chosen_port = port if port is not None else int(env.get("AGENT_PORT", str(RUNTIME_PORT)))
         except ValueError:
             raise SettingsError("AGENT_PORT must be a number") from None
-        return cls(config=config, host=env.get("AGENT_HOST", "0.0.0.0"), port=chosen_port)  # noqa: S104
+        database_url = env.get(DATABASE_URL_ENV) or None
+        if database_url is not None and not database_url.startswith(("postgres://", "postgresql://")):
+            raise SettingsError(f"{DATABASE_URL_ENV} must be a postgres:// or postgresql:// URL")
+        return cls(
+            config=config,
+            host=env.get("AGENT_HOST", "0.0.0.0"),  # noqa: S104
+            port=chosen_port,
+            database_url=database_url,
+        )

@@ -23,7 +23,7 @@ from agent_runtime.readiness import Readiness
 from agent_runtime.resilience import Bulkhead, CircuitBreaker
 from agent_runtime.routing import Route
 from agent_runtime.security.rbac import Authorizer, Principal
-from agent_runtime.security.revocation import RevocationList
+from agent_runtime.security.revocation import Revocations
 from agent_runtime.security.throttle import FailureDigest, LoginThrottle
 from agent_runtime.security.tokens import LocalTokens, OidcTokens, VerifiedCache
 from agent_runtime.security.users import UserStore
@@ -40,7 +40,7 @@ OIDC_TOKENS = web.AppKey("oidc_tokens", OidcTokens)
 USERS = web.AppKey("users", UserStore)
 THROTTLE = web.AppKey("throttle", LoginThrottle)
 AUTH_FAILURES = web.AppKey("auth_failures", FailureDigest)
-REVOKED = web.AppKey("revoked", RevocationList)
+REVOKED = web.AppKey("revoked", Revocations)
 AUDIT = web.AppKey("audit", AuditLog)
 AUTHORIZER = web.AppKey("authorizer", Authorizer)
 REGISTRY = web.AppKey("registry", Registry)

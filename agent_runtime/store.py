@@ -1,6 +1,7 @@
-"""The embedded store: SQLite under the data directory, for what operations keep (reports) and,
-with GDPR, what must be purged after ``retentionDays``. Each replica has its own file; a
-multi-replica agent that needs shared results needs a shared database (see the README).
+"""The store: what operations keep (reports), consents, approvals and, with GDPR, what must be
+purged after ``retentionDays``. One set of SQL on one of two engines: the embedded SQLite file
+under the data directory (:class:`SqliteEngine`, one replica) or PostgreSQL when DATABASE_URL is
+set (:class:`agent_runtime.sharedstate.PostgresEngine`, shared by every replica).
 
 The directory is created 0700 and the database files 0600, whatever the process umask: they hold
 results, consents and approval inputs. With an encryptor (HIPAA), result bodies and approval
@@ -18,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agent_runtime.crypto import FieldEncryptor
 
@@ -71,19 +72,28 @@ _SELECT_APPROVALS = (
 _APPROVAL_KEYS = ("id", "operation", "requester", "input", "created_at", "status", "decided_by", "subject", "purpose")
 
 
-class Store:
-    def __init__(
-        self, path: str | Path, clock: Callable[[], float] = time.time, encryptor: FieldEncryptor | None = None
-    ) -> None:
-        """With an ``encryptor`` (HIPAA), every stored body and approval input is sealed with
-        AES-GCM, bound to its id."""
-        self.path = Path(path)
-        self.clock = clock
-        self.encryptor = encryptor
-        self._db: sqlite3.Connection | None = None
-        self._lock = threading.Lock()  # one connection, used from worker threads one at a time
+class Engine(Protocol):
+    """Runs the store's SQL (``?`` placeholders) and returns the rows as tuples."""
 
-    def open(self) -> None:
+    dialect: str
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def fetch(self, sql: str, parameters: tuple[object, ...]) -> list[tuple[Any, ...]]: ...
+    async def ping(self) -> dict[str, Any]: ...
+
+
+class SqliteEngine:
+    """One SQLite file, one connection used from worker threads one at a time."""
+
+    dialect = "sqlite"
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._db: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    async def open(self) -> None:
         self._db = open_sqlite(self.path)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS results (id TEXT PRIMARY KEY, kind TEXT NOT NULL, owner TEXT NOT NULL,"
@@ -103,7 +113,7 @@ class Store:
             if column not in present:
                 self._db.execute(alter)
 
-    def close(self) -> None:
+    async def close(self) -> None:
         with self._lock:
             if self._db is not None:
                 self._db.close()
@@ -114,13 +124,42 @@ class Store:
             assert self._db is not None, "the store is not open"
             return list(self._db.execute(sql, parameters).fetchall())
 
+    async def fetch(self, sql: str, parameters: tuple[object, ...]) -> list[tuple[Any, ...]]:
+        return await asyncio.to_thread(self._run, sql, parameters)
+
+    async def ping(self) -> dict[str, Any]:
+        return {"ok": self._db is not None, "backend": "sqlite"}
+
+
+class Store:
+    def __init__(
+        self,
+        engine: Engine | str | Path,
+        clock: Callable[[], float] = time.time,
+        encryptor: FieldEncryptor | None = None,
+    ) -> None:
+        """``engine``: where the rows live (a path means an SQLite file there). With an
+        ``encryptor`` (HIPAA), every stored body and approval input is sealed with AES-GCM, bound
+        to its id."""
+        self.engine: Engine = SqliteEngine(engine) if isinstance(engine, (str, Path)) else engine
+        self.clock = clock
+        self.encryptor = encryptor
+
+    async def open(self) -> None:
+        await self.engine.open()
+
+    async def close(self) -> None:
+        await self.engine.close()
+
+    async def _run(self, sql: str, parameters: tuple[object, ...]) -> list[tuple[Any, ...]]:
+        return await self.engine.fetch(sql, parameters)
+
     async def put(
         self, kind: str, owner: str, content_type: str, body: bytes, subject: str | None = None
     ) -> StoredResult:
         result = StoredResult(secrets.token_urlsafe(12), kind, owner, self.clock(), content_type, body, subject)
         at_rest = self.encryptor.seal(body, result.id.encode()).encode() if self.encryptor else body
-        await asyncio.to_thread(
-            self._run,
+        await self._run(
             "INSERT INTO results (id, kind, owner, created_at, content_type, body, subject)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
             (result.id, kind, owner, result.created_at, content_type, at_rest, subject),
@@ -134,29 +173,26 @@ class Store:
         return StoredResult(identifier, kind, owner, created_at, content_type, body, subject)
 
     async def get(self, result_id: str) -> StoredResult | None:
-        rows = await asyncio.to_thread(self._run, _SELECT_RESULTS + " WHERE id = ?", (result_id,))
+        rows = await self._run(_SELECT_RESULTS + " WHERE id = ?", (result_id,))
         if not rows:
             return None
         return self._result(rows[0])
 
     async def record_consent(self, subject: str, purpose: str, granted: bool, actor: str, evidence: str) -> None:
-        await asyncio.to_thread(
-            self._run,
-            "INSERT INTO consents VALUES (?, ?, ?, ?, ?, ?)",
+        await self._run(
+            "INSERT INTO consents (subject, purpose, granted, at, actor, evidence) VALUES (?, ?, ?, ?, ?, ?)",
             (subject, purpose, int(granted), self.clock(), actor, evidence),
         )
 
     async def consent_history(self, subject: str) -> list[dict[str, object]]:
-        rows = await asyncio.to_thread(
-            self._run,
+        rows = await self._run(
             "SELECT purpose, granted, at, actor, evidence FROM consents WHERE subject = ? ORDER BY rowid",
             (subject,),
         )
         return [{"purpose": p, "granted": bool(g), "at": a, "actor": who, "evidence": e} for p, g, a, who, e in rows]
 
     async def has_consent(self, subject: str, purpose: str) -> bool:
-        rows = await asyncio.to_thread(
-            self._run,
+        rows = await self._run(
             "SELECT granted FROM consents WHERE subject = ? AND purpose = ? ORDER BY rowid DESC LIMIT 1",
             (subject, purpose),
         )
@@ -164,21 +200,16 @@ class Store:
 
     async def results_of(self, subject: str) -> list[StoredResult]:
         """The results made for this data subject."""
-        rows = await asyncio.to_thread(
-            self._run, _SELECT_RESULTS + " WHERE subject = ? ORDER BY created_at", (subject,)
-        )
+        rows = await self._run(_SELECT_RESULTS + " WHERE subject = ? ORDER BY created_at", (subject,))
         return [self._result(row) for row in rows]
 
     async def erase(self, subject: str) -> dict[str, int]:
         """Art. 17: the subject's results and consent records are deleted. Approvals made for the
         subject lose their input and the subject's name; the rest (who asked, who decided, when)
         is kept as the SOX record, and a pending one can no longer run (status ``erased``)."""
-        results = await asyncio.to_thread(self._run, "DELETE FROM results WHERE subject = ? RETURNING id", (subject,))
-        consents = await asyncio.to_thread(
-            self._run, "DELETE FROM consents WHERE subject = ? RETURNING rowid", (subject,)
-        )
-        approvals = await asyncio.to_thread(
-            self._run,
+        results = await self._run("DELETE FROM results WHERE subject = ? RETURNING id", (subject,))
+        consents = await self._run("DELETE FROM consents WHERE subject = ? RETURNING subject", (subject,))
+        approvals = await self._run(
             "UPDATE approvals SET input = '', subject = NULL,"
             " status = CASE status WHEN 'pending' THEN 'erased' ELSE status END WHERE subject = ? RETURNING id",
             (subject,),
@@ -206,8 +237,7 @@ class Store:
             if self.encryptor
             else input_json
         )
-        await asyncio.to_thread(
-            self._run,
+        await self._run(
             "INSERT INTO approvals (id, operation, requester, input, created_at, status, subject, purpose)"
             " VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
             (approval_id, operation, requester, at_rest, self.clock(), subject, purpose),
@@ -221,23 +251,21 @@ class Store:
         return approval
 
     async def get_approval(self, approval_id: str) -> dict[str, Any] | None:
-        rows = await asyncio.to_thread(self._run, _SELECT_APPROVALS + " WHERE id = ?", (approval_id,))
+        rows = await self._run(_SELECT_APPROVALS + " WHERE id = ?", (approval_id,))
         if not rows:
             return None
         return self._approval(rows[0])
 
     async def approvals_of(self, subject: str) -> list[dict[str, Any]]:
         """The approvals made for this data subject, with their inputs."""
-        rows = await asyncio.to_thread(
-            self._run,
+        rows = await self._run(
             _SELECT_APPROVALS + " WHERE subject = ? ORDER BY created_at",
             (subject,),
         )
         return [self._approval(row) for row in rows]
 
     async def pending_approvals(self) -> list[dict[str, Any]]:
-        rows = await asyncio.to_thread(
-            self._run,
+        rows = await self._run(
             "SELECT id, operation, requester, created_at FROM approvals WHERE status = 'pending' ORDER BY created_at",
             (),
         )
@@ -245,8 +273,7 @@ class Store:
 
     async def decide_approval(self, approval_id: str, decision: str, decided_by: str) -> bool:
         """Moves a pending approval to ``decision`` once; False if it was no longer pending."""
-        rows = await asyncio.to_thread(
-            self._run,
+        rows = await self._run(
             "UPDATE approvals SET status = ?, decided_by = ?, decided_at = ? WHERE id = ? AND status = 'pending' RETURNING id",
             (decision, decided_by, self.clock(), approval_id),
         )
@@ -255,5 +282,5 @@ class Store:
     async def purge_older_than(self, days: int) -> int:
         """Deletes results older than ``days``; returns how many went."""
         horizon = self.clock() - days * 86400
-        rows = await asyncio.to_thread(self._run, "DELETE FROM results WHERE created_at < ? RETURNING id", (horizon,))
+        rows = await self._run("DELETE FROM results WHERE created_at < ? RETURNING id", (horizon,))
         return len(rows)

@@ -2,9 +2,9 @@
 token), kept until the token, or the last token of the session, would have expired anyway.
 
 Stored in the embedded SQLite store under the data directory and held in memory for the per-request
-check. With several replicas each has its own store, so a token revoked on one replica is still
-accepted by the others until it expires (at most the access-token TTL, 15 minutes by default);
-a shared store removes that window.
+check: right for one replica. With several, each would have its own list, and a token revoked on
+one would still be accepted by the others until it expires; with DATABASE_URL set the list lives
+in PostgreSQL instead (agent_runtime.sharedstate.PostgresRevocations, the same interface).
 """
 
 from __future__ import annotations
@@ -15,11 +15,21 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 from agent_runtime.store import open_sqlite
 
 # Sessions share the table with token ids; the prefix keeps the two name spaces apart.
 _SESSION = "session:"
+
+
+class Revocations(Protocol):
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def revoked(self, token_id: str | None, session_id: str) -> bool: ...
+    async def revoke(self, token_id: str, expires_at: float) -> None: ...
+    async def revoke_session(self, session_id: str, until: float) -> None: ...
+    async def use_once(self, token_id: str, expires_at: float) -> bool: ...
 
 
 class RevocationList:
@@ -30,25 +40,28 @@ class RevocationList:
         self._db: sqlite3.Connection | None = None
         self._lock = threading.Lock()  # one connection, used from worker threads one at a time
 
-    def open(self) -> None:
+    async def open(self) -> None:
         self._db = open_sqlite(self.path)
         self._db.execute("CREATE TABLE IF NOT EXISTS revoked (jti TEXT PRIMARY KEY, expires_at REAL NOT NULL)")
         now = self.clock()
         self._db.execute("DELETE FROM revoked WHERE expires_at < ?", (now,))
         self._revoked = dict(self._db.execute("SELECT jti, expires_at FROM revoked").fetchall())
 
-    def close(self) -> None:
+    async def close(self) -> None:
         with self._lock:
             if self._db is not None:
                 self._db.close()
                 self._db = None
 
-    def is_revoked(self, token_id: str) -> bool:
+    def _is_revoked(self, token_id: str) -> bool:
         expires_at = self._revoked.get(token_id)
         return expires_at is not None and expires_at >= self.clock()
 
-    def is_session_revoked(self, session_id: str) -> bool:
-        return bool(session_id) and self.is_revoked(_SESSION + session_id)
+    async def revoked(self, token_id: str | None, session_id: str) -> bool:
+        """Whether the token (when ``token_id`` is given) or its session is revoked."""
+        return bool(token_id and self._is_revoked(token_id)) or bool(
+            session_id and self._is_revoked(_SESSION + session_id)
+        )
 
     async def revoke_session(self, session_id: str, until: float) -> None:
         """Every token of the session is refused from now on (``until``: when its last one expires)."""
@@ -57,7 +70,7 @@ class RevocationList:
     async def use_once(self, token_id: str, expires_at: float) -> bool:
         """Marks a single-use token as used; False when it already was. The check and the mark
         happen with no await between them, so two concurrent uses cannot both get True."""
-        if self.is_revoked(token_id):
+        if self._is_revoked(token_id):
             return False
         await self.revoke(token_id, expires_at)
         return True

@@ -13,9 +13,13 @@ from that address, so an attacker's own good login does not wipe its guesses at 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -30,11 +34,13 @@ PAIR = Rule(free_failures=5, base_seconds=1.0, cap_seconds=300.0, forget_seconds
 ADDRESS = Rule(free_failures=20, base_seconds=1.0, cap_seconds=300.0, forget_seconds=900.0)
 ACCOUNT = Rule(free_failures=50, base_seconds=1.0, cap_seconds=60.0, forget_seconds=900.0)
 
-_Key = tuple[str, str]
+# An attempt still "in flight" after this long was cut off (a replica died mid-check): it no
+# longer counts, so a crash cannot leave an account throttled for good.
+IN_FLIGHT_STALE_SECONDS = 60.0
 
 
 @dataclass
-class _Counter:
+class Counter:
     failures: int
     last: float
     in_flight: int = 0  # reserved attempts not yet finished, counted as failures meanwhile
@@ -46,6 +52,33 @@ class ThrottledError(Exception):
         self.retry_after = retry_after
 
 
+class CounterStore(Protocol):
+    """Where the counters live: this process (one replica) or the shared database (several).
+    ``locked`` hands out the counters of ``keys`` that exist; what the block adds or changes in
+    that dict is kept when it ends without an error, and nobody else sees them meanwhile."""
+
+    def locked(self, keys: Iterable[str]) -> AbstractAsyncContextManager[dict[str, Counter]]: ...
+
+
+class MemoryCounters:
+    """The counters of one process. Nothing awaits inside ``locked``, so on one event loop a check
+    and its reservation cannot interleave with another's."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.max_entries = max_entries
+        self._counters: dict[str, Counter] = {}
+
+    @contextlib.asynccontextmanager
+    async def locked(self, keys: Iterable[str]) -> AsyncIterator[dict[str, Counter]]:
+        view = {key: self._counters[key] for key in keys if key in self._counters}
+        yield view
+        self._counters.update(view)
+        if len(self._counters) > self.max_entries:  # bounded memory under a spray of names
+            horizon = max(PAIR.forget_seconds, ADDRESS.forget_seconds, ACCOUNT.forget_seconds)
+            newest = max(counter.last for counter in self._counters.values())
+            self._counters = {k: c for k, c in self._counters.items() if c.in_flight or newest - c.last <= horizon}
+
+
 class Attempt:
     """A reserved login attempt. Finish it once: ``succeeded()`` or ``failed()``."""
 
@@ -54,41 +87,49 @@ class Attempt:
         self._keys = throttle._keys(user, address)
         self._finished = False
 
-    def succeeded(self) -> None:
-        self._finish(failed=False)
+    async def succeeded(self) -> None:
+        await self._finish(failed=False)
 
-    def failed(self) -> None:
-        self._finish(failed=True)
+    async def failed(self) -> None:
+        await self._finish(failed=True)
 
-    def _finish(self, failed: bool) -> None:
+    async def _finish(self, failed: bool) -> None:
         if self._finished:
             return
         self._finished = True
-        self._throttle._finish(self._keys, failed)
+        await self._throttle._finish(self._keys, failed)
 
 
 class LoginThrottle:
-    def __init__(self, clock: Callable[[], float] = time.monotonic, max_entries: int = 100_000) -> None:
+    def __init__(self, counters: CounterStore | None = None, clock: Callable[[], float] = time.time) -> None:
+        # Wall-clock time: with shared counters, every replica must read the same clock.
+        self.counters: CounterStore = counters or MemoryCounters()
         self.clock = clock
-        self.max_entries = max_entries
-        self._counters: dict[_Key, _Counter] = {}
 
-    def _keys(self, user: str, address: str) -> list[tuple[_Key, Rule]]:
-        return [(("pair", f"{user}\0{address}"), PAIR), (("address", address), ADDRESS), (("account", user), ACCOUNT)]
+    @staticmethod
+    def _keys(user: str, address: str) -> list[tuple[str, Rule]]:
+        # JSON-quoted: unambiguous, and with no NUL byte (which a database's text refuses).
+        quoted_user, quoted_address = json.dumps(user), json.dumps(address)
+        return [
+            (f"pair:{quoted_user}@{quoted_address}", PAIR),
+            (f"address:{quoted_address}", ADDRESS),
+            (f"account:{quoted_user}", ACCOUNT),
+        ]
 
-    def _live(self, key: _Key, rule: Rule, now: float) -> _Counter | None:
-        """The counter, its failures zeroed once they are old enough to be forgotten."""
-        counter = self._counters.get(key)
+    @staticmethod
+    def _live(counter: Counter | None, rule: Rule, now: float) -> Counter | None:
+        """The counter, its failures zeroed once they are old enough to be forgotten and its
+        in-flight attempts dropped once they are too old to be running."""
         if counter is not None and now - counter.last > rule.forget_seconds:
             counter.failures = 0
+        if counter is not None and now - counter.last > IN_FLIGHT_STALE_SECONDS:
+            counter.in_flight = 0
         return counter
 
-    def retry_after(self, user: str, address: str) -> float:
-        """Seconds to wait before this attempt may be checked; 0 when it may go ahead."""
-        now = self.clock()
+    def _wait(self, keys: list[tuple[str, Rule]], counters: dict[str, Counter], now: float) -> float:
         wait = 0.0
-        for key, rule in self._keys(user, address):
-            counter = self._live(key, rule, now)
+        for key, rule in keys:
+            counter = self._live(counters.get(key), rule, now)
             if counter is None:
                 continue
             excess = counter.failures + counter.in_flight - rule.free_failures
@@ -97,37 +138,40 @@ class LoginThrottle:
                 wait = max(wait, counter.last + delay - now)
         return max(0.0, wait)
 
-    def reserve(self, user: str, address: str) -> Attempt:
+    async def retry_after(self, user: str, address: str) -> float:
+        """Seconds to wait before this attempt may be checked; 0 when it may go ahead."""
+        keys = self._keys(user, address)
+        async with self.counters.locked(key for key, _ in keys) as counters:
+            return self._wait(keys, counters, self.clock())
+
+    async def reserve(self, user: str, address: str) -> Attempt:
         """Lets an attempt go ahead, counted as a failure until finished; raises ThrottledError when
-        it must wait. Nothing awaits between the check and the reservation."""
-        wait = self.retry_after(user, address)
-        if wait > 0:
-            raise ThrottledError(wait)
-        now = self.clock()
-        if len(self._counters) > self.max_entries:  # bounded memory under a spray of names
-            self._forget_old(now)
-        for key, _ in self._keys(user, address):
-            counter = self._counters.setdefault(key, _Counter(0, now))
-            counter.in_flight += 1
-            counter.last = now
+        it must wait. The check and the reservation happen under one lock of the counters."""
+        keys = self._keys(user, address)
+        async with self.counters.locked(key for key, _ in keys) as counters:
+            now = self.clock()
+            wait = self._wait(keys, counters, now)
+            if wait > 0:
+                raise ThrottledError(wait)
+            for key, _ in keys:
+                counter = counters.setdefault(key, Counter(0, now))
+                counter.in_flight += 1
+                counter.last = now
         return Attempt(self, user, address)
 
-    def _finish(self, keys: list[tuple[_Key, Rule]], failed: bool) -> None:
-        now = self.clock()
-        for key, rule in keys:
-            counter = self._live(key, rule, now)
-            if counter is None:
-                continue
-            counter.in_flight = max(0, counter.in_flight - 1)
-            if failed:
-                counter.failures += 1
-                counter.last = now
-            elif key[0] == "pair":
-                counter.failures = 0  # this user got in from here; other users' failures stay
-
-    def _forget_old(self, now: float) -> None:
-        horizon = max(PAIR.forget_seconds, ADDRESS.forget_seconds, ACCOUNT.forget_seconds)
-        self._counters = {k: c for k, c in self._counters.items() if c.in_flight or now - c.last <= horizon}
+    async def _finish(self, keys: list[tuple[str, Rule]], failed: bool) -> None:
+        async with self.counters.locked(key for key, _ in keys) as counters:
+            now = self.clock()
+            for key, rule in keys:
+                counter = self._live(counters.get(key), rule, now)
+                if counter is None:
+                    continue
+                counter.in_flight = max(0, counter.in_flight - 1)
+                if failed:
+                    counter.failures += 1
+                    counter.last = now
+                elif key.startswith("pair:"):
+                    counter.failures = 0  # this user got in from here; other users' failures stay
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """Status conditions with kstatus semantics (Ready, Reconciling, Stalled) plus Progressing and
-Degraded. Pure functions on the typed :class:`~agent_operator.spec.Condition`."""
+Degraded, and the warning SharedStateMissing. Every type but Ready is abnormal when True (kstatus'
+"abnormal-true" polarity), so a reader that knows only some of them reads the rest as fine. Pure
+functions on the typed :class:`~agent_operator.spec.Condition`."""
 
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ class Reason:
     ANALYSIS_FAILED = "AnalysisFailed"
     ROLLOUT_COMPLETED = "RolloutCompleted"
     ROLLED_BACK = "RolledBack"
+    # SharedStateMissing: several replicas, each with its own embedded store.
+    PER_REPLICA_STATE = "PerReplicaState"
 
 
 _ORDER = list(ConditionType)

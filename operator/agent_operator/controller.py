@@ -311,11 +311,11 @@ class Controller:
             self.queue.add_after(key, plan.requeue_after + 0.5)
 
     async def _missing_references(self, agent: EnterpriseAgent) -> list[FieldError]:
-        return [
-            FieldError(path, f"Secret {name!r} not found in namespace {agent.namespace!r}")
-            for path, name in core.referenced_secrets(agent)
-            if not await self.kube.exists("v1", "Secret", agent.namespace, name)
-        ]
+        """Reads each Secret the spec names, by name (one GET each, nothing watched or kept), and
+        judges them with the pure check: a Secret that is not there, or a key without a value."""
+        names = sorted({ref.name for ref in core.referenced_secrets(agent)})
+        found = {name: await self.kube.find("v1", "Secret", agent.namespace, name) for name in names}
+        return core.missing_references(agent, found)
 
     async def _apply(self, children: dict[core.ChildKey, dict[str, Any]], manifest: dict[str, Any]) -> None:
         applied = await self.kube.apply(manifest)

@@ -54,7 +54,7 @@ CHILD_KINDS: tuple[Kind, ...] = (
     Kind("v1", "Service", "services", Role.CHILD, _CHILD_VERBS, watched=True),
     Kind("v1", "ConfigMap", "configmaps", Role.CHILD, _CHILD_VERBS, watched=True),
     # Key Secrets are created once and extended on rotation, never deleted by the operator; get is
-    # also how it checks that referenced Secrets (imagePullSecrets, users) exist.
+    # also how it checks that referenced Secrets (imagePullSecrets, users, the PostgreSQL URI's) exist.
     Kind("v1", "Secret", "secrets", Role.CHILD, _CHILD_VERBS - {"delete"}, watched=True),
     Kind("v1", "ServiceAccount", "serviceaccounts", Role.CHILD, _CHILD_VERBS, watched=True),
     Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets", Role.CHILD, _CHILD_VERBS, watched=True),

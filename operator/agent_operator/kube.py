@@ -193,14 +193,14 @@ class Kube:
             if not continue_token:
                 return items
 
-    async def exists(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+    async def find(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object, or None when it does not exist."""
         try:
-            await self.get(api_version, kind, namespace, name)
+            return await self.get(api_version, kind, namespace, name)
         except KubeError as error:
             if error.not_found:
-                return False
+                return None
             raise
-        return True
 
     async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         try:

@@ -158,7 +158,7 @@ def render_status(agent: dict[str, Any]) -> str:
     lines.append("Conditions:")
     for condition in status.conditions:
         lines.append(
-            f"  {condition.type:<12} {condition.status:<6} {condition.reason:<24} {condition.message}".rstrip()
+            f"  {condition.type:<18} {condition.status:<6} {condition.reason:<24} {condition.message}".rstrip()
         )
     return "\n".join(lines)
 

@@ -244,12 +244,62 @@ def unknown_operations(agent: EnterpriseAgent) -> list[FieldError]:
     ]
 
 
-def referenced_secrets(agent: EnterpriseAgent) -> list[tuple[str, str]]:
-    """(field path, Secret name) of every Secret the pods need that the operator does not own."""
-    refs = [(f"spec.imagePullSecrets[{i}].name", ref.name) for i, ref in enumerate(agent.spec.image_pull_secrets)]
-    if agent.spec.security.users_secret_ref is not None:
-        refs.append(("spec.security.usersSecretRef.name", agent.spec.security.users_secret_ref.name))
+@dataclass(frozen=True)
+class SecretReference:
+    """A Secret the pods need that the operator does not own: the field that names it (``field``.name),
+    and the key that must hold a value (``field``.key), when one must."""
+
+    field: str
+    name: str
+    key: str | None = None
+
+
+def referenced_secrets(agent: EnterpriseAgent) -> list[SecretReference]:
+    """Every Secret the pods need that the operator does not own."""
+    spec = agent.spec
+    refs = [SecretReference(f"spec.imagePullSecrets[{i}]", ref.name) for i, ref in enumerate(spec.image_pull_secrets)]
+    if spec.security.users_secret_ref is not None:
+        refs.append(SecretReference("spec.security.usersSecretRef", spec.security.users_secret_ref.name))
+    if spec.state.postgres is not None:
+        ref = spec.state.postgres.secret_ref
+        refs.append(SecretReference("spec.state.postgres.secretRef", ref.name, ref.key))
     return refs
+
+
+def missing_references(agent: EnterpriseAgent, found: Mapping[str, Mapping[str, Any] | None]) -> list[FieldError]:
+    """The references the Secrets ``found`` (by name, as read; None when there is none) do not
+    satisfy: a Secret that does not exist, or a key that is absent or empty. Errors name the
+    field and the key, never a value."""
+    errors = []
+    for ref in referenced_secrets(agent):
+        secret = found.get(ref.name)
+        if secret is None:
+            errors.append(
+                FieldError(f"{ref.field}.name", f"Secret {ref.name!r} not found in namespace {agent.namespace!r}")
+            )
+        elif ref.key is not None and not (secret.get("data") or {}).get(ref.key):
+            errors.append(FieldError(f"{ref.field}.key", f"Secret {ref.name!r} has no (or an empty) key {ref.key!r}"))
+    return errors
+
+
+def shared_state_missing(agent: EnterpriseAgent) -> str | None:
+    """Why the agent's replicas would not share their state, or None when they do (or it runs one).
+    With autoscaling the ceiling is maxReplicas, so the message does not change as the HPA scales."""
+    spec = agent.spec
+    if spec.state.postgres is not None:
+        return None
+    if spec.autoscaling.enabled and spec.autoscaling.max_replicas > 1:
+        cause = f"spec.autoscaling.maxReplicas is {spec.autoscaling.max_replicas}"
+    elif spec.replicas > 1:
+        cause = f"spec.replicas is {spec.replicas}"
+    else:
+        return None
+    return (
+        f"{cause} and spec.state.postgres is not set: each replica keeps its own embedded store, so logout and"
+        " token revocation, GDPR consents, SOX approvals, stored reports and login throttling are per replica"
+        " (a token revoked on one replica still works on the others). Set spec.state.postgres.secretRef to"
+        " share them."
+    )
 
 
 # --- status ---------------------------------------------------------------------------------------
@@ -270,9 +320,7 @@ def _events_for(old: Sequence[Condition], new: Sequence[Condition]) -> list[tupl
             continue  # a condition clearing is reported by the one that takes over
         if type_ == ConditionType.READY and not holds and before is None:
             continue  # not ready at creation is no news
-        warning = type_ in (ConditionType.STALLED, ConditionType.DEGRADED) or (
-            type_ == ConditionType.READY and not holds
-        )
+        warning = type_ in _WARNING_TYPES or (type_ == ConditionType.READY and not holds)
         event = ("Warning" if warning else "Normal", condition.reason, condition.message)
         if event not in events:  # Reconciling and Progressing often move together: one Event
             events.append(event)
@@ -280,6 +328,8 @@ def _events_for(old: Sequence[Condition], new: Sequence[Condition]) -> list[tupl
 
 
 _OWN_TYPES = frozenset(ConditionType)
+# Conditions whose turning True is a Warning Event (Ready turning False is one too).
+_WARNING_TYPES = frozenset({ConditionType.STALLED, ConditionType.DEGRADED, ConditionType.SHARED_STATE_MISSING})
 
 
 def _phase(*, ready: bool, reason: str, stalled: bool, degraded: bool, paused: bool) -> Phase:
@@ -296,6 +346,7 @@ def _phase(*, ready: bool, reason: str, stalled: bool, degraded: bool, paused: b
 
 def _status(
     base: EnterpriseAgentStatus,
+    agent: EnterpriseAgent | None,
     generation: int,
     now: str,
     *,
@@ -307,7 +358,9 @@ def _status(
     paused: bool = False,
     **fields: Any,
 ) -> tuple[EnterpriseAgentStatus, list[tuple[str, str, str]]]:
-    """``base`` with the conditions, phase and message for this outcome, and ``fields`` set."""
+    """``base`` with the conditions, phase and message for this outcome, and ``fields`` set. The
+    SharedStateMissing warning is judged on ``agent``'s spec; it is left as it was when the spec
+    cannot be read (``agent`` is None), and it never changes the phase or Ready."""
     message = cut_message(message)
     progressing = not ready and not stalled and not degraded
     # (type, whether it holds, the reason when it does not); Ready always explains itself. A
@@ -332,6 +385,17 @@ def _status(
             generation,
             now,
         )
+    if agent is not None:
+        warning = shared_state_missing(agent)
+        conditions = cond.set_condition(
+            conditions,
+            ConditionType.SHARED_STATE_MISSING,
+            warning is not None,
+            Reason.PER_REPLICA_STATE if warning is not None else Reason.AS_EXPECTED,
+            warning or "",
+            generation,
+            now,
+        )
     phase = _phase(ready=ready, reason=reason, stalled=stalled, degraded=degraded, paused=paused)
     status = base.model_copy(
         update={
@@ -349,7 +413,14 @@ def stalled_plan(observed: Observed, errors: Sequence[FieldError], reason: str, 
     """Bad input: no child is touched (the last good rollout keeps serving); status says why."""
     message = "; ".join(str(error) for error in errors)
     status, events = _status(
-        observed.status, observed.generation, rfc3339(now), ready=False, reason=reason, message=message, stalled=True
+        observed.status,
+        observed.admission.agent,
+        observed.generation,
+        rfc3339(now),
+        ready=False,
+        reason=reason,
+        message=message,
+        stalled=True,
     )
     return Plan(status=status, events=events, stalled=True)
 
@@ -581,6 +652,7 @@ def reconcile(
     )
     status, events = _status(
         observed.status,
+        agent,
         observed.generation,
         rfc3339(now),
         ready=decision.ready,

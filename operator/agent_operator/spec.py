@@ -26,6 +26,7 @@ from agent_contract.config import (
     SecurityLevel,
     SigningAlgorithm,
 )
+from agent_contract.layout import DATABASE_URL_ENV
 
 GROUP = "agents.enterprise.io"
 VERSION = "v1alpha1"
@@ -135,6 +136,17 @@ AnnotationMap = Annotated[
     dict[Annotated[str, Field(max_length=317, pattern=QUALIFIED_NAME)], Annotated[str, Field(max_length=4096)]],
     Field(max_length=64),
 ]
+Cidr = Annotated[str, Field(max_length=49, pattern=CIDR_SHAPE)]
+
+
+def check_cidrs(value: list[str]) -> list[str]:
+    """Refuses CIDRs with host bits set (10.1.2.3/8), which the CRD's pattern cannot see."""
+    for index, cidr in enumerate(value):
+        try:
+            ipaddress.ip_network(cidr, strict=True)
+        except ValueError as error:
+            raise ValueError(f"[{index}]: {cidr!r} is not a valid CIDR: {error}") from None
+    return value
 
 
 # --- workload -------------------------------------------------------------------------------------
@@ -683,7 +695,7 @@ class NetworkPolicySpec(ApiModel):
         default_factory=dict,
         description="Pods of the agent's namespace with these labels may call the agent; empty allows all pods of the namespace.",
     )
-    allowed_egress_cidrs: list[Annotated[str, Field(max_length=49, pattern=CIDR_SHAPE)]] = Field(
+    allowed_egress_cidrs: list[Cidr] = Field(
         default_factory=list,
         alias="allowedEgressCIDRs",
         description="CIDRs of model and tool endpoints the agent may connect to.",
@@ -701,12 +713,98 @@ class NetworkPolicySpec(ApiModel):
     @field_validator("allowed_egress_cidrs")
     @classmethod
     def _valid_cidrs(cls, value: list[str]) -> list[str]:
-        for index, cidr in enumerate(value):
-            try:
-                ipaddress.ip_network(cidr, strict=True)
-            except ValueError as error:
-                raise ValueError(f"[{index}]: {cidr!r} is not a valid CIDR: {error}") from None
-        return value
+        return check_cidrs(value)
+
+
+# --- state ----------------------------------------------------------------------------------------
+
+
+class SecretKeySelector(ApiModel):
+    """One key of a Secret in the agent's namespace."""
+
+    name: str = Field(
+        description="Name of the Secret, in the agent's namespace.",
+        min_length=1,
+        max_length=253,
+        pattern=DNS1123_SUBDOMAIN,
+    )
+    key: str = Field(
+        default="uri",
+        description="The key holding the value. Defaults to uri, the key of the connection URI in the app Secret CloudNativePG creates.",
+        min_length=1,
+        max_length=253,
+        pattern=r"^[-._a-zA-Z0-9]+$",
+    )
+
+
+class DatabaseEgress(ApiModel):
+    """Where the database is, for the agent's NetworkPolicy: an egress rule to these peers on ``port``.
+    CIDRs become ipBlock peers; namespaceSelector and podSelector together become one peer, as in a
+    NetworkPolicy (podSelector alone: pods of the agent's namespace; namespaceSelector alone: every
+    pod of the matching namespaces)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=crd_extra(
+            **{
+                CEL: [
+                    cel(
+                        "(has(self.cidrs) && size(self.cidrs) > 0) || has(self.namespaceSelector) || has(self.podSelector)",
+                        "spec.state.postgres.egress must set cidrs, namespaceSelector or podSelector",
+                    )
+                ]
+            }
+        )
+    )
+
+    cidrs: list[Cidr] = Field(
+        default_factory=list, description="CIDRs of the database's addresses, such as 10.30.0.0/24.", max_length=16
+    )
+    namespace_selector: LabelMap | None = Field(
+        default=None,
+        description="Labels (matchLabels) of the namespaces the database pods run in, such as kubernetes.io/metadata.name: databases; empty selects every namespace.",
+    )
+    pod_selector: LabelMap | None = Field(
+        default=None,
+        description="Labels (matchLabels) of the database pods, such as cnpg.io/cluster: support-bot-db; without namespaceSelector, pods of the agent's namespace.",
+    )
+    port: int = Field(default=5432, description="TCP port of the database.", ge=1, le=65535)
+
+    @field_validator("cidrs")
+    @classmethod
+    def _valid_cidrs(cls, value: list[str]) -> list[str]:
+        return check_cidrs(value)
+
+    @model_validator(mode="after")
+    def _has_a_peer(self) -> DatabaseEgress:
+        if not self.cidrs and self.namespace_selector is None and self.pod_selector is None:
+            raise ValueError("spec.state.postgres.egress must set cidrs, namespaceSelector or podSelector")
+        return self
+
+
+class PostgresState(ApiModel):
+    """PostgreSQL as the state every replica shares."""
+
+    secret_ref: SecretKeySelector = Field(
+        description=(
+            f"The Secret key holding the connection URI (postgresql://user:password@host:5432/db). It reaches the"
+            f" agent container only as the {DATABASE_URL_ENV} environment variable (valueFrom.secretKeyRef), never"
+            " through the ConfigMap, status or annotations. A missing Secret or key stalls the agent."
+        )
+    )
+    egress: DatabaseEgress | None = Field(
+        default=None,
+        description="Admits connections to the database in the agent's NetworkPolicy. Without it, only spec.networkPolicy.allowedEgressCIDRs and egressPorts do.",
+    )
+
+
+class StateSpec(ApiModel):
+    """Where the agent keeps what its replicas must agree on: token revocations (logout), GDPR consents,
+    SOX approvals, stored reports and login throttling."""
+
+    postgres: PostgresState | None = Field(
+        default=None,
+        description="A PostgreSQL database shared by every replica. Without it each replica keeps its own embedded SQLite store, which is right for one replica only.",
+    )
 
 
 # --- the agent ------------------------------------------------------------------------------------
@@ -748,6 +846,11 @@ class EnterpriseAgentSpec(ApiModel):
                     cel(
                         "!has(self.env) || self.env.all(e, !e.name.startsWith('AGENT_'))",
                         "spec.env names starting with AGENT_ are reserved for the operator",
+                        ".env",
+                    ),
+                    cel(
+                        f"!has(self.env) || self.env.all(e, e.name != '{DATABASE_URL_ENV}')",
+                        f"spec.env must not set {DATABASE_URL_ENV}: the operator sets it from spec.state.postgres.secretRef",
                         ".env",
                     ),
                 ]
@@ -799,6 +902,10 @@ class EnterpriseAgentSpec(ApiModel):
         default_factory=NetworkPolicySpec, description="Ingress and egress rules."
     )
     pod: PodOverrides = Field(default_factory=PodOverrides, description="Scheduling and metadata of the agent pods.")
+    state: StateSpec = Field(
+        default_factory=StateSpec,
+        description="Where the replicas keep the state they must share. Required in practice with more than one replica.",
+    )
     data_volume_size_limit: Quantity = Field(
         default="1Gi", description="Size limit of the /var/lib/agent emptyDir (audit log, embedded store)."
     )
@@ -816,6 +923,10 @@ class EnterpriseAgentSpec(ApiModel):
         for index, var in enumerate(value):
             if var.name.startswith("AGENT_"):
                 raise ValueError(f"[{index}].name: {var.name!r} starts with AGENT_, which is reserved for the operator")
+            if var.name == DATABASE_URL_ENV:
+                raise ValueError(
+                    f"[{index}].name: {DATABASE_URL_ENV} is set by the operator from spec.state.postgres.secretRef"
+                )
         return value
 
     @model_validator(mode="after")
@@ -867,13 +978,16 @@ class ConditionStatus(StrEnum):
 
 
 class ConditionType(StrEnum):
-    """kstatus' three (so Flux and kpt read the agent) plus Progressing and Degraded (Argo CD)."""
+    """kstatus' three (so Flux and kpt read the agent) plus Progressing and Degraded (Argo CD), and
+    SharedStateMissing: a warning (abnormal when True) that neither stalls the agent nor keeps it
+    from being Ready."""
 
     READY = "Ready"
     RECONCILING = "Reconciling"
     STALLED = "Stalled"
     PROGRESSING = "Progressing"
     DEGRADED = "Degraded"
+    SHARED_STATE_MISSING = "SharedStateMissing"
 
 
 def _one_of(values: type[StrEnum]) -> str:
@@ -973,7 +1087,7 @@ class EnterpriseAgentStatus(ApiModel):
     observed_generation: int | None = Field(default=None, description="The .metadata.generation last acted upon.", ge=0)
     conditions: list[Condition] = Field(
         default_factory=list,
-        description="Ready, Reconciling, Stalled (kstatus), Progressing and Degraded.",
+        description="Ready, Reconciling, Stalled (kstatus), Progressing, Degraded and the warning SharedStateMissing.",
         max_length=16,
         json_schema_extra=crd_extra(**{"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}),
     )

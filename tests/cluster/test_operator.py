@@ -25,6 +25,7 @@ from tests.cluster.agents import (
     wait_until,
 )
 from tests.cluster.conftest import temporary_namespace
+from tests.gitops import assert_gitops_reads
 
 pytestmark = pytest.mark.cluster
 
@@ -92,9 +93,7 @@ def test_update_changes_revision_and_replicas(crd_installed: Kube, operator: Ope
     assert (
         green["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/enterprise-agent-runtime:0.2.0"
     )
-    assert (
-        blue["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/enterprise-agent-runtime:0.1.0"
-    )
+    assert blue["spec"]["template"]["spec"]["containers"][0]["image"] == agent_manifest(namespace)["spec"]["image"]
     assert (green["spec"]["replicas"], blue["spec"]["replicas"]) == (2, 0)
     config_maps = children(crd_installed, namespace, "hello-agent")["ConfigMap"]
     assert [c["metadata"]["name"] for c in config_maps] == [f"hello-agent-config-{second['status']['activeRevision']}"]
@@ -206,6 +205,92 @@ def test_bad_input_is_stalled_and_names_the_field(
     # Fixing the reference un-stalls the agent without any edit to it.
     crd_installed.kubectl("create", "secret", "generic", "missing-users", "-n", namespace, "--from-literal=users=")
     wait_phase(crd_installed, namespace, "no-users", "Ready", timeout=60)
+
+
+def test_replicated_agent_without_shared_state_warns_and_a_missing_database_secret_stalls(
+    crd_installed: Kube, operator: OperatorProcess, namespace: str
+) -> None:
+    """Three replicas and no spec.state: Ready with the SharedStateMissing warning and a Warning
+    Event (GitOps still reads Healthy/Current). A secretRef to a Secret that is not there (or lacks
+    the key) stalls the agent naming the field; once it is there, the pods get DATABASE_URL from it
+    and no object the operator writes holds the URI."""
+    apply(crd_installed, agent_manifest(namespace, replicas=3))
+    agent = wait_phase(crd_installed, namespace, "hello-agent", "Ready")
+    warning = condition(agent, "SharedStateMissing")
+    assert (warning["status"], warning["reason"]) == ("True", "PerReplicaState")
+    assert warning["message"].startswith("spec.replicas is 3 and spec.state.postgres is not set")
+    assert "login throttling are per replica" in warning["message"]
+    assert condition(agent, "Ready")["status"] == "True"
+    assert condition(agent, "Stalled")["status"] == "False"
+    assert_gitops_reads(agent, "Healthy", "Current")
+    events = json.loads(
+        crd_installed.kubectl(
+            "get", "events", "-n", namespace, "--field-selector", "involvedObject.kind=EnterpriseAgent", "-o", "json"
+        ).stdout
+    )
+    assert ("Warning", "PerReplicaState") in {(e["type"], e["reason"]) for e in events["items"]}
+
+    state = {
+        "postgres": {
+            "secretRef": {"name": "hello-db-app"},
+            "egress": {"podSelector": {"cnpg.io/cluster": "hello-db"}, "cidrs": ["10.30.0.0/24"]},
+        }
+    }
+    apply(crd_installed, agent_manifest(namespace, replicas=3, state=state))
+    stalled = wait_phase(crd_installed, namespace, "hello-agent", "Stalled")
+    assert condition(stalled, "Stalled")["reason"] == "MissingReference"
+    assert condition(stalled, "Stalled")["message"].startswith(
+        f"spec.state.postgres.secretRef.name: Secret 'hello-db-app' not found in namespace '{namespace}'"
+    )
+    assert condition(stalled, "SharedStateMissing")["status"] == "False"  # configured; only its Secret is missing
+    assert stalled["status"]["activeRevision"] == agent["status"]["activeRevision"]  # the running revision stays
+
+    uri = "postgresql://app:kwok-Passw0rd-7@hello-db-rw:5432/app"
+    crd_installed.kubectl("create", "secret", "generic", "hello-db-app", "-n", namespace, "--from-literal=password=x")
+
+    def stalled_on_the_key() -> bool:
+        found = get(crd_installed, namespace, "ea", "hello-agent") or {}
+        return "spec.state.postgres.secretRef.key: Secret 'hello-db-app' has no" in json.dumps(found.get("status"))
+
+    wait_until(stalled_on_the_key, timeout=60, what="Stalled on the missing key")
+    crd_installed.kubectl(
+        "patch", "secret", "hello-db-app", "-n", namespace, "--type=merge",
+        "-p", json.dumps({"stringData": {"uri": uri}}),
+    )  # fmt: skip
+    ready = wait_until(
+        lambda: (
+            (a := get(crd_installed, namespace, "ea", "hello-agent"))
+            and (a.get("status") or {}).get("phase") == "Ready"
+            and a["status"].get("activeRevision") != agent["status"]["activeRevision"]
+            and a
+        ),
+        timeout=90,
+        what="Ready at the revision with shared state",
+    )
+    assert condition(ready, "SharedStateMissing")["status"] == "False"
+    deployment = get(crd_installed, namespace, "deployment", f"hello-agent-{ready['status']['activeColor']}")
+    assert deployment is not None
+    env = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["DATABASE_URL"] == {
+        "name": "DATABASE_URL",
+        "valueFrom": {"secretKeyRef": {"name": "hello-db-app", "key": "uri"}},
+    }
+    found = children(crd_installed, namespace, "hello-agent")
+    (config_map,) = found["ConfigMap"]
+    assert "postgresql://" not in json.dumps(config_map["data"])
+    assert "DATABASE_URL" not in json.dumps(config_map["data"])
+    for kind, objects in found.items():
+        assert "kwok-Passw0rd-7" not in json.dumps(objects), kind
+    assert "kwok-Passw0rd-7" not in json.dumps(ready)  # status, annotations
+    assert "kwok-Passw0rd-7" not in crd_installed.kubectl("get", "events", "-n", namespace, "-o", "json").stdout
+    (policy,) = found["NetworkPolicy"]
+    assert {
+        "to": [
+            {"ipBlock": {"cidr": "10.30.0.0/24"}},
+            {"podSelector": {"matchLabels": {"cnpg.io/cluster": "hello-db"}}},
+        ],
+        "ports": [{"protocol": "TCP", "port": 5432}],
+    } in policy["spec"]["egress"]
 
 
 def test_bad_update_leaves_the_running_revision_alone(

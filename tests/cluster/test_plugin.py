@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,8 @@ def test_get_and_status(crd_installed: Kube, operator: OperatorProcess, namespac
     assert status.returncode == 0, status.stderr
     assert "Phase:       Ready" in status.stdout
     assert f"Active:      blue at revision {ready['status']['activeRevision']}  (1/1 ready)" in status.stdout
-    assert "Ready        True" in status.stdout
+    assert re.search(r"^  Ready +True ", status.stdout, re.MULTILINE), status.stdout
+    assert re.search(r"^  SharedStateMissing +False +AsExpected$", status.stdout, re.MULTILINE), status.stdout
 
     stalled = kubectl_ea(crd_installed, "status", "broken", "-n", namespace)
     assert stalled.returncode == 1

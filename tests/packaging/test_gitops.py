@@ -17,7 +17,7 @@ from agent_operator.manifest import FieldError
 from agent_operator.reconcile import Plan, child_key, reconcile, stalled_plan
 from agent_operator.spec import Phase
 from tests.gitops import HEALTH_LUA, argocd_health, kstatus, to_lua
-from tests.helpers import ROOT, example_document, observe, served
+from tests.helpers import ROOT, example_document, observe, rolled_out, served
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -37,21 +37,24 @@ def new_agent_status() -> dict[str, Any]:
     return _plan(served("minimal")).status_body()
 
 
-def ready_status() -> dict[str, Any]:
-    first = _plan(served("minimal"))
+def ready_status(**spec: Any) -> dict[str, Any]:
+    body = served("minimal")
+    body["spec"] = {**body["spec"], **spec}
+    first = _plan(body)
     children = {child_key(c): c for c in first.apply}
-    for key, child in children.items():
-        if child["kind"] == "Deployment":
-            replicas = child["spec"]["replicas"]
-            children[key] = {
-                **child,
-                "metadata": {**child["metadata"], "generation": 1},
-                "status": {"observedGeneration": 1, "replicas": replicas, "updatedReplicas": replicas,
-                           "readyReplicas": replicas, "availableReplicas": replicas},
-            }  # fmt: skip
-    plan = _plan(served("minimal"), children)
+    children = rolled_out(children)
+    plan = _plan(body, children)
     assert plan.status.phase == Phase.READY
     return plan.status_body()
+
+
+def shared_state_missing_status() -> dict[str, Any]:
+    """Ready with three replicas and no spec.state.postgres: the SharedStateMissing warning is True."""
+    status = ready_status(replicas=3)
+    assert {"type": "SharedStateMissing", "status": "True"}.items() <= next(
+        c for c in status["conditions"] if c["type"] == "SharedStateMissing"
+    ).items()
+    return status
 
 
 def invalid_spec_status() -> dict[str, Any]:
@@ -71,6 +74,8 @@ def test_the_argocd_cm_patch_inlines_the_health_check_unchanged() -> None:
         ("not yet seen by the operator", lambda: {**as_served({}), "status": None}, "Progressing", "Current"),
         ("created, children not ready", lambda: as_served(new_agent_status()), "Progressing", "InProgress"),
         ("ready", lambda: as_served(ready_status()), "Healthy", "Current"),
+        ("ready, several replicas without shared state (a warning)", lambda: as_served(shared_state_missing_status()),
+         "Healthy", "Current"),
         ("a newer generation not yet observed", lambda: as_served(ready_status(), generation=2), "Progressing",
          "InProgress"),
         ("a missing Secret (Stalled)", lambda: as_served(invalid_spec_status()), "Degraded", "Failed"),

@@ -67,7 +67,7 @@ async def test_a_store_file_of_an_older_version_is_upgraded_in_place(tmp_path: P
     assert _mode(path) == 0o644
 
     store = Store(path)
-    store.open()
+    await store.open()
     try:
         kept = await store.get("r1")
         assert kept is not None
@@ -78,5 +78,5 @@ async def test_a_store_file_of_an_older_version_is_upgraded_in_place(tmp_path: P
         new = await store.put("report", "ana", "application/json", b"{}", subject="jane")
         assert [r.id for r in await store.results_of("jane")] == [new.id]
     finally:
-        store.close()
+        await store.close()
     assert _mode(path) == 0o600

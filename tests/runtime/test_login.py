@@ -25,39 +25,39 @@ class FakeClock:
         return self.now
 
 
-def _fail(throttle: LoginThrottle, user: str, address: str) -> None:
-    throttle.reserve(user, address).failed()
+async def _fail(throttle: LoginThrottle, user: str, address: str) -> None:
+    await (await throttle.reserve(user, address)).failed()
 
 
-def test_throttle_backs_off_exponentially_with_a_cap() -> None:
+async def test_throttle_backs_off_exponentially_with_a_cap() -> None:
     clock = FakeClock()
-    throttle = LoginThrottle(clock)
+    throttle = LoginThrottle(clock=clock)
     for _ in range(PAIR.free_failures):
-        assert throttle.retry_after("ada", "10.0.0.1") == 0
-        _fail(throttle, "ada", "10.0.0.1")
+        assert await throttle.retry_after("ada", "10.0.0.1") == 0
+        await _fail(throttle, "ada", "10.0.0.1")
     waits = []
     for _ in range(12):
-        wait = throttle.retry_after("ada", "10.0.0.1")
+        wait = await throttle.retry_after("ada", "10.0.0.1")
         waits.append(wait)
         clock.now += wait  # the guesser waits as told, then guesses again
-        _fail(throttle, "ada", "10.0.0.1")
+        await _fail(throttle, "ada", "10.0.0.1")
     assert waits[:4] == [1.0, 2.0, 4.0, 8.0]
     assert max(waits) == PAIR.cap_seconds
     clock.now += PAIR.forget_seconds + 1
-    assert throttle.retry_after("ada", "10.0.0.1") == 0  # old failures are forgotten
+    assert await throttle.retry_after("ada", "10.0.0.1") == 0  # old failures are forgotten
 
 
-def test_an_attacker_cannot_lock_the_victim_out_for_good() -> None:
+async def test_an_attacker_cannot_lock_the_victim_out_for_good() -> None:
     """Guesses from many addresses slow the account down, capped at a minute; the victim's own
     address is never blocked for longer than that."""
     clock = FakeClock()
-    throttle = LoginThrottle(clock)
+    throttle = LoginThrottle(clock=clock)
     for attempt in range(1000):
-        clock.now += throttle.retry_after("victim", f"198.51.100.{attempt % 250}")
-        _fail(throttle, "victim", f"198.51.100.{attempt % 250}")
-    assert throttle.retry_after("victim", "203.0.113.7") <= ACCOUNT.cap_seconds
+        clock.now += await throttle.retry_after("victim", f"198.51.100.{attempt % 250}")
+        await _fail(throttle, "victim", f"198.51.100.{attempt % 250}")
+    assert await throttle.retry_after("victim", "203.0.113.7") <= ACCOUNT.cap_seconds
     clock.now += ACCOUNT.cap_seconds
-    assert throttle.retry_after("victim", "203.0.113.7") == 0
+    assert await throttle.retry_after("victim", "203.0.113.7") == 0
 
 
 def _frozen(client: TestClient[web.Request, web.Application]) -> FakeClock:

@@ -57,7 +57,8 @@ async def test_health_and_readiness(make_client: AppFactory) -> None:
     ready = await client.get("/readyz")
     body = await ready.json()
     assert ready.status == 200
-    assert set(body["checks"]) == {"config", "keys", "audit", "operations", "dependencies"}
+    assert set(body["checks"]) == {"config", "keys", "audit", "operations", "dependencies", "state"}
+    assert body["checks"]["state"] == {"ok": True, "backend": "sqlite"}
     assert all(check["ok"] for check in body["checks"].values())
 
     model = breaker(client.app, "model-endpoint")

@@ -43,7 +43,7 @@ async def test_report_is_generated_stored_and_downloadable(make_client: AppFacto
 async def test_retention_purges_old_results(tmp_path: Path) -> None:
     now = [time.time()]
     store = Store(tmp_path / "store.sqlite3", clock=lambda: now[0])
-    store.open()
+    await store.open()
     try:
         old = await store.put("report", "agent", "application/json", b"{}")
         now[0] += 10 * 86400
@@ -52,7 +52,7 @@ async def test_retention_purges_old_results(tmp_path: Path) -> None:
         assert await store.get(old.id) is None
         assert await store.get(fresh.id) is not None
     finally:
-        store.close()
+        await store.close()
 
 
 REPORT = {"input": {"title": "Weekly", "analysis": {"data": [{"ms": 10}, {"ms": 20}]}}}

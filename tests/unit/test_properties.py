@@ -72,6 +72,19 @@ def agent_documents(draw: st.DrawFn) -> dict[str, Any]:
     }
     if draw(st.booleans()):
         spec["rollout"]["previewReplicas"] = draw(st.integers(1, 1000))
+    if draw(st.booleans()):
+        postgres: dict[str, Any] = {"secretRef": {"name": draw(names)}}
+        if draw(st.booleans()):  # with no peer at all, both layers must refuse it
+            postgres["egress"] = {
+                "cidrs": draw(st.lists(cidrs, unique=True, max_size=2)),
+                **(
+                    {"podSelector": draw(st.dictionaries(label_keys, label_values, max_size=2))}
+                    if draw(st.booleans())
+                    else {}
+                ),
+                "port": draw(st.integers(1, 65535)),
+            }
+        spec["state"] = {"postgres": postgres}
     with_smoke: bool = draw(st.booleans())
     if operations and with_smoke:
         spec["rollout"]["analysis"]["smoke"] = {"operation": draw(st.sampled_from(operations))}

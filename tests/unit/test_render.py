@@ -202,7 +202,9 @@ def test_network_policy_admits_listed_callers_and_the_operator() -> None:
     peers = policy["spec"]["ingress"][0]["from"]
     namespaces = peers[1]["namespaceSelector"]["matchExpressions"][0]["values"]
     assert namespaces == ["frontend", "monitoring", "ops"]
-    egress_cidrs = [peer["ipBlock"]["cidr"] for rule in policy["spec"]["egress"] for peer in rule.get("to", [])]
+    egress_cidrs = [
+        peer["ipBlock"]["cidr"] for rule in policy["spec"]["egress"] for peer in rule.get("to", []) if "ipBlock" in peer
+    ]
     assert egress_cidrs == ["10.20.0.0/16"]
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
 
@@ -220,12 +222,15 @@ REVISION_TRIGGERS = {
     "operations": {"operations": ["analyze_data", "chat"]},
     "resources": {"resources": {"requests": {"cpu": "1"}}},
     "egress hosts (runtime-enforced)": {"networkPolicy": {"allowedEgressHosts": ["other.example"]}},
+    "shared-state Secret": {"state": {"postgres": {"secretRef": {"name": "other-db-app"}}}},
+    "shared-state Secret key": {"state": {"postgres": {"secretRef": {"key": "fqdn-uri"}}}},
 }
 NOT_REVISION_TRIGGERS = {
     "replicas": {"replicas": 3},
     "autoscaling": {"autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 30}},
     "rollout": {"rollout": {"promotion": "Auto", "scaleDownDelaySeconds": 10}},
     "network policy ingress": {"networkPolicy": {"allowedIngressNamespaces": ["other"]}},
+    "database egress": {"state": {"postgres": {"egress": {"cidrs": ["10.30.0.0/24"], "port": 6432}}}},
 }
 
 

@@ -11,7 +11,7 @@ from agent_operator.render.common import (
     selector_labels,
     service_account_name,
 )
-from agent_operator.spec import API_VERSION, KIND, EnterpriseAgent, ScalingRules
+from agent_operator.spec import API_VERSION, KIND, DatabaseEgress, EnterpriseAgent, ScalingRules
 
 
 def _rules(rules: ScalingRules) -> dict[str, Any]:
@@ -86,8 +86,23 @@ def build_service_account(agent: EnterpriseAgent) -> Manifest:
     }
 
 
+def _database_peers(egress: DatabaseEgress) -> list[dict[str, Any]]:
+    """spec.state.postgres.egress as NetworkPolicy peers: an ipBlock per CIDR, and the selectors
+    together as one peer (pods matching podSelector in namespaces matching namespaceSelector)."""
+    peers: list[dict[str, Any]] = [{"ipBlock": {"cidr": cidr}} for cidr in egress.cidrs]
+    selectors: dict[str, Any] = {}
+    if egress.namespace_selector is not None:
+        selectors["namespaceSelector"] = {"matchLabels": dict(egress.namespace_selector)}
+    if egress.pod_selector is not None:
+        selectors["podSelector"] = {"matchLabels": dict(egress.pod_selector)}
+    if selectors:
+        peers.append(selectors)
+    return peers
+
+
 def build_network_policy(agent: EnterpriseAgent, operator_namespace: str) -> Manifest:
-    """Default deny; allows callers from the listed places, DNS, and the listed egress CIDRs."""
+    """Default deny; allows callers from the listed places, DNS, the listed egress CIDRs and the
+    shared-state database (spec.state.postgres.egress)."""
     policy = agent.spec.network_policy
     same_namespace_peer: dict[str, Any] = {"podSelector": {"matchLabels": dict(policy.allowed_ingress_pod_labels)}}
     callers = sorted({*policy.allowed_ingress_namespaces, operator_namespace} - {agent.namespace})
@@ -109,6 +124,11 @@ def build_network_policy(agent: EnterpriseAgent, operator_namespace: str) -> Man
                 "to": [{"ipBlock": {"cidr": cidr}} for cidr in policy.allowed_egress_cidrs],
                 "ports": [{"protocol": "TCP", "port": port} for port in policy.egress_ports],
             }
+        )
+    postgres = agent.spec.state.postgres
+    if postgres is not None and postgres.egress is not None:
+        egress.append(
+            {"to": _database_peers(postgres.egress), "ports": [{"protocol": "TCP", "port": postgres.egress.port}]}
         )
     return {
         "apiVersion": "networking.k8s.io/v1",

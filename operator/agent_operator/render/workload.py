@@ -8,6 +8,7 @@ from agent_contract.layout import (
     CONFIG_FILE_KEY,
     CONFIG_PATH,
     DATA_DIR,
+    DATABASE_URL_ENV,
     KEYS_DIR,
     RUNTIME_PORT,
     USERS_DIR,
@@ -63,6 +64,11 @@ def _operator_env(agent: EnterpriseAgent, revision: str, color: Color | None) ->
     ]
     if color is not None:
         env.append({"name": "AGENT_COLOR", "value": color.value})
+    postgres = agent.spec.state.postgres
+    if postgres is not None:
+        # Only a reference: the URI (with its password) stays in the Secret, out of every object we write.
+        secret = {"name": postgres.secret_ref.name, "key": postgres.secret_ref.key}
+        env.append({"name": DATABASE_URL_ENV, "valueFrom": {"secretKeyRef": secret}})
     return env
 
 
