@@ -1,7 +1,9 @@
 """bench/runtime: req/s and latency of three servers on loopback, measured in the same run with wrk.
 
 - ours: `agent-runtime serve`: bearer-token authentication, RBAC, an audited (fsynced) no-op
-  operation; once with the audit log on disk and once on tmpfs, to show what fsync costs;
+  operation; once with the audit log on disk and once on tmpfs, to show what fsync costs; and once
+  with its state on PostgreSQL (Debian's postgresql-15 on loopback, as several replicas would
+  share it: each request then checks revocations there) beside the embedded SQLite;
 - bare aiohttp: a handler that returns the same JSON, nothing else;
 - FastAPI + uvicorn[standard] (uvloop, httptools): a bare hello, the seed's stack.
 
@@ -13,6 +15,7 @@ Needs wrk (Debian package `wrk`; `make bench-runtime` installs it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -28,6 +31,7 @@ from agent_contract.config import RuntimeConfig
 from agent_runtime.cli import main as runtime_cli
 from agent_runtime.security.users import hash_line
 from eao_devtools.testkit.operator_process import free_port
+from eao_devtools.testkit.postgres import PostgresServer, available
 
 BIN = Path(sys.executable).parent
 PASSWORD = "bench-password-0123456789"
@@ -114,16 +118,22 @@ def main() -> int:
         print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
     results: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-runtime-") as tmp:
+    postgres = None if available() else PostgresServer(Path(tempfile.mkdtemp(prefix="bench-pg-"))).init()
+    with tempfile.TemporaryDirectory(prefix="bench-runtime-") as tmp, contextlib.ExitStack() as cleanup:
+        if postgres is not None:
+            cleanup.callback(postgres.remove)
         workdir = Path(tmp)
         shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else workdir
-        # (audit on disk or tmpfs, share of requests traced); spans are made but not exported.
+        # (audit on disk or tmpfs, share of requests traced, state on PostgreSQL); spans are made
+        # but not exported.
         variants = {
-            "ours: audit on disk, 10% traced": (workdir / "data-disk", 0.1),
-            "ours: audit on tmpfs, 10% traced": (Path(tempfile.mkdtemp(prefix="bench-audit-", dir=shm)), 0.1),
-            "ours: audit on tmpfs, 100% traced": (Path(tempfile.mkdtemp(prefix="bench-audit-", dir=shm)), 1.0),
+            "ours: audit on disk, 10% traced": (workdir / "data-disk", 0.1, False),
+            "ours: audit on tmpfs, 10% traced": (Path(tempfile.mkdtemp(prefix="bench-audit-", dir=shm)), 0.1, False),
+            "ours: audit on tmpfs, 100% traced": (Path(tempfile.mkdtemp(prefix="bench-audit-", dir=shm)), 1.0, False),
         }
-        for index, (name, (data_dir, ratio)) in enumerate(variants.items()):
+        if postgres is not None:
+            variants["ours: disk, 10% traced, PostgreSQL state"] = (workdir / "data-pg", 0.1, True)
+        for index, (name, (data_dir, ratio, shared)) in enumerate(variants.items()):
             config = layout(workdir / f"agent-{index}", data_dir, ratio)
             port = free_port()
             process = serve(
@@ -138,6 +148,7 @@ def main() -> int:
                     "127.0.0.1",
                 ],
                 port,
+                env={"DATABASE_URL": postgres.url} if shared and postgres is not None else None,
             )
             try:
                 results[name] = run_wrk(port, token(port), args.seconds, args.connections, workdir)
