@@ -20,7 +20,7 @@ from eao_devtools.cluster import (
     ensure_node_binaries,
     ensure_tools,
 )
-from eao_devtools.imagebuild import ImageBuildError, build_images
+from eao_devtools.imagebuild import ImageBuildError, build_images, build_postgres_image
 
 BENCHMARKS = ("operator", "rollout", "runtime")
 
@@ -69,7 +69,7 @@ def cmd_tools(args: argparse.Namespace) -> int:
         print("\n".join(str(folder) for folder in (node.kube, node.pause, node.coredns, node.kube_router)))
         print(ensure_tools())
         if args.images:
-            for image in build_images(cache_root() / "images"):
+            for image in [*build_images(cache_root() / "images"), build_postgres_image(cache_root() / "images")]:
                 print(f"{image.reference} {image.archive}")
     except (ClusterError, ImageBuildError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -33,7 +33,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from eao_devtools import addons
 from eao_devtools.checkout import REPO_ROOT_VARIABLE, repo_root
-from eao_devtools.imagebuild import BuiltImage, ImageBuildError, build_images
+from eao_devtools.imagebuild import BuiltImage, ImageBuildError, build_images, build_postgres_image
 from eao_devtools.images import write_single_layer_image
 from eao_devtools.node import NODE_IP, NODE_NAME, PAUSE_IMAGE, POD_CIDR, NodeError, RealNode
 
@@ -435,6 +435,7 @@ class Cluster:
         if real_node:
             try:
                 images = build_images(cache_root() / "images", say=_say)
+                images.append(build_postgres_image(cache_root() / "images", say=_say))
             except ImageBuildError as error:
                 raise ClusterError(str(error)) from None
         built = time.monotonic()

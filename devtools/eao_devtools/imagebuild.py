@@ -157,3 +157,36 @@ def build_images(cache: Path, say: Callable[[str], None] = print) -> list[BuiltI
         partial.rename(image.archive)
     say(f"images built in {time.monotonic() - started:.0f}s: {', '.join(references.values())}")
     return images
+
+
+# A PostgreSQL for examples on the real node (examples/shared-state.yaml): Debian's postgresql-15
+# on the same bookworm base, run as a fixed non-root uid so `runAsNonRoot` can check it.
+POSTGRES_IMAGE = "eao.local/postgres:15"
+POSTGRES_UID = 10002
+_POSTGRES_CONTAINERFILE = f"""FROM {{base}}
+RUN usermod -u {POSTGRES_UID} postgres && groupmod -g {POSTGRES_UID} postgres \\
+ && mkdir -p /var/run/postgresql && chown -R postgres:postgres /var/lib/postgresql /var/run/postgresql
+ENV PATH=/usr/lib/postgresql/15/bin:/usr/sbin:/usr/bin:/sbin:/bin
+USER {POSTGRES_UID}:{POSTGRES_UID}
+"""
+
+
+def build_postgres_image(cache: Path, say: Callable[[str], None] = print) -> BuiltImage:
+    """The example database's image as a docker-archive, built once."""
+    cache.mkdir(parents=True, exist_ok=True)
+    archive = cache / f"postgres-{_digest(_POSTGRES_CONTAINERFILE.encode())}.tar"
+    image = BuiltImage("postgres", POSTGRES_IMAGE, archive)
+    if archive.is_file():
+        return image
+    log = cache / "postgres-build.log"
+    log.write_text("")
+    say(f"building {POSTGRES_IMAGE} from Debian's postgresql-15 (log: {log})")
+    base = ensure_base("postgres", ("postgresql-15",), log)
+    with tempfile.TemporaryDirectory(prefix="eao-postgres-") as work:
+        (Path(work) / "Containerfile").write_text(_POSTGRES_CONTAINERFILE.format(base=base))
+        _run("buildah", "bud", "--isolation", "chroot", "-t", POSTGRES_IMAGE, work, log=log)
+    partial = archive.with_suffix(".partial")
+    partial.unlink(missing_ok=True)
+    _run("buildah", "push", POSTGRES_IMAGE, f"docker-archive:{partial}:{POSTGRES_IMAGE}", log=log)
+    partial.rename(archive)
+    return image

@@ -11,6 +11,8 @@ import base64
 import json
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from typing import Any
 
 import pytest
@@ -293,10 +295,12 @@ def test_the_network_policy_blocks_and_admits_what_it_says(chart_operator: Kube)
     assert not can_connect(kube, namespace, stranger, agent_ip, 8080)
     assert not can_connect(kube, outsider_namespace, outsider, agent_ip, 8080)
     # Without the policy the stranger does get in: the refusal above is the policy's doing.
-    kube.kubectl("delete", "networkpolicy", "hello-agent", "-n", namespace)
-    assert wait_until(lambda: can_connect(kube, namespace, stranger, agent_ip, 8080), timeout=30, what="no policy")
-    wait_until(lambda: get(kube, namespace, "networkpolicy", "hello-agent"), timeout=60, what="policy repaired")
-    wait_until(lambda: not can_connect(kube, namespace, stranger, agent_ip, 8080), timeout=30, what="policy back")
+    apply(kube, agent_manifest(namespace, networkPolicy={**policy, "enabled": False}))
+    wait_until(lambda: get(kube, namespace, "networkpolicy", "hello-agent") is None, timeout=60, what="policy gone")
+    wait_until(lambda: can_connect(kube, namespace, stranger, agent_ip, 8080), timeout=60, what="admitted")
+    apply(kube, agent_manifest(namespace, networkPolicy=policy))
+    wait_until(lambda: get(kube, namespace, "networkpolicy", "hello-agent"), timeout=60, what="policy back")
+    wait_until(lambda: not can_connect(kube, namespace, stranger, agent_ip, 8080), timeout=60, what="refused again")
     # Egress: DNS and the listed CIDR on the listed port; not another port there, not the API server.
     code = "import socket; print(socket.gethostbyname('kubernetes.default.svc.cluster.local'))"
     resolved = exec_python(kube, namespace, agent_pod, code)
@@ -333,3 +337,42 @@ def test_a_deleted_pod_drains_without_failing_a_request(chart_operator: Kube) ->
     assert load.result.failed == 0, dict(load.result.statuses)
     assert [state["exitCode"] for state in states] == [0], states
     assert took < 30  # terminationGracePeriodSeconds: it was not killed at the deadline
+
+
+# -- shared state: three replicas on a PostgreSQL in the cluster -----------------------------------
+
+
+def post_to(ip: str, path: str, token: str, body: bytes = ANALYZE) -> int:
+    request = urllib.request.Request(
+        f"http://{ip}:8080{path}", data=body, method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+
+
+def test_three_replicas_share_one_postgresql_in_the_cluster(chart_operator: Kube) -> None:
+    """examples/shared-state-db (a PostgreSQL StatefulSet) and examples/shared-state.yaml (three
+    replicas) applied as they are: a token logged out on one pod is refused by the other two."""
+    kube = chart_operator
+    kube.kubectl("apply", "-f", str(ROOT / "examples" / "shared-state-db" / "postgres.yaml"))
+    kube.kubectl("rollout", "status", "statefulset/shared-db", "-n", "default", "--timeout=120s")
+    kube.kubectl("apply", "-f", str(ROOT / "examples" / "shared-state.yaml"))
+    agent = wait_phase(kube, "default", "shared-agent", "Ready", timeout=180)
+    assert condition(agent, "SharedStateMissing")["status"] == "False"
+    running = wait_until(
+        lambda: live_pods(kube, "default", "shared-agent") if len(live_pods(kube, "default", "shared-agent")) == 3
+        else None, timeout=60, what="three pods",
+    )  # fmt: skip
+    ips = [pod["status"]["podIP"] for pod in running]
+    for pod in running:
+        assert restarts(pod) == 0
+        state = readyz(kube, "default", pod["metadata"]["name"])["checks"]["state"]
+        assert state["backend"] == "postgres", state
+    token = token_for(kube, "default", "shared-agent")
+    assert [post_to(ip, "/v1/operations/analyze_data", token) for ip in ips] == [200, 200, 200]
+    assert post_to(ips[0], "/v1/auth/logout", token, b"{}") in (200, 204)
+    assert [post_to(ip, "/v1/operations/analyze_data", token) for ip in ips[1:]] == [401, 401]
