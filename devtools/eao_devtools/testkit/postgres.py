@@ -83,7 +83,13 @@ class PostgresServer:
                   f"--pwfile={password_file}", "--encoding=UTF8", "--no-instructions")  # fmt: skip
         password_file.unlink()
         self.start()
-        self._run(str(BIN / "createdb"), "-h", str(self.sockets), "-p", str(self.port), "-U", "agent", self.database)
+        try:
+            self._run(
+                str(BIN / "createdb"), "-h", str(self.sockets), "-p", str(self.port), "-U", "agent", self.database
+            )
+        except BaseException:
+            self.stop()  # no server left behind by a failed start
+            raise
         return self
 
     def start(self) -> None:
