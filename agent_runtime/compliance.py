@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 from aiohttp import web
 
@@ -12,7 +13,10 @@ from agent_contract.config import ComplianceFramework, Permission, SecurityLevel
 from agent_runtime.api import ApiError, audit, authorize, pseudonym, read_json_object, string_field
 from agent_runtime.operation_routes import execute, operation_response, validated_input
 from agent_runtime.routing import ERROR, Body, QueryParameter, Reply, Route, Schema
-from agent_runtime.state import AUDIT, CONFIG, REGISTRY, STORE
+from agent_runtime.sharedstate import StateUnavailableError
+from agent_runtime.state import AUDIT, CONFIG, REGISTRY, REVOKED, STORE, THROTTLE
+
+log = logging.getLogger("agent_runtime")
 
 # --- audit --------------------------------------------------------------------------------------------
 
@@ -34,9 +38,18 @@ async def audit_query(request: web.Request) -> web.Response:
 
 
 async def retention_loop(app: web.Application, every_seconds: float = 3600.0) -> None:
-    """Purges stored results older than retentionDays, hourly; each purge is audited."""
+    """Purges stored results older than retentionDays, hourly, each purge audited; and expired
+    revocations and forgotten throttle counters. A database that cannot be reached is tried
+    again a minute later: the loop must outlive an outage."""
     while True:
-        removed = await app[STORE].purge_older_than(app[CONFIG].compliance.retention_days)
+        try:
+            removed = await app[STORE].purge_older_than(app[CONFIG].compliance.retention_days)
+            await app[REVOKED].purge_expired()
+            await app[THROTTLE].purge_forgotten()
+        except StateUnavailableError as unavailable:
+            log.warning("retention postponed: %s", unavailable)
+            await asyncio.sleep(min(every_seconds, 60.0))
+            continue
         if removed:
             await app[AUDIT].record(
                 type="admin", action="retention_purge", result="success", details={"removed": removed}

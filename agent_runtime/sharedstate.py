@@ -256,3 +256,8 @@ class PostgresThrottleCounters:
                 "UPDATE throttle SET failures = $2, in_flight = $3, last = $4 WHERE key = $1",
                 [(key, c.failures, c.in_flight, c.last) for key, c in counters.items()],
             )
+
+    async def forget_older_than(self, horizon: float) -> int:
+        # Rows left in flight by a replica that died are old too: their attempts ended with it.
+        rows = await self.engine.fetch("DELETE FROM throttle WHERE last < ? RETURNING key", (horizon,))
+        return len(rows)

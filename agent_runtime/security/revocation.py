@@ -30,6 +30,7 @@ class Revocations(Protocol):
     async def revoke(self, token_id: str, expires_at: float) -> None: ...
     async def revoke_session(self, session_id: str, until: float) -> None: ...
     async def use_once(self, token_id: str, expires_at: float) -> bool: ...
+    async def purge_expired(self) -> int: ...
 
 
 class RevocationList:
@@ -81,6 +82,19 @@ class RevocationList:
             now = self.clock()
             self._revoked = {jti: exp for jti, exp in self._revoked.items() if exp >= now}
         await asyncio.to_thread(self._store, token_id, expires_at)
+
+    async def purge_expired(self) -> int:
+        now = self.clock()
+        expired = [jti for jti, expires_at in self._revoked.items() if expires_at < now]
+        for jti in expired:
+            del self._revoked[jti]
+        await asyncio.to_thread(self._delete_expired, now)
+        return len(expired)
+
+    def _delete_expired(self, now: float) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.execute("DELETE FROM revoked WHERE expires_at < ?", (now,))
 
     def _store(self, token_id: str, expires_at: float) -> None:
         with self._lock:

@@ -58,6 +58,7 @@ class CounterStore(Protocol):
     that dict is kept when it ends without an error, and nobody else sees them meanwhile."""
 
     def locked(self, keys: Iterable[str]) -> AbstractAsyncContextManager[dict[str, Counter]]: ...
+    async def forget_older_than(self, horizon: float) -> int: ...
 
 
 class MemoryCounters:
@@ -77,6 +78,12 @@ class MemoryCounters:
             horizon = max(PAIR.forget_seconds, ADDRESS.forget_seconds, ACCOUNT.forget_seconds)
             newest = max(counter.last for counter in self._counters.values())
             self._counters = {k: c for k, c in self._counters.items() if c.in_flight or newest - c.last <= horizon}
+
+    async def forget_older_than(self, horizon: float) -> int:
+        old = [k for k, c in self._counters.items() if c.last < horizon and not c.in_flight]
+        for key in old:
+            del self._counters[key]
+        return len(old)
 
 
 class Attempt:
@@ -158,6 +165,11 @@ class LoginThrottle:
                 counter.in_flight += 1
                 counter.last = now
         return Attempt(self, user, address)
+
+    async def purge_forgotten(self) -> int:
+        """Drops counters whose failures are all forgotten and whose attempts are all over."""
+        longest = max(PAIR.forget_seconds, ADDRESS.forget_seconds, ACCOUNT.forget_seconds, IN_FLIGHT_STALE_SECONDS)
+        return await self.counters.forget_older_than(self.clock() - longest)
 
     async def _finish(self, keys: list[tuple[str, Rule]], failed: bool) -> None:
         async with self.counters.locked(key for key, _ in keys) as counters:

@@ -25,9 +25,9 @@ from agent_runtime import sharedstate
 from agent_runtime.app import create_app
 from agent_runtime.operations import BUILTINS
 from agent_runtime.resilience import CircuitBreaker
-from agent_runtime.security.throttle import PAIR
+from agent_runtime.security.throttle import PAIR, LoginThrottle
 from agent_runtime.settings import Settings, SettingsError
-from agent_runtime.sharedstate import PostgresEngine
+from agent_runtime.sharedstate import PostgresEngine, PostgresRevocations, PostgresThrottleCounters
 from agent_runtime.state import THROTTLE
 from eao_devtools.testkit.postgres import PostgresServer
 from tests.runtime.conftest import login, make_layout
@@ -264,3 +264,23 @@ def test_a_database_url_that_is_not_postgres_is_refused_naming_the_variable(tmp_
     with pytest.raises(SettingsError, match="DATABASE_URL must be a postgres:// or postgresql:// URL"):
         Settings.load(str(config_file), env={"DATABASE_URL": "mysql://root@db/agent"})
     assert Settings.load(str(config_file), env={"DATABASE_URL": ""}).database_url is None
+
+
+async def test_expired_revocations_and_forgotten_counters_are_purged(postgres: PostgresServer) -> None:
+    engine = PostgresEngine(await fresh_database(postgres), CircuitBreaker("database", CircuitBreakerConfig()))
+    await engine.open()
+    try:
+        now = [1_000_000.0]
+        revocations = PostgresRevocations(engine, clock=lambda: now[0])
+        await revocations.revoke("old", now[0] - 1)
+        await revocations.revoke("live", now[0] + 60)
+        assert await revocations.purge_expired() == 1
+        assert await revocations.revoked("live", "") is True
+        throttle = LoginThrottle(PostgresThrottleCounters(engine), clock=lambda: now[0])
+        await (await throttle.reserve("ada", "10.0.0.1")).failed()
+        assert await throttle.purge_forgotten() == 0  # its failures still count
+        now[0] += 3600
+        assert await throttle.purge_forgotten() == 3  # pair, address and account
+        assert await engine.fetch("SELECT count(*) FROM throttle", ()) == [(0,)]
+    finally:
+        await engine.close()
