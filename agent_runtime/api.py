@@ -108,9 +108,20 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
 
 def string_field(body: dict[str, Any], name: str, max_bytes: int) -> str:
     value = body.get(name)
-    if not isinstance(value, str) or not value or len(value.encode()) > max_bytes:
+    if not isinstance(value, str) or not value or len(value.encode(errors="replace")) > max_bytes:
         raise ApiError(400, "invalid_field", f"{name}: a string of 1 to {max_bytes} bytes is required")
+    if "\0" in value or (not value.isprintable() and _unstorable(value)):
+        raise ApiError(400, "invalid_field", f"{name}: NUL bytes and unpaired surrogates are not allowed")
     return value
+
+
+def _unstorable(value: str) -> bool:
+    """Lone surrogates (JSON allows "\\ud800") cannot be encoded as UTF-8, so no store can keep them."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 async def verify_token(app: web.Application, token: str, token_type: str, check_token_id: bool = True) -> Claims:

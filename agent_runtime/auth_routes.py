@@ -51,6 +51,12 @@ def _no_store(handler: Handler) -> Handler:
     return wrapped
 
 
+def _still_accepted_until(app: web.Application, expires_at: float) -> float:
+    """A token is accepted until its exp plus the leeway for clock skew: a revocation must last
+    that long too, or the token comes back for the leeway's seconds."""
+    return expires_at + app[CONFIG].auth.leeway_seconds
+
+
 async def login(request: web.Request) -> web.Response:
     app = request.app
     if app[CONFIG].auth.mode is not AuthMode.LOCAL:
@@ -131,7 +137,7 @@ async def refresh(request: web.Request) -> web.Response:
         raise ApiError(401, "invalid_token", error.reason) from None
     revoked = app[REVOKED]
     # Used up first, whatever follows: a refused token presented again is a replay like any other.
-    if not await revoked.use_once(claims.token_id, claims.expires_at):
+    if not await revoked.use_once(claims.token_id, _still_accepted_until(app, claims.expires_at)):
         # Used before: a stolen copy, or the holder's copy was stolen. End the session for both.
         await revoked.revoke_session(claims.session_id, _session_end(app, claims.session_start))
         app[METRICS].auth_failures.labels("refresh token reused").inc()
@@ -181,10 +187,10 @@ async def logout(request: web.Request) -> web.Response:
             pass  # already unusable
         else:
             if claims.subject == principal.subject:
-                await revoked.revoke(claims.token_id, claims.expires_at)
+                await revoked.revoke(claims.token_id, _still_accepted_until(request.app, claims.expires_at))
                 token_ids.append(claims.token_id)
                 sessions.setdefault(claims.session_id, claims.session_start)
-    await revoked.revoke(principal.token_id, principal.expires_at)
+    await revoked.revoke(principal.token_id, _still_accepted_until(request.app, principal.expires_at))
     for session_id, session_start in sessions.items():
         await revoked.revoke_session(session_id, _session_end(app, session_start))
     await audit(

@@ -44,16 +44,16 @@ async def retention_loop(app: web.Application, every_seconds: float = 3600.0) ->
     while True:
         try:
             removed = await app[STORE].purge_older_than(app[CONFIG].compliance.retention_days)
+            if removed:  # recorded before anything else can fail: a purge is never unaudited
+                await app[AUDIT].record(
+                    type="admin", action="retention_purge", result="success", details={"removed": removed}
+                )
             await app[REVOKED].purge_expired()
             await app[THROTTLE].purge_forgotten()
         except StateUnavailableError as unavailable:
             log.warning("retention postponed: %s", unavailable)
             await asyncio.sleep(min(every_seconds, 60.0))
             continue
-        if removed:
-            await app[AUDIT].record(
-                type="admin", action="retention_purge", result="success", details={"removed": removed}
-            )
         await asyncio.sleep(every_seconds)
 
 

@@ -19,7 +19,7 @@ from agent_runtime.api import ApiError, audit_auth_failure, client_ip, record_fa
 from agent_runtime.routing import Handler
 from agent_runtime.security.rbac import Principal
 from agent_runtime.security.tokens import ACCESS_TYPE, TokenError
-from agent_runtime.sharedstate import StateUnavailableError
+from agent_runtime.sharedstate import StateInputError, StateUnavailableError
 from agent_runtime.state import (
     AUTH_FAILURES,
     CLIENT_REQUEST_ID,
@@ -110,6 +110,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         response = await handler(request)
     except ApiError as error:
         response = error_response(request, error)
+    except StateInputError as refused:
+        response = error_response(request, ApiError(400, "invalid_value", str(refused)))
     except StateUnavailableError as unavailable:
         # Fail closed: whatever needed the shared state (a revocation, consent, approval or
         # throttle check, a stored result) is refused, never answered as if it had passed.

@@ -33,6 +33,7 @@ from agent_runtime.operations import InputError, Operation
 from agent_runtime.operations.chat import ModelError
 from agent_runtime.resilience import CircuitOpenError, OverloadedError
 from agent_runtime.routing import Reply, Route, Schema
+from agent_runtime.sharedstate import StateUnavailableError
 from agent_runtime.state import (
     BULKHEADS,
     CONFIG,
@@ -212,6 +213,9 @@ async def execute(request: web.Request, operation: Operation, argument: Any, aud
         raise ApiError(
             503, "dependency_unavailable", str(error), {"Retry-After": str(int(error.retry_after) + 1)}
         ) from None
+    except StateUnavailableError:
+        await failed("unavailable", reason="shared state unavailable")
+        raise  # answered 503 (fail closed), not as the operation's own failure
     except Exception as error:
         await failed("error", error=type(error).__name__)
         raise ApiError(500, "operation_failed", f"operation {name!r} failed") from None

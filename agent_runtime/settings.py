@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent_contract.config import RuntimeConfig
@@ -23,7 +23,7 @@ class Settings:
     shutdown_grace_seconds: float = 25.0  # under the pod's 30 s terminationGracePeriodSeconds
     # The shared state of several replicas (PostgreSQL); None: this replica's own SQLite files.
     # From the environment only (the operator renders it from a Secret), never from the config.
-    database_url: str | None = None
+    database_url: str | None = field(default=None, repr=False)  # it holds a password
 
     @property
     def data_dir(self) -> Path:

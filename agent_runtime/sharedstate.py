@@ -16,6 +16,7 @@ Without DATABASE_URL each replica keeps these in its own SQLite files (right for
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import time
@@ -63,6 +64,10 @@ _OUTAGE = (
     asyncpg.InternalClientError,
     asyncpg.OperatorInterventionError,  # shutting down, crashed, starting up
 )
+
+
+class StateInputError(ValueError):
+    """A value the database cannot hold (a NUL byte, a lone surrogate): the client's fault, 400."""
 
 
 class StateUnavailableError(Exception):
@@ -132,9 +137,9 @@ class PostgresEngine:
             )
             async with self._pool.acquire(timeout=self.timeout) as connection:
                 self.schema_version = await _migrate(connection)
-        except (*_OUTAGE, asyncpg.PostgresError) as error:
+        except Exception as error:
             await self.close()
-            raise StateUnavailableError(_describe(error)) from None
+            raise StateUnavailableError(type(error).__name__) from None
 
     async def close(self) -> None:
         if self._pool is not None:
@@ -151,16 +156,28 @@ class PostgresEngine:
             self.breaker.allow()
         except CircuitOpenError:
             raise StateUnavailableError("circuit open after repeated failures") from None
+        # Every exit records an outcome: a half-open breaker's trial must never be left unreported.
         try:
             async with self._pool.acquire(timeout=self.timeout) as connection:
                 yield connection
+        except asyncpg.DataError as error:
+            self.breaker.record(True)  # refused by the client library: the database is fine
+            raise StateInputError(f"a value the database cannot store: {type(error).__name__}") from None
         except _OUTAGE as error:
             self.breaker.record(False)
             raise StateUnavailableError(_describe(error)) from None
         except asyncpg.PostgresError as error:
             # The database answered: an error in our SQL or a constraint, not an outage.
             self.breaker.record(True)
+            if isinstance(error, asyncpg.CharacterNotInRepertoireError | asyncpg.UntranslatableCharacterError):
+                raise StateInputError(f"a value the database cannot store: {type(error).__name__}") from None
             raise StateUnavailableError(_describe(error)) from None
+        except asyncio.CancelledError:
+            self.breaker.record(False)  # a call that did not finish in time
+            raise
+        except BaseException:
+            self.breaker.record(True)  # the caller's own exception, not the database's
+            raise
         self.breaker.record(True)
 
     async def fetch(self, sql: str, parameters: tuple[object, ...]) -> list[tuple[Any, ...]]:
@@ -177,8 +194,8 @@ class PostgresEngine:
 
 
 def _describe(error: BaseException) -> str:
-    # Never the URL or its password: only what went wrong.
-    return f"{type(error).__name__}: {str(error)[:200]}" if str(error) else type(error).__name__
+    # The error's type only: its text can carry values, hosts or user names.
+    return type(error).__name__
 
 
 class PostgresRevocations:
@@ -252,12 +269,31 @@ class PostgresThrottleCounters:
             )
             counters = {row["key"]: Counter(row["failures"], row["last"], row["in_flight"]) for row in rows}
             yield counters
+            # An upsert, not an UPDATE: a purge between the insert and the lock cannot lose a count.
             await connection.executemany(
-                "UPDATE throttle SET failures = $2, in_flight = $3, last = $4 WHERE key = $1",
+                "INSERT INTO throttle (key, failures, in_flight, last) VALUES ($1, $2, $3, $4) ON CONFLICT (key)"
+                " DO UPDATE SET failures = excluded.failures, in_flight = excluded.in_flight, last = excluded.last",
                 [(key, c.failures, c.in_flight, c.last) for key, c in counters.items()],
             )
 
+    async def peek(self, keys: Iterable[str]) -> dict[str, Counter]:
+        """The counters without a lock: enough to refuse an attempt that must wait anyway, so a
+        flood of throttled logins takes no row lock and no transaction."""
+        rows = await self.engine.fetch(
+            "SELECT key, failures, in_flight, last FROM throttle WHERE key = ANY(?::text[])", (sorted(set(keys)),)
+        )
+        return {key: Counter(failures, last, in_flight) for key, failures, in_flight, last in rows}
+
     async def forget_older_than(self, horizon: float) -> int:
-        # Rows left in flight by a replica that died are old too: their attempts ended with it.
-        rows = await self.engine.fetch("DELETE FROM throttle WHERE last < ? RETURNING key", (horizon,))
-        return len(rows)
+        """In batches, each under the statement timeout however large the table has grown. Rows
+        left in flight by a replica that died are old too: their attempts ended with it."""
+        removed = 0
+        while True:
+            rows = await self.engine.fetch(
+                "DELETE FROM throttle WHERE key IN (SELECT key FROM throttle WHERE last < ? LIMIT 1000"
+                " FOR UPDATE SKIP LOCKED) RETURNING 1",
+                (horizon,),
+            )
+            removed += len(rows)
+            if len(rows) < 1000:
+                return removed

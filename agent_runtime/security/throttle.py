@@ -155,15 +155,21 @@ class LoginThrottle:
         """Lets an attempt go ahead, counted as a failure until finished; raises ThrottledError when
         it must wait. The check and the reservation happen under one lock of the counters."""
         keys = self._keys(user, address)
+        peek = getattr(self.counters, "peek", None)
+        if peek is not None:  # shared counters: refuse what must wait without taking a lock
+            wait = self._wait(keys, await peek(key for key, _ in keys), self.clock())
+            if wait > 0:
+                raise ThrottledError(wait)
         async with self.counters.locked(key for key, _ in keys) as counters:
             now = self.clock()
             wait = self._wait(keys, counters, now)
-            if wait > 0:
-                raise ThrottledError(wait)
-            for key, _ in keys:
-                counter = counters.setdefault(key, Counter(0, now))
-                counter.in_flight += 1
-                counter.last = now
+            if wait <= 0:
+                for key, _ in keys:
+                    counter = counters.setdefault(key, Counter(0, now))
+                    counter.in_flight += 1
+                    counter.last = now
+        if wait > 0:  # raised outside the block: the counters' transaction ends normally
+            raise ThrottledError(wait)
         return Attempt(self, user, address)
 
     async def purge_forgotten(self) -> int:

@@ -284,3 +284,20 @@ async def test_expired_revocations_and_forgotten_counters_are_purged(postgres: P
         assert await engine.fetch("SELECT count(*) FROM throttle", ()) == [(0,)]
     finally:
         await engine.close()
+
+
+@pytest.mark.parametrize("hostile", ["nul\u0000byte", "lone \ud800 surrogate"])
+async def test_a_value_no_store_can_keep_is_a_400_naming_the_field(replicas: list[Client], hostile: str) -> None:
+    """Not a 500, and not a database outage: the breaker must not open on a client's bad input."""
+    a = replicas[0]
+    operator = await bearer(a, "otto")
+    for _ in range(12):  # more than the breaker's failure threshold
+        refused = await a.post(
+            "/v1/gdpr/consents", json={"subject": hostile, "purpose": "support", "granted": True}, headers=operator
+        )
+        body = await refused.json()
+        assert (refused.status, body["code"]) == (400, "invalid_field"), body
+        assert body["message"].startswith("subject:")
+    assert (await a.get("/readyz")).status == 200
+    assert (await a.get(f"/v1/reports/{'%00'}", headers=operator)).status in (400, 404)
+    assert (await a.get("/readyz")).status == 200
