@@ -761,7 +761,7 @@ class DatabaseEgress(ApiModel):
     )
     namespace_selector: LabelMap | None = Field(
         default=None,
-        description="Labels (matchLabels) of the namespaces the database pods run in, such as kubernetes.io/metadata.name: databases; empty selects every namespace.",
+        description="Labels (matchLabels) of the namespaces the database pods run in, such as kubernetes.io/metadata.name: databases; empty (every namespace) only with a podSelector.",
     )
     pod_selector: LabelMap | None = Field(
         default=None,
@@ -778,6 +778,13 @@ class DatabaseEgress(ApiModel):
     def _has_a_peer(self) -> DatabaseEgress:
         if not self.cidrs and self.namespace_selector is None and self.pod_selector is None:
             raise ValueError("spec.state.postgres.egress must set cidrs, namespaceSelector or podSelector")
+        # A database is somewhere in particular: a rule that opens the port to everything is a mistake.
+        if self.pod_selector == {} or (self.namespace_selector == {} and not self.pod_selector):
+            raise ValueError(
+                "spec.state.postgres.egress: an empty selector admits every pod; name the database's labels"
+            )
+        if any(cidr.endswith("/0") for cidr in self.cidrs):
+            raise ValueError("spec.state.postgres.egress.cidrs: /0 admits every address; name the database's")
         return self
 
 

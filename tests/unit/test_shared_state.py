@@ -179,8 +179,8 @@ def test_network_policy_admits_the_database_peers_on_its_port() -> None:
 def test_network_policy_has_no_database_rule_without_egress() -> None:
     plain = network_policy(agent())["spec"]["egress"]
     assert network_policy(agent(state={"postgres": POSTGRES}))["spec"]["egress"] == plain
-    only_pods = network_policy(agent(state={"postgres": {**POSTGRES, "egress": {"podSelector": {}}}}))
-    assert only_pods["spec"]["egress"][-1]["to"] == [{"podSelector": {"matchLabels": {}}}]
+    only_pods = network_policy(agent(state={"postgres": {**POSTGRES, "egress": {"podSelector": {"app": "db"}}}}))
+    assert only_pods["spec"]["egress"][-1]["to"] == [{"podSelector": {"matchLabels": {"app": "db"}}}]
 
 
 # --- a missing Secret or key -----------------------------------------------------------------------
@@ -359,3 +359,18 @@ def test_the_warning_survives_a_status_round_trip_through_yaml() -> None:
     result = reconcile(observe(served_with(replicas=3)), NOW, operator_namespace="ops")
     served_body = {**document(replicas=3), "status": yaml.safe_load(yaml.safe_dump(result.status_body()))}
     assert api_errors(served_body) == []
+
+
+@pytest.mark.parametrize(
+    ("egress", "message"),
+    [
+        ({"podSelector": {}}, "an empty selector admits every pod"),
+        ({"namespaceSelector": {}}, "an empty selector admits every pod"),
+        ({"cidrs": ["0.0.0.0/0"]}, "egress.cidrs: /0 admits every address"),
+    ],
+)
+def test_an_egress_rule_open_to_everything_is_refused(egress: dict[str, Any], message: str) -> None:
+    document = example_document("minimal")
+    document["spec"]["state"] = {"postgres": {"secretRef": {"name": "db"}, "egress": egress}}
+    with pytest.raises(ValueError, match=message):
+        EnterpriseAgent.model_validate(document)
