@@ -13,6 +13,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -53,9 +54,20 @@ def live_pods(kube: Kube, namespace: str, name: str) -> list[dict[str, Any]]:
     return [p for p in agent_pods(kube, namespace, name) if "deletionTimestamp" not in p["metadata"]]
 
 
-def create_namespace(kube: Kube, name: str) -> str:
-    kube.kubectl("create", "namespace", name)
-    return name
+@pytest.fixture
+def namespaces(chart_operator: Kube) -> Iterator[Callable[[str], str]]:
+    """Makes namespaces for one test and deletes them (waiting) afterwards: the node has two CPUs,
+    and pods left running by earlier tests would keep later ones Pending."""
+    made: list[str] = []
+
+    def make(name: str) -> str:
+        chart_operator.kubectl("create", "namespace", name)
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        chart_operator.kubectl("delete", "namespace", name, "--wait=true", "--timeout=120s", check=False, timeout=150)
 
 
 def key_secret_data(kube: Kube, namespace: str, name: str) -> dict[str, str]:
@@ -188,9 +200,11 @@ def test_service_names_resolve_in_pods(chart_operator: Kube) -> None:
 # -- a blue-green rollout on real pods -------------------------------------------------------------
 
 
-def test_a_rollout_analyses_real_pods_and_drops_no_request(chart_operator: Kube) -> None:
+def test_a_rollout_analyses_real_pods_and_drops_no_request(
+    chart_operator: Kube, namespaces: Callable[[str], str]
+) -> None:
     kube = chart_operator
-    namespace = create_namespace(kube, "rn-rollout")
+    namespace = namespaces("rn-rollout")
     rollout = {"analysis": {"windowSeconds": 10, "smoke": SMOKE}, "scaleDownDelaySeconds": 5}
     apply(kube, agent_manifest(namespace, replicas=2, rollout=rollout))
     first = wait_phase(kube, namespace, "hello-agent", "Ready", timeout=120)
@@ -216,9 +230,9 @@ def test_a_rollout_analyses_real_pods_and_drops_no_request(chart_operator: Kube)
     assert done["status"]["activeColor"] != old
 
 
-def test_rotated_keys_reach_the_new_pods(chart_operator: Kube) -> None:
+def test_rotated_keys_reach_the_new_pods(chart_operator: Kube, namespaces: Callable[[str], str]) -> None:
     kube = chart_operator
-    namespace = create_namespace(kube, "rn-keys")
+    namespace = namespaces("rn-keys")
     apply(kube, agent_manifest(namespace))
     first = wait_phase(kube, namespace, "hello-agent", "Ready", timeout=120)
     (pod,) = agent_pods(kube, namespace, "hello-agent")
@@ -270,10 +284,12 @@ def pod_ip(kube: Kube, namespace: str, selector: str) -> str:
     return str(pod["status"]["podIP"])
 
 
-def test_the_network_policy_blocks_and_admits_what_it_says(chart_operator: Kube) -> None:
+def test_the_network_policy_blocks_and_admits_what_it_says(
+    chart_operator: Kube, namespaces: Callable[[str], str]
+) -> None:
     kube = chart_operator
-    namespace = create_namespace(kube, "rn-policy")
-    outsider_namespace = create_namespace(kube, "rn-outsider")
+    namespace = namespaces("rn-policy")
+    outsider_namespace = namespaces("rn-outsider")
     dns_ip = pod_ip(kube, "kube-system", "k8s-app=kube-dns")
     policy = {
         "allowedIngressPodLabels": {"role": "caller"},
@@ -317,12 +333,12 @@ def test_the_network_policy_blocks_and_admits_what_it_says(chart_operator: Kube)
 # -- SIGTERM ---------------------------------------------------------------------------------------
 
 
-def test_a_deleted_pod_drains_without_failing_a_request(chart_operator: Kube) -> None:
+def test_a_deleted_pod_drains_without_failing_a_request(chart_operator: Kube, namespaces: Callable[[str], str]) -> None:
     """kubectl delete pod (as a drain or eviction does) under load through the Service: the pod
     leaves the endpoints, its preStop pause covers kube-proxy's update, SIGTERM closes the
     listener and in-flight requests finish; the container exits 0 well inside its grace period."""
     kube = chart_operator
-    namespace = create_namespace(kube, "rn-drain")
+    namespace = namespaces("rn-drain")
     apply(kube, agent_manifest(namespace, replicas=2))
     wait_phase(kube, namespace, "hello-agent", "Ready", timeout=120)
     wait_until(lambda: len(live_pods(kube, namespace, "hello-agent")) == 2, timeout=60, what="two pods")
