@@ -49,7 +49,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX consents_subject ON consents (subject, purpose, rowid);
     CREATE TABLE revoked (jti text PRIMARY KEY, expires_at double precision NOT NULL);
     CREATE INDEX revoked_expires_at ON revoked (expires_at);
-    CREATE TABLE throttle (key text PRIMARY KEY, failures integer NOT NULL, in_flight integer NOT NULL,
+    CREATE TABLE throttle (key text PRIMARY KEY, failures integer NOT NULL, attempts double precision[] NOT NULL,
         last double precision NOT NULL);
     """,
 )
@@ -260,29 +260,29 @@ class PostgresThrottleCounters:
         wanted = sorted(set(keys))  # one lock order everywhere: no deadlock between replicas
         async with self.engine.connection() as connection, connection.transaction():
             await connection.executemany(
-                "INSERT INTO throttle (key, failures, in_flight, last) VALUES ($1, 0, 0, 0) ON CONFLICT DO NOTHING",
+                "INSERT INTO throttle (key, failures, attempts, last) VALUES ($1, 0, '{}', 0) ON CONFLICT DO NOTHING",
                 [(key,) for key in wanted],
             )
             rows = await connection.fetch(
-                "SELECT key, failures, in_flight, last FROM throttle WHERE key = ANY($1::text[]) ORDER BY key FOR UPDATE",
+                "SELECT key, failures, attempts, last FROM throttle WHERE key = ANY($1::text[]) ORDER BY key FOR UPDATE",
                 wanted,
             )
-            counters = {row["key"]: Counter(row["failures"], row["last"], row["in_flight"]) for row in rows}
+            counters = {row["key"]: Counter(row["failures"], row["last"], list(row["attempts"])) for row in rows}
             yield counters
             # An upsert, not an UPDATE: a purge between the insert and the lock cannot lose a count.
             await connection.executemany(
-                "INSERT INTO throttle (key, failures, in_flight, last) VALUES ($1, $2, $3, $4) ON CONFLICT (key)"
-                " DO UPDATE SET failures = excluded.failures, in_flight = excluded.in_flight, last = excluded.last",
-                [(key, c.failures, c.in_flight, c.last) for key, c in counters.items()],
+                "INSERT INTO throttle (key, failures, attempts, last) VALUES ($1, $2, $3, $4) ON CONFLICT (key)"
+                " DO UPDATE SET failures = excluded.failures, attempts = excluded.attempts, last = excluded.last",
+                [(key, c.failures, c.attempts, c.last) for key, c in counters.items()],
             )
 
     async def peek(self, keys: Iterable[str]) -> dict[str, Counter]:
         """The counters without a lock: enough to refuse an attempt that must wait anyway, so a
         flood of throttled logins takes no row lock and no transaction."""
         rows = await self.engine.fetch(
-            "SELECT key, failures, in_flight, last FROM throttle WHERE key = ANY(?::text[])", (sorted(set(keys)),)
+            "SELECT key, failures, attempts, last FROM throttle WHERE key = ANY(?::text[])", (sorted(set(keys)),)
         )
-        return {key: Counter(failures, last, in_flight) for key, failures, in_flight, last in rows}
+        return {key: Counter(failures, last, list(attempts)) for key, failures, attempts, last in rows}
 
     async def forget_older_than(self, horizon: float) -> int:
         """In batches, each under the statement timeout however large the table has grown. Rows

@@ -18,7 +18,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -43,7 +43,13 @@ IN_FLIGHT_STALE_SECONDS = 60.0
 class Counter:
     failures: int
     last: float
-    in_flight: int = 0  # reserved attempts not yet finished, counted as failures meanwhile
+    # When each reserved attempt not yet finished began: they count as failures meanwhile, each
+    # until it finishes or is too old to be running (its replica died, its finish was lost).
+    attempts: list[float] = field(default_factory=list)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.attempts)
 
 
 class ThrottledError(Exception):
@@ -129,8 +135,8 @@ class LoginThrottle:
         in-flight attempts dropped once they are too old to be running."""
         if counter is not None and now - counter.last > rule.forget_seconds:
             counter.failures = 0
-        if counter is not None and now - counter.last > IN_FLIGHT_STALE_SECONDS:
-            counter.in_flight = 0
+        if counter is not None and counter.attempts and now - min(counter.attempts) > IN_FLIGHT_STALE_SECONDS:
+            counter.attempts = [at for at in counter.attempts if now - at <= IN_FLIGHT_STALE_SECONDS]
         return counter
 
     def _wait(self, keys: list[tuple[str, Rule]], counters: dict[str, Counter], now: float) -> float:
@@ -166,7 +172,7 @@ class LoginThrottle:
             if wait <= 0:
                 for key, _ in keys:
                     counter = counters.setdefault(key, Counter(0, now))
-                    counter.in_flight += 1
+                    counter.attempts.append(now)
                     counter.last = now
         if wait > 0:  # raised outside the block: the counters' transaction ends normally
             raise ThrottledError(wait)
@@ -184,7 +190,8 @@ class LoginThrottle:
                 counter = self._live(counters.get(key), rule, now)
                 if counter is None:
                     continue
-                counter.in_flight = max(0, counter.in_flight - 1)
+                if counter.attempts:
+                    counter.attempts.remove(min(counter.attempts))
                 if failed:
                     counter.failures += 1
                     counter.last = now

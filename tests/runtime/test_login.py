@@ -190,3 +190,19 @@ async def test_login_input_is_validated(make_client: AppFactory) -> None:
         response = await client.post("/v1/auth/login", json=body)
         assert response.status == 400
         assert "bytes is required" in (await response.json())["message"]
+
+
+async def test_attempts_a_dead_replica_never_finished_stop_counting_even_on_a_busy_address() -> None:
+    """20 attempts reserved and never finished (their replica died), then steady good logins from
+    the same address keep its counter fresh: the dead attempts still stop counting after a minute."""
+    clock = FakeClock()
+    throttle = LoginThrottle(clock=clock)
+    for index in range(ADDRESS.free_failures):
+        await throttle.reserve(f"user{index}", "10.0.0.9")  # never finished
+    assert await throttle.retry_after("newcomer", "10.0.0.9") > 0
+    for _ in range(7):  # a good login every 10 s from the same address
+        clock.now += 10
+        wait = await throttle.retry_after("vic", "10.0.0.9")
+        clock.now += wait
+        await (await throttle.reserve("vic", "10.0.0.9")).succeeded()
+    assert await throttle.retry_after("newcomer", "10.0.0.9") == 0
