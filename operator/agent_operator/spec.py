@@ -750,7 +750,16 @@ class DatabaseEgress(ApiModel):
                     cel(
                         "(has(self.cidrs) && size(self.cidrs) > 0) || has(self.namespaceSelector) || has(self.podSelector)",
                         "spec.state.postgres.egress must set cidrs, namespaceSelector or podSelector",
-                    )
+                    ),
+                    cel(
+                        "(!has(self.podSelector) || size(self.podSelector) > 0) && (!has(self.namespaceSelector)"
+                        " || size(self.namespaceSelector) > 0 || (has(self.podSelector) && size(self.podSelector) > 0))",
+                        "spec.state.postgres.egress: an empty selector admits every pod; name the database's labels",
+                    ),
+                    cel(
+                        "!has(self.cidrs) || self.cidrs.all(c, !c.endsWith('/0'))",
+                        "spec.state.postgres.egress.cidrs: /0 admits every address; name the database's",
+                    ),
                 ]
             }
         )
