@@ -10,9 +10,11 @@ asserts it is empty).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,6 +42,9 @@ OWN_PATHS = (
     "/etc/cni",
     "/opt/cni",
 )
+# The kubelet's pod cgroups (cgroupfs driver), one tree per cgroup v1 controller or one in v2.
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+POD_CGROUP = "kubepods"
 
 
 def _run(*command: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -84,6 +89,38 @@ def mounts_under(prefixes: tuple[str, ...]) -> list[str]:
     return sorted(set(points), key=lambda p: (-p.count("/"), p))
 
 
+def pod_cgroups() -> list[str]:
+    """Every pod cgroup tree the kubelet made, whichever hierarchy it is in."""
+    trees = [CGROUP_ROOT / POD_CGROUP] + [c / POD_CGROUP for c in CGROUP_ROOT.iterdir() if c.is_dir()]
+    return sorted(str(tree) for tree in trees if tree.is_dir())
+
+
+def _kill_pod_processes(tree: Path) -> None:
+    """Kills what still runs in the pod cgroups: containers whose shim died with a killed session."""
+    for procs in tree.rglob("cgroup.procs"):
+        for pid in procs.read_text().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), 9)
+
+
+def _remove_cgroup_tree(tree: Path) -> str | None:
+    """Removes the tree's cgroups deepest first; returns a problem, or None."""
+    groups = sorted((d for d in [tree, *tree.rglob("*")] if d.is_dir()), key=lambda d: -len(d.parts))
+    deadline = time.monotonic() + 10
+    for group in groups:
+        while True:
+            try:
+                group.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError as error:  # EBUSY until the killed processes are reaped
+                if time.monotonic() > deadline:
+                    return f"cannot remove cgroup {group}: {error}"
+                time.sleep(0.1)
+    return None
+
+
 def links() -> list[str]:
     result = _run("ip", "-o", "link", "show")
     return sorted(line.split(":")[1].strip().split("@")[0] for line in result.stdout.splitlines() if ":" in line)
@@ -96,6 +133,7 @@ class HostSnapshot:
     ipsets: list[str]
     links: list[str]
     paths: list[str] = field(default_factory=list)  # which of OWN_PATHS existed before
+    cgroups: list[str] = field(default_factory=list)  # pod cgroup trees that existed before
 
     @classmethod
     def capture(cls) -> HostSnapshot:
@@ -105,6 +143,7 @@ class HostSnapshot:
             ipsets=ipsets(),
             links=links(),
             paths=[p for p in OWN_PATHS if os.path.lexists(p)],
+            cgroups=pod_cgroups(),
         )
 
     def save(self, path: Path) -> None:
@@ -117,6 +156,12 @@ class HostSnapshot:
     def restore(self, mount_prefixes: tuple[str, ...]) -> list[str]:
         """Puts the host back; returns what could not be undone (empty when all went well)."""
         problems = []
+        for tree in pod_cgroups():  # the pods were this node's, even in a tree that was here before
+            _kill_pod_processes(Path(tree))
+        for tree in sorted(set(pod_cgroups()) - set(self.cgroups)):
+            problem = _remove_cgroup_tree(Path(tree))
+            if problem:
+                problems.append(problem)
         for point in mounts_under(mount_prefixes):
             if _run("umount", point).returncode != 0 and _run("umount", "-l", point).returncode != 0:
                 problems.append(f"cannot unmount {point}")
@@ -159,4 +204,5 @@ class HostSnapshot:
             if now.sysctls.get(name) != value
         ]
         found += [f"path {p}" for p in OWN_PATHS if p not in self.paths and os.path.lexists(p)]
+        found += [f"cgroup {tree}" for tree in sorted(set(now.cgroups) - set(self.cgroups))]
         return found

@@ -9,10 +9,12 @@ Nothing is routed off the machine. What the node changes on the host is recorded
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -29,6 +31,10 @@ POD_CIDR = "198.18.0.0/24"
 # containerd's socket path must stay short (unix socket paths are limited to 108 bytes).
 CONTAINERD_RUN = Path("/run/eao-containerd")
 CONTAINERD_SOCKET = CONTAINERD_RUN / "containerd.sock"
+# One real node per host (one bridge, one containerd socket). The node that holds the host writes
+# its state directory and the pristine host record here; /run is emptied by a reboot, which is also
+# when the host state a killed node left behind goes away.
+HOST_CLAIM = Path("/run/eao-dev/real-node.json")
 CNI_BIN = Path("/usr/lib/cni")
 K8S_NAMESPACE = "k8s.io"  # containerd's namespace for the kubelet's images and containers
 PAUSE_IMAGE = "eao.local/pause:1"
@@ -45,6 +51,20 @@ def _run(*command: str, check: bool = True, timeout: float = 60) -> subprocess.C
     if check and result.returncode != 0:
         raise NodeError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr.strip()}")
     return result
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Processes (other than this one) whose command line contains ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if text.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
 
 
 def missing_packages() -> list[str]:
@@ -79,8 +99,7 @@ class RealNode:
         if os.geteuid() != 0:
             raise NodeError("a real node needs root (it creates a bridge, mounts and iptables rules)")
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        if not self.snapshot_file.exists():  # a second `up` keeps the first, pristine record
-            HostSnapshot.capture().save(self.snapshot_file)
+        self._claim_host()
         if _run("ip", "link", "show", BRIDGE, check=False).returncode != 0:
             _run("ip", "link", "add", BRIDGE, "type", "bridge")
         prefix = ipaddress.ip_network(POD_CIDR).prefixlen
@@ -270,7 +289,7 @@ state = "{CONTAINERD_RUN / "state"}"
     def restore_host(self) -> list[str]:
         """Unmounts, deletes links, chains, ipsets and files the node made; restores sysctls."""
         if not self.snapshot_file.exists():
-            return []
+            return []  # never started, already put back, or put back by the node that came next
         snapshot = HostSnapshot.load(self.snapshot_file)
         problems = snapshot.restore(self.mount_prefixes)
         if CONTAINERD_RUN.exists():
@@ -278,4 +297,61 @@ state = "{CONTAINERD_RUN / "state"}"
         leftovers = snapshot.leftovers(self.mount_prefixes)
         if not leftovers:
             self.snapshot_file.unlink()
+            if self._claim() == {"state_dir": str(self.state_dir)}:
+                shutil.rmtree(HOST_CLAIM.parent)  # the claim and its record: the host is free
         return problems + leftovers
+
+    # -- one node per host -------------------------------------------------------------------------
+
+    def _claim(self) -> dict[str, str] | None:
+        try:
+            claim = json.loads(HOST_CLAIM.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return {"state_dir": str(claim.get("state_dir", ""))}
+
+    def _claim_host(self) -> None:
+        """Takes the host for this node and records it as it is, first putting back what a node
+        killed without `down` (a killed session, a killed CI job) left: otherwise its chains, ipsets
+        and bridge would be recorded as the host's own and this node's `down` could not restore."""
+        claim = self._claim()
+        if claim is not None and claim["state_dir"] != str(self.state_dir):
+            other = RealNode(Path(claim["state_dir"]))
+            if other.is_running():
+                raise NodeError(
+                    f"another real node runs on this host from {other.state_dir}; stop it first "
+                    f"(eao-dev cluster down --state-dir {other.state_dir.parent})"
+                )
+            problems = other.recover()
+            if problems:
+                raise NodeError("cannot put back what a killed real node left: " + "; ".join(problems))
+        if not self.snapshot_file.exists():  # a second `up` keeps the first, pristine record
+            HostSnapshot.capture().save(self.snapshot_file)
+        HOST_CLAIM.parent.mkdir(parents=True, exist_ok=True)
+        (HOST_CLAIM.parent / "record").mkdir(exist_ok=True)
+        shutil.copyfile(self.snapshot_file, HOST_CLAIM.parent / "record" / "host-snapshot.json")
+        HOST_CLAIM.write_text(json.dumps({"state_dir": str(self.state_dir)}))
+
+    def is_running(self) -> bool:
+        """Whether containerd, the kubelet, kube-proxy or kube-router still runs from this node's
+        state directory (each is started with a file from it on its command line)."""
+        return bool(_processes_mentioning(str(self.state_dir)))
+
+    def recover(self) -> list[str]:
+        """Puts the host back from the record kept beside the claim (the node's own state
+        directory may be gone: a pytest tmp dir is rotated away)."""
+        record = HOST_CLAIM.parent / "record" / "host-snapshot.json"
+        if not record.exists():
+            shutil.rmtree(HOST_CLAIM.parent)
+            return []
+        snapshot = HostSnapshot.load(record)
+        for pid in _processes_mentioning(str(CONTAINERD_SOCKET)):  # shims that outlived containerd
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        problems = snapshot.restore(self.mount_prefixes)
+        shutil.rmtree(CONTAINERD_RUN, ignore_errors=True)
+        problems += snapshot.leftovers(self.mount_prefixes)
+        if not problems:
+            shutil.rmtree(HOST_CLAIM.parent)
+            self.snapshot_file.unlink(missing_ok=True)  # its own `down` has nothing left to undo
+        return problems

@@ -6,14 +6,16 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from eao_devtools.cluster import Cluster
+from eao_devtools.cluster import Cluster, ClusterError
 from eao_devtools.hoststate import HostSnapshot
-from eao_devtools.node import BRIDGE, CONTAINERD_SOCKET, K8S_NAMESPACE, NODE_NAME, PAUSE_IMAGE, POD_CIDR
+from eao_devtools.node import BRIDGE, CONTAINERD_SOCKET, HOST_CLAIM, K8S_NAMESPACE, NODE_NAME, PAUSE_IMAGE, POD_CIDR
 
 pytestmark = [
     pytest.mark.cluster,
@@ -59,3 +61,54 @@ def test_a_pod_really_runs_and_down_leaves_nothing_behind(tmp_path: Path) -> Non
     assert before.leftovers(cluster.node.mount_prefixes) == []
     assert subprocess.run(["ip", "link", "show", BRIDGE], capture_output=True, check=False).returncode != 0
     assert not any(cluster.running().values())
+    assert not HOST_CLAIM.parent.exists()
+
+
+def _container_pids() -> list[int]:
+    tasks = subprocess.run(
+        ["ctr", f"--address={CONTAINERD_SOCKET}", "-n", K8S_NAMESPACE, "tasks", "list"],
+        capture_output=True, text=True, check=True, timeout=30,
+    ).stdout  # fmt: skip
+    return [int(line.split()[1]) for line in tasks.splitlines()[1:] if "RUNNING" in line]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status  # a zombie has exited; only its parent has not reaped it
+
+
+def test_a_node_killed_without_down_is_put_back_by_the_next_and_a_running_one_is_not_taken(tmp_path: Path) -> None:
+    """What a killed session or CI job leaves (chains, ipsets, the bridge, running containers)
+    must not become the next node's idea of a clean host."""
+    before = HostSnapshot.capture()
+    first, second = Cluster(tmp_path / "first"), Cluster(tmp_path / "second")
+    first.up(real_node=True)
+    try:
+        first.kubectl("apply", "-f", "-", input_text=json.dumps(POD))
+        first.kubectl("wait", "--for=condition=Ready", "pod/holds-namespaces", "--timeout=90s")
+        orphans = _container_pids()
+        assert orphans
+        with pytest.raises(ClusterError, match=f"another real node runs on this host from {first.node.state_dir}"):
+            second.up(real_node=True)
+        assert first.healthy()  # the refused node touched nothing of the running one
+        for pid in first.pids().values():  # killed the way a session's end kills it: no `down`
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while first.node.is_running() and time.monotonic() < deadline:
+            time.sleep(0.1)  # SIGKILL is delivered asynchronously
+        assert first.node.is_running() is False
+        assert before.leftovers(first.node.mount_prefixes) != []  # the host really is dirty now
+        second.up(real_node=True)
+        recorded = HostSnapshot.load(second.node.snapshot_file)
+        assert (recorded.firewall, recorded.ipsets, recorded.links) == (before.firewall, before.ipsets, before.links)
+        assert not any(_alive(pid) for pid in orphans)  # the first node's containers
+        second.kubectl("apply", "-f", "-", input_text=json.dumps(POD))
+        second.kubectl("wait", "--for=condition=Ready", "pod/holds-namespaces", "--timeout=90s")
+    finally:
+        second.down()
+        first.down()  # nothing left to undo: the second node put it back
+    assert before.leftovers(first.node.mount_prefixes + second.node.mount_prefixes) == []
+    assert not HOST_CLAIM.parent.exists()  # the host is free for the next node
