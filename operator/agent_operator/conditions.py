@@ -20,6 +20,8 @@ class Reason:
     MISSING_REFERENCE = "MissingReference"
     UNKNOWN_OPERATION = "UnknownOperation"
     APPLY_FAILED = "ApplyFailed"
+    FORBIDDEN = "Forbidden"  # a quota, an admission policy, RBAC or a terminating namespace refused a write
+    NAME_CONFLICT = "NameConflict"  # a child's name is taken by an object this agent does not control
     RECONCILED = "Reconciled"
     AS_EXPECTED = "AsExpected"
     DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"

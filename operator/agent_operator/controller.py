@@ -14,6 +14,7 @@ import fnmatch
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -40,7 +41,12 @@ from agent_operator.spec import EnterpriseAgent, Phase, read_status
 log = logging.getLogger("agent_operator")
 
 AgentKey = tuple[str, str]  # (namespace, name)
+_RENAME = "rename the agent or delete that object"
 COMPONENT = "enterprise-agent-operator"
+
+
+class NotLeadingError(Exception):
+    """A write was about to happen after this replica stopped leading."""
 
 
 class WorkQueue:
@@ -101,6 +107,9 @@ class AgentRecord:
     memo: core.Memo = field(default_factory=core.Memo)
     failures: int = 0  # consecutive failed (or Stalled) reconciles: the backoff exponent
     generation_seen_at: dict[int, float] = field(default_factory=dict)  # for apply-to-Ready latency
+    # resourceVersions of the agent that our own status writes replaced. A watch event still in
+    # flight for one of them is older than the cache and must not rewind the state machine.
+    superseded: deque[str] = field(default_factory=lambda: deque(maxlen=32))
 
 
 class Controller:
@@ -113,6 +122,8 @@ class Controller:
         self.leading = asyncio.Event()
         self.last_heartbeat = time.monotonic()
         self._last_resync = 0.0
+        self._namespaces: tuple[str, ...] = ()
+        self._in_flight: set[asyncio.Task[str]] = set()
 
     def _record(self, key: AgentKey) -> AgentRecord:
         return self.records.setdefault(key, AgentRecord())
@@ -125,11 +136,17 @@ class Controller:
     def observe_agent(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         body = _slim(body)
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        cached = self.records.get(key)
         if event_type == "DELETED":
-            self.records.pop(key, None)
-            metrics.forget_phase(*key)
+            # Only the agent we know: a DELETED of an older agent of the same name (recreated in a
+            # watch gap) must not drop the new one.
+            if cached is not None and (cached.body is None or _uid(cached.body) == _uid(body)):
+                self.records.pop(key, None)
+                metrics.forget_phase(*key)
         else:
             record = self._record(key)
+            if _uid(record.body) == _uid(body) and body["metadata"].get("resourceVersion") in record.superseded:
+                return  # older than what our own status write already put in the cache
             record.body = body
             generation = body["metadata"].get("generation", 0)
             record.generation_seen_at.setdefault(generation, time.monotonic())
@@ -149,11 +166,13 @@ class Controller:
         child = (body["apiVersion"], body["kind"], metadata["name"])
         if body["kind"] == ENDPOINT_SLICE.kind:  # not a child: never compared, never deleted
             if event_type == "DELETED":
-                record.endpoint_slices.pop(metadata["name"], None)
+                if _uid(record.endpoint_slices.get(metadata["name"])) in (None, _uid(body)):
+                    record.endpoint_slices.pop(metadata["name"], None)
             else:
                 record.endpoint_slices[metadata["name"]] = body
         elif event_type == "DELETED":
-            record.children.pop(child, None)
+            if _uid(record.children.get(child)) in (None, _uid(body)):  # not a newer one of that name
+                record.children.pop(child, None)
         else:
             record.children[child] = body
         if record.body is None and not record.children and not record.endpoint_slices:
@@ -168,22 +187,60 @@ class Controller:
         """Lists agents and children once before any reconcile (as an informer syncs its cache),
         so the first reconcile after a start sees existing children and writes nothing needless.
         ``namespaces`` may hold globs, as kopf's do; empty means all namespaces."""
-        selector = f"{LABEL_MANAGED_BY}={MANAGER}"
-        exact = [n for n in namespaces if not any(c in n for c in "*?[")]
-        scopes: list[str | None] = list(exact) if namespaces and len(exact) == len(namespaces) else [None]
+        self._namespaces = namespaces
+        await self.relist()
 
-        def wanted(obj: Mapping[str, Any]) -> bool:
-            namespace = obj["metadata"].get("namespace", "")
-            return not namespaces or any(fnmatch.fnmatchcase(namespace, pattern) for pattern in namespaces)
-
-        for scope in scopes:
-            for agent in await self.kube.list(AGENT.api_version, AGENT.kind, scope):
-                if wanted(agent):
-                    self.observe_agent(None, agent)
+    async def relist(self) -> None:
+        """Lists everything we watch and makes the caches agree, as an informer's relist does:
+        what the list lacks is forgotten and what the caches lack is added. kopf's watches relist
+        after a 410 (an API server restart, a long disconnect) without DELETED events for objects
+        deleted in the gap; without this, a child deleted then would stay in the cache, never be
+        recreated, and its agent would stay Ready. Objects the watches updated while the list was
+        in flight are left alone: the watch is newer than the list."""
+        before = {
+            key: (record.body, dict(record.children), dict(record.endpoint_slices))
+            for key, record in self.records.items()
+        }
+        agents, children = [], []
+        for scope in self._scopes():
+            agents += await self.kube.list(AGENT.api_version, AGENT.kind, scope)
             for kind in WATCHED_BY_LABEL:
-                for child in await self.kube.list(kind.api_version, kind.kind, scope, selector):
-                    if wanted(child):
-                        self.observe_child(None, child)
+                children += await self.kube.list(kind.api_version, kind.kind, scope, f"{LABEL_MANAGED_BY}={MANAGER}")
+        agents = [a for a in agents if self._watched(a)]
+        children = [c for c in children if self._watched(c)]
+        listed_agents = {(a["metadata"]["namespace"], a["metadata"]["name"]): a for a in agents}
+        listed_children = {_child_identity(c) for c in children}
+        for key, (body, cached_children, cached_slices) in before.items():
+            record = self.records.get(key)
+            if record is None:
+                continue
+            if body is not None and record.body is body and _uid(listed_agents.get(key)) != _uid(body):
+                self.observe_agent("DELETED", body)
+            for child_key, child in cached_children.items():
+                if record.children.get(child_key) is child and _child_identity(child) not in listed_children:
+                    self.observe_child("DELETED", child)
+            for slice_name, endpoint_slice in cached_slices.items():
+                gone = _child_identity(endpoint_slice) not in listed_children
+                if record.endpoint_slices.get(slice_name) is endpoint_slice and gone:
+                    self.observe_child("DELETED", endpoint_slice)
+        for key, agent in listed_agents.items():
+            record = self.records.get(key)
+            if record is None or record.body is None:
+                self.observe_agent(None, agent)
+        for child in children:
+            owner = (child["metadata"].get("labels") or {}).get(LABEL_INSTANCE)
+            record = self.records.get((child["metadata"]["namespace"], owner or ""))
+            if record is None or _cached(record, child) is None:
+                self.observe_child(None, child)
+
+    def _scopes(self) -> list[str | None]:
+        """The namespaces to list in: each one named exactly, or all when any is a glob."""
+        exact = [n for n in self._namespaces if not any(c in n for c in "*?[")]
+        return list(exact) if self._namespaces and len(exact) == len(self._namespaces) else [None]
+
+    def _watched(self, obj: Mapping[str, Any]) -> bool:
+        namespace = obj["metadata"].get("namespace", "")
+        return not self._namespaces or any(fnmatch.fnmatchcase(namespace, p) for p in self._namespaces)
 
     # --- running ----------------------------------------------------------------------------------
 
@@ -210,33 +267,74 @@ class Controller:
             self.last_heartbeat = time.monotonic()
             if time.monotonic() - self._last_resync >= self.settings.resync_seconds:
                 self._last_resync = time.monotonic()
+                try:
+                    await self.relist()
+                except KubeError as error:  # the watches still run; the next resync lists again
+                    log.warning("relist failed: %s", error)
                 if self.leading.is_set():
                     self.enqueue_all()
                     metrics.RESYNCS.inc()
 
     async def _worker(self) -> None:
         while True:
-            await self.leading.wait()
             key = await self.queue.get()
             assert isinstance(key, tuple)
-            started = time.perf_counter()
-            result = "error"
             try:
-                result = await self.reconcile(key)
-                if result != "stalled" and key in self.records:
-                    # A Stalled agent waiting on a reference keeps its backoff growing.
-                    self.records[key].failures = 0
-            except KubeError as error:
-                metrics.RECONCILE_ERRORS.labels(reason=f"api_{error.status}").inc()
-                log.warning("reconcile of %s/%s failed: %s", *key, error)
-                self._retry_later(key)
-            except Exception:
-                metrics.RECONCILE_ERRORS.labels(reason="exception").inc()
-                log.exception("reconcile of %s/%s crashed", *key)
-                self._retry_later(key)
+                # Leadership is checked after taking the key, not before: a worker that waited in
+                # the queue across a step-down must not reconcile for a leader that is gone.
+                await self.leading.wait()
+                await self._reconcile_while_leading(key)
             finally:
-                metrics.RECONCILE_DURATION.labels(result=result).observe(time.perf_counter() - started)
                 self.queue.done(key)
+
+    async def _reconcile_while_leading(self, key: AgentKey) -> None:
+        started = time.perf_counter()
+        result = "error"
+        # Its own task, so a step-down cancels it wherever it is (an analysis may take minutes)
+        # and nothing it computed before the takeover is written after it.
+        task = asyncio.create_task(self.reconcile(key), name=f"reconcile-{key[0]}/{key[1]}")
+        self._in_flight.add(task)
+        try:
+            result = await task
+            if result != "stalled" and key in self.records:
+                # A Stalled agent waiting on a reference keeps its backoff growing.
+                self.records[key].failures = 0
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                task.cancel()
+                raise  # the worker itself is stopping
+            result = "cancelled"
+            self.queue.add(key)  # leadership was lost mid-reconcile: whoever leads next does it
+        except NotLeadingError:
+            result = "cancelled"
+            self.queue.add(key)
+        except KubeError as error:
+            metrics.RECONCILE_ERRORS.labels(reason=f"api_{error.status}").inc()
+            log.warning("reconcile of %s/%s failed: %s", *key, error)
+            self._retry_later(key)
+        except Exception:
+            metrics.RECONCILE_ERRORS.labels(reason="exception").inc()
+            log.exception("reconcile of %s/%s crashed", *key)
+            self._retry_later(key)
+        finally:
+            self._in_flight.discard(task)
+            metrics.RECONCILE_DURATION.labels(result=result).observe(time.perf_counter() - started)
+
+    def start_leading(self) -> None:
+        self.leading.set()
+        self.enqueue_all()
+
+    def stop_leading(self) -> None:
+        """Stops every write at once: reconciles in flight are cancelled, and a write that is
+        already past its check finds ``leading`` clear at the next one (``_fence``)."""
+        self.leading.clear()
+        for task in list(self._in_flight):
+            task.cancel()
+
+    def _fence(self) -> None:
+        if not self.leading.is_set():
+            raise NotLeadingError
 
     def _retry_later(self, key: AgentKey) -> None:
         """Capped exponential backoff with full jitter: no hot loop on one bad agent."""
@@ -269,21 +367,38 @@ class Controller:
                 self._retry_later(key)  # we do not watch Secrets we do not own: look again later
                 observed = replace(observed, missing=missing)
             else:
-                observed = replace(observed, key_secret=await self._ensure_keys(agent, body, record.children))
+                try:
+                    observed = replace(observed, key_secret=await self._ensure_keys(agent, body, record.children))
+                except ForeignKeysError as taken:
+                    conflict = [FieldError("metadata.name", f"{taken}; {_RENAME}")]
+                    return await self._finish(
+                        body, core.stalled_plan(observed, conflict, Reason.NAME_CONFLICT, now), key
+                    )
         checks: list[rollout.Check] | None = None
         plan = self._plan(observed, now, checks, record)
         if plan.measure is not None:
             assert agent is not None  # a stalled plan measures nothing
             checks = await self.analysis.measure(agent, plan.measure.service, plan.measure.pod_ips, observed.key_data)
             plan = self._plan(observed, now, checks, record)
+        conflicts = await self._foreign_objects(plan.apply, record.children, observed.uid)
+        if conflicts:
+            return await self._finish(body, core.stalled_plan(observed, conflicts, Reason.NAME_CONFLICT, now), key)
         try:
             await asyncio.gather(*(self._apply(record.children, manifest) for manifest in plan.apply))
-        except KubeError as error:
-            if error.status in (400, 404, 422):  # the API server refused what the spec produced
-                refused = core.stalled_plan(observed, [FieldError("spec", str(error))], Reason.APPLY_FAILED, now)
-                return await self._finish(body, refused, key)
-            raise
+        except RefusedError as refused:
+            if refused.error.status == 403:
+                # A quota, an admission policy, a terminating namespace, or RBAC: none of them
+                # shows in the spec, and any may change without the agent changing. Say so, and
+                # look again later.
+                self._retry_later(key)
+                forbidden = core.stalled_plan(observed, [refused.field_error()], Reason.FORBIDDEN, now)
+                return await self._finish(body, forbidden, key)
+            if refused.error.status in (400, 404, 422):  # the API server refused what the spec produced
+                invalid = core.stalled_plan(observed, [refused.field_error()], Reason.APPLY_FAILED, now)
+                return await self._finish(body, invalid, key)
+            raise refused.error from None
         for api_version, kind, name in plan.delete:
+            self._fence()
             await self.kube.delete(api_version, kind, body["metadata"]["namespace"], name)
             record.children.pop((api_version, kind, name), None)
         if plan.apply or plan.delete:
@@ -318,8 +433,33 @@ class Controller:
         return core.missing_references(agent, found)
 
     async def _apply(self, children: dict[core.ChildKey, dict[str, Any]], manifest: dict[str, Any]) -> None:
-        applied = await self.kube.apply(manifest)
+        self._fence()
+        try:
+            applied = await self.kube.apply(manifest)
+        except KubeError as error:
+            raise RefusedError(manifest, error) from None
         children[core.child_key(manifest)] = _slim(applied)  # fresher than the watch; the event follows
+
+    async def _foreign_objects(
+        self, manifests: list[dict[str, Any]], children: dict[core.ChildKey, dict[str, Any]], uid: str
+    ) -> list[FieldError]:
+        """Objects of our children's names that exist and are not this agent's: a Service or
+        Secret someone made by hand, or another agent's (agents `web` and `web-preview` both want
+        a Service `web-preview`). Server-side apply would take them over, and the garbage collector
+        would delete them with the agent; we refuse instead, as a Deployment controller does not
+        adopt a ReplicaSet it does not control. Only names not in the cache are looked up."""
+        unknown = [m for m in manifests if core.child_key(m) not in children]
+        found = await asyncio.gather(
+            *(
+                self.kube.find(m["apiVersion"], m["kind"], m["metadata"]["namespace"], m["metadata"]["name"])
+                for m in unknown
+            )
+        )
+        return [
+            FieldError("metadata.name", f"{obj['kind']} {obj['metadata']['name']} {_foreign_owner(obj)}; {_RENAME}")
+            for obj in found
+            if obj is not None and not _controlled_by(obj, uid)
+        ]
 
     async def _ensure_keys(
         self, agent: EnterpriseAgent, body: Mapping[str, Any], children: dict[core.ChildKey, dict[str, Any]]
@@ -333,23 +473,35 @@ class Controller:
                 agent.name,
                 body["metadata"]["uid"],
             )
+            self._fence()
             try:
                 secret = await self.kube.create(manifest)
             except KubeError as error:
                 if not error.conflict:
                     raise
-                # It exists and our cache has not seen it yet: use it, never replace it.
+                # It exists and our cache has not seen it yet: use it, never replace it; but only
+                # if it is this agent's (a foreign Secret must not become its keys).
                 secret = await self.kube.get("v1", "Secret", agent.namespace, key_secret_name(agent))
+                if not _controlled_by(secret, body["metadata"]["uid"]):
+                    raise ForeignKeysError(f"Secret {key_secret_name(agent)} {_foreign_owner(secret)}") from None
             children[secret_key] = secret
         requested = (body["metadata"].get("annotations") or {}).get(ANNOTATION_ROTATE_KEYS)
         served = (secret["metadata"].get("annotations") or {}).get(ANNOTATION_ROTATED_FOR)
         if requested and requested != served:
-            previous = {name: base64.b64decode(value) for name, value in (secret.get("data") or {}).items()}
+            # From the Secret as it is now, not as the cache last saw it, and written only if it is
+            # still that version: a rotation decided on a stale view would drop a key added since.
+            current = await self.kube.get("v1", "Secret", agent.namespace, key_secret_name(agent))
+            if (current["metadata"].get("annotations") or {}).get(ANNOTATION_ROTATED_FOR) == requested:
+                children[secret_key] = current
+                return current
+            previous = {name: base64.b64decode(value) for name, value in (current.get("data") or {}).items()}
             files = new_key_files(agent.spec.security.signing_algorithm, previous)
             manifest = core.owned(
                 build_key_secret(agent, _encode(files), rotated_for=requested), agent.name, body["metadata"]["uid"]
             )
-            secret = await self.kube.apply(manifest)
+            manifest["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+            self._fence()
+            secret = await self.kube.apply(manifest)  # 409 if it changed since the read: try again
             children[secret_key] = secret
             await self._event(
                 body,
@@ -362,10 +514,23 @@ class Controller:
     async def _finish(self, body: Mapping[str, Any], plan: core.Plan, key: AgentKey) -> str:
         """Writes the status only when it changed, and posts an Event per transition."""
         if read_status(body.get("status")) != plan.status:
-            updated = await self.kube.apply_status(key[0], key[1], plan.status_body())
+            self._fence()
+            written_over = body["metadata"].get("resourceVersion")
+            try:
+                # Only over the agent this plan was computed from (optimistic concurrency, as
+                # controller-runtime's status updates do): a status computed from an older view
+                # must not land over a newer one.
+                updated = await self.kube.apply_status(key[0], key[1], plan.status_body(), written_over)
+            except KubeError as error:
+                if not error.conflict:
+                    raise
+                self.observe_agent(None, await self.kube.get(AGENT.api_version, AGENT.kind, *key))
+                return "conflict"  # queued again with the fresh agent
             record = self.records.get(key)
-            if record is not None and record.body is not None:
-                record.body = {**record.body, "status": updated.get("status", plan.status_body())}
+            if record is not None and record.body is not None and _uid(updated) == _uid(record.body):
+                if written_over:
+                    record.superseded.append(written_over)
+                record.body = _slim(updated)
         for type_, reason, message in plan.events:
             await self._event(body, type_, reason, message)
         phase = plan.status.phase
@@ -378,6 +543,7 @@ class Controller:
         return phase.value.lower() if phase is not None else "unknown"
 
     async def _event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        self._fence()
         try:
             await self.kube.post_event(body, type_, reason, message, COMPONENT)
         except KubeError as error:  # an Event is best effort: never fail a reconcile over it
@@ -393,3 +559,48 @@ def _slim(obj: Mapping[str, Any]) -> dict[str, Any]:
 
 def _encode(files: Mapping[str, bytes]) -> dict[str, str]:
     return {name: base64.b64encode(value).decode() for name, value in files.items()}
+
+
+class RefusedError(Exception):
+    """The API server refused one child; names which."""
+
+    def __init__(self, manifest: Mapping[str, Any], error: KubeError) -> None:
+        self.manifest = manifest
+        self.error = error
+        super().__init__(f"{manifest['kind']} {manifest['metadata']['name']}: {error}")
+
+    def field_error(self) -> FieldError:
+        return FieldError("spec", str(self))
+
+
+class ForeignKeysError(Exception):
+    """The key Secret's name is taken by an object this agent does not control."""
+
+
+def _cached(record: AgentRecord, obj: Mapping[str, Any]) -> dict[str, Any] | None:
+    name = obj["metadata"]["name"]
+    if obj["kind"] == ENDPOINT_SLICE.kind:
+        return record.endpoint_slices.get(name)
+    return record.children.get((obj["apiVersion"], obj["kind"], name))
+
+
+def _uid(obj: Mapping[str, Any] | None) -> str | None:
+    return None if obj is None else (obj.get("metadata") or {}).get("uid")
+
+
+def _child_identity(obj: Mapping[str, Any]) -> tuple[str, str, str, str, str | None]:
+    meta = obj["metadata"]
+    return (obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"], meta.get("uid"))
+
+
+def _controlled_by(obj: Mapping[str, Any], uid: str) -> bool:
+    return any(ref.get("uid") == uid and ref.get("controller") for ref in obj["metadata"].get("ownerReferences") or [])
+
+
+def _foreign_owner(obj: Mapping[str, Any]) -> str:
+    owners = [
+        f"{r.get('kind')} {r.get('name')}" for r in obj["metadata"].get("ownerReferences") or [] if r.get("controller")
+    ]
+    return (
+        f"already exists, controlled by {owners[0]}" if owners else "already exists and is not controlled by this agent"
+    )

@@ -6,12 +6,13 @@ controller's, level-based, the same for every trigger.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import kopf
 
 from agent_operator.controller import Controller
-from agent_operator.kinds import AGENT, WATCHED_BY_LABEL
+from agent_operator.kinds import AGENT, WATCHED_BY_LABEL, Kind
 from agent_operator.kube import in_cluster_connection
 from agent_operator.render.common import LABEL_MANAGED_BY, MANAGER
 from agent_operator.spec import GROUP
@@ -57,3 +58,15 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.posting.enabled = False  # the controller posts its own Events, on transitions only
     settings.peering.standalone = True  # leader election is ours (Lease), not kopf peering
     settings.persistence.finalizer = f"{GROUP}/kopf-finalizer"  # unused: no handler needs one
+    # The API server filters the children's watches and lists by our label: without it every
+    # Secret, ConfigMap and EndpointSlice in the cluster would stream through (and be parsed on)
+    # the loop that renews the Lease, only to be dropped by the handler's label filter.
+    for kind in WATCHED_BY_LABEL:
+        settings.watching.label_selectors[_same_resource(kind)] = f"{LABEL_MANAGED_BY}={MANAGER}"
+
+
+def _same_resource(kind: Kind) -> Callable[[kopf.Resource], bool]:
+    def same(resource: kopf.Resource) -> bool:
+        return resource.group == kind.group and resource.plural == kind.plural
+
+    return same

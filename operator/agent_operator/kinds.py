@@ -48,9 +48,15 @@ class Kind:
 AGENT = Kind(f"{GROUP}/{VERSION}", KIND, PLURAL, Role.AGENT, frozenset({"get", "list", "watch"}), watched=True)
 # Only the status subresource is written (server-side apply).
 AGENT_STATUS_VERBS = frozenset({"patch"})
+# Children's ownerReferences set blockOwnerDeletion, which OwnerReferencesPermissionEnforcement
+# (on OpenShift by default, and on the local control plane) allows only with this.
+AGENT_FINALIZERS_VERBS = frozenset({"update"})
 
 CHILD_KINDS: tuple[Kind, ...] = (
     Kind("apps/v1", "Deployment", "deployments", Role.CHILD, _CHILD_VERBS, watched=True),
+    # One per revision of an agent (as StatefulSets keep theirs): what the revision renders to, so
+    # a deleted Deployment or ConfigMap comes back as it was and a newer operator changes no pod.
+    Kind("apps/v1", "ControllerRevision", "controllerrevisions", Role.CHILD, _CHILD_VERBS, watched=True),
     Kind("v1", "Service", "services", Role.CHILD, _CHILD_VERBS, watched=True),
     Kind("v1", "ConfigMap", "configmaps", Role.CHILD, _CHILD_VERBS, watched=True),
     # Key Secrets are created once and extended on rotation, never deleted by the operator; get is

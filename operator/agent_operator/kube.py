@@ -94,6 +94,9 @@ class Kube:
         self.api = api
         self.api.user_agent = USER_AGENT
 
+    def identify(self, identity: str) -> None:
+        self.api.user_agent = f"{USER_AGENT} ({identity})"
+
     @classmethod
     async def connect(cls, kubeconfig: str | None = None) -> Kube:
         """In-cluster credentials when running in a pod, else the kubeconfig (KUBECONFIG)."""
@@ -153,13 +156,15 @@ class Kube:
             "PATCH", path, dict(manifest), query, "application/apply-patch+yaml", _plural(manifest)
         )
 
-    async def apply_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> dict[str, Any]:
-        body = {
-            "apiVersion": f"{GROUP}/{VERSION}",
-            "kind": KIND,
-            "metadata": {"name": name, "namespace": namespace},
-            "status": status,
-        }
+    async def apply_status(
+        self, namespace: str, name: str, status: Mapping[str, Any], resource_version: str | None = None
+    ) -> dict[str, Any]:
+        """Server-side apply of the status; with ``resource_version``, only over that version of
+        the agent (409 otherwise)."""
+        metadata = {"name": name, "namespace": namespace}
+        if resource_version:
+            metadata["resourceVersion"] = resource_version
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "metadata": metadata, "status": status}
         path = object_path(f"{GROUP}/{VERSION}", KIND, namespace, name, "status")
         query = [("fieldManager", MANAGER), ("force", "true")]
         return await self._request("PATCH", path, body, query, "application/apply-patch+yaml", f"{PLURAL}/status")

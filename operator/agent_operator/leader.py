@@ -50,16 +50,21 @@ class LeaderElector:
         try:
             while not stop.is_set():
                 try:
-                    acquired = await self._try_acquire_or_renew()
+                    # Bounded by when we must stop writing, as client-go's renew deadline: a renewal
+                    # on a half-open connection would otherwise hang well past the lease.
+                    acquired = await asyncio.wait_for(self._try_acquire_or_renew(), timeout=self._attempt_timeout())
                 except KubeError as error:
                     log.warning("leader election: %s", error)
+                    acquired = False
+                except TimeoutError:
+                    log.warning("leader election: no answer from the API server within %.1fs", self._attempt_timeout())
                     acquired = False
                 now = time.monotonic()
                 if acquired:
                     self._last_renewed = now
                     if not self.leading:
                         await self._set_leading(True)
-                elif self.leading and now - self._last_renewed > self.lease_seconds * 2 / 3:
+                elif self.leading and now - self._last_renewed >= self.renew_deadline - 0.1:
                     # Could not renew in time: another replica may take over; stop writing first.
                     await self._set_leading(False)
                 delay = self.renew_seconds if self.leading else self.retry_seconds
@@ -69,6 +74,17 @@ class LeaderElector:
             if self.leading:
                 await self._release()
                 await self._set_leading(False)
+
+    def _attempt_timeout(self) -> float:
+        if not self.leading:
+            return max(self.retry_seconds, 1.0)
+        return max(self._last_renewed + self.renew_deadline - time.monotonic(), 0.1)
+
+    @property
+    def renew_deadline(self) -> float:
+        """How long the leader keeps writing without a renewal: two thirds of the lease, so it
+        has stopped well before another replica may take over (after the full lease)."""
+        return self.lease_seconds * 2 / 3
 
     async def _set_leading(self, leading: bool) -> None:
         self.leading = leading

@@ -106,15 +106,10 @@ async def run_operator(options: RunOptions) -> None:
     )
     identity = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
-    def started() -> None:
-        controller.leading.set()
-        controller.enqueue_all()
-
-    def stopped() -> None:
-        controller.leading.clear()
-
+    kube.identify(identity)  # in the API server's audit log, each replica's writes are told apart
     elector = LeaderElector(
-        kube, options.lease_namespace, options.lease_name, identity, started, stopped, lease_seconds=options.lease_seconds,
+        kube, options.lease_namespace, options.lease_name, identity,
+        controller.start_leading, controller.stop_leading, lease_seconds=options.lease_seconds,
         renew_seconds=max(1.0, options.lease_seconds / 3), retry_seconds=max(0.5, options.lease_seconds / 7),
     )  # fmt: skip
     stop = asyncio.Event()

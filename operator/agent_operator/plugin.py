@@ -31,9 +31,11 @@ from agent_operator.render.common import (
     ANNOTATION_ABORT,
     ANNOTATION_RETRY,
     ANNOTATION_SPEC,
+    LABEL_REVISION,
     decode_spec,
     deployment_name_for,
 )
+from agent_operator.render.history import controller_revision_name_for, read_controller_revision
 from agent_operator.rollout import BEFORE_PROMOTION, PROMOTABLE, SEQUENCE
 from agent_operator.spec import (
     GROUP,
@@ -271,33 +273,64 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_undo(args: argparse.Namespace) -> int:
-    api, namespace, agent, status = _target(args)
+def _previous_revision(
+    apps: client.AppsV1Api, namespace: str, name: str, status: EnterpriseAgentStatus
+) -> tuple[str | None, Any]:
+    """The revision to go back to, and the Deployment that ran it (None when it is gone). During
+    or after a failed rollout it is the one serving; otherwise the one the other colour ran before
+    the last promotion (status keeps it too, should that Deployment be gone)."""
     active = status.active_color
-    if active is None:
-        raise PluginError(f"{args.name} has not served any revision yet", 1)
-    # During or after a failed rollout the previous revision is the one serving; otherwise it is
-    # the one the other colour ran before the last promotion.
+    assert active is not None
     color = active if status.preview_revision else active.other
-    apps = client.AppsV1Api()
     try:
-        deployment = apps.read_namespaced_deployment(deployment_name_for(args.name, color), namespace)
+        deployment = apps.read_namespaced_deployment(deployment_name_for(name, color), namespace)
     except ApiException as error:
-        if error.status == 404:
-            raise PluginError(f"{args.name} has no previous revision to go back to", 1) from None
-        raise PluginError(f"API error {error.status}: {error.reason}", EXIT_UNREACHABLE) from None
+        if error.status != 404:
+            raise PluginError(f"API error {error.status}: {error.reason}", EXIT_UNREACHABLE) from None
+        deployment = None
     except (OSError, urllib3.exceptions.HTTPError) as error:
         raise PluginError(f"cannot reach the API server: {error}", EXIT_UNREACHABLE) from None
-    meta = deployment.metadata
+    meta = deployment.metadata if deployment is not None else None
+    revision = ((meta.labels if meta else None) or {}).get(LABEL_REVISION)
+    if revision is None:
+        roll = status.rollout
+        revision = status.active_revision if status.preview_revision else (roll.previous_revision if roll else None)
+    return revision, deployment
+
+
+def _recorded_spec(apps: client.AppsV1Api, namespace: str, name: str, revision: str, deployment: Any) -> Any:
+    """The spec of ``revision``: from its ControllerRevision, else (a Deployment an operator before
+    ControllerRevisions made) from the Deployment's spec annotation."""
+    try:
+        found = apps.read_namespaced_controller_revision(controller_revision_name_for(name, revision), namespace)
+        record = read_controller_revision(apps.api_client.sanitize_for_serialization(found))
+        if record is not None:
+            return dict(record.spec)
+    except ApiException as error:
+        if error.status != 404:
+            raise PluginError(f"API error {error.status}: {error.reason}", EXIT_UNREACHABLE) from None
+    except (OSError, urllib3.exceptions.HTTPError) as error:
+        raise PluginError(f"cannot reach the API server: {error}", EXIT_UNREACHABLE) from None
+    meta = deployment.metadata if deployment is not None else None
     text = ((meta.annotations if meta else None) or {}).get(ANNOTATION_SPEC)
     try:
-        spec = decode_spec(text or "")
+        return decode_spec(text or "")
     except ValueError:
-        raise PluginError(f"the {color} Deployment does not record the spec it ran; cannot undo", 1) from None
+        raise PluginError(f"revision {revision} of {name} is not recorded; cannot undo", 1) from None
+
+
+def cmd_undo(args: argparse.Namespace) -> int:
+    api, namespace, agent, status = _target(args)
+    if status.active_color is None:
+        raise PluginError(f"{args.name} has not served any revision yet", 1)
+    apps = client.AppsV1Api()
+    revision, deployment = _previous_revision(apps, namespace, args.name, status)
+    if revision is None:
+        raise PluginError(f"{args.name} has no previous revision to go back to", 1)
+    spec = _recorded_spec(apps, namespace, args.name, revision, deployment)
     if spec == agent["spec"]:
         raise PluginError(f"{args.name} already runs the previous spec", 1)
     _patch(api, namespace, args.name, [{"op": "replace", "path": "/spec", "value": spec}])
-    revision = ((meta.labels if meta else None) or {}).get(f"{GROUP}/revision", "?")
     print(f"{namespace}/{args.name}: spec set back to revision {revision}")
     print(
         "warning: the spec in the cluster now differs from Git; commit the same change, or Argo CD / Flux "

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from agent_contract.config import RuntimeConfig
+from agent_contract.layout import CONFIG_FILE_KEY
 from agent_contract.operations import BUILTIN_OPERATIONS
 from agent_operator import conditions as cond
 from agent_operator import rollout
@@ -28,9 +28,11 @@ from agent_operator.render import (
     ColorPlan,
     KeyVersions,
     RenderPlan,
+    RevisionRecord,
     active_selector,
     build_children,
     compute_revision,
+    first_render,
 )
 from agent_operator.render.common import (
     ANNOTATION_ABORT,
@@ -39,12 +41,13 @@ from agent_operator.render.common import (
     LABEL_REVISION,
     Manifest,
     active_service_name,
+    config_map_name,
     decode_spec,
     deployment_name,
     preview_service_name,
 )
+from agent_operator.render.history import REVISION_HISTORY_LIMIT, read_controller_revision
 from agent_operator.render.keys import ANNOTATION_ROTATED_FOR
-from agent_operator.render.runtime_config import build_runtime_config
 from agent_operator.spec import (
     API_VERSION,
     KIND,
@@ -57,6 +60,7 @@ from agent_operator.spec import (
     EnterpriseAgentSpec,
     EnterpriseAgentStatus,
     Phase,
+    Step,
     cut_message,
     parse_quantity,
     read_status,
@@ -172,8 +176,9 @@ class Memo:
     an empty one."""
 
     revision_inputs: tuple[Any, ...] | None = None
-    revision: str = ""
-    runtime_config: RuntimeConfig | None = None
+    revision: str = ""  # the hash of the user's input (spec and key versions)
+    keys: KeyVersions = field(default_factory=KeyVersions)
+    fresh: RevisionRecord | None = None  # the current spec rendered now, when no record of it is kept
     render_inputs: tuple[Any, ...] | None = None
     rendered: list[Manifest] = field(default_factory=list)
     kept: frozenset[ChildKey] = frozenset()
@@ -482,25 +487,52 @@ def ready_endpoint_addresses(
     return [e["addresses"][0] for e in _ready_endpoints(agent, slices, service, color) if e.get("addresses")]
 
 
+def _deployment_key(agent: EnterpriseAgent, color: Color) -> ChildKey:
+    return ("apps/v1", "Deployment", deployment_name(agent, color))
+
+
+def running_revisions(status: EnterpriseAgentStatus) -> dict[Color, str]:
+    """The revision status says each colour runs: the active colour its activeRevision and, after
+    a promotion (while the old colour is kept for a switch-back), the old colour the previous one."""
+    active = status.active_color or Color.BLUE
+    running: dict[Color, str] = {}
+    if status.active_revision:
+        running[active] = status.active_revision
+    roll = status.rollout
+    if roll is not None and roll.step == Step.POST_PROMOTION and roll.previous_revision:
+        running[active.other] = roll.previous_revision
+    return running
+
+
+def observed_colours(
+    agent: EnterpriseAgent, observed: Observed, records: Mapping[str, RevisionRecord]
+) -> dict[Color, rollout.Colour]:
+    """Each colour's Deployment as the rollout sees it. A Deployment that is gone (someone deleted
+    it) while status says it runs a revision whose record is kept is seen as that revision with no
+    pods: the rollout carries on, and the colour is made again from the record, not the spec."""
+    colours = {color: colour_observed(observed.children.get(_deployment_key(agent, color))) for color in Color}
+    for color, revision in running_revisions(observed.status).items():
+        if colours[color].revision is None and revision in records:
+            colours[color] = rollout.Colour(revision=revision)
+    return colours
+
+
 def rollout_input(
     agent: EnterpriseAgent,
     observed: Observed,
     revision: str,
     now: datetime,
     checks: Sequence[rollout.Check] | None = None,
+    colours: Mapping[Color, rollout.Colour] | None = None,
 ) -> rollout.RolloutInput:
     status = observed.status
     active = status.active_color or Color.BLUE
-    colours = {
-        color: colour_observed(observed.children.get(("apps/v1", "Deployment", deployment_name(agent, color))))
-        for color in Color
-    }
     return rollout.RolloutInput(
         revision=revision,
         replicas=agent.spec.replicas,
         rollout=agent.spec.rollout,
         status=status,
-        colours=colours,
+        colours=colours if colours is not None else observed_colours(agent, observed, {}),
         preview_endpoints=ready_endpoints(agent, observed.endpoint_slices, preview_service_name(agent), active.other),
         active_endpoints=ready_endpoints(agent, observed.endpoint_slices, active_service_name(agent), active),
         now=now,
@@ -523,92 +555,171 @@ def recorded_agent(agent: EnterpriseAgent, deployment: Mapping[str, Any] | None)
     return agent.model_copy(update={"spec": spec})
 
 
-# --- the plan -------------------------------------------------------------------------------------
+# --- revisions ------------------------------------------------------------------------------------
 
 
-def _recorded_specs(agent: EnterpriseAgent, observed: Observed, decision: rollout.Decision) -> tuple[Any, ...]:
-    """The spec annotation of each colour that keeps an older revision: part of the render's inputs."""
-    return tuple(
-        (
-            layout,
-            None
-            if layout.from_spec
-            else (
-                (observed.children.get(("apps/v1", "Deployment", deployment_name(agent, layout.color))) or {})
-                .get("metadata", {})
-                .get("annotations", {})
-                .get(ANNOTATION_SPEC)
-            ),
-        )
-        for layout in decision.deployments
+def _adopted_record(
+    agent: EnterpriseAgent,
+    observed: Observed,
+    deployment: Mapping[str, Any],
+    color: Color,
+    revision: str,
+    keys: KeyVersions,
+) -> RevisionRecord | None:
+    """The record of a revision whose Deployment has no ControllerRevision (an operator before
+    ControllerRevisions made it, or its record was deleted): the spec from the Deployment's
+    annotation, this colour's pod template and the config as they run, so adopting it changes no
+    pod. The other colour's template, never used yet, is rendered now."""
+    source = recorded_agent(agent, deployment)
+    template = (deployment.get("spec") or {}).get("template")
+    if source is None or not isinstance(template, Mapping):
+        return None
+    fresh = first_render(source, revision, compute_revision(source, keys))
+    config_map = observed.children.get(("v1", "ConfigMap", config_map_name(agent, revision))) or {}
+    config = (config_map.get("data") or {}).get(CONFIG_FILE_KEY)
+    return replace(
+        fresh,
+        pod_templates={**fresh.pod_templates, color.value: dict(template)},
+        runtime_config=config if isinstance(config, str) else fresh.runtime_config,
     )
+
+
+def revision_records(agent: EnterpriseAgent, observed: Observed, keys: KeyVersions) -> dict[str, RevisionRecord]:
+    """The agent's revisions by name: those its ControllerRevisions keep, and those of colours
+    running without one (adopted from what runs)."""
+    records: dict[str, RevisionRecord] = {}
+    for (api_version, kind, _), child in observed.children.items():
+        if (api_version, kind) == ("apps/v1", "ControllerRevision"):
+            record = read_controller_revision(child)
+            if record is not None:
+                records[record.revision] = record
+    for color in Color:
+        deployment = observed.children.get(_deployment_key(agent, color))
+        revision = colour_observed(deployment).revision
+        if deployment is not None and revision and revision not in records:
+            adopted = _adopted_record(agent, observed, deployment, color, revision, keys)
+            if adopted is not None:
+                records[revision] = adopted
+    return records
 
 
 def _key_files_version(observed: Observed) -> Any:
     return (observed.key_secret or {}).get("metadata", {}).get("resourceVersion") or sorted(observed.key_data.items())
 
 
-def _revision(agent: EnterpriseAgent, observed: Observed, memo: Memo) -> tuple[str, RuntimeConfig]:
-    """The revision of the current spec with the current keys, computed once per spec and keys."""
+def _revision(agent: EnterpriseAgent, observed: Observed, memo: Memo) -> tuple[str, KeyVersions]:
+    """The hash of the user's input (the spec and the key versions), computed once per spec and keys."""
     inputs = (observed.uid, observed.generation, agent.spec, _key_files_version(observed))
-    if memo.revision_inputs != inputs or memo.runtime_config is None:
-        config = build_runtime_config(agent)
-        memo.revision = compute_revision(agent, KeyVersions.from_secret_data(observed.key_data), config)
-        memo.runtime_config = config
+    if memo.revision_inputs != inputs:
+        memo.keys = KeyVersions.from_secret_data(observed.key_data)
+        memo.revision = compute_revision(agent, memo.keys)
+        memo.fresh = None
         memo.revision_inputs = inputs
-    return memo.revision, memo.runtime_config
+    return memo.revision, memo.keys
+
+
+def _current_record(
+    agent: EnterpriseAgent, records: Mapping[str, RevisionRecord], spec_hash: str, memo: Memo
+) -> RevisionRecord:
+    """The current spec's revision: a kept one made from the same input (the latest, when several
+    were), else the spec rendered now under the hash as its name."""
+    same = [record for record in records.values() if record.spec_hash == spec_hash]
+    if same:
+        return max(same, key=lambda r: (r.number, r.revision == spec_hash, r.revision))
+    if memo.fresh is None or memo.fresh.revision != spec_hash:
+        memo.fresh = first_render(agent, spec_hash)
+    return memo.fresh
+
+
+def kept_revisions(
+    status: EnterpriseAgentStatus,
+    records: Mapping[str, RevisionRecord],
+    current: RevisionRecord,
+    colours: Mapping[Color, rollout.Colour],
+) -> tuple[RevisionRecord, ...]:
+    """The revisions whose ControllerRevisions stay, numbered: those in use (the current spec's,
+    each colour's, and those status names) and the latest REVISION_HISTORY_LIMIT others; the rest
+    are pruned. A revision written now is numbered above every kept one, and so is the current
+    spec's when the spec went back to an older revision (as a StatefulSet renumbers its own)."""
+    roll = status.rollout
+    in_use = {current.revision, status.active_revision, status.preview_revision}
+    in_use |= {colour.revision for colour in colours.values()}
+    in_use.add(roll.previous_revision if roll is not None else None)
+    others = sorted(
+        (record for record in records.values() if record.revision != current.revision),
+        key=lambda r: (r.number == 0, r.number, r.revision),
+    )
+    top = max((record.number for record in others), default=0)
+    numbered: list[RevisionRecord] = []
+    for record in others:
+        if record.number == 0:
+            top += 1
+            record = replace(record, number=top)
+        numbered.append(record)
+    if current.number <= top:
+        current = replace(current, number=top + 1)
+    idle = sorted((r for r in numbered if r.revision not in in_use), key=lambda r: r.number, reverse=True)
+    kept = [r for r in numbered if r.revision in in_use] + idle[:REVISION_HISTORY_LIMIT] + [current]
+    return tuple(sorted(kept, key=lambda r: r.number))
+
+
+# --- the plan -------------------------------------------------------------------------------------
 
 
 def _render(
     agent: EnterpriseAgent,
     observed: Observed,
     decision: rollout.Decision,
-    revision: str,
-    config: RuntimeConfig,
+    current: RevisionRecord,
+    records: Mapping[str, RevisionRecord],
+    colours: Mapping[Color, rollout.Colour],
     operator_namespace: str,
     memo: Memo,
 ) -> tuple[list[Manifest], frozenset[ChildKey]]:
-    """Every child for the decision, and the Deployments left as they are because the spec they
-    were made from cannot be read back. A colour that keeps an older revision is rendered from the
-    spec recorded on its Deployment. Rendering is the costly part: reused while its inputs hold."""
+    """Every child for the decision, and those left as they are because the revision they run has
+    no record. Each colour is rendered from its revision's record: the current spec's, or, for a
+    colour that keeps an older revision, that one's. Rendering is the costly part: reused while
+    its inputs hold."""
+    history = kept_revisions(observed.status, records, current, colours)
+    layouts = tuple(
+        (layout, None if layout.from_spec else colours[layout.color].revision) for layout in decision.deployments
+    )
+    rotated_for = (observed.key_secret or {}).get("metadata", {}).get("annotations", {}).get(ANNOTATION_ROTATED_FOR)
     inputs = (
         memo.revision_inputs,
-        revision,
+        current,
+        history,
         operator_namespace,
         decision.active_color,
         decision.preview_color,
-        _recorded_specs(agent, observed, decision),
-        (observed.key_secret or {}).get("metadata", {}).get("annotations", {}).get(ANNOTATION_ROTATED_FOR),
+        tuple((layout, records.get(revision) if revision else None) for layout, revision in layouts),
+        rotated_for,
     )
     if memo.render_inputs == inputs:
         return memo.rendered, memo.kept
-    colours: list[ColorPlan] = []
+    colour_plans: list[ColorPlan] = []
     kept: set[ChildKey] = set()
-    for layout in decision.deployments:
-        key = ("apps/v1", "Deployment", deployment_name(agent, layout.color))
+    for layout, revision in layouts:
         if layout.from_spec:
-            colours.append(ColorPlan(layout.color, layout.replicas))
+            colour_plans.append(ColorPlan(layout.color, layout.replicas))
             continue
-        deployment = observed.children.get(key)
-        source = recorded_agent(agent, deployment)
-        if source is None or deployment is None:
-            kept.add(key)
+        record = records.get(revision) if revision else None
+        if record is None:
+            kept.add(_deployment_key(agent, layout.color))
+            if revision:
+                kept.add(("v1", "ConfigMap", config_map_name(agent, revision)))
             continue
-        colours.append(ColorPlan(layout.color, layout.replicas, source, colour_observed(deployment).revision))
-    key_data = dict(observed.key_data) or None
+        colour_plans.append(ColorPlan(layout.color, layout.replicas, record))
     render_plan = RenderPlan(
-        deployments=tuple(colours),
+        deployments=tuple(colour_plans),
         active_color=decision.active_color,
         preview_color=decision.preview_color,
-        keys=KeyVersions.from_secret_data(observed.key_data),
-        key_data=key_data,
-        key_rotated_for=(observed.key_secret or {})
-        .get("metadata", {})
-        .get("annotations", {})
-        .get(ANNOTATION_ROTATED_FOR),
+        keys=memo.keys,
+        key_data=dict(observed.key_data) or None,
+        key_rotated_for=rotated_for,
         operator_namespace=operator_namespace,
-        revision=revision,
-        runtime_config=config,
+        current=current,
+        history=history,
     )
     rendered = [owned(child, agent.name, observed.uid) for child in build_children(agent, render_plan)]
     memo.render_inputs, memo.rendered, memo.kept = inputs, rendered, frozenset(kept)
@@ -634,11 +745,15 @@ def reconcile(
     if observed.missing:
         return stalled_plan(observed, observed.missing, Reason.MISSING_REFERENCE, now)
     memo = memo if memo is not None else Memo()
-    revision, config = _revision(agent, observed, memo)
-    decision = rollout.decide(rollout_input(agent, observed, revision, now, checks))
+    spec_hash, keys = _revision(agent, observed, memo)
+    records = revision_records(agent, observed, keys)
+    current = _current_record(agent, records, spec_hash, memo)
+    revision = current.revision
+    colours = observed_colours(agent, observed, records)
+    decision = rollout.decide(rollout_input(agent, observed, revision, now, checks, colours))
     if decision.measure is not None:
         return Plan(status=observed.status, revision=revision, measure=_measure(agent, observed, decision))
-    children, kept = _render(agent, observed, decision, revision, config, operator_namespace, memo)
+    children, kept = _render(agent, observed, decision, current, records, colours, operator_namespace, memo)
     desired_keys = {child_key(child) for child in children} | kept
     apply = [child for child in children if not is_subset(child, observed.children.get(child_key(child)))]
     # Children we made earlier that the spec no longer asks for: an old revision's ConfigMap,
@@ -664,6 +779,7 @@ def reconcile(
         active_revision=decision.active_revision,
         preview_revision=decision.preview_revision,
         rollout=decision.rollout,
+        abort_request_seen=decision.abort_request_seen,
         replicas=int(active_status.get("replicas", 0)),
         ready_replicas=int(active_status.get("readyReplicas", 0)),
         selector=active_selector(agent, decision.active_color),

@@ -11,6 +11,13 @@ killed at any point resumes from status: repeating a step changes nothing.
 
 No I/O here: the HTTP checks are measured by the controller when a decision asks for them
 (``Decision.measure``) and passed back in as ``RolloutInput.checks``.
+
+Faults are waited out, as Argo Rollouts does, not failed at once: a change of spec.replicas (the
+HPA writes the agent's scale subresource) scales the preview and both colours to the new count and
+the step waits for them; a pod that is briefly unready (evicted during a node drain) is waited for
+too. Only readiness missing for longer than spec.rollout.progressDeadlineSeconds
+(``status.rollout.waitingSince``), a failed check, or a requested check that could not run by the
+deadline ends a rollout.
 """
 
 from __future__ import annotations
@@ -32,7 +39,6 @@ from agent_operator.spec import (
     RolloutSpec,
     RolloutStatus,
     Step,
-    cut_message,
 )
 from agent_operator.timefmt import parse, rfc3339, rfc3339_micro
 
@@ -42,9 +48,8 @@ BEFORE_PROMOTION = (Step.PREVIEW, Step.ANALYSIS, Step.AWAITING_PROMOTION, Step.P
 PROMOTABLE = (Step.PREVIEW, Step.ANALYSIS, Step.AWAITING_PROMOTION)
 # The sequence a successful rollout walks, for progress displays.
 SEQUENCE = (*BEFORE_PROMOTION, Step.POST_PROMOTION, Step.COMPLETED)
-# How long after the scale-down delay the post-promotion check waits for the new pods to show up
-# in the active Service's endpoints before it counts them as missing.
-ENDPOINTS_GRACE_SECONDS = 30
+# How often a requested check that came back Skipped is measured again while the analysis waits.
+REMEASURE_SECONDS = 10.0
 
 Outcome = Literal["promoted", "aborted", "analysis_failed", "deadline_exceeded", "rolled_back"]
 
@@ -82,7 +87,7 @@ class RolloutInput:
     preview_endpoints: int  # ready endpoints of the preview Service that are pods of the preview colour
     active_endpoints: int  # ready endpoints of the active Service that are pods of the active colour
     now: datetime
-    abort_requested: str | None = None  # the abort annotation: a revision
+    abort_requested: str | None = None  # the abort annotation: a revision; acts once (status.abortRequestSeen)
     retry_requested: str | None = None  # the retry annotation: a token, served once
     checks: Sequence[Check] | None = None  # HTTP checks measured for this decision, when it asked
 
@@ -114,6 +119,7 @@ class Decision:
     measure: Literal["preview", "active"] | None = None  # checks are needed to decide; measure and call again
     outcome: Outcome | None = None
     promotion_seconds: float | None = None
+    abort_request_seen: str | None = None  # status.abortRequestSeen: the abort annotation as acted on
 
 
 def _seconds_until(moment: datetime, now: datetime) -> float:
@@ -125,7 +131,25 @@ def preview_replicas(rollout: RolloutSpec, replicas: int) -> int:
 
 
 def decide(i: RolloutInput) -> Decision:
-    """The next step for the agent; see the module docstring for the sequence."""
+    """The next step for the agent; see the module docstring for the sequence.
+
+    An abort request acts once: every decision records the annotation it saw
+    (``abort_request_seen``), and only an annotation that differs from the one recorded is a new
+    request. One that asks to abort no rollout in flight is spent too, so a later rollout of the
+    same revision (after `kubectl ea retry`, or the spec reverted and applied again) proceeds."""
+    decision = _decide(i)
+    decision.abort_request_seen = i.abort_requested
+    return decision
+
+
+def _abort_request(i: RolloutInput) -> str | None:
+    """The revision a new abort request names, or None when the annotation was already acted on."""
+    if i.abort_requested is None or i.abort_requested == i.status.abort_request_seen:
+        return None
+    return i.abort_requested
+
+
+def _decide(i: RolloutInput) -> Decision:
     roll = i.status.rollout or RolloutStatus()
     active = i.status.active_color or Color.BLUE
     stable = i.status.active_revision
@@ -148,7 +172,7 @@ def decide(i: RolloutInput) -> Decision:
         return _aborted(i, active, roll)
     if step not in BEFORE_PROMOTION or in_flight != i.revision:
         return _start(i, active, roll.retried_for)
-    if i.abort_requested == i.revision:
+    if _abort_request(i) == i.revision:
         return _abort(i, active, roll, AbortReason.ABORTED, "aborted on request; traffic stays on the stable colour")
     if step == Step.PREVIEW:
         return _preview(i, active, roll)
@@ -281,7 +305,11 @@ def _preview_check(i: RolloutInput, active: Color, count: int) -> Check:
     colour = i.colours.get(active.other, Colour())
     healthy = colour.revision == i.revision and colour.rolled_out and colour.replicas == count
     endpoints = min(i.preview_endpoints, count)
-    message = f"{colour.available}/{count} pods ready, {endpoints}/{count} in the preview Service's endpoints"
+    message = (
+        f"{min(colour.available, count)}/{count} pods ready, {endpoints}/{count} in the preview Service's endpoints"
+    )
+    if colour.revision is not None and colour.replicas != count:
+        message += f" (scaling from {colour.replicas})"
     passed = healthy and i.preview_endpoints >= count
     return Check(CheckName.ENDPOINTS, AnalysisResult.PASSED if passed else AnalysisResult.PENDING, message)
 
@@ -324,41 +352,154 @@ def http_check_names(rollout: RolloutSpec) -> list[CheckName]:
     return names
 
 
-def _judge(i: RolloutInput, first: Check) -> tuple[list[Check], bool]:
+def requested_checks(rollout: RolloutSpec) -> frozenset[CheckName]:
+    """The checks the spec asks for, which must pass: the endpoints check always, and the smoke call
+    when spec.rollout.analysis.smoke names one. The runtime's checks (readyz, errorRate, latency)
+    run on every rollout unasked; where they cannot run (an operator outside the cluster, which
+    cannot reach pod addresses) they come back Skipped and the endpoints check decides alone."""
+    if rollout.analysis.smoke is not None:
+        return frozenset({CheckName.ENDPOINTS, CheckName.SMOKE})
+    return frozenset({CheckName.ENDPOINTS})
+
+
+Verdict = Literal["passed", "failed", "not_run"]
+
+
+def _judge(i: RolloutInput, first: Check) -> tuple[list[Check], Verdict]:
+    """The checks measured for this decision, and their verdict. A Skipped check that the spec asked
+    for (or one it asked for that was not measured at all) is no pass: the verdict is "not_run",
+    and the step measures again until its deadline. A Skipped check it did not ask for is fine."""
     checks = [first, *(i.checks or [])]
-    return checks, all(c.result in (AnalysisResult.PASSED, AnalysisResult.SKIPPED) for c in checks)
+    measured = {c.name for c in checks}
+    requested = requested_checks(i.rollout)
+    checks += [Check(name, AnalysisResult.SKIPPED, "not measured") for name in sorted(requested - measured)]
+    if any(c.result == AnalysisResult.FAILED for c in checks):
+        return checks, "failed"
+    if _not_run(checks, requested):
+        return checks, "not_run"
+    return checks, "passed"
+
+
+def _not_run(checks: Sequence[Check | AnalysisCheck], requested: frozenset[CheckName]) -> list[str]:
+    """The requested checks that did not pass without failing, each named with what it said."""
+    return [
+        f"{c.name}: {c.result}" + (f" ({c.message})" if c.message else "")
+        for c in checks
+        if c.result != AnalysisResult.PASSED
+        and c.result != AnalysisResult.FAILED
+        and (c.result != AnalysisResult.SKIPPED or c.name in requested)
+    ]
+
+
+def _failed(checks: Sequence[Check]) -> str:
+    return "; ".join(f"{c.name}: {c.message}" for c in checks if c.result == AnalysisResult.FAILED)
+
+
+def _waiting_clock(i: RolloutInput, roll: RolloutStatus) -> tuple[RolloutStatus, datetime]:
+    """The status with the step's wait recorded (``waitingSince``, from the first call that could
+    not pass), and the moment the wait runs out: spec.rollout.progressDeadlineSeconds later."""
+    if roll.waiting_since is None:
+        roll = roll.model_copy(update={"waiting_since": rfc3339_micro(i.now)})
+    since = parse(roll.waiting_since) or i.now
+    return roll, since + timedelta(seconds=i.rollout.progress_deadline_seconds)
+
+
+def _done_waiting(roll: RolloutStatus) -> RolloutStatus:
+    return roll if roll.waiting_since is None else roll.model_copy(update={"waiting_since": None})
+
+
+def _wait_for_preview(
+    i: RolloutInput, active: Color, roll: RolloutStatus, check: Check, reason: str, doing: str
+) -> Decision:
+    """The preview is short of ready pods in its Service's endpoints after it was ready once: the
+    HPA changed spec.replicas (the preview is being scaled to the new count), or a pod is gone for
+    a moment (evicted in a node drain). This is what Argo Rollouts does: a scale during a rollout
+    is no failure, the preview is scaled and the rollout waits for it; only readiness missing for
+    longer than the progress deadline aborts."""
+    roll, until = _waiting_clock(i, roll)
+    if i.now >= until:
+        failed = replace(check, result=AnalysisResult.FAILED).as_status(rfc3339_micro(i.now))
+        roll = roll.model_copy(update={"analysis": [failed, *roll.analysis[1:]]})  # endpoints is the first check
+        return _abort(
+            i,
+            active,
+            roll,
+            AbortReason.PROGRESS_DEADLINE_EXCEEDED,
+            f"the preview of revision {i.revision} was not ready for {i.rollout.progress_deadline_seconds} s "
+            f"(spec.rollout.progressDeadlineSeconds): {check.message}",
+        )
+    return _in_rollout(
+        i,
+        active,
+        roll,
+        reason=reason,
+        message=f"{doing}; waiting for the preview: {check.message}; aborted at {rfc3339(until)} unless it is ready",
+        requeue_after=_seconds_until(until, i.now),
+    )
 
 
 def _analysis(i: RolloutInput, active: Color, roll: RolloutStatus) -> Decision:
     deadline = _deadline(i, roll)
-    if i.now >= deadline:
-        return _abort(i, active, roll, AbortReason.PROGRESS_DEADLINE_EXCEEDED, _deadline_message(i))
+    if i.now >= deadline and roll.waiting_since is None:
+        return _analysis_deadline(i, active, roll)
     ready_at = parse(roll.preview_ready_at) or i.now
     window_end = ready_at + timedelta(seconds=i.rollout.analysis.window_seconds)
     if i.now < window_end:
         return _waiting(i, active, roll, window_end, Reason.ANALYSING, f"analysing revision {i.revision}")
     endpoints = _preview_check(i, active, preview_replicas(i.rollout, i.replicas))
     if endpoints.result != AnalysisResult.PASSED:
-        endpoints = replace(endpoints, result=AnalysisResult.FAILED)
-    elif i.checks is None:
+        return _wait_for_preview(i, active, roll, endpoints, Reason.ANALYSING, f"analysis of revision {i.revision}")
+    roll = _done_waiting(roll)
+    if i.checks is None:
         return _in_rollout(i, active, roll, reason=Reason.ANALYSING, message="measuring", measure="preview")
-    checks, passed = _judge(i, endpoints)
+    checks, verdict = _judge(i, endpoints)
     roll = roll.model_copy(update={"analysis": [c.as_status(rfc3339_micro(i.now)) for c in checks]})
-    if not passed:
-        failed = "; ".join(f"{c.name}: {c.message}" for c in checks if c.result == AnalysisResult.FAILED)
+    if verdict == "failed":
         return _abort(
-            i, active, roll, AbortReason.ANALYSIS_FAILED, f"analysis of revision {i.revision} failed: {failed}"
+            i,
+            active,
+            roll,
+            AbortReason.ANALYSIS_FAILED,
+            f"analysis of revision {i.revision} failed: {_failed(checks)}",
+        )
+    if verdict == "not_run":
+        if i.now >= deadline:
+            return _analysis_deadline(i, active, roll)
+        return _in_rollout(
+            i,
+            active,
+            roll,
+            reason=Reason.ANALYSING,
+            message=(
+                f"analysis of revision {i.revision} cannot pass yet, a requested check did not run: "
+                f"{'; '.join(_not_run(checks, requested_checks(i.rollout)))}; measuring again until {rfc3339(deadline)}"
+            ),
+            requeue_after=min(REMEASURE_SECONDS, _seconds_until(deadline, i.now)),
         )
     return _awaiting(i, active, roll.model_copy(update={"step": Step.AWAITING_PROMOTION}))
+
+
+def _analysis_deadline(i: RolloutInput, active: Color, roll: RolloutStatus) -> Decision:
+    """The analysis did not pass by the progress deadline. When a requested check had not run
+    (Skipped), that is an analysis failure, and the message names it."""
+    not_run = _not_run(roll.analysis, requested_checks(i.rollout))
+    if not_run:
+        message = (
+            f"analysis of revision {i.revision} failed: a check spec.rollout.analysis asks for did not run "
+            f"by the deadline ({i.rollout.progress_deadline_seconds} s): {'; '.join(not_run)}"
+        )
+        return _abort(i, active, roll, AbortReason.ANALYSIS_FAILED, message)
+    return _abort(i, active, roll, AbortReason.PROGRESS_DEADLINE_EXCEEDED, _deadline_message(i))
 
 
 def _awaiting(i: RolloutInput, active: Color, roll: RolloutStatus) -> Decision:
     count = preview_replicas(i.rollout, i.replicas)
     check = _preview_check(i, active, count)
     if check.result != AnalysisResult.PASSED:
-        failed = replace(check, result=AnalysisResult.FAILED).as_status(rfc3339_micro(i.now))
-        roll = roll.model_copy(update={"analysis": [failed, *roll.analysis[1:]]})  # endpoints is the first check
-        return _abort(i, active, roll, AbortReason.ANALYSIS_FAILED, f"the preview lost readiness: {check.message}")
+        return _wait_for_preview(
+            i, active, roll, check, Reason.PREVIEW_PROGRESSING, f"analysis of revision {i.revision} passed"
+        )
+    roll = _done_waiting(roll)
     if i.rollout.promotion == PromotionMode.MANUAL:
         if i.rollout.promote == i.revision:
             return _promoting(i, active, roll)
@@ -381,22 +522,33 @@ def _awaiting(i: RolloutInput, active: Color, roll: RolloutStatus) -> Decision:
 
 
 def _promoting(i: RolloutInput, active: Color, roll: RolloutStatus) -> Decision:
-    """Scale the preview to spec.replicas and wait until every pod is in its endpoints, then switch."""
+    """Scale the preview to spec.replicas and wait until every pod is in its endpoints, then switch.
+    spec.replicas may change meanwhile (the HPA): the preview follows it and the wait goes on, as in
+    Argo Rollouts; only a wait longer than the progress deadline aborts (traffic never moved)."""
     colour = i.colours.get(active.other, Colour())
     full = colour.revision == i.revision and colour.rolled_out and colour.replicas == i.replicas
     if not full or i.preview_endpoints < i.replicas:
+        roll, until = _waiting_clock(i, roll.model_copy(update={"step": Step.PROMOTING}))
+        counts = f"{colour.available} available, {min(i.preview_endpoints, i.replicas)} in endpoints"
+        if i.now >= until:
+            return _abort(
+                i,
+                active,
+                roll,
+                AbortReason.PROGRESS_DEADLINE_EXCEEDED,
+                f"the preview of revision {i.revision} did not reach {i.replicas} ready pods within "
+                f"{i.rollout.progress_deadline_seconds} s (spec.rollout.progressDeadlineSeconds): {counts}",
+            )
         return _in_rollout(
             i,
             active,
-            roll.model_copy(update={"step": Step.PROMOTING}),
+            roll,
             deployments=_during_rollout(i, active, i.replicas),
             reason=Reason.PROMOTING,
-            message=(
-                f"scaling the preview to {i.replicas} before switching traffic: {colour.available} available, "
-                f"{min(i.preview_endpoints, i.replicas)} in endpoints"
-            ),
+            message=f"scaling the preview to {i.replicas} before switching traffic: {counts}",
+            requeue_after=_seconds_until(until, i.now),
         )
-    return _promote(i, active, roll)
+    return _promote(i, active, _done_waiting(roll))
 
 
 def _promote(i: RolloutInput, active: Color, roll: RolloutStatus) -> Decision:
@@ -412,6 +564,7 @@ def _promote(i: RolloutInput, active: Color, roll: RolloutStatus) -> Decision:
             "step": Step.POST_PROMOTION,
             "promoted_at": rfc3339_micro(i.now),
             "previous_revision": i.status.active_revision,
+            "waiting_since": None,
             "message": message,
         }
     )
@@ -430,7 +583,11 @@ def _promote(i: RolloutInput, active: Color, roll: RolloutStatus) -> Decision:
 
 
 def _post_promotion(i: RolloutInput, active: Color, roll: RolloutStatus) -> Decision:
-    """Traffic is on the new colour; the old one is kept until the scale-down delay has passed."""
+    """Traffic is on the new colour; the old one is kept until the scale-down delay has passed.
+    Then the new colour is checked. Both colours follow spec.replicas meanwhile; a new colour short
+    of ready pods (a scale in progress, an evicted pod, endpoints still following the selector
+    switch) is waited for, as Argo Rollouts does, and only a wait longer than the progress deadline
+    (or a failed check) switches traffic back."""
     old = active.other
     promoted = i.status.active_revision
     previous = roll.previous_revision
@@ -438,7 +595,7 @@ def _post_promotion(i: RolloutInput, active: Color, roll: RolloutStatus) -> Deci
         return _switch_back(i, active, roll, None, f"spec went back to revision {previous}: traffic switched back")
     if i.revision != promoted:
         return _start(i, active, None)  # a newer revision supersedes; the old colour becomes its preview
-    if i.abort_requested == promoted:
+    if _abort_request(i) == promoted:
         return _switch_back(i, active, roll, AbortReason.ABORTED, "aborted on request; traffic switched back")
     promoted_at = parse(roll.promoted_at) or i.now
     scale_down_at = promoted_at + timedelta(seconds=i.rollout.scale_down_delay_seconds)
@@ -462,20 +619,58 @@ def _post_promotion(i: RolloutInput, active: Color, roll: RolloutStatus) -> Deci
         f"{colour.available}/{i.replicas} pods ready, {min(i.active_endpoints, i.replicas)}/{i.replicas} "
         "in the active Service's endpoints",
     )
-    if not healthy and i.now < scale_down_at + timedelta(seconds=ENDPOINTS_GRACE_SECONDS):
-        # The active Service's EndpointSlices follow its selector a moment after the switch.
-        return replace(
-            keep, message=f"post-promotion check: waiting for endpoints: {endpoints.message}", requeue_after=1.0
+    now = rfc3339_micro(i.now)
+    deadline = f"{i.rollout.progress_deadline_seconds} s (spec.rollout.progressDeadlineSeconds)"
+    if not healthy:
+        waiting, until = _waiting_clock(i, roll)
+        if i.now < until:
+            return replace(
+                keep,
+                rollout=waiting,
+                message=(
+                    f"post-promotion check: waiting for {active.value} to be ready: {endpoints.message}; "
+                    f"traffic switches back at {rfc3339(until)} unless it is"
+                ),
+                requeue_after=_seconds_until(until, i.now),
+            )
+        roll = waiting.model_copy(update={"analysis": [endpoints.as_status(now)]})
+        return _switch_back(
+            i,
+            active,
+            roll,
+            AbortReason.ANALYSIS_FAILED,
+            f"post-promotion check failed: endpoints: {endpoints.message} for {deadline}",
         )
-    if healthy and i.checks is None:
+    if i.checks is None:
         return replace(keep, message="post-promotion check: measuring", measure="active")
-    checks, passed = _judge(i, endpoints)
-    roll = roll.model_copy(update={"analysis": [c.as_status(rfc3339_micro(i.now)) for c in checks]})
-    if not passed:
-        failed = "; ".join(f"{c.name}: {c.message}" for c in checks if c.result == AnalysisResult.FAILED)
-        return _switch_back(i, active, roll, AbortReason.ANALYSIS_FAILED, f"post-promotion check failed: {failed}")
+    checks, verdict = _judge(i, endpoints)
+    roll = roll.model_copy(update={"analysis": [c.as_status(now) for c in checks]})
+    if verdict == "failed":
+        return _switch_back(
+            i, active, roll, AbortReason.ANALYSIS_FAILED, f"post-promotion check failed: {_failed(checks)}"
+        )
+    if verdict == "not_run":
+        not_run = "; ".join(_not_run(checks, requested_checks(i.rollout)))
+        waiting, until = _waiting_clock(i, roll)
+        if i.now < until:
+            return replace(
+                keep,
+                rollout=waiting,
+                message=(
+                    f"post-promotion check cannot pass yet, a requested check did not run: {not_run}; "
+                    f"measuring again until {rfc3339(until)}"
+                ),
+                requeue_after=min(REMEASURE_SECONDS, _seconds_until(until, i.now)),
+            )
+        return _switch_back(
+            i,
+            active,
+            waiting,
+            AbortReason.ANALYSIS_FAILED,
+            f"post-promotion check failed: a check spec.rollout.analysis asks for did not run in {deadline}: {not_run}",
+        )
     message = f"revision {promoted} promoted; {old.value} scaled down"
-    roll = roll.model_copy(update={"step": Step.COMPLETED, "message": message})
+    roll = roll.model_copy(update={"step": Step.COMPLETED, "message": message, "waiting_since": None})
     done = _steady(i, active, roll)
     done.events.append(("Normal", Reason.ROLLOUT_COMPLETED, message))
     done.outcome = "promoted"
@@ -491,12 +686,14 @@ def _switch_back(
     promoted = i.status.active_revision
     back = i.status.model_copy(update={"active_color": old, "active_revision": previous})
     if reason is None:  # the spec itself went back: a plain rollback, nothing failed
-        roll = roll.model_copy(update={"step": Step.COMPLETED, "message": cut_message(message)})
+        roll = roll.model_copy(update={"step": Step.COMPLETED, "message": message, "waiting_since": None})
         decision = _steady(replace(i, status=back), old, roll)
         decision.events.append(("Warning", Reason.ROLLED_BACK, message))
         decision.outcome = "rolled_back"
         return decision
-    roll = roll.model_copy(update={"step": Step.ABORTED, "abort_reason": reason, "message": cut_message(message)})
+    roll = roll.model_copy(
+        update={"step": Step.ABORTED, "abort_reason": reason, "message": message, "waiting_since": None}
+    )
     return Decision(
         active_color=old,
         preview_color=old,
@@ -519,8 +716,11 @@ _OUTCOMES: dict[AbortReason, Outcome] = {
 
 
 def _abort(i: RolloutInput, active: Color, roll: RolloutStatus, reason: AbortReason, message: str) -> Decision:
-    """Before promotion: traffic never left the stable colour; the preview is scaled down."""
-    roll = roll.model_copy(update={"step": Step.ABORTED, "abort_reason": reason, "message": cut_message(message)})
+    """Before promotion: traffic never left the stable colour; the preview is scaled down. (The
+    status model cuts a message longer than the CRD allows.)"""
+    roll = roll.model_copy(
+        update={"step": Step.ABORTED, "abort_reason": reason, "message": message, "waiting_since": None}
+    )
     return replace(_aborted(i, active, roll), outcome=_OUTCOMES[reason])
 
 

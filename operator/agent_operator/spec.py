@@ -11,11 +11,21 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Mapping
 from decimal import Decimal
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from agent_contract.config import (
@@ -60,13 +70,29 @@ REVISION_PATTERN = r"^[a-f0-9]{10}$"
 # Label and annotation prefixes the operator owns; user-supplied ones may not use them.
 RESERVED_PREFIXES = ("app.kubernetes.io/", f"{GROUP}/")
 
-# The CRD's bound on status.message, status.rollout.message and each condition's message: a longer
-# one would make the whole status write fail (422) and the agent show nothing.
+# The CRD's bound on status.message and status.rollout.message: a longer one would make the whole
+# status write fail (422) and the agent show nothing. Conditions allow 32768 (as metav1.Condition),
+# analysis check messages 1024. The status models cut every message to its bound themselves
+# (:data:`StatusMessage` and its kin), so no path that builds a status can exceed it.
 MAX_MESSAGE_LENGTH = 4096
+MAX_CONDITION_MESSAGE_LENGTH = 32768
+MAX_CHECK_MESSAGE_LENGTH = 1024
+ELLIPSIS = "..."
 
 
-def cut_message(text: str) -> str:
-    return text if len(text) <= MAX_MESSAGE_LENGTH else text[: MAX_MESSAGE_LENGTH - 3] + "..."
+def cut_message(text: str, limit: int = MAX_MESSAGE_LENGTH) -> str:
+    """``text``, or its first ``limit`` characters ending in a visible ellipsis when it is longer.
+    Characters, not bytes: the API server counts a string's maxLength in characters."""
+    return text if len(text) <= limit else text[: limit - len(ELLIPSIS)] + ELLIPSIS
+
+
+def _cut_to(limit: int) -> Any:
+    """A validator and serializer that cut a message to ``limit`` (see :data:`StatusMessage`)."""
+
+    def cut(value: Any) -> Any:
+        return cut_message(value, limit) if isinstance(value, str) else value
+
+    return cut
 
 
 # Keys of a CEL rule in the generated CRD.
@@ -1011,7 +1037,48 @@ def _one_of(values: type[StrEnum]) -> str:
     return ", ".join(names[:-1]) + " or " + names[-1]
 
 
-class Condition(ApiModel):
+class StatusModel(ApiModel):
+    """Base of the status models. ``model_copy(update=...)`` validates the result, as building one
+    does, so an updated status holds only what the CRD accepts (a long message is cut to its
+    bound): pydantic's own model_copy skips validation."""
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        copied = super().model_copy(update=update, deep=deep)
+        if not update:
+            return copied
+        return type(self).model_validate({name: getattr(copied, name) for name in type(self).model_fields})
+
+
+# The status's message fields: cut to their bound when read or built (before the length check, so
+# a long message is shortened, never refused) and again when written, and declared with that
+# maxLength in the CRD.
+ConditionMessage = Annotated[
+    str,
+    BeforeValidator(_cut_to(MAX_CONDITION_MESSAGE_LENGTH)),
+    PlainSerializer(_cut_to(MAX_CONDITION_MESSAGE_LENGTH), return_type=str),
+    Field(max_length=MAX_CONDITION_MESSAGE_LENGTH, description="A human-readable message."),
+]
+CheckMessage = Annotated[
+    str,
+    BeforeValidator(_cut_to(MAX_CHECK_MESSAGE_LENGTH)),
+    PlainSerializer(_cut_to(MAX_CHECK_MESSAGE_LENGTH), return_type=str),
+    Field(max_length=MAX_CHECK_MESSAGE_LENGTH, description="What was measured."),
+]
+RolloutMessage = Annotated[
+    str,
+    BeforeValidator(_cut_to(MAX_MESSAGE_LENGTH)),
+    PlainSerializer(_cut_to(MAX_MESSAGE_LENGTH), return_type=str),
+    Field(max_length=MAX_MESSAGE_LENGTH, description="A human-readable note on the rollout."),
+]
+StatusMessage = Annotated[
+    str,
+    BeforeValidator(_cut_to(MAX_MESSAGE_LENGTH)),
+    PlainSerializer(_cut_to(MAX_MESSAGE_LENGTH), return_type=str),
+    Field(max_length=MAX_MESSAGE_LENGTH, description="A short explanation of the phase."),
+]
+
+
+class Condition(StatusModel):
     """A status condition, as in metav1.Condition."""
 
     type: str = Field(description=f"Condition type: {_one_of(ConditionType)}.", max_length=316)
@@ -1019,7 +1086,7 @@ class Condition(ApiModel):
     reason: str = Field(
         description="A CamelCase reason.", max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
     )
-    message: str = Field(default="", description="A human-readable message.", max_length=32768)
+    message: ConditionMessage = ""
     last_transition_time: str = Field(description="When the status last changed (RFC 3339).", max_length=64)
     observed_generation: int = Field(default=0, description="The .metadata.generation the condition was set for.", ge=0)
 
@@ -1041,12 +1108,12 @@ class CheckName(StrEnum):
     SMOKE = "smoke"
 
 
-class AnalysisCheck(ApiModel):
+class AnalysisCheck(StatusModel):
     """The result of one analysis check."""
 
     name: CheckName = Field(description=f"Check name: {_one_of(CheckName)}.")
     result: AnalysisResult = Field(description="Pending, Passed, Failed, or Skipped when it cannot run here.")
-    message: str = Field(default="", description="What was measured.", max_length=1024)
+    message: CheckMessage = ""
     observed_at: str | None = Field(default=None, description="When the check last ran (RFC 3339).", max_length=64)
 
 
@@ -1068,7 +1135,7 @@ class AbortReason(StrEnum):
     PROGRESS_DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
 
 
-class RolloutStatus(ApiModel):
+class RolloutStatus(StatusModel):
     """Progress of the current rollout."""
 
     step: Step | None = Field(default=None, description=f"The rollout's step: {_one_of(Step)}.")
@@ -1088,18 +1155,23 @@ class RolloutStatus(ApiModel):
         default=None, description="The last retry request served (the retry annotation's value).", max_length=128
     )
     analysis: list[AnalysisCheck] = Field(default_factory=list, description="Analysis check results.", max_length=16)
-    message: str | None = Field(
-        default=None, description="A human-readable note on the rollout.", max_length=MAX_MESSAGE_LENGTH
+    waiting_since: str | None = Field(
+        default=None,
+        description=(
+            "Since when the step has been waiting for the colour it checks to be ready again (a scale in"
+            " progress, an evicted pod) or for a requested check that could not run; cleared when it is."
+            " A wait longer than spec.rollout.progressDeadlineSeconds aborts the rollout."
+        ),
+        max_length=64,
     )
+    message: RolloutMessage | None = None
 
 
-class EnterpriseAgentStatus(ApiModel):
+class EnterpriseAgentStatus(StatusModel):
     """Observed state of an agent, written by the operator."""
 
     phase: Phase | None = Field(default=None, description="A one-word summary for humans.")
-    message: str | None = Field(
-        default=None, description="A short explanation of the phase.", max_length=MAX_MESSAGE_LENGTH
-    )
+    message: StatusMessage | None = None
     observed_generation: int | None = Field(default=None, description="The .metadata.generation last acted upon.", ge=0)
     conditions: list[Condition] = Field(
         default_factory=list,
@@ -1117,6 +1189,14 @@ class EnterpriseAgentStatus(ApiModel):
     )
     image: str | None = Field(default=None, description="Image of the active revision.", max_length=512)
     rollout: RolloutStatus | None = Field(default=None, description="Progress of the current rollout.")
+    abort_request_seen: str | None = Field(
+        default=None,
+        description=(
+            "The abort annotation's value when the operator last acted: an abort request acts once, when it"
+            " appears or changes, so a later rollout of the same revision is not aborted by it."
+        ),
+        max_length=128,
+    )
 
 
 def read_status(raw: Any) -> EnterpriseAgentStatus:

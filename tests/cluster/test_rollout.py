@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -321,3 +323,152 @@ def test_undo_puts_the_previous_spec_back(crd_installed: Kube, stand: Stand, ns:
     missing = kubectl_ea(crd_installed, "undo", "nope", "-n", ns)
     assert missing.returncode == 2
     assert 'EnterpriseAgent "nope" not found' in missing.stderr
+
+
+def test_scaling_the_agent_while_it_awaits_approval_does_not_abort_the_rollout(
+    crd_installed: Kube, stand: Stand, ns: str, tmp_path: Path
+) -> None:
+    # What the HPA does: write the agent's scale subresource (spec.replicas) mid-rollout.
+    manual = {"promotion": "Manual", "analysis": {"windowSeconds": 0}, "scaleDownDelaySeconds": 0}
+    start_v1(crd_installed, ns, rollout=manual)
+    with preview_pods(crd_installed, stand, ns, tmp_path):
+        apply(crd_installed, agent_manifest(ns, image=V2, replicas=2, rollout=manual))
+        paused = wait_phase(crd_installed, ns, "hello-agent", "Paused")
+
+        def scaled_to(count: int) -> bool:
+            return (replicas(crd_installed, ns, "green"), replicas(crd_installed, ns, "blue")) == (count, count)
+
+        for count in (3, 1):  # up, then down
+            crd_installed.kubectl("scale", "ea", "hello-agent", f"--replicas={count}", "-n", ns)
+            # The preview and the stable colour follow the new count; the rollout waits for it and
+            # goes back to waiting for approval: the same rollout, not aborted.
+            wait_until(partial(scaled_to, count), what=f"both colours scaled to {count}")
+            again = wait_phase(crd_installed, ns, "hello-agent", "Paused")
+            assert again["spec"]["replicas"] == count
+            assert again["status"]["rollout"]["startedAt"] == paused["status"]["rollout"]["startedAt"]
+            assert again["status"]["previewRevision"] == paused["status"]["previewRevision"]
+        reasons = event_reasons(crd_installed, ns)
+        assert not {"Aborted", "AnalysisFailed", "ProgressDeadlineExceeded"} & set(reasons), reasons
+        promoted = kubectl_ea(crd_installed, "promote", "hello-agent", "-n", ns)
+        assert promoted.returncode == 0, promoted.stderr
+        done = wait_phase(crd_installed, ns, "hello-agent", "Ready")
+    assert (done["status"]["activeColor"], done["status"]["replicas"]) == ("green", 1)
+    assert event_reasons(crd_installed, ns).count("RolloutStarted") == 1
+
+
+def test_a_status_message_longer_than_the_crd_allows_is_written_cut(crd_installed: Kube, stand: Stand, ns: str) -> None:
+    # 64 unknown operations with long names: the message naming each is far over 4096 characters.
+    operations = [f"op_{i:02d}_" + "x" * 56 for i in range(64)]
+    apply(crd_installed, agent_manifest(ns, operations=operations))
+    stalled = wait_phase(crd_installed, ns, "hello-agent", "Stalled")
+    message = stalled["status"]["message"]
+    assert len(message) == 4096
+    assert message.startswith("spec.operations[0]: unknown operation 'op_00_")
+    assert message.endswith("...")
+    assert condition(stalled, "Stalled")["reason"] == "UnknownOperation"
+    assert len(condition(stalled, "Stalled")["message"]) <= 4096
+
+
+def test_deleting_the_stable_deployment_while_awaiting_approval_brings_back_the_approved_one(
+    crd_installed: Kube, stand: Stand, ns: str, tmp_path: Path
+) -> None:
+    """The stable colour's Deployment deleted mid-rollout is made again from its ControllerRevision:
+    the approved image (v1), not the unapproved spec (v2); the rollout still waits for approval."""
+    manual = {"promotion": "Manual", "analysis": {"windowSeconds": 0}, "scaleDownDelaySeconds": 0}
+    start_v1(crd_installed, ns, rollout=manual)
+    with preview_pods(crd_installed, stand, ns, tmp_path):
+        apply(crd_installed, agent_manifest(ns, image=V2, replicas=2, rollout=manual))
+        paused = wait_phase(crd_installed, ns, "hello-agent", "Paused")
+        before = get(crd_installed, ns, "deployment", "hello-agent-blue") or {}
+        assert before["spec"]["template"]["spec"]["containers"][0]["image"] == V1
+        crd_installed.kubectl("delete", "deployment", "hello-agent-blue", "-n", ns, "--wait=false")
+
+        def recreated() -> dict[str, Any] | None:
+            found = get(crd_installed, ns, "deployment", "hello-agent-blue")
+            return found if found and found["metadata"]["uid"] != before["metadata"]["uid"] else None
+
+        after: dict[str, Any] = wait_until(recreated, timeout=30, what="the stable Deployment made again")
+        assert after["spec"]["template"]["spec"]["containers"][0]["image"] == V1
+        assert after["metadata"]["labels"]["agents.enterprise.io/revision"] == paused["status"]["activeRevision"]
+        assert after["spec"]["template"]["metadata"]["labels"] == before["spec"]["template"]["metadata"]["labels"]
+        assert after["spec"]["replicas"] == 2
+        still = wait_phase(crd_installed, ns, "hello-agent", "Paused")
+        assert (still["status"]["activeColor"], still["status"]["previewRevision"]) == (
+            "blue",
+            paused["status"]["previewRevision"],
+        )
+        assert still["status"]["rollout"]["startedAt"] == paused["status"]["rollout"]["startedAt"]
+        assert active_selector_colour(crd_installed, ns) == "blue"
+        revisions = json.loads(crd_installed.kubectl("get", "controllerrevisions", "-n", ns, "-o", "json").stdout)[
+            "items"
+        ]
+        assert {r["metadata"]["name"] for r in revisions} == {
+            f"hello-agent-{paused['status']['activeRevision']}",
+            f"hello-agent-{paused['status']['previewRevision']}",
+        }
+
+
+# A newer operator, as far as its renderer goes: every pod template it renders gets a label and an
+# env var. Loaded into the operator process through PYTHONPATH (sitecustomize runs at start-up), it
+# patches the renderer wherever the operator's modules refer to it.
+NEWER_RENDERER = """
+import sys
+
+import agent_operator.render  # noqa: F401 - loads every renderer module
+from agent_operator.render import workload
+
+original = workload.build_pod_template
+
+
+def build_pod_template(agent, revision, color):
+    template = original(agent, revision, color)
+    template["metadata"]["labels"]["example.com/rendered-by"] = "newer-operator"
+    template["spec"]["containers"][0]["env"].append({"name": "NEWER_OPERATOR", "value": "1"})
+    return template
+
+
+for name, module in list(sys.modules.items()):
+    if name.startswith("agent_operator"):
+        for attribute, value in list(vars(module).items()):
+            if value is original:
+                setattr(module, attribute, build_pod_template)
+"""
+
+
+def test_an_operator_upgrade_that_renders_differently_starts_no_rollout(
+    crd_installed: Kube, stand: Stand, ns: str, tmp_path: Path
+) -> None:
+    ready = start_v1(crd_installed, ns)
+    deployment = get(crd_installed, ns, "deployment", "hello-agent-blue") or {}
+    config_name = f"hello-agent-config-{ready['status']['activeRevision']}"
+    config_map = get(crd_installed, ns, "configmap", config_name) or {}
+    shim = tmp_path / "newer-operator"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(NEWER_RENDERER)
+    original_env = stand.operator.env
+    stand.operator.stop()
+    path = os.pathsep.join(p for p in (str(shim), original_env.get("PYTHONPATH")) if p)
+    stand.operator.env = {**original_env, "PYTHONPATH": path}
+    try:
+        stand.operator.start()
+        # The newer renderer is in effect: a new agent gets its pod template.
+        apply(crd_installed, agent_manifest(ns, name="newcomer", image=V1))
+        wait_phase(crd_installed, ns, "newcomer", "Ready")
+        newcomer = get(crd_installed, ns, "deployment", "newcomer-blue") or {}
+        assert newcomer["spec"]["template"]["metadata"]["labels"]["example.com/rendered-by"] == "newer-operator"
+        # And it has looked at the old agent since: two resyncs of every agent, then an empty queue.
+        wait_until(lambda: stand.operator.metric("agent_operator_resyncs_total") >= 2, what="two resyncs")
+        wait_until(lambda: stand.operator.metric("agent_operator_workqueue_depth") == 0, what="an empty queue")
+        agent = get(crd_installed, ns, "ea", "hello-agent") or {}
+        assert agent["status"]["activeRevision"] == ready["status"]["activeRevision"]
+        assert (agent["status"]["phase"], agent["status"].get("rollout")) == ("Ready", ready["status"].get("rollout"))
+        assert "RolloutStarted" not in event_reasons(crd_installed, ns)
+        after = get(crd_installed, ns, "deployment", "hello-agent-blue") or {}
+        assert after["metadata"]["generation"] == deployment["metadata"]["generation"]  # no pod template change
+        assert after["spec"]["template"] == deployment["spec"]["template"]
+        assert get(crd_installed, ns, "deployment", "hello-agent-green") is None
+        assert (get(crd_installed, ns, "configmap", config_name) or {}).get("data") == config_map["data"]
+    finally:
+        stand.operator.stop()
+        stand.operator.env = original_env
+        stand.operator.start()

@@ -173,7 +173,10 @@ def used_resources(service_monitors: bool) -> set[tuple[str, str]]:
         if kind is kinds.LEASE or (kind.plural == "servicemonitors" and not service_monitors):
             continue
         used.add((kind.group, kind.plural))
-    return used | {(kinds.AGENT.group, f"{kinds.AGENT.plural}/status")}
+    return used | {
+        (kinds.AGENT.group, f"{kinds.AGENT.plural}/status"),
+        (kinds.AGENT.group, f"{kinds.AGENT.plural}/finalizers"),
+    }
 
 
 def granted_verbs(service_monitors: bool) -> dict[tuple[str, str], set[str]]:
@@ -183,7 +186,10 @@ def granted_verbs(service_monitors: bool) -> dict[tuple[str, str], set[str]]:
         for kind in kinds.ALL_KINDS
         if kind is not kinds.LEASE and (kind.plural != "servicemonitors" or service_monitors)
     }
-    return needed | {(kinds.AGENT.group, f"{kinds.AGENT.plural}/status"): set(kinds.AGENT_STATUS_VERBS)}
+    return needed | {
+        (kinds.AGENT.group, f"{kinds.AGENT.plural}/status"): set(kinds.AGENT_STATUS_VERBS),
+        (kinds.AGENT.group, f"{kinds.AGENT.plural}/finalizers"): set(kinds.AGENT_FINALIZERS_VERBS),
+    }
 
 
 def test_cluster_mode_grants_exactly_what_the_operator_uses() -> None:

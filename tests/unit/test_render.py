@@ -7,7 +7,15 @@ from typing import Any
 import pytest
 
 from agent_contract.config import RuntimeConfig, SecurityLevel
-from agent_operator.render import ColorPlan, KeyVersions, RenderPlan, active_selector, build_children, compute_revision
+from agent_operator.render import (
+    ColorPlan,
+    KeyVersions,
+    RenderPlan,
+    active_selector,
+    build_children,
+    compute_revision,
+    first_render,
+)
 from agent_operator.render.common import (
     ANNOTATION_SPEC,
     LABEL_COLOR,
@@ -17,7 +25,7 @@ from agent_operator.render.common import (
     decode_spec,
 )
 from agent_operator.render.keys import build_key_secret
-from agent_operator.spec import Color, EnterpriseAgent, EnterpriseAgentSpec
+from agent_operator.spec import Color, EnterpriseAgent
 from tests.helpers import example_agent, example_document
 
 
@@ -162,16 +170,15 @@ def test_services_select_the_planned_colours() -> None:
     )
 
 
-def test_stable_colour_renders_from_its_snapshot_during_a_rollout() -> None:
+def test_stable_colour_renders_from_its_record_during_a_rollout() -> None:
     """The stable colour keeps its old template and ConfigMap; the preview gets the new spec."""
     old = _agent(image="registry.example/support-bot:2.1.0")
     new = _agent(image="registry.example/support-bot:2.2.0")
     (old_deployment,) = _children(old)["Deployment"]
-    snapshot = decode_spec(old_deployment["metadata"]["annotations"][ANNOTATION_SPEC])
-    restored = old.model_copy(update={"spec": EnterpriseAgentSpec.model_validate(snapshot)})
     old_revision = old_deployment["metadata"]["labels"][LABEL_REVISION]
+    record = first_render(old, old_revision)
     plan = RenderPlan(
-        deployments=(ColorPlan(Color.BLUE, 3, restored, old_revision), ColorPlan(Color.GREEN, 1)),
+        deployments=(ColorPlan(Color.BLUE, 3, record), ColorPlan(Color.GREEN, 1)),
         active_color=Color.BLUE,
         preview_color=Color.GREEN,
     )
@@ -181,6 +188,8 @@ def test_stable_colour_renders_from_its_snapshot_during_a_rollout() -> None:
     assert by_colour["green"]["spec"]["template"]["spec"]["containers"][0]["image"].endswith(":2.2.0")
     config_maps = {c["metadata"]["labels"][LABEL_REVISION] for c in kinds["ConfigMap"]}
     assert config_maps == {old_revision, by_colour["green"]["metadata"]["labels"][LABEL_REVISION]}
+    # The Deployment still records the spec it runs, for `kubectl ea` plugins before ControllerRevisions.
+    assert decode_spec(by_colour["blue"]["metadata"]["annotations"][ANNOTATION_SPEC])["image"].endswith(":2.1.0")
 
 
 def test_encoded_spec_refuses_garbage() -> None:

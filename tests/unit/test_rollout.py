@@ -10,7 +10,7 @@ import pytest
 
 from agent_operator.rollout import Check, Colour, Decision, Layout, RolloutInput, decide
 from agent_operator.spec import AnalysisResult, CheckName, Color, EnterpriseAgentStatus, RolloutSpec, Step
-from agent_operator.timefmt import rfc3339
+from agent_operator.timefmt import parse, rfc3339
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 OLD, NEW, NEWER = "aaaaaaaaaa", "bbbbbbbbbb", "cccccccccc"
@@ -21,6 +21,14 @@ FAIL = [
     Check(CheckName.ERROR_RATE, AnalysisResult.FAILED, "20% of 50 failed"),
 ]
 SKIP = [Check(CheckName.READYZ, AnalysisResult.SKIPPED, "outside the cluster")]
+SMOKE = {"analysis": {"windowSeconds": 30, "smoke": {"operation": "ping"}}}
+OIDC = "the agent takes OIDC tokens; the operator cannot sign one"
+SMOKE_SKIPPED = [
+    *PASS,
+    Check(CheckName.LATENCY, AnalysisResult.PASSED),
+    Check(CheckName.SMOKE, AnalysisResult.SKIPPED, OIDC),
+]
+SMOKE_PASSED = [*PASS, Check(CheckName.LATENCY, AnalysisResult.PASSED), Check(CheckName.SMOKE, AnalysisResult.PASSED)]
 
 
 def at(seconds: float) -> str:
@@ -65,6 +73,7 @@ class Case:
     colours: dict[Color, Colour]
     now: float = 0  # seconds after T0
     revision: str = NEW
+    replicas: int = 3  # spec.replicas (the HPA writes it through the agent's scale subresource)
     spec: dict[str, Any] = field(default_factory=dict)  # spec.rollout fields
     preview_endpoints: int = 0
     active_endpoints: int = 3
@@ -84,12 +93,13 @@ class Case:
     outcome: str | None = None
     active_revision: str | None = OLD
     requeue: float | None = None
+    waiting_since: str | None = None  # status.rollout.waitingSince after the step
 
     def run(self) -> Decision:
         return decide(
             RolloutInput(
                 revision=self.revision,
-                replicas=3,
+                replicas=self.replicas,
                 rollout=RolloutSpec.model_validate({"analysis": {"windowSeconds": 30}, **self.spec}),
                 status=EnterpriseAgentStatus.model_validate(self.status),
                 colours=self.colours,
@@ -155,9 +165,16 @@ CASES = [
     Case("a failed check aborts; traffic never left blue", rolling(Step.ANALYSIS), {BLUE: up(OLD), GREEN: up(NEW)},
          now=40, preview_endpoints=3, checks=FAIL, step="Aborted", reason="AnalysisFailed", degraded=True,
          outcome="analysis_failed", layouts=((BLUE, 3, False), (GREEN, 0, True))),
-    Case("preview pods that left the endpoints fail the analysis without measuring", rolling(Step.ANALYSIS),
-         {BLUE: up(OLD), GREEN: up(NEW)}, now=40, preview_endpoints=1, step="Aborted", reason="AnalysisFailed",
-         degraded=True, outcome="analysis_failed"),
+    Case("preview pods that left the endpoints at the window's end are waited for, not failed",
+         rolling(Step.ANALYSIS), {BLUE: up(OLD), GREEN: up(NEW)}, now=40, preview_endpoints=1, step="Analysis",
+         preview=GREEN, reason="Analysing", requeue=600, waiting_since=at(40)),
+    Case("a preview short of pods for longer than the progress deadline aborts the analysis",
+         rolling(Step.ANALYSIS, waitingSince=at(40)), {BLUE: up(OLD), GREEN: up(NEW)}, now=640, preview_endpoints=1,
+         step="Aborted", reason="ProgressDeadlineExceeded", degraded=True, outcome="deadline_exceeded",
+         layouts=((BLUE, 3, False), (GREEN, 0, True))),
+    Case("a preview that is ready again ends the wait: measured, even past the deadline from the start",
+         rolling(Step.ANALYSIS, waitingSince=at(590)), {BLUE: up(OLD), GREEN: up(NEW)}, now=620,
+         preview_endpoints=3, step="Analysis", preview=GREEN, measure="preview"),
     Case("the deadline also covers the analysis", rolling(Step.ANALYSIS), {BLUE: up(OLD), GREEN: up(NEW)},
          now=601, preview_endpoints=3, step="Aborted", reason="ProgressDeadlineExceeded", degraded=True,
          outcome="deadline_exceeded"),
@@ -177,15 +194,25 @@ CASES = [
     Case("an approval of another revision does not promote", rolling(Step.AWAITING_PROMOTION),
          {BLUE: up(OLD), GREEN: up(NEW)}, now=50, preview_endpoints=3, spec={"promotion": "Manual", "promote": OLD},
          step="AwaitingPromotion", preview=GREEN, paused=True),
-    Case("a preview that lost readiness while waiting is aborted", rolling(Step.AWAITING_PROMOTION),
+    Case("a preview pod lost while waiting for approval (an eviction) is waited for", rolling(Step.AWAITING_PROMOTION),
          {BLUE: up(OLD), GREEN: starting(NEW, available=2)}, now=50, preview_endpoints=2,
-         spec={"promotion": "Manual"}, step="Aborted", reason="AnalysisFailed", degraded=True,
-         outcome="analysis_failed"),
+         spec={"promotion": "Manual"}, step="AwaitingPromotion", preview=GREEN, reason="PreviewProgressing",
+         layouts=((BLUE, 3, False), (GREEN, 3, True)), requeue=600, waiting_since=at(50)),
+    Case("the wait goes on from when it began", rolling(Step.AWAITING_PROMOTION, waitingSince=at(50)),
+         {BLUE: up(OLD), GREEN: starting(NEW, available=2)}, now=400, preview_endpoints=2,
+         spec={"promotion": "Manual"}, step="AwaitingPromotion", preview=GREEN, requeue=250, waiting_since=at(50)),
+    Case("a preview unready past the progress deadline while waiting for approval is aborted",
+         rolling(Step.AWAITING_PROMOTION, waitingSince=at(50)), {BLUE: up(OLD), GREEN: starting(NEW, available=2)},
+         now=650, preview_endpoints=2, spec={"promotion": "Manual"}, step="Aborted",
+         reason="ProgressDeadlineExceeded", degraded=True, outcome="deadline_exceeded",
+         layouts=((BLUE, 3, False), (GREEN, 0, True))),
     Case("a smaller preview is scaled up before traffic moves", rolling(Step.AWAITING_PROMOTION),
          {BLUE: up(OLD), GREEN: up(NEW, 1)}, now=50, preview_endpoints=1, spec={"previewReplicas": 1},
-         step="Promoting", preview=GREEN, layouts=((BLUE, 3, False), (GREEN, 3, True)), reason="Promoting"),
+         step="Promoting", preview=GREEN, layouts=((BLUE, 3, False), (GREEN, 3, True)), reason="Promoting",
+         waiting_since=at(50)),
     Case("promoting waits for every pod in the endpoints", rolling(Step.PROMOTING), {BLUE: up(OLD), GREEN: up(NEW)},
-         now=60, preview_endpoints=2, spec={"previewReplicas": 1}, step="Promoting", preview=GREEN),
+         now=60, preview_endpoints=2, spec={"previewReplicas": 1}, step="Promoting", preview=GREEN,
+         waiting_since=at(60)),
     Case("promoting switches once all are in", rolling(Step.PROMOTING), {BLUE: up(OLD), GREEN: up(NEW)}, now=60,
          preview_endpoints=3, spec={"previewReplicas": 1}, step="PostPromotion", active=GREEN, active_revision=NEW),
     # --- after promotion ---
@@ -202,10 +229,11 @@ CASES = [
          reason="AnalysisFailed", degraded=True, outcome="analysis_failed"),
     Case("right after the switch, the check waits for the active endpoints to follow", promoted(),
          {GREEN: up(NEW), BLUE: up(OLD)}, now=95, active_endpoints=1, step="PostPromotion", active=GREEN,
-         layouts=((GREEN, 3, True), (BLUE, 3, False)), active_revision=NEW, requeue=1),
-    Case("new pods still missing from the active endpoints fail the check", promoted(), {GREEN: up(NEW), BLUE: up(OLD)},
-         now=121, active_endpoints=1, step="Aborted", active=BLUE, reason="AnalysisFailed", degraded=True,
-         outcome="analysis_failed"),
+         layouts=((GREEN, 3, True), (BLUE, 3, False)), active_revision=NEW, requeue=600, waiting_since=at(95)),
+    Case("new pods missing from the active endpoints past the progress deadline fail the check",
+         promoted(waitingSince=at(95)), {GREEN: up(NEW), BLUE: up(OLD)}, now=695, active_endpoints=1, step="Aborted",
+         active=BLUE, reason="AnalysisFailed", degraded=True, outcome="analysis_failed",
+         layouts=((BLUE, 3, False), (GREEN, 0, True))),
     Case("abort inside the window switches traffic back", promoted(), {GREEN: up(NEW), BLUE: up(OLD)}, now=70,
          abort=NEW, step="Aborted", active=BLUE, reason="Aborted", degraded=True, outcome="aborted"),
     Case("undo inside the window is an instant rollback", promoted(), {GREEN: up(NEW), BLUE: up(OLD)}, now=70,
@@ -224,6 +252,28 @@ CASES = [
          {BLUE: up(OLD), GREEN: up(NEW, 0)}, now=900, retry="t1", step="Aborted", degraded=True),
     Case("a spec change after an abort starts a new rollout", rolling(Step.ABORTED, abortReason="Aborted"),
          {BLUE: up(OLD), GREEN: up(NEW, 0)}, now=900, revision=NEWER, step="Preview", preview=GREEN),
+    # --- requested checks that came back Skipped ---
+    Case("a requested smoke check that was Skipped is no pass: the analysis measures again", rolling(Step.ANALYSIS),
+         {BLUE: up(OLD), GREEN: up(NEW)}, now=40, preview_endpoints=3, spec=SMOKE, checks=SMOKE_SKIPPED,
+         step="Analysis", preview=GREEN, reason="Analysing", requeue=10),
+    Case("a requested check that was not measured at all is no pass either", rolling(Step.ANALYSIS),
+         {BLUE: up(OLD), GREEN: up(NEW)}, now=40, preview_endpoints=3, spec=SMOKE, checks=PASS, step="Analysis",
+         preview=GREEN, reason="Analysing", requeue=10),
+    Case("the smoke check passing on a later measurement promotes", rolling(Step.ANALYSIS),
+         {BLUE: up(OLD), GREEN: up(NEW)}, now=300, preview_endpoints=3, spec=SMOKE, checks=SMOKE_PASSED,
+         step="PostPromotion", active=GREEN, active_revision=NEW),
+    Case("still Skipped at the progress deadline: the analysis fails",
+         rolling(Step.ANALYSIS, analysis=[{"name": "smoke", "result": "Skipped", "message": OIDC}]),
+         {BLUE: up(OLD), GREEN: up(NEW)}, now=600, preview_endpoints=3, spec=SMOKE,
+         step="Aborted", reason="AnalysisFailed", degraded=True, outcome="analysis_failed",
+         layouts=((BLUE, 3, False), (GREEN, 0, True))),
+    Case("a requested check Skipped after promotion is measured again, traffic stays", promoted(),
+         {GREEN: up(NEW), BLUE: up(OLD)}, now=95, spec=SMOKE, checks=SMOKE_SKIPPED, step="PostPromotion",
+         active=GREEN, layouts=((GREEN, 3, True), (BLUE, 3, False)), active_revision=NEW, requeue=10,
+         waiting_since=at(95)),
+    Case("a requested check still Skipped past the deadline after promotion switches traffic back",
+         promoted(waitingSince=at(95)), {GREEN: up(NEW), BLUE: up(OLD)}, now=695, spec=SMOKE, checks=SMOKE_SKIPPED,
+         step="Aborted", active=BLUE, reason="AnalysisFailed", degraded=True, outcome="analysis_failed"),
     # --- spec changes mid-rollout ---
     Case("spec back to the stable revision cancels the preview", rolling(Step.ANALYSIS),
          {BLUE: up(OLD), GREEN: up(NEW)}, now=20, revision=OLD, step=None, layouts=((BLUE, 3, True), (GREEN, 0, False)),
@@ -231,6 +281,75 @@ CASES = [
     Case("a newer revision restarts the preview", rolling(Step.ANALYSIS), {BLUE: up(OLD), GREEN: up(NEW)}, now=20,
          revision=NEWER, step="Preview", preview=GREEN, layouts=((BLUE, 3, False), (GREEN, 3, True))),
 ]  # fmt: skip
+
+# spec.replicas changing under the rollout (the HPA writes the agent's scale subresource), up (3 -> 5)
+# and down (3 -> 2) at each step, and the step once the colours have followed. Never an abort.
+SCALING = [
+    # awaiting approval
+    Case("scale up while awaiting approval: the preview follows, the rollout waits",
+         rolling(Step.AWAITING_PROMOTION), {BLUE: up(OLD), GREEN: up(NEW)}, now=50, replicas=5, preview_endpoints=3,
+         spec={"promotion": "Manual"}, step="AwaitingPromotion", preview=GREEN, reason="PreviewProgressing",
+         layouts=((BLUE, 5, False), (GREEN, 5, True)), requeue=600, waiting_since=at(50)),
+    Case("scale down while awaiting approval: the preview follows, the rollout waits",
+         rolling(Step.AWAITING_PROMOTION), {BLUE: up(OLD), GREEN: up(NEW)}, now=50, replicas=2, preview_endpoints=3,
+         spec={"promotion": "Manual"}, step="AwaitingPromotion", preview=GREEN,
+         layouts=((BLUE, 2, False), (GREEN, 2, True)), waiting_since=at(50)),
+    Case("scaled up while awaiting approval: waits for approval again", rolling(Step.AWAITING_PROMOTION,
+         waitingSince=at(50)), {BLUE: up(OLD, 5), GREEN: up(NEW, 5)}, now=80, replicas=5, preview_endpoints=5,
+         spec={"promotion": "Manual"}, step="AwaitingPromotion", preview=GREEN, reason="AwaitingPromotion",
+         paused=True, layouts=((BLUE, 5, False), (GREEN, 5, True))),
+    Case("scaled down while awaiting approval: waits for approval again", rolling(Step.AWAITING_PROMOTION,
+         waitingSince=at(50)), {BLUE: up(OLD, 2), GREEN: up(NEW, 2)}, now=55, replicas=2, preview_endpoints=2,
+         spec={"promotion": "Manual"}, step="AwaitingPromotion", preview=GREEN, paused=True),
+    # the end of the analysis window
+    Case("scale up at the analysis window's end: the preview follows, measured once it has",
+         rolling(Step.ANALYSIS), {BLUE: up(OLD), GREEN: up(NEW)}, now=40, replicas=5, preview_endpoints=3,
+         step="Analysis", preview=GREEN, reason="Analysing", layouts=((BLUE, 5, False), (GREEN, 5, True)),
+         requeue=600, waiting_since=at(40)),
+    Case("scale down at the analysis window's end: the preview follows, measured once it has",
+         rolling(Step.ANALYSIS), {BLUE: up(OLD), GREEN: up(NEW)}, now=40, replicas=2, preview_endpoints=3,
+         step="Analysis", preview=GREEN, layouts=((BLUE, 2, False), (GREEN, 2, True)), waiting_since=at(40)),
+    Case("scaled up during the analysis: measured", rolling(Step.ANALYSIS, waitingSince=at(40)),
+         {BLUE: up(OLD, 5), GREEN: up(NEW, 5)}, now=70, replicas=5, preview_endpoints=5, step="Analysis",
+         preview=GREEN, measure="preview"),
+    Case("scaled down during the analysis: promoted", rolling(Step.ANALYSIS, waitingSince=at(40)),
+         {BLUE: up(OLD, 2), GREEN: up(NEW, 2)}, now=45, replicas=2, preview_endpoints=2, checks=PASS,
+         step="PostPromotion", active=GREEN, active_revision=NEW, layouts=((GREEN, 2, True), (BLUE, 2, False))),
+    # promoting
+    Case("scale up while promoting: the preview follows, the switch waits", rolling(Step.PROMOTING),
+         {BLUE: up(OLD), GREEN: up(NEW)}, now=60, replicas=5, preview_endpoints=3, step="Promoting", preview=GREEN,
+         reason="Promoting", layouts=((BLUE, 5, False), (GREEN, 5, True)), requeue=600, waiting_since=at(60)),
+    Case("scale down while promoting: the preview follows, the switch waits", rolling(Step.PROMOTING),
+         {BLUE: up(OLD), GREEN: up(NEW)}, now=60, replicas=2, preview_endpoints=3, step="Promoting", preview=GREEN,
+         layouts=((BLUE, 2, False), (GREEN, 2, True)), waiting_since=at(60)),
+    Case("scaled up while promoting: traffic switches", rolling(Step.PROMOTING, waitingSince=at(60)),
+         {BLUE: up(OLD, 5), GREEN: up(NEW, 5)}, now=90, replicas=5, preview_endpoints=5, step="PostPromotion",
+         active=GREEN, active_revision=NEW, layouts=((GREEN, 5, True), (BLUE, 5, False))),
+    Case("scaled down while promoting: traffic switches", rolling(Step.PROMOTING, waitingSince=at(60)),
+         {BLUE: up(OLD, 2), GREEN: up(NEW, 2)}, now=65, replicas=2, preview_endpoints=2, step="PostPromotion",
+         active=GREEN, active_revision=NEW),
+    Case("a preview that never fills while promoting is aborted at the progress deadline",
+         rolling(Step.PROMOTING, waitingSince=at(60)), {BLUE: up(OLD, 5), GREEN: starting(NEW, 5, available=3)},
+         now=660, replicas=5, preview_endpoints=3, step="Aborted", reason="ProgressDeadlineExceeded", degraded=True,
+         outcome="deadline_exceeded", layouts=((BLUE, 5, False), (GREEN, 0, True))),
+    # post-promotion
+    Case("scale up after promotion: both colours follow, the check waits", promoted(),
+         {GREEN: up(NEW), BLUE: up(OLD)}, now=95, replicas=5, step="PostPromotion", active=GREEN,
+         layouts=((GREEN, 5, True), (BLUE, 5, False)), active_revision=NEW, requeue=600, waiting_since=at(95)),
+    Case("scale down after promotion: both colours follow, the check waits", promoted(),
+         {GREEN: up(NEW), BLUE: up(OLD)}, now=95, replicas=2, step="PostPromotion", active=GREEN,
+         layouts=((GREEN, 2, True), (BLUE, 2, False)), active_revision=NEW, waiting_since=at(95)),
+    Case("scaled up after promotion: the check is measured", promoted(waitingSince=at(95)),
+         {GREEN: up(NEW, 5), BLUE: up(OLD, 5)}, now=120, replicas=5, active_endpoints=5, step="PostPromotion",
+         active=GREEN, measure="active", active_revision=NEW, waiting_since=at(95)),
+    Case("scaled down after promotion: completed", promoted(waitingSince=at(95)),
+         {GREEN: up(NEW, 2), BLUE: up(OLD, 2)}, now=100, replicas=2, active_endpoints=2, checks=PASS,
+         step="Completed", active=GREEN, layouts=((GREEN, 2, True), (BLUE, 0, False)), reason="Available",
+         ready=True, outcome="promoted", active_revision=NEW),
+    Case("a pod evicted after promotion is waited for", promoted(), {GREEN: Colour(NEW, 3, 2), BLUE: up(OLD)},
+         now=95, active_endpoints=2, step="PostPromotion", active=GREEN, active_revision=NEW, waiting_since=at(95)),
+]  # fmt: skip
+CASES += SCALING
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -249,6 +368,10 @@ def test_transition(case: Case) -> None:
     assert decision.active_revision == case.active_revision
     if case.requeue is not None:
         assert decision.requeue_after == pytest.approx(case.requeue)
+    waiting_since = decision.rollout.waiting_since if decision.rollout else None
+    assert (parse(waiting_since) if waiting_since else None) == (
+        parse(case.waiting_since) if case.waiting_since else None
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -265,6 +388,7 @@ def test_a_step_repeated_from_its_own_status_changes_nothing(case: Case) -> None
         "activeRevision": first.active_revision,
         "previewRevision": first.preview_revision,
         "rollout": first.rollout.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "abortRequestSeen": first.abort_request_seen,
     }
     again = replace(case, status=status, checks=None).run()
     assert again.rollout is not None
@@ -285,3 +409,124 @@ def test_analysis_results_are_recorded_in_status() -> None:
 def test_promotion_duration_is_measured_from_the_start() -> None:
     case = next(c for c in CASES if c.name.startswith("checks pass, Auto"))
     assert case.run().promotion_seconds == pytest.approx(40)
+
+
+def test_a_requested_check_still_skipped_at_the_deadline_is_named() -> None:
+    measuring = next(c for c in CASES if c.name.startswith("a requested smoke check that was Skipped")).run()
+    assert measuring.rollout is not None
+    assert {a.name: a.result for a in measuring.rollout.analysis}[CheckName.SMOKE] == "Skipped"
+    assert "smoke: Skipped" in measuring.message
+    failed = next(c for c in CASES if c.name.startswith("still Skipped at the progress deadline")).run()
+    assert f"smoke: Skipped ({OIDC})" in failed.message
+    after = next(c for c in CASES if c.name.startswith("a requested check still Skipped past the deadline")).run()
+    assert "post-promotion check failed" in after.message
+    assert "smoke: Skipped" in after.message
+
+
+def _step(decision: Decision) -> str | None:
+    return decision.rollout.step if decision.rollout else None
+
+
+def _next_status(decision: Decision) -> dict[str, Any]:
+    """The status the controller writes for a decision, as the next reconcile reads it."""
+    return {
+        "activeColor": decision.active_color.value,
+        "activeRevision": decision.active_revision,
+        "previewRevision": decision.preview_revision,
+        "rollout": decision.rollout.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if decision.rollout
+        else None,
+        "abortRequestSeen": decision.abort_request_seen,
+    }
+
+
+def test_an_abort_request_acts_once_and_a_retry_of_the_same_revision_proceeds() -> None:
+    # Abort NEW during its preview.
+    aborting = Case("", rolling(Step.PREVIEW), {BLUE: up(OLD), GREEN: starting(NEW)}, now=5, abort=NEW)
+    aborted = aborting.run()
+    assert (_step(aborted), aborted.outcome, aborted.abort_request_seen) == ("Aborted", "aborted", NEW)
+    # Retry, with the abort annotation still on the agent (set by hand, or kept by a GitOps tool).
+    retried = replace(aborting, status=_next_status(aborted), now=100, retry="t1").run()
+    assert _step(retried) == "Preview"
+    # The new rollout of the same revision proceeds to its analysis instead of aborting at once.
+    ready = {BLUE: up(OLD), GREEN: up(NEW)}
+    analysing = replace(
+        aborting, status=_next_status(retried), colours=ready, preview_endpoints=3, now=120, retry="t1"
+    ).run()
+    assert (_step(analysing), analysing.outcome, analysing.degraded) == ("Analysis", None, False)
+    # A new abort request (the annotation removed, then written again) acts.
+    cleared = replace(aborting, status=_next_status(analysing), colours=ready, preview_endpoints=3, now=125, abort=None)
+    assert cleared.run().abort_request_seen is None
+    again = replace(cleared, status=_next_status(cleared.run()), abort=NEW).run()
+    assert (_step(again), again.outcome) == ("Aborted", "aborted")
+
+
+def test_an_abort_request_does_not_abort_the_same_revision_applied_again_later() -> None:
+    aborting = Case("", rolling(Step.ANALYSIS), {BLUE: up(OLD), GREEN: up(NEW)}, now=20, preview_endpoints=3, abort=NEW)
+    aborted = aborting.run()
+    assert aborted.outcome == "aborted"
+    # The spec goes back to the stable revision: no rollout; the annotation stays.
+    reverted = replace(aborting, status=_next_status(aborted), revision=OLD, now=30).run()
+    assert (_step(reverted), reverted.active_revision) == (None, OLD)
+    # NEW applied again: a new rollout that proceeds.
+    started = replace(aborting, status=_next_status(reverted), colours={BLUE: up(OLD), GREEN: up(NEW, 0)}, now=40).run()
+    assert _step(started) == "Preview"
+    previewing = replace(aborting, status=_next_status(started), now=45).run()
+    assert (_step(previewing), previewing.outcome) == ("Analysis", None)
+
+
+def test_an_abort_request_after_promotion_is_spent_by_the_switch_back() -> None:
+    aborting = Case("", promoted(), {GREEN: up(NEW), BLUE: up(OLD)}, now=70, abort=NEW)
+    switched = aborting.run()
+    assert (_step(switched), switched.active_color, switched.abort_request_seen) == ("Aborted", BLUE, NEW)
+    retried = replace(
+        aborting, status=_next_status(switched), colours={BLUE: up(OLD), GREEN: up(NEW, 0)}, now=80, retry="t1"
+    ).run()
+    assert _step(retried) == "Preview"
+    ready = {BLUE: up(OLD), GREEN: up(NEW)}
+    going = replace(
+        aborting, status=_next_status(retried), colours=ready, preview_endpoints=3, now=90, retry="t1"
+    ).run()
+    assert (_step(going), going.outcome) == ("Analysis", None)
+
+
+def test_a_rollout_under_an_autoscaler_that_scales_at_every_step_completes() -> None:
+    """The cluster follows every decision (a Deployment's pods are ready one reconcile after its
+    replicas change) while spec.replicas moves up and down every third reconcile, at every step;
+    the rollout must end promoted (approved on the way), and never abort."""
+    counts = iter([count for count in (3, 5, 2, 4, 6, 3) * 10 for _ in range(3)])
+    status: dict[str, Any] = steady()
+    deployments: dict[Color, tuple[str, int]] = {BLUE: (OLD, 3)}
+    ready: dict[Color, int] = {BLUE: 3}
+    steps: list[str | None] = []
+    for tick in range(120):
+        replicas = next(counts)
+        colours = {
+            color: Colour(revision, count, ready.get(color, 0), rolled_out=ready.get(color, 0) == count)
+            for color, (revision, count) in deployments.items()
+        }
+        active = Color(status["activeColor"])
+        case = Case(
+            "",
+            status,
+            colours,
+            now=tick * 5,
+            replicas=replicas,
+            spec={"promotion": "Manual", "scaleDownDelaySeconds": 20, **({"promote": NEW} if tick >= 16 else {})},
+            preview_endpoints=ready.get(active.other, 0) if colours.get(active.other, Colour()).rolled_out else 0,
+            active_endpoints=ready.get(active, 0) if colours.get(active, Colour()).rolled_out else 0,
+        )
+        decision = case.run()
+        if decision.measure is not None:
+            decision = replace(case, checks=PASS).run()
+        assert decision.outcome in (None, "promoted"), decision.message
+        steps.append(_step(decision))
+        if decision.outcome == "promoted":
+            break
+        status = _next_status(decision)
+        ready = {color: deployments[color][1] for color in deployments}  # last round's pods are ready now
+        for layout in decision.deployments:
+            revision = NEW if layout.from_spec else deployments[layout.color][0]
+            deployments[layout.color] = (revision, layout.replicas)
+    assert steps[-1] == "Completed", steps
+    assert {"Preview", "Analysis", "AwaitingPromotion", "PostPromotion"} <= set(steps), steps

@@ -14,7 +14,7 @@ import yaml
 
 from agent_operator import conditions as cond
 from agent_operator.conditions import Reason
-from agent_operator.controller import Controller, ControllerSettings
+from agent_operator.controller import Controller, ControllerSettings, NotLeadingError
 from agent_operator.kube import Kube
 from agent_operator.manifest import ManifestError, parse_agent
 from agent_operator.reconcile import (
@@ -231,7 +231,9 @@ class SecretsOnly:
         self.calls.append(("find", api_version, kind, namespace, name))
         return self.secrets.get(name)
 
-    async def apply_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+    async def apply_status(
+        self, namespace: str, name: str, status: dict[str, Any], resource_version: str | None = None
+    ) -> dict[str, Any]:
         self.status = status
         return {"status": status}
 
@@ -248,6 +250,7 @@ def test_the_controller_reads_the_referenced_secret_by_name_and_stalls() -> None
     async def scenario() -> str:
         controller = Controller(cast(Kube, kube), ControllerSettings())
         controller.observe_agent("ADDED", served_with(state={"postgres": POSTGRES}))
+        controller.start_leading()
         return await controller.reconcile(("default", "hello-agent"))
 
     assert asyncio.run(scenario()) == "stalled"
@@ -259,6 +262,24 @@ def test_the_controller_reads_the_referenced_secret_by_name_and_stalls() -> None
         in (kube.status["message"])
     )
     assert ("Warning", "MissingReference") in kube.events
+
+
+def test_a_controller_that_does_not_lead_writes_nothing() -> None:
+    """The fence behind every write: a reconcile that runs on after a step-down stops at its first
+    write instead of landing a status computed before the takeover."""
+    kube = SecretsOnly({"hello-db-app": secret({"password": "eA=="})})
+
+    async def scenario() -> None:
+        controller = Controller(cast(Kube, kube), ControllerSettings())
+        controller.observe_agent("ADDED", served_with(state={"postgres": POSTGRES}))
+        controller.start_leading()
+        controller.stop_leading()
+        with pytest.raises(NotLeadingError):
+            await controller.reconcile(("default", "hello-agent"))
+
+    asyncio.run(scenario())
+    assert kube.status is None
+    assert kube.events == []
 
 
 # --- SharedStateMissing -----------------------------------------------------------------------------

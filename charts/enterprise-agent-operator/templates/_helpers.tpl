@@ -45,9 +45,18 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: ["agents.enterprise.io"]
   resources: ["enterpriseagents/status"]
   verbs: ["patch"]
+# Every child's ownerReference sets blockOwnerDeletion; with OwnerReferencesPermissionEnforcement
+# (OpenShift's default) that needs update on the owner's finalizers.
+- apiGroups: ["agents.enterprise.io"]
+  resources: ["enterpriseagents/finalizers"]
+  verbs: ["update"]
 # Children: applied with server-side apply (patch), created, deleted when no longer wanted.
 - apiGroups: ["apps"]
   resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# One ControllerRevision per revision of an agent: how it renders, kept apart from its Deployments.
+- apiGroups: ["apps"]
+  resources: ["controllerrevisions"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["services", "configmaps", "serviceaccounts"]

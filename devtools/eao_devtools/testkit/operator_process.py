@@ -86,7 +86,7 @@ class OperatorProcess:
         status, body = self._get("/healthz")
         return status == 200 and bool(json.loads(body)["leader"])
 
-    def metric(self, name: str, **labels: str) -> float:
+    def metric(self, name: str, /, **labels: str) -> float:
         """Sum of the samples of ``name`` whose labels include ``labels``."""
         _, body = self._get("/metrics")
         total = 0.0

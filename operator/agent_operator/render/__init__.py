@@ -8,45 +8,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from agent_contract.config import RuntimeConfig
 from agent_operator import defaults
-from agent_operator.render.common import Manifest, label_selector_string, selector_labels, stable_hash
+from agent_operator.render.common import Manifest, label_selector_string, selector_labels
+from agent_operator.render.history import (
+    RevisionRecord,
+    build_controller_revision,
+    compute_revision,
+    first_render,
+)
 from agent_operator.render.keys import KeyVersions, build_key_secret
 from agent_operator.render.policy import build_hpa, build_network_policy, build_pdb, build_service_account
-from agent_operator.render.runtime_config import build_config_map, build_runtime_config
+from agent_operator.render.runtime_config import build_config_map
 from agent_operator.render.services import build_service, build_service_monitor
-from agent_operator.render.workload import build_deployment, build_pod_template
+from agent_operator.render.workload import build_deployment
 from agent_operator.spec import Color, EnterpriseAgent
-
-
-def compute_revision(agent: EnterpriseAgent, keys: KeyVersions, config: RuntimeConfig | None = None) -> str:
-    """A hash over everything that must start a rollout: the pod template (image, env, resources,
-    scheduling), the runtime config and the key versions. Replicas, autoscaling, rollout and
-    network settings are left out: changing them does not replace pods."""
-    return stable_hash(
-        {
-            "podTemplate": build_pod_template(agent, revision="", color=None),
-            "runtimeConfig": (config or build_runtime_config(agent)).to_yaml(),
-            "keys": keys.fingerprint(),
-        }
-    )
 
 
 @dataclass(frozen=True)
 class ColorPlan:
-    """One colour's Deployment: its replicas and, when it is not the current spec (the stable
-    colour during a rollout), the spec and revision it keeps running."""
+    """One colour's Deployment: its replicas and, when it keeps a revision other than the current
+    spec's (the stable colour during a rollout), that revision's record."""
 
     color: Color
     replicas: int
-    source: EnterpriseAgent | None = None
-    revision: str | None = None
+    record: RevisionRecord | None = None
 
 
 @dataclass(frozen=True)
 class RenderPlan:
     """The operator's decisions that the spec alone does not determine: which colours run what,
-    and which colour each Service selects."""
+    which colour each Service selects, and which revisions are kept."""
 
     deployments: tuple[ColorPlan, ...]
     active_color: Color
@@ -55,9 +46,10 @@ class RenderPlan:
     key_data: dict[str, str] | None = None
     key_rotated_for: str | None = None
     operator_namespace: str = defaults.OPERATOR_NAMESPACE
-    # The current spec's revision and runtime config, when the caller has computed them already.
-    revision: str | None = None
-    runtime_config: RuntimeConfig | None = None
+    # The current spec's revision as recorded (its ControllerRevision), or None to render it now.
+    current: RevisionRecord | None = None
+    # The revisions whose ControllerRevisions are kept, numbered; the reconciler decides them.
+    history: tuple[RevisionRecord, ...] = ()
 
     @classmethod
     def initial(
@@ -82,23 +74,23 @@ def active_selector(agent: EnterpriseAgent, color: Color) -> str:
 
 
 def build_children(agent: EnterpriseAgent, plan: RenderPlan) -> list[Manifest]:
-    """Every child of the agent. A colour renders the current spec unless the plan gives it
-    the spec it was created from; each running revision keeps its own ConfigMap."""
-    config = plan.runtime_config or build_runtime_config(agent)
-    revision = plan.revision or compute_revision(agent, plan.keys, config)
+    """Every child of the agent. Each colour's Deployment and ConfigMap are rendered from its
+    revision's record (the current spec's unless the plan gives another), never re-rendered; each
+    running revision keeps its own ConfigMap; each kept revision its ControllerRevision."""
+    current = plan.current or first_render(agent, compute_revision(agent, plan.keys))
     children: list[Manifest] = [
         build_service_account(agent),
         build_key_secret(agent, plan.key_data, plan.key_rotated_for),
-        build_config_map(agent, config, revision),
+        build_config_map(agent, current.runtime_config, current.revision),
     ]
-    config_maps = {revision}
+    config_maps = {current.revision}
     for colour in plan.deployments:
-        source = colour.source or agent
-        colour_revision = colour.revision or revision
-        children.append(build_deployment(source, colour.color, colour_revision, colour.replicas))
-        if colour.replicas > 0 and colour_revision not in config_maps:
-            config_maps.add(colour_revision)
-            children.append(build_config_map(source, build_runtime_config(source), colour_revision))
+        record = colour.record or current
+        template = record.pod_template(colour.color)
+        children.append(build_deployment(agent, colour.color, record.revision, colour.replicas, template, record.spec))
+        if colour.replicas > 0 and record.revision not in config_maps:
+            config_maps.add(record.revision)
+            children.append(build_config_map(agent, record.runtime_config, record.revision))
     children += [
         build_service(agent, "active", plan.active_color),
         build_service(agent, "preview", plan.preview_color),
@@ -110,6 +102,7 @@ def build_children(agent: EnterpriseAgent, plan: RenderPlan) -> list[Manifest]:
         children.append(build_network_policy(agent, plan.operator_namespace))
     if agent.spec.observability.service_monitor.enabled:
         children.append(build_service_monitor(agent))
+    children += [build_controller_revision(agent, record) for record in plan.history]
     return children
 
 
@@ -118,7 +111,9 @@ __all__ = [
     "KeyVersions",
     "Manifest",
     "RenderPlan",
+    "RevisionRecord",
     "active_selector",
     "build_children",
     "compute_revision",
+    "first_render",
 ]

@@ -48,12 +48,13 @@ def build_runtime_config(agent: EnterpriseAgent) -> RuntimeConfig:
     )
 
 
-def build_config_map(agent: EnterpriseAgent, config: RuntimeConfig, revision: str) -> Manifest:
-    """One immutable ConfigMap per revision, so the old colour keeps its config during a rollout."""
+def build_config_map(agent: EnterpriseAgent, config_yaml: str, revision: str) -> Manifest:
+    """One immutable ConfigMap per revision, so the old colour keeps its config during a rollout.
+    ``config_yaml`` is the runtime config as the revision was first rendered (its record)."""
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": metadata(agent, config_map_name(agent, revision), {LABEL_REVISION: revision}),
         "immutable": True,
-        "data": {CONFIG_FILE_KEY: config.to_yaml()},
+        "data": {CONFIG_FILE_KEY: config_yaml},
     }

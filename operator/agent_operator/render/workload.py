@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from agent_contract.layout import (
@@ -19,6 +20,7 @@ from agent_operator.render.common import (
     ANNOTATION_SPEC,
     LABEL_COLOR,
     LABEL_REVISION,
+    LABEL_VERSION,
     RUNTIME_UID,
     Manifest,
     common_labels,
@@ -73,7 +75,7 @@ def _operator_env(agent: EnterpriseAgent, revision: str, color: Color | None) ->
 
 
 def build_pod_template(agent: EnterpriseAgent, revision: str, color: Color | None) -> Manifest:
-    """The pod template. With ``revision=""`` and ``color=None`` it is the input of the revision hash."""
+    """The pod template of one colour at ``revision``."""
     spec = agent.spec
     labels = {**spec.pod.labels, **common_labels(agent), **version_labels(agent), **selector_labels(agent, color)}
     if revision:
@@ -167,16 +169,24 @@ def build_pod_template(agent: EnterpriseAgent, revision: str, color: Color | Non
     return {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec}
 
 
-def build_deployment(agent: EnterpriseAgent, color: Color, revision: str, replicas: int) -> Manifest:
+def build_deployment(
+    agent: EnterpriseAgent,
+    color: Color,
+    revision: str,
+    replicas: int,
+    template: Manifest,
+    recorded_spec: Mapping[str, Any],
+) -> Manifest:
+    """One colour's Deployment around ``template``, the pod template its revision was first
+    rendered with, and ``recorded_spec``, the user's spec of that revision (kept on the Deployment
+    for older `kubectl ea` plugins; the ControllerRevision is the record)."""
+    version = (template.get("metadata", {}).get("labels") or {}).get(LABEL_VERSION)
     meta = metadata(
         agent,
         deployment_name(agent, color),
-        {**version_labels(agent), LABEL_COLOR: color.value, LABEL_REVISION: revision},
+        {**({LABEL_VERSION: version} if version else {}), LABEL_COLOR: color.value, LABEL_REVISION: revision},
     )
-    meta["annotations"] = {
-        ANNOTATION_REVISION: revision,
-        ANNOTATION_SPEC: encode_spec(agent.spec.model_dump(by_alias=True, mode="json", exclude_unset=True)),
-    }
+    meta["annotations"] = {ANNOTATION_REVISION: revision, ANNOTATION_SPEC: encode_spec(dict(recorded_spec))}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -187,6 +197,6 @@ def build_deployment(agent: EnterpriseAgent, color: Color, revision: str, replic
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}},
             "revisionHistoryLimit": 3,
             "progressDeadlineSeconds": agent.spec.rollout.progress_deadline_seconds,
-            "template": build_pod_template(agent, revision, color),
+            "template": template,
         },
     }
