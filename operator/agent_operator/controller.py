@@ -42,6 +42,9 @@ log = logging.getLogger("agent_operator")
 
 AgentKey = tuple[str, str]  # (namespace, name)
 _RENAME = "rename the agent or delete that object"
+# What a measurement was taken for: the checks' targets, the spec's generation and the revision.
+MeasureRequest = tuple[core.Measure, int, str | None]
+MEASUREMENTS_AT_ONCE = 32  # concurrent rollout analyses (each a few HTTP calls)
 COMPONENT = "enterprise-agent-operator"
 
 
@@ -124,6 +127,8 @@ class Controller:
         self._last_resync = 0.0
         self._namespaces: tuple[str, ...] = ()
         self._in_flight: set[asyncio.Task[str]] = set()
+        self._measurements: dict[AgentKey, tuple[MeasureRequest, asyncio.Task[list[rollout.Check]]]] = {}
+        self._measuring = asyncio.Semaphore(MEASUREMENTS_AT_ONCE)
 
     def _record(self, key: AgentKey) -> AgentRecord:
         return self.records.setdefault(key, AgentRecord())
@@ -143,6 +148,9 @@ class Controller:
             if cached is not None and (cached.body is None or _uid(cached.body) == _uid(body)):
                 self.records.pop(key, None)
                 metrics.forget_phase(*key)
+                measuring = self._measurements.pop(key, None)
+                if measuring is not None:
+                    measuring[1].cancel()
         else:
             record = self._record(key)
             if _uid(record.body) == _uid(body) and body["metadata"].get("resourceVersion") in record.superseded:
@@ -321,6 +329,33 @@ class Controller:
             self._in_flight.discard(task)
             metrics.RECONCILE_DURATION.labels(result=result).observe(time.perf_counter() - started)
 
+    def _measured(
+        self, key: AgentKey, request: MeasureRequest, agent: EnterpriseAgent, key_data: Mapping[str, str]
+    ) -> list[rollout.Check] | None:
+        """The checks measured for exactly this request, or None while they are measured. An
+        analysis may take minutes (a smoke call may be given 600 s): it runs beside the workers,
+        not in one, so slow analyses never hold the workers that repair drift for other agents."""
+        done = self._measurements.get(key)
+        if done is not None and done[0] == request and done[1].done() and not done[1].cancelled():
+            del self._measurements[key]
+            if done[1].exception() is None:
+                return done[1].result()
+        if done is None or done[0] != request or done[1].done():
+            if done is not None:
+                done[1].cancel()  # measured for a revision or pods that are gone
+            task = asyncio.create_task(self._measure(key, agent, request[0], key_data), name=f"measure-{key[1]}")
+            self._measurements[key] = (request, task)
+        return None
+
+    async def _measure(
+        self, key: AgentKey, agent: EnterpriseAgent, measure: core.Measure, key_data: Mapping[str, str]
+    ) -> list[rollout.Check]:
+        try:
+            async with self._measuring:
+                return await self.analysis.measure(agent, measure.service, measure.pod_ips, key_data)
+        finally:
+            self.queue.add(key)
+
     def start_leading(self) -> None:
         self.leading.set()
         self.enqueue_all()
@@ -329,8 +364,9 @@ class Controller:
         """Stops every write at once: reconciles in flight are cancelled, and a write that is
         already past its check finds ``leading`` clear at the next one (``_fence``)."""
         self.leading.clear()
-        for task in list(self._in_flight):
+        for task in [*self._in_flight, *(task for _, task in self._measurements.values())]:
             task.cancel()
+        self._measurements.clear()
 
     def _fence(self) -> None:
         if not self.leading.is_set():
@@ -374,11 +410,19 @@ class Controller:
                     return await self._finish(
                         body, core.stalled_plan(observed, conflict, Reason.NAME_CONFLICT, now), key
                     )
+                except KubeError as error:
+                    if error.status != 403:
+                        raise
+                    self._retry_later(key)  # as for any child refused for a reason outside the spec
+                    refused = [FieldError("spec", f"Secret {key_secret_name(agent)}: {error}")]
+                    return await self._finish(body, core.stalled_plan(observed, refused, Reason.FORBIDDEN, now), key)
         checks: list[rollout.Check] | None = None
         plan = self._plan(observed, now, checks, record)
         if plan.measure is not None:
             assert agent is not None  # a stalled plan measures nothing
-            checks = await self.analysis.measure(agent, plan.measure.service, plan.measure.pod_ips, observed.key_data)
+            checks = self._measured(key, (plan.measure, observed.generation, plan.revision), agent, observed.key_data)
+            if checks is None:
+                return "measuring"  # the worker is free; the measurement queues the agent when done
             plan = self._plan(observed, now, checks, record)
         conflicts = await self._foreign_objects(plan.apply, record.children, observed.uid)
         if conflicts:

@@ -264,6 +264,48 @@ def test_the_controller_reads_the_referenced_secret_by_name_and_stalls() -> None
     assert ("Warning", "MissingReference") in kube.events
 
 
+class WritesStatus(SecretsOnly):
+    """Answers a status write as the API server does: the whole agent at a new resourceVersion."""
+
+    def __init__(self, secrets: dict[str, dict[str, Any]], agent: dict[str, Any]) -> None:
+        super().__init__(secrets)
+        self.agent = agent
+        self.written_over: list[str | None] = []
+
+    async def apply_status(
+        self, namespace: str, name: str, status: dict[str, Any], resource_version: str | None = None
+    ) -> dict[str, Any]:
+        self.written_over.append(resource_version)
+        metadata = {**self.agent["metadata"], "resourceVersion": str(int(resource_version or "0") + 1)}
+        self.agent = {**self.agent, "metadata": metadata, "status": status}
+        return self.agent
+
+
+def test_a_late_event_older_than_our_status_write_does_not_rewind_the_cache() -> None:
+    body = served_with(state={"postgres": POSTGRES})
+    body["metadata"]["resourceVersion"] = "7"
+    kube = WritesStatus({}, body)
+    key = ("default", "hello-agent")
+
+    async def scenario() -> Controller:
+        controller = Controller(cast(Kube, kube), ControllerSettings())
+        controller.observe_agent("ADDED", body)
+        controller.start_leading()
+        assert await controller.reconcile(key) == "stalled"
+        controller.observe_agent("MODIFIED", body)  # the watch's event for version 7, arriving late
+        return controller
+
+    controller = asyncio.run(scenario())
+    assert kube.written_over == ["7"]  # written only over the version it was computed from
+    cached = controller.records[key].body
+    assert cached is not None
+    assert cached["metadata"]["resourceVersion"] == "8"
+    assert cached["status"]["phase"] == "Stalled"  # not rewound to the empty status of version 7
+    newer = {**body, "metadata": {**body["metadata"], "resourceVersion": "9"}, "status": cached["status"]}
+    controller.observe_agent("MODIFIED", newer)
+    assert controller.records[key].body == newer  # anything newer is taken as usual
+
+
 def test_a_controller_that_does_not_lead_writes_nothing() -> None:
     """The fence behind every write: a reconcile that runs on after a step-down stops at its first
     write instead of landing a status computed before the takeover."""
