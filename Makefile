@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CRD := crds/enterpriseagents.agents.enterprise.io.yaml
 
-.PHONY: help venv system-packages tools test lint typecheck pytest crds run cluster-up cluster-down cluster-status bench bench-runtime bench-rollout e2e-kind clean
+.PHONY: help venv system-packages tools test lint typecheck pytest crds run cluster-up cluster-down cluster-status bench bench-runtime bench-rollout bench-watch-memory e2e-kind clean
 
 help:
 	@echo "make run    - operator against the current cluster, else the local control plane, with an example agent"
@@ -77,6 +77,10 @@ bench: venv
 
 bench-rollout: venv
 	$(BIN)/eao-dev bench rollout --windows 0 5 10 --runs 3 $(ARGS)
+
+# The operator's memory beside 5,000 unrelated 100 KiB Secrets: server-side selectors vs none.
+bench-watch-memory: venv
+	$(BIN)/eao-dev bench watch_memory --secrets 5000 --size-kib 100
 
 # wrk comes from Debian's packages; FastAPI and uvicorn from the bench extra (installed with the venv,
 # so mypy checks the bench servers too).

@@ -110,7 +110,11 @@ def main() -> int:
         try:
             kube = Kube(cluster.kubeconfig, str(ensure_binaries() / "kubectl"), cluster)
             kube.kubectl("apply", "--server-side", "-f", str(CRD))
-            kube.kubectl("wait", "--for=condition=Established", "crd/enterpriseagents.agents.enterprise.io")
+            deadline = time.monotonic() + 60
+            while kube.kubectl("get", "ea", "-A", check=False).returncode != 0:  # served once Established
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the EnterpriseAgent CRD was never served")
+                time.sleep(0.2)
             started = time.monotonic()
             fill(kube, "unrelated", args.secrets, args.size_kib)
             print(

@@ -160,7 +160,7 @@ async def _readyz(session: aiohttp.ClientSession, target: Target) -> Check:
                 AnalysisResult.PASSED if passed else AnalysisResult.FAILED,
                 f"{response.status} {body}",
             )
-    except (aiohttp.ClientError, TimeoutError) as error:
+    except (aiohttp.ClientError, TimeoutError, ValueError) as error:  # ValueError: a body that is not text
         return Check(CheckName.READYZ, AnalysisResult.FAILED, f"unreachable: {error or type(error).__name__}")
 
 
@@ -224,5 +224,5 @@ async def _smoke(
                 AnalysisResult.PASSED if passed else AnalysisResult.FAILED,
                 f"{smoke.operation}: {response.status} {body}",
             )
-    except (aiohttp.ClientError, TimeoutError) as error:
+    except (aiohttp.ClientError, TimeoutError, ValueError) as error:  # ValueError: a body that is not text
         return Check(CheckName.SMOKE, AnalysisResult.FAILED, f"{smoke.operation}: {error or type(error).__name__}")

@@ -12,13 +12,14 @@ import asyncio
 import base64
 import fnmatch
 import logging
+import math
 import random
 import time
 from collections import deque
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from agent_contract.keyfiles import new_key_files
 from agent_operator import defaults, metrics, rollout, timefmt
@@ -36,7 +37,7 @@ from agent_operator.render.common import (
     key_secret_name,
 )
 from agent_operator.render.keys import ANNOTATION_ROTATED_FOR, build_key_secret
-from agent_operator.spec import EnterpriseAgent, Phase, read_status
+from agent_operator.spec import KIND, EnterpriseAgent, Phase, read_status
 
 log = logging.getLogger("agent_operator")
 
@@ -59,6 +60,7 @@ class WorkQueue:
         self._queue: asyncio.Queue[Hashable] = asyncio.Queue()
         self._dirty: set[Hashable] = set()
         self._processing: set[Hashable] = set()
+        self._timers: dict[Hashable, asyncio.TimerHandle] = {}
 
     def add(self, key: Hashable) -> None:
         if key in self._dirty:
@@ -69,7 +71,19 @@ class WorkQueue:
         metrics.QUEUE_DEPTH.set(len(self._dirty))
 
     def add_after(self, key: Hashable, delay: float) -> None:
-        asyncio.get_running_loop().call_later(delay, self.add, key)
+        """Queues ``key`` after ``delay``, keeping only the earliest timer per key (as client-go's
+        delaying queue does): retries of an agent that stays refused must not multiply."""
+        loop = asyncio.get_running_loop()
+        pending = self._timers.get(key)
+        if pending is not None and pending.when() <= loop.time() + delay:
+            return
+        if pending is not None:
+            pending.cancel()
+        self._timers[key] = loop.call_later(delay, self._fire, key)
+
+    def _fire(self, key: Hashable) -> None:
+        self._timers.pop(key, None)
+        self.add(key)
 
     async def get(self) -> Hashable:
         key = await self._queue.get()
@@ -126,6 +140,9 @@ class Controller:
         self.last_heartbeat = time.monotonic()
         self._last_resync = 0.0
         self._namespaces: tuple[str, ...] = ()
+        self._change_count = 0
+        self._write_until = math.inf  # set by the elector's renewals; a controller without one is unbounded
+        self._touched: dict[Hashable, int] = {}
         self._in_flight: set[asyncio.Task[str]] = set()
         self._measurements: dict[AgentKey, tuple[MeasureRequest, asyncio.Task[list[rollout.Check]]]] = {}
         self._measuring = asyncio.Semaphore(MEASUREMENTS_AT_ONCE)
@@ -141,6 +158,7 @@ class Controller:
     def observe_agent(self, event_type: str | None, body: Mapping[str, Any]) -> None:
         body = _slim(body)
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
+        self._touch(("agent", *key))
         cached = self.records.get(key)
         if event_type == "DELETED":
             # Only the agent we know: a DELETED of an older agent of the same name (recreated in a
@@ -148,13 +166,11 @@ class Controller:
             if cached is not None and (cached.body is None or _uid(cached.body) == _uid(body)):
                 self.records.pop(key, None)
                 metrics.forget_phase(*key)
-                measuring = self._measurements.pop(key, None)
-                if measuring is not None:
-                    measuring[1].cancel()
+                self._forget_measurement(key)
         else:
             record = self._record(key)
-            if _uid(record.body) == _uid(body) and body["metadata"].get("resourceVersion") in record.superseded:
-                return  # older than what our own status write already put in the cache
+            if _uid(record.body) == _uid(body) and _older(body, record.body, record.superseded):
+                return  # older than what our own write or read already put in the cache
             record.body = body
             generation = body["metadata"].get("generation", 0)
             record.generation_seen_at.setdefault(generation, time.monotonic())
@@ -167,22 +183,21 @@ class Controller:
         owner = metadata.get("labels", {}).get(LABEL_INSTANCE)
         if not owner:
             return
+        self._touch(_child_identity(body))
         key = (metadata["namespace"], owner)
         if event_type == "DELETED" and key not in self.records:
             return  # a child of a deleted agent, going with it: nothing to forget
         record = self._record(key)
-        child = (body["apiVersion"], body["kind"], metadata["name"])
-        if body["kind"] == ENDPOINT_SLICE.kind:  # not a child: never compared, never deleted
-            if event_type == "DELETED":
-                if _uid(record.endpoint_slices.get(metadata["name"])) in (None, _uid(body)):
-                    record.endpoint_slices.pop(metadata["name"], None)
-            else:
-                record.endpoint_slices[metadata["name"]] = body
-        elif event_type == "DELETED":
-            if _uid(record.children.get(child)) in (None, _uid(body)):  # not a newer one of that name
-                record.children.pop(child, None)
-        else:
-            record.children[child] = body
+        cache: dict[Any, dict[str, Any]] = (
+            record.endpoint_slices if body["kind"] == ENDPOINT_SLICE.kind else record.children
+        )  # EndpointSlices are not children: never compared, never deleted
+        cache_key = metadata["name"] if cache is record.endpoint_slices else core.child_key(body)
+        cached = cache.get(cache_key)
+        if event_type == "DELETED":
+            if _uid(cached) in (None, _uid(body)):  # not a newer one of that name
+                cache.pop(cache_key, None)
+        elif not (cached is not None and _uid(cached) == _uid(body) and _older(body, cached)):
+            cache[cache_key] = body
         if record.body is None and not record.children and not record.endpoint_slices:
             del self.records[key]  # children seen before (or after) their agent, all gone now
             return
@@ -190,6 +205,18 @@ class Controller:
             # A rollout brings bursts of child status events; waiting a moment folds each burst
             # into one reconcile (and one status write) instead of one per event.
             self.queue.add_after(key, self.settings.child_event_delay_seconds)
+
+    def _touch(self, identity: Hashable) -> None:
+        """Notes that the cache entry changed (an event, a write's response): a relist in flight
+        must not overwrite or drop it with what it listed before."""
+        self._change_count += 1
+        self._touched[identity] = self._change_count
+
+    def _store_child(self, children: dict[core.ChildKey, dict[str, Any]], obj: Mapping[str, Any]) -> dict[str, Any]:
+        slim = _slim(obj)
+        children[core.child_key(slim)] = slim  # fresher than the watch; the event follows
+        self._touch(_child_identity(slim))
+        return slim
 
     async def prime(self, namespaces: tuple[str, ...]) -> None:
         """Lists agents and children once before any reconcile (as an informer syncs its cache),
@@ -200,46 +227,51 @@ class Controller:
 
     async def relist(self) -> None:
         """Lists everything we watch and makes the caches agree, as an informer's relist does:
-        what the list lacks is forgotten and what the caches lack is added. kopf's watches relist
-        after a 410 (an API server restart, a long disconnect) without DELETED events for objects
-        deleted in the gap; without this, a child deleted then would stay in the cache, never be
-        recreated, and its agent would stay Ready. Objects the watches updated while the list was
-        in flight are left alone: the watch is newer than the list."""
-        before = {
-            key: (record.body, dict(record.children), dict(record.endpoint_slices))
-            for key, record in self.records.items()
-        }
+        what the list lacks is forgotten, what the caches lack is added, what differs is updated.
+        kopf's watches relist after a 410 (an API server restart, a long disconnect) without
+        DELETED events for objects deleted in the gap; without this, a child deleted then would
+        stay in the cache, never be recreated, and its agent would stay Ready. An entry that
+        changed while the lists were in flight (an event, our own write) is newer than the list
+        and left alone, in both directions."""
+        listed_at = self._change_count
         agents, children = [], []
         for scope in self._scopes():
             agents += await self.kube.list(AGENT.api_version, AGENT.kind, scope)
             for kind in WATCHED_BY_LABEL:
+                self.last_heartbeat = time.monotonic()  # slow lists are not a stuck loop
                 children += await self.kube.list(kind.api_version, kind.kind, scope, f"{LABEL_MANAGED_BY}={MANAGER}")
-        agents = [a for a in agents if self._watched(a)]
-        children = [c for c in children if self._watched(c)]
-        listed_agents = {(a["metadata"]["namespace"], a["metadata"]["name"]): a for a in agents}
-        listed_children = {_child_identity(c) for c in children}
-        for key, (body, cached_children, cached_slices) in before.items():
-            record = self.records.get(key)
-            if record is None:
-                continue
-            if body is not None and record.body is body and _uid(listed_agents.get(key)) != _uid(body):
-                self.observe_agent("DELETED", body)
-            for child_key, child in cached_children.items():
-                if record.children.get(child_key) is child and _child_identity(child) not in listed_children:
-                    self.observe_child("DELETED", child)
-            for slice_name, endpoint_slice in cached_slices.items():
-                gone = _child_identity(endpoint_slice) not in listed_children
-                if record.endpoint_slices.get(slice_name) is endpoint_slice and gone:
-                    self.observe_child("DELETED", endpoint_slice)
+        listed_agents = {(a["metadata"]["namespace"], a["metadata"]["name"]): a for a in agents if self._watched(a)}
+        listed = {_child_identity(c): c for c in children if self._watched(c)}
+
+        def untouched(identity: Hashable) -> bool:
+            return self._touched.get(identity, 0) <= listed_at
+
+        watched = {(k.api_version, k.kind) for k in WATCHED_BY_LABEL}  # a ServiceMonitor is never listed
+        for key, record in list(self.records.items()):
+            body = record.body
+            if body is not None and untouched(("agent", *key)):
+                agent = listed_agents.get(key)
+                if agent is None or _uid(agent) != _uid(body):
+                    self.observe_agent("DELETED", body)
+                elif _resource_version(agent) != _resource_version(body):
+                    self.observe_agent(None, agent)
+            for child in [*record.children.values(), *record.endpoint_slices.values()]:
+                identity = _child_identity(child)
+                if (child["apiVersion"], child["kind"]) in watched and untouched(identity):
+                    found = listed.get(identity)
+                    if found is None or _uid(found) != _uid(child):
+                        self.observe_child("DELETED", child)
         for key, agent in listed_agents.items():
-            record = self.records.get(key)
-            if record is None or record.body is None:
+            known = self.records.get(key)
+            if untouched(("agent", *key)) and (known is None or known.body is None):
                 self.observe_agent(None, agent)
-        for child in children:
+        for identity, child in listed.items():
             owner = (child["metadata"].get("labels") or {}).get(LABEL_INSTANCE)
-            record = self.records.get((child["metadata"]["namespace"], owner or ""))
-            if record is None or _cached(record, child) is None:
+            holder = self.records.get((child["metadata"]["namespace"], owner or ""))
+            cached = _cached(holder, child) if holder is not None else None
+            if untouched(identity) and (cached is None or _resource_version(cached) != _resource_version(child)):
                 self.observe_child(None, child)
+        self._touched = {identity: count for identity, count in self._touched.items() if count > listed_at}
 
     def _scopes(self) -> list[str | None]:
         """The namespaces to list in: each one named exactly, or all when any is a glob."""
@@ -335,16 +367,21 @@ class Controller:
         """The checks measured for exactly this request, or None while they are measured. An
         analysis may take minutes (a smoke call may be given 600 s): it runs beside the workers,
         not in one, so slow analyses never hold the workers that repair drift for other agents."""
-        done = self._measurements.get(key)
-        if done is not None and done[0] == request and done[1].done() and not done[1].cancelled():
+        measure, generation, revision = request
+        request = (replace(measure, pod_ips=tuple(sorted(measure.pod_ips))), generation, revision)
+        current = self._measurements.get(key)
+        if current is not None and not current[1].done():
+            if current[0][1:] == request[1:]:
+                return None  # under way for this revision: let it finish, even if the pods moved
+            current[1].cancel()  # measured for a revision that is no longer wanted
+        elif current is not None and current[0] == request:
             del self._measurements[key]
-            if done[1].exception() is None:
-                return done[1].result()
-        if done is None or done[0] != request or done[1].done():
-            if done is not None:
-                done[1].cancel()  # measured for a revision or pods that are gone
-            task = asyncio.create_task(self._measure(key, agent, request[0], key_data), name=f"measure-{key[1]}")
-            self._measurements[key] = (request, task)
+            error = current[1].exception()
+            if error is not None:  # logged and retried with backoff by the worker, not at once
+                raise MeasurementError(f"the analysis of {key[0]}/{key[1]} failed: {error!r}") from error
+            return current[1].result()
+        task = asyncio.create_task(self._measure(key, agent, request[0], key_data), name=f"measure-{key[1]}")
+        self._measurements[key] = (request, task)
         return None
 
     async def _measure(
@@ -355,6 +392,11 @@ class Controller:
                 return await self.analysis.measure(agent, measure.service, measure.pod_ips, key_data)
         finally:
             self.queue.add(key)
+
+    def _forget_measurement(self, key: AgentKey) -> None:
+        measuring = self._measurements.pop(key, None)
+        if measuring is not None:
+            measuring[1].cancel()
 
     def start_leading(self) -> None:
         self.leading.set()
@@ -368,8 +410,13 @@ class Controller:
             task.cancel()
         self._measurements.clear()
 
+    def lease_renewed(self, write_until: float) -> None:
+        self._write_until = write_until
+
     def _fence(self) -> None:
-        if not self.leading.is_set():
+        """Before every write: we lead, and by our own clock the lease we renewed still covers us
+        (a process frozen past it writes nothing before the elector notices)."""
+        if not self.leading.is_set() or time.monotonic() >= self._write_until:
             raise NotLeadingError
 
     def _retry_later(self, key: AgentKey) -> None:
@@ -390,10 +437,11 @@ class Controller:
         if record is None or body is None or body["metadata"].get("deletionTimestamp"):
             return "deleted"  # children go with the agent through their ownerReferences
         now = timefmt.now()
+        uid = body["metadata"]["uid"]
         observed = core.Observed(
             body=body,
             admission=core.admit(body),
-            children=record.children,
+            children=_controlled(record.children, uid),
             endpoint_slices=list(record.endpoint_slices.values()),
         )
         agent = observed.admission.agent
@@ -404,9 +452,10 @@ class Controller:
                 observed = replace(observed, missing=missing)
             else:
                 try:
-                    observed = replace(observed, key_secret=await self._ensure_keys(agent, body, record.children))
+                    key_secret = await self._ensure_keys(agent, body, record.children)
                 except ForeignKeysError as taken:
-                    conflict = [FieldError("metadata.name", f"{taken}; {_RENAME}")]
+                    self._retry_later(key)  # the other object may go (an earlier agent's, collected)
+                    conflict = [FieldError("metadata.name", str(taken))]
                     return await self._finish(
                         body, core.stalled_plan(observed, conflict, Reason.NAME_CONFLICT, now), key
                     )
@@ -416,37 +465,45 @@ class Controller:
                     self._retry_later(key)  # as for any child refused for a reason outside the spec
                     refused = [FieldError("spec", f"Secret {key_secret_name(agent)}: {error}")]
                     return await self._finish(body, core.stalled_plan(observed, refused, Reason.FORBIDDEN, now), key)
+                observed = replace(observed, key_secret=key_secret, children=_controlled(record.children, uid))
         checks: list[rollout.Check] | None = None
         plan = self._plan(observed, now, checks, record)
-        if plan.measure is not None:
+        if plan.measure is None:
+            self._forget_measurement(key)
+        else:
             assert agent is not None  # a stalled plan measures nothing
             checks = self._measured(key, (plan.measure, observed.generation, plan.revision), agent, observed.key_data)
             if checks is None:
                 return "measuring"  # the worker is free; the measurement queues the agent when done
             plan = self._plan(observed, now, checks, record)
-        conflicts = await self._foreign_objects(plan.apply, record.children, observed.uid)
+        conflicts = await self._foreign_objects(plan.apply, record.children, agent.name if agent else "", uid)
         if conflicts:
+            self._retry_later(key)
             return await self._finish(body, core.stalled_plan(observed, conflicts, Reason.NAME_CONFLICT, now), key)
-        try:
-            await asyncio.gather(*(self._apply(record.children, manifest) for manifest in plan.apply))
-        except RefusedError as refused:
-            if refused.error.status == 403:
-                # A quota, an admission policy, a terminating namespace, or RBAC: none of them
-                # shows in the spec, and any may change without the agent changing. Say so, and
-                # look again later.
+        outcomes = await asyncio.gather(
+            *(self._apply(record.children, manifest) for manifest in plan.apply), return_exceptions=True
+        )  # every apply has ended before we go on: none runs on after a refusal or a step-down
+        failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        for failure in failures:
+            if not isinstance(failure, RefusedError):
+                raise failure
+        if failures:
+            first = cast(RefusedError, failures[0])
+            if first.error.status in (400, 403, 404, 422):
+                # Refused for what the spec produced (400, 422) or for something outside it: a quota,
+                # an admission webhook or policy, RBAC, a terminating namespace (403). Any of those may
+                # change without the agent changing: say so, and look again later with backoff.
                 self._retry_later(key)
-                forbidden = core.stalled_plan(observed, [refused.field_error()], Reason.FORBIDDEN, now)
-                return await self._finish(body, forbidden, key)
-            if refused.error.status in (400, 404, 422):  # the API server refused what the spec produced
-                invalid = core.stalled_plan(observed, [refused.field_error()], Reason.APPLY_FAILED, now)
-                return await self._finish(body, invalid, key)
-            raise refused.error from None
+                reason = Reason.FORBIDDEN if first.error.status == 403 else Reason.APPLY_FAILED
+                return await self._finish(body, core.stalled_plan(observed, [first.field_error()], reason, now), key)
+            raise first.error
         for api_version, kind, name in plan.delete:
             self._fence()
             await self.kube.delete(api_version, kind, body["metadata"]["namespace"], name)
             record.children.pop((api_version, kind, name), None)
+            self._touch(("child", api_version, kind, body["metadata"]["namespace"], name))
         if plan.apply or plan.delete:
-            after = self._plan(replace(observed, children=record.children), now, checks, record)
+            after = self._plan(replace(observed, children=_controlled(record.children, uid)), now, checks, record)
             plan = core.settle(plan, after)
         result = await self._finish(body, plan, key)
         self._after_plan(key, plan)
@@ -482,26 +539,29 @@ class Controller:
             applied = await self.kube.apply(manifest)
         except KubeError as error:
             raise RefusedError(manifest, error) from None
-        children[core.child_key(manifest)] = _slim(applied)  # fresher than the watch; the event follows
+        self._store_child(children, applied)
 
     async def _foreign_objects(
-        self, manifests: list[dict[str, Any]], children: dict[core.ChildKey, dict[str, Any]], uid: str
+        self, manifests: list[dict[str, Any]], children: dict[core.ChildKey, dict[str, Any]], agent: str, uid: str
     ) -> list[FieldError]:
         """Objects of our children's names that exist and are not this agent's: a Service or
-        Secret someone made by hand, or another agent's (agents `web` and `web-preview` both want
-        a Service `web-preview`). Server-side apply would take them over, and the garbage collector
-        would delete them with the agent; we refuse instead, as a Deployment controller does not
-        adopt a ReplicaSet it does not control. Only names not in the cache are looked up."""
-        unknown = [m for m in manifests if core.child_key(m) not in children]
+        Secret someone made by hand (labelled like ours or not), another agent's (agents `web` and
+        `web-preview` both want a Service `web-preview`), or an earlier agent's of the same name
+        that the garbage collector has not removed yet. Server-side apply would take them over, and
+        the garbage collector would delete them with the agent; we refuse instead, as a Deployment
+        controller does not adopt a ReplicaSet it does not control. Only names the cache does not
+        hold are looked up."""
+        mine = [m for m in manifests if core.child_key(m) not in children]
         found = await asyncio.gather(
             *(
                 self.kube.find(m["apiVersion"], m["kind"], m["metadata"]["namespace"], m["metadata"]["name"])
-                for m in unknown
+                for m in mine
             )
         )
+        seen = [children[core.child_key(m)] for m in manifests if core.child_key(m) in children]
         return [
-            FieldError("metadata.name", f"{obj['kind']} {obj['metadata']['name']} {_foreign_owner(obj)}; {_RENAME}")
-            for obj in found
+            FieldError("metadata.name", _foreign(obj, agent))
+            for obj in [*seen, *found]
             if obj is not None and not _controlled_by(obj, uid)
         ]
 
@@ -510,7 +570,10 @@ class Controller:
     ) -> dict[str, Any]:
         """The key Secret: created once with fresh keys (never overwritten), extended on rotation."""
         secret_key = ("v1", "Secret", key_secret_name(agent))
+        uid = body["metadata"]["uid"]
         secret = children.get(secret_key)
+        if secret is not None and not _controlled_by(secret, uid):
+            raise ForeignKeysError(_foreign(secret, agent.name))  # labelled like ours is not enough
         if secret is None:
             manifest = core.owned(
                 build_key_secret(agent, _encode(new_key_files(agent.spec.security.signing_algorithm))),
@@ -526,9 +589,9 @@ class Controller:
                 # It exists and our cache has not seen it yet: use it, never replace it; but only
                 # if it is this agent's (a foreign Secret must not become its keys).
                 secret = await self.kube.get("v1", "Secret", agent.namespace, key_secret_name(agent))
-                if not _controlled_by(secret, body["metadata"]["uid"]):
-                    raise ForeignKeysError(f"Secret {key_secret_name(agent)} {_foreign_owner(secret)}") from None
-            children[secret_key] = secret
+                if not _controlled_by(secret, uid):
+                    raise ForeignKeysError(_foreign(secret, agent.name)) from None
+            secret = self._store_child(children, secret)
         requested = (body["metadata"].get("annotations") or {}).get(ANNOTATION_ROTATE_KEYS)
         served = (secret["metadata"].get("annotations") or {}).get(ANNOTATION_ROTATED_FOR)
         if requested and requested != served:
@@ -536,8 +599,7 @@ class Controller:
             # still that version: a rotation decided on a stale view would drop a key added since.
             current = await self.kube.get("v1", "Secret", agent.namespace, key_secret_name(agent))
             if (current["metadata"].get("annotations") or {}).get(ANNOTATION_ROTATED_FOR) == requested:
-                children[secret_key] = current
-                return current
+                return self._store_child(children, current)
             previous = {name: base64.b64decode(value) for name, value in (current.get("data") or {}).items()}
             files = new_key_files(agent.spec.security.signing_algorithm, previous)
             manifest = core.owned(
@@ -545,8 +607,7 @@ class Controller:
             )
             manifest["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
             self._fence()
-            secret = await self.kube.apply(manifest)  # 409 if it changed since the read: try again
-            children[secret_key] = secret
+            secret = self._store_child(children, await self.kube.apply(manifest))  # 409 if it changed: again
             await self._event(
                 body,
                 "Normal",
@@ -571,10 +632,13 @@ class Controller:
                 self.observe_agent(None, await self.kube.get(AGENT.api_version, AGENT.kind, *key))
                 return "conflict"  # queued again with the fresh agent
             record = self.records.get(key)
-            if record is not None and record.body is not None and _uid(updated) == _uid(record.body):
-                if written_over:
-                    record.superseded.append(written_over)
+            if record is not None and written_over:
+                record.superseded.append(written_over)
+            if record is not None and record.body is body:
+                # Nothing newer came from the watch while we wrote (a spec edit would have): ours is
+                # the freshest view. Otherwise the watch's is, and our write's event follows it.
                 record.body = _slim(updated)
+                self._touch(("agent", *key))
         for type_, reason, message in plan.events:
             await self._event(body, type_, reason, message)
         phase = plan.status.phase
@@ -617,6 +681,10 @@ class RefusedError(Exception):
         return FieldError("spec", str(self))
 
 
+class MeasurementError(Exception):
+    """A rollout analysis ended with an error instead of checks."""
+
+
 class ForeignKeysError(Exception):
     """The key Secret's name is taken by an object this agent does not control."""
 
@@ -632,13 +700,47 @@ def _uid(obj: Mapping[str, Any] | None) -> str | None:
     return None if obj is None else (obj.get("metadata") or {}).get("uid")
 
 
-def _child_identity(obj: Mapping[str, Any]) -> tuple[str, str, str, str, str | None]:
+def _child_identity(obj: Mapping[str, Any]) -> tuple[str, str, str, str, str]:
     meta = obj["metadata"]
-    return (obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"], meta.get("uid"))
+    return ("child", obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+
+
+def _resource_version(obj: Mapping[str, Any]) -> str | None:
+    return (obj.get("metadata") or {}).get("resourceVersion")
+
+
+def _older(
+    new: Mapping[str, Any], cached: Mapping[str, Any] | None, superseded: deque[str] | tuple[str, ...] = ()
+) -> bool:
+    """Whether an object from the watch is older than the cached one (same uid). A watch is
+    ordered, but the cache is also filled from write responses and reads, which run ahead of it.
+    Kubernetes asks clients to treat resourceVersions as opaque; etcd's are integers that only
+    grow, so they are compared only when both are integers. The resourceVersions our own writes
+    replaced are known either way."""
+    version, current = _resource_version(new), _resource_version(cached or {})
+    if version is not None and version in superseded:
+        return True
+    if version is None or current is None or not (version.isdigit() and current.isdigit()):
+        return False
+    return int(version) < int(current)
 
 
 def _controlled_by(obj: Mapping[str, Any], uid: str) -> bool:
     return any(ref.get("uid") == uid and ref.get("controller") for ref in obj["metadata"].get("ownerReferences") or [])
+
+
+def _controlled(children: Mapping[core.ChildKey, dict[str, Any]], uid: str) -> dict[core.ChildKey, dict[str, Any]]:
+    """The cached children this agent controls: a label is anyone's to set, so what the agent reads,
+    compares, deletes or takes a revision from is decided by the controller ownerReference."""
+    return {key: child for key, child in children.items() if _controlled_by(child, uid)}
+
+
+def _foreign(obj: Mapping[str, Any], agent: str) -> str:
+    name = f"{obj['kind']} {obj['metadata']['name']}"
+    for ref in obj["metadata"].get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("kind") == KIND and ref.get("name") == agent:
+            return f"{name} belongs to an earlier agent of this name; waiting for the garbage collector to remove it"
+    return f"{name} {_foreign_owner(obj)}; {_RENAME}"
 
 
 def _foreign_owner(obj: Mapping[str, Any]) -> str:

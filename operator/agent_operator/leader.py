@@ -31,6 +31,7 @@ class LeaderElector:
         lease_seconds: int = 15,
         renew_seconds: float = 5.0,
         retry_seconds: float = 2.0,
+        on_renewed: Callable[[float], None] | None = None,
     ) -> None:
         self.kube = kube
         self.namespace = namespace
@@ -45,10 +46,16 @@ class LeaderElector:
         self._observed: tuple[str | None, str | None] = (None, None)
         self._observed_at = 0.0
         self._last_renewed = 0.0
+        self._held_by_other = False
+        self._on_renewed = on_renewed  # told, after each renewal, until when writing is safe
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
             while not stop.is_set():
+                # The lease runs from when the renewal was sent, not from when its answer came: a
+                # slow answer must not stretch our idea of how long we may still write.
+                attempted = time.monotonic()
+                self._held_by_other = False
                 try:
                     # Bounded by when we must stop writing, as client-go's renew deadline: a renewal
                     # on a half-open connection would otherwise hang well past the lease.
@@ -57,23 +64,29 @@ class LeaderElector:
                     log.warning("leader election: %s", error)
                     acquired = False
                 except TimeoutError:
-                    log.warning("leader election: no answer from the API server within %.1fs", self._attempt_timeout())
+                    log.warning("leader election: no answer from the API server in time")
                     acquired = False
-                now = time.monotonic()
                 if acquired:
-                    self._last_renewed = now
+                    self._last_renewed = attempted
+                    if self._on_renewed is not None:
+                        self._on_renewed(attempted + self.renew_deadline)
                     if not self.leading:
                         await self._set_leading(True)
-                elif self.leading and now - self._last_renewed >= self.renew_deadline - 0.1:
-                    # Could not renew in time: another replica may take over; stop writing first.
+                elif self.leading and (
+                    self._held_by_other or time.monotonic() - self._last_renewed >= self.renew_deadline - 0.1
+                ):
+                    # Another replica holds the lease, or we could not renew in time and one may take
+                    # over: stop writing first.
                     await self._set_leading(False)
-                delay = self.renew_seconds if self.leading else self.retry_seconds
+                # A leader whose renewal failed tries again soon (client-go's retry period), not a
+                # whole renew interval later: one transient error must not cost the lease.
+                delay = self.renew_seconds if self.leading and acquired else self.retry_seconds
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=delay)
         finally:
             if self.leading:
+                await self._set_leading(False)  # stop writing before the lease is handed over
                 await self._release()
-                await self._set_leading(False)
 
     def _attempt_timeout(self) -> float:
         if not self.leading:
@@ -136,6 +149,7 @@ class LeaderElector:
         if holder != self.identity:
             duration = float(spec.get("leaseDurationSeconds") or self.lease_seconds)
             if holder is not None and time.monotonic() - self._observed_at < duration:
+                self._held_by_other = True
                 return False  # held by someone else, and not expired by our clock
             spec.update(
                 holderIdentity=self.identity,

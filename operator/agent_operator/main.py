@@ -110,6 +110,7 @@ async def run_operator(options: RunOptions) -> None:
     elector = LeaderElector(
         kube, options.lease_namespace, options.lease_name, identity,
         controller.start_leading, controller.stop_leading, lease_seconds=options.lease_seconds,
+        on_renewed=controller.lease_renewed,
         renew_seconds=max(1.0, options.lease_seconds / 3), retry_seconds=max(0.5, options.lease_seconds / 7),
     )  # fmt: skip
     stop = asyncio.Event()

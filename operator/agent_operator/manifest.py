@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
+from agent_operator.crd import build_crd
 from agent_operator.spec import EnterpriseAgent
 
 # The API server refuses objects over about 1.5 MB; a manifest file larger than this is not one.
@@ -60,6 +63,157 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# Plain scalars resolved as kubectl, Argo CD and Flux resolve them (sigs.k8s.io/yaml, go-yaml v2),
+# not as PyYAML does: "y" and "n" are booleans, "1e3" and "0o17" are numbers, while timestamps
+# ("2026-01-01") and sexagesimals ("1:20") stay strings. Otherwise offline render would accept
+# `value: y` for a string field, which `kubectl apply` sends as a boolean and the server refuses.
+_GO_BOOLS = {
+    **dict.fromkeys(["y", "Y", "yes", "Yes", "YES", "on", "On", "ON", "true", "True", "TRUE"], True),
+    **dict.fromkeys(["n", "N", "no", "No", "NO", "off", "Off", "OFF", "false", "False", "FALSE"], False),
+}
+_GO_NULLS = {"", "~", "null", "Null", "NULL"}
+_GO_SPECIAL_FLOATS = {
+    **dict.fromkeys([".inf", ".Inf", ".INF", "+.inf", "+.Inf", "+.INF"], math.inf),
+    **dict.fromkeys(["-.inf", "-.Inf", "-.INF"], -math.inf),
+    **dict.fromkeys([".nan", ".NaN", ".NAN"], math.nan),
+}
+_GO_INT = re.compile(r"([-+]?)(0[xX][0-9a-fA-F]+|0[oO][0-7]+|0[bB][01]+|0[0-7]*|[1-9][0-9]*)")
+_GO_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+
+
+def _go_scalar(text: str) -> Any:
+    """The value go-yaml v2 gives a plain scalar decoded into an interface{}."""
+    if text in _GO_BOOLS:
+        return _GO_BOOLS[text]
+    if text in _GO_NULLS:
+        return None
+    if text in _GO_SPECIAL_FLOATS:
+        return _GO_SPECIAL_FLOATS[text]
+    plain = text.replace("_", "") if text[:1] not in ("", ".") else text
+    number = _GO_INT.fullmatch(plain)
+    if number is not None:
+        sign, digits = number.groups()
+        base = 0 if digits[:2].lower() in ("0x", "0o", "0b") else (8 if len(digits) > 1 and digits[0] == "0" else 10)
+        value = int(digits, base) * (-1 if sign == "-" else 1)
+        if -(2**63) <= value < 2**64:
+            return value
+    if _GO_FLOAT.fullmatch(plain):
+        return float(plain)
+    return text
+
+
+_GO_SCALAR_TAG = "tag:eao:go-scalar"
+
+
+class _KubectlLoader(_StrictLoader):
+    """The strict loader with go-yaml v2's resolution of plain scalars."""
+
+    def construct_go_scalar(self, node: yaml.ScalarNode) -> Any:
+        return _go_scalar(self.construct_scalar(node))
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        # JSON has only string keys: sigs.k8s.io/yaml writes a boolean or number key as text.
+        mapping = super().construct_mapping(node, deep=deep)
+        return {
+            (str(k).lower() if isinstance(k, bool) else str(k) if isinstance(k, int) else k): v
+            for k, v in mapping.items()
+        }
+
+
+_KubectlLoader.yaml_implicit_resolvers = {}
+_KubectlLoader.add_implicit_resolver(_GO_SCALAR_TAG, re.compile(r".*", re.DOTALL), None)
+_KubectlLoader.add_constructor(_GO_SCALAR_TAG, _KubectlLoader.construct_go_scalar)
+
+
+# --- the CRD's structural schema, checked before the models ---------------------------------------
+
+
+_JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}
+
+
+def _json_type(value: Any) -> str:
+    return "null" if value is None else _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _conform(value: Any, schema: Mapping[str, Any], path: str, errors: list[FieldError]) -> Any:
+    """``value`` as the API server sees it against ``schema`` (a structural OpenAPI schema): null
+    fields pruned, integral floats taken as integers (kubectl sends 3.0 as 3). A value of the wrong
+    JSON type is an error, as the server makes it: the models would coerce "3" to 3 or "yes" to True."""
+    if isinstance(value, float) and not math.isfinite(value):
+        errors.append(FieldError(path, f"{value} is not a number JSON can carry"))
+        return value
+    if schema.get("x-kubernetes-int-or-string"):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            errors.append(FieldError(path, f"must be an integer or a string, not {_json_type(value)} {_shown(value)}"))
+        return value
+    expected = schema.get("type")
+    actual = _json_type(value)
+    if expected == "integer" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if expected == "number" and actual == "integer":
+        return value
+    if expected is not None and actual != expected:
+        errors.append(FieldError(path, f"must be of type {expected}, not {actual} {_shown(value)}"))
+        return value
+    if isinstance(value, dict):
+        if schema.get("x-kubernetes-preserve-unknown-fields") and "properties" not in schema:
+            return _finite(value, path, errors)
+        properties: Mapping[str, Any] = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        result = {}
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key in properties:
+                if item is not None:  # the server prunes a null field (none of ours is nullable)
+                    result[key] = _conform(item, properties[key], where, errors)
+            elif isinstance(extra, Mapping):
+                result[key] = _conform(item, extra, where, errors)
+            else:
+                result[key] = item  # an unknown field: the models name it
+        return result
+    if isinstance(value, list) and isinstance(schema.get("items"), Mapping):
+        return [_conform(item, schema["items"], f"{path}[{index}]", errors) for index, item in enumerate(value)]
+    return value
+
+
+def _finite(value: Any, path: str, errors: list[FieldError]) -> Any:
+    """Free-form values (``x-kubernetes-preserve-unknown-fields``) are any JSON, but JSON has no NaN."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _finite(item, f"{path}.{key}", errors)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _finite(item, f"{path}[{index}]", errors)
+    elif isinstance(value, float) and not math.isfinite(value):
+        errors.append(FieldError(path, f"{value} is not a number JSON can carry"))
+    return value
+
+
+@cache
+def _user_schema() -> dict[str, Any]:
+    """The CRD's schema of what a user writes: everything but status, which the server resets."""
+    schema: dict[str, Any] = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    properties = {k: v for k, v in schema["properties"].items() if k != "status"}
+    return {"type": "object", "properties": properties}
+
+
+def conform(document: dict[str, Any]) -> tuple[dict[str, Any], list[FieldError]]:
+    """The document with the CRD's structural schema applied, and what the schema refuses."""
+    errors: list[FieldError] = []
+    user = {k: v for k, v in document.items() if k != "status"}
+    conformed = _conform(user, _user_schema(), "", errors)
+    if "status" in document:
+        conformed["status"] = document["status"]
+    return conformed, errors
+
+
 def _format_location(location: tuple[int | str, ...]) -> str:
     path = ""
     for part in location:
@@ -91,6 +245,9 @@ def parse_agent(document: Any, source: str = "<object>") -> EnterpriseAgent:
     """Validates one decoded document as an EnterpriseAgent."""
     if not isinstance(document, dict):
         raise ManifestError(source, [FieldError("", f"expected a mapping, got {type(document).__name__}")])
+    document, errors = conform(document)
+    if errors:
+        raise ManifestError(source, errors)
     try:
         return EnterpriseAgent.model_validate(document)
     except ValidationError as error:
@@ -102,7 +259,7 @@ def load_agents(text: str, source: str = "<stdin>") -> list[EnterpriseAgent]:
     if len(text.encode()) > MAX_MANIFEST_BYTES:
         raise ManifestError(source, [FieldError("", f"manifest is larger than {MAX_MANIFEST_BYTES} bytes")])
     try:
-        documents = [d for d in yaml.load_all(text, Loader=_StrictLoader) if d is not None]
+        documents = [d for d in yaml.load_all(text, Loader=_KubectlLoader) if d is not None]
     except yaml.YAMLError as error:
         raise ManifestError(source, [FieldError("", f"not valid YAML: {error}")]) from None
     if not documents:

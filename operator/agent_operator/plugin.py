@@ -231,22 +231,23 @@ def _target(
     return api, namespace, agent, read_status(agent.get("status"))
 
 
-def cmd_promote(args: argparse.Namespace) -> int:
-    api, namespace, agent, status = _target(args)
+def promote_patch(agent: dict[str, Any]) -> dict[str, Any]:
+    """The merge patch `kubectl ea promote` sends for ``agent`` (pure; the Argo CD ``promote`` action
+    makes the same change). PluginError (exit 1) when there is nothing to approve."""
+    name, status = agent["metadata"]["name"], read_status(agent.get("status"))
     step = status.rollout.step if status.rollout else None
     revision = status.preview_revision
     if not revision or step not in PROMOTABLE:
-        raise PluginError(f"{args.name} has no rollout waiting for promotion (step: {step or 'none'})", 1)
+        raise PluginError(f"{name} has no rollout waiting for promotion (step: {step or 'none'})", 1)
     if (agent["spec"].get("rollout") or {}).get("promotion", PromotionMode.AUTO) != PromotionMode.MANUAL:
-        raise PluginError(f"{args.name} promotes automatically (spec.rollout.promotion: Auto); nothing to approve", 1)
-    _patch(api, namespace, args.name, {"spec": {"rollout": {"promote": revision}}})
-    print(f"approved revision {revision} of {namespace}/{args.name} (spec.rollout.promote: {revision!r})")
-    print("  to keep the approval in Git, commit the same field", file=sys.stderr)
-    return EXIT_OK
+        raise PluginError(f"{name} promotes automatically (spec.rollout.promotion: Auto); nothing to approve", 1)
+    return {"spec": {"rollout": {"promote": revision}}}
 
 
-def cmd_abort(args: argparse.Namespace) -> int:
-    api, namespace, _, status = _target(args)
+def abort_patch(agent: dict[str, Any]) -> dict[str, Any]:
+    """The merge patch `kubectl ea abort` sends for ``agent`` (pure; as the Argo CD ``abort`` action).
+    PluginError (exit 1) when no rollout is in progress."""
+    name, status = agent["metadata"]["name"], read_status(agent.get("status"))
     step = status.rollout.step if status.rollout else None
     if step in BEFORE_PROMOTION:
         revision = status.preview_revision
@@ -254,21 +255,44 @@ def cmd_abort(args: argparse.Namespace) -> int:
         revision = status.active_revision
     else:
         raise PluginError(
-            f"{args.name} has no rollout in progress (step: {step or 'none'}); `kubectl ea undo` restores the previous revision",
+            f"{name} has no rollout in progress (step: {step or 'none'}); `kubectl ea undo` restores the previous revision",
             1,
         )
-    _patch(api, namespace, args.name, {"metadata": {"annotations": {ANNOTATION_ABORT: revision}}})
+    return {"metadata": {"annotations": {ANNOTATION_ABORT: revision}}}
+
+
+def retry_patch(agent: dict[str, Any], token: str) -> dict[str, Any]:
+    """The merge patch `kubectl ea retry` sends for ``agent`` with this retry token (pure; as the Argo
+    CD ``retry`` action). PluginError (exit 1) when no rollout was aborted."""
+    status = read_status(agent.get("status"))
+    if status.rollout is None or status.rollout.step != Step.ABORTED:
+        raise PluginError(f"{agent['metadata']['name']} has no aborted rollout to retry", 1)
+    return {"metadata": {"annotations": {ANNOTATION_ABORT: None, ANNOTATION_RETRY: token}}}
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    api, namespace, agent, _ = _target(args)
+    body = promote_patch(agent)
+    revision = body["spec"]["rollout"]["promote"]
+    _patch(api, namespace, args.name, body)
+    print(f"approved revision {revision} of {namespace}/{args.name} (spec.rollout.promote: {revision!r})")
+    print("  to keep the approval in Git, commit the same field", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_abort(args: argparse.Namespace) -> int:
+    api, namespace, agent, _ = _target(args)
+    body = abort_patch(agent)
+    revision = body["metadata"]["annotations"][ANNOTATION_ABORT]
+    _patch(api, namespace, args.name, body)
     print(f"aborting the rollout of revision {revision} of {namespace}/{args.name}; traffic stays on the stable colour")
     return EXIT_OK
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    api, namespace, _, status = _target(args)
-    if status.rollout is None or status.rollout.step != Step.ABORTED:
-        raise PluginError(f"{args.name} has no aborted rollout to retry", 1)
-    token = timefmt.compact(timefmt.now())
-    annotations = {ANNOTATION_ABORT: None, ANNOTATION_RETRY: token}
-    _patch(api, namespace, args.name, {"metadata": {"annotations": annotations}})
+    api, namespace, agent, status = _target(args)
+    body = retry_patch(agent, timefmt.compact(timefmt.now()))
+    _patch(api, namespace, args.name, body)
     print(f"retrying the rollout of revision {status.preview_revision} of {namespace}/{args.name}")
     return EXIT_OK
 

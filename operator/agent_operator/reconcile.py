@@ -198,20 +198,20 @@ def _same_scalar(desired: Any, actual: Any) -> bool:
     return False
 
 
-def _is_zero(value: Any) -> bool:
-    return value is not True and value in ({}, [], None, "", 0)
-
-
 def is_subset(desired: Any, actual: Any) -> bool:
     """True when every field we set is present with the same value; fields the API server or
-    other controllers added are ignored. Zero values (false, 0, "", empty maps and lists) match
-    an absent field, since the server omits them."""
+    other controllers added are ignored, and so is a field we set to null (absent means null).
+
+    A field we set to a zero value (false, 0, "", {} or []) must be present too: for the fields we
+    render, the server keeps a zero it was given (``automountServiceAccountToken: false``,
+    ``allowPrivilegeEscalation: false``, ``maxUnavailable: 0``), and absent means the API's
+    default, which for those fields is the weaker setting. Renderers leave out the zero values
+    the server itself drops (an empty map or list, an env var's ``value: ""``); see
+    tests/unit/test_render.py."""
     if isinstance(desired, Mapping):
         if not isinstance(actual, Mapping):
             return not desired and actual is None
-        return all(
-            is_subset(value, actual[key]) if key in actual else _is_zero(value) for key, value in desired.items()
-        )
+        return all(is_subset(value, actual[key]) if key in actual else value is None for key, value in desired.items())
     if isinstance(desired, list):
         if not isinstance(actual, list):
             return not desired and actual is None

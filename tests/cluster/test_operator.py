@@ -9,6 +9,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,6 +27,8 @@ from tests.cluster.agents import (
 )
 from tests.cluster.conftest import temporary_namespace
 from tests.gitops import assert_gitops_reads
+from tests.unit.test_cli_render import ACCEPTED_BY_KUBECTL, REFUSED_BY_KUBECTL, agent_yaml
+from tests.unit.test_cli_render import run as render
 
 pytestmark = pytest.mark.cluster
 
@@ -149,6 +152,39 @@ def test_drift_deleted_child_is_recreated(crd_installed: Kube, operator: Operato
         what="NetworkPolicy recreated",
     )
     assert get(crd_installed, namespace, "secret", "hello-agent-keys") == secret_before  # keys untouched
+
+
+def test_drift_zero_valued_hardening_removed_by_hand_is_restored(
+    crd_installed: Kube, operator: OperatorProcess, namespace: str
+) -> None:
+    """`false` is a value we set: removing it by hand (the API's default is the weaker `true`)
+    is drift like any other edit, and the operator puts it back."""
+    apply(crd_installed, agent_manifest(namespace))
+    wait_phase(crd_installed, namespace, "hello-agent", "Ready")
+    pod_spec = "/spec/template/spec"
+    removals = [
+        {"op": "remove", "path": f"{pod_spec}/automountServiceAccountToken"},
+        {"op": "remove", "path": f"{pod_spec}/containers/0/securityContext/allowPrivilegeEscalation"},
+    ]
+    audit = crd_installed.local.audit_log if crd_installed.local is not None else None
+    before = operator_writes(audit, namespace) if audit is not None else []
+    patched = crd_installed.kubectl(
+        "patch", "deployment", "hello-agent-blue", "-n", namespace, "--type=json", "-p", json.dumps(removals)
+    )
+    assert "no change" not in patched.stdout  # the premise: both fields were there, and are gone
+
+    def hardening(deployment: dict[str, Any]) -> tuple[Any, Any]:
+        spec = deployment["spec"]["template"]["spec"]
+        security = spec["containers"][0].get("securityContext", {})
+        return spec.get("automountServiceAccountToken"), security.get("allowPrivilegeEscalation")
+
+    def restored() -> bool:
+        deployment = get(crd_installed, namespace, "deployment", "hello-agent-blue")
+        return deployment is not None and hardening(deployment) == (False, False)
+
+    wait_until(restored, timeout=20, what="automountServiceAccountToken and allowPrivilegeEscalation restored")
+    if audit is not None:  # and it was the operator that put them back
+        assert "patch deployments/hello-agent-blue" in operator_writes(audit, namespace)[len(before) :]
 
 
 def test_resync_without_drift_writes_nothing(crd_installed: Kube, operator: OperatorProcess, namespace: str) -> None:
@@ -429,3 +465,23 @@ def test_key_rotation_adds_keys_and_keeps_the_old(
         "annotate", "ea", "hello-agent", "-n", namespace, "--overwrite", "agents.enterprise.io/rotate-keys=2026-q4"
     )
     assert (get(crd_installed, namespace, "secret", "hello-agent-keys") or {}).get("data") == data
+
+
+def test_offline_render_refuses_exactly_what_the_api_server_refuses(crd_installed: Kube, namespace: str) -> None:
+    """The hostile and odd values of tests/unit/test_cli_render.py, through `kubectl apply
+    --dry-run=server` (the real decoder, schema and CEL rules) and through `agent-operator render`.
+    Where the server refuses, it names the same field (kubectl refuses a NaN itself, unnamed)."""
+    disagreements = []
+    cases: list[tuple[str, str | None]] = [*REFUSED_BY_KUBECTL, *((spec, None) for spec, _ in ACCEPTED_BY_KUBECTL)]
+    for spec, field in cases:
+        text = agent_yaml(spec).replace("name: hostile\n", f"name: hostile\n  namespace: {namespace}\n")
+        server = crd_installed.kubectl("apply", "--dry-run=server", "-f", "-", stdin=text, check=False)
+        offline = render("render", "-f", "-", stdin=text)
+        refused = field is not None
+        if (server.returncode != 0) != refused or (offline.returncode != 0) != refused:
+            disagreements.append(
+                f"{spec}: kubectl {server.returncode} {server.stderr[:160]!r}, render {offline.returncode}"
+            )
+        elif field is not None and field not in server.stderr and "error converting YAML" not in server.stderr:
+            disagreements.append(f"{spec}: the server's refusal does not name {field}: {server.stderr[:200]!r}")
+    assert disagreements == []

@@ -28,7 +28,7 @@ from eao_devtools.testkit.runtime import agent_runtime_layout, live_runtime
 from tests.cluster.agents import apply, condition, get, wait_phase, wait_until
 from tests.cluster.conftest import temporary_namespace
 from tests.cluster.test_plugin import kubectl_ea
-from tests.gitops import assert_gitops_reads
+from tests.gitops import ActionRefusedError, argocd_action_patch, argocd_actions, assert_gitops_reads, record_agent
 
 pytestmark = pytest.mark.cluster
 V1, V2 = "registry.example/enterprise-agent-runtime:0.1.0", "registry.example/enterprise-agent-runtime:0.2.0"
@@ -221,6 +221,73 @@ def test_abort_keeps_traffic_on_the_stable_colour_and_retry_starts_again(
         wait_phase(crd_installed, ns, "hello-agent", "Paused")
     agent = get(crd_installed, ns, "ea", "hello-agent") or {}
     assert "agents.enterprise.io/abort" not in agent["metadata"].get("annotations", {})
+    assert event_reasons(crd_installed, ns).count("RolloutStarted") == 2
+
+
+def run_argocd_action(kube: Kube, namespace: str, action: str, name: str = "hello-agent") -> dict[str, Any]:
+    """Runs the Argo CD action on the live agent as Argo CD does: the Lua script on the object read
+    from the API server, then a merge patch of what it changed. Returns the patch."""
+    live = get(kube, namespace, "ea", name) or {}
+    patch = argocd_action_patch(live, action)
+    assert "status" not in patch, patch  # Argo CD would send that to the status subresource
+    kube.kubectl("patch", "ea", name, "-n", namespace, "--type=merge", "-p", json.dumps(patch))
+    return patch
+
+
+def enabled_actions(agent: dict[str, Any]) -> set[str]:
+    return {name for name, enabled in argocd_actions(agent).items() if enabled}
+
+
+def test_manual_promotion_with_the_argocd_action(crd_installed: Kube, stand: Stand, ns: str, tmp_path: Path) -> None:
+    manual = {"promotion": "Manual", "analysis": {"windowSeconds": 3}, "scaleDownDelaySeconds": 0}
+    ready = start_v1(crd_installed, ns, rollout=manual)
+    record_agent("manual-ready", ready)
+    assert enabled_actions(ready) == set()
+    with pytest.raises(ActionRefusedError, match="no rollout waiting for promotion"):
+        argocd_action_patch(ready, "promote")
+    with preview_pods(crd_installed, stand, ns, tmp_path):
+        apply(crd_installed, agent_manifest(ns, image=V2, replicas=2, rollout=manual))
+        # The status read at the Analysis step (the spec has not changed since): approval may come early.
+        analysing = {
+            **(get(crd_installed, ns, "ea", "hello-agent") or {}),
+            "status": wait_step(crd_installed, ns, "Analysis"),
+        }
+        record_agent("manual-analysis", analysing)
+        assert enabled_actions(analysing) == {"promote", "abort"}
+        paused = wait_phase(crd_installed, ns, "hello-agent", "Paused")
+        record_agent("manual-paused", paused)
+        assert enabled_actions(paused) == {"promote", "abort"}
+        revision = paused["status"]["previewRevision"]
+        # The action changes exactly what `kubectl ea promote` changes, and the operator promotes.
+        assert run_argocd_action(crd_installed, ns, "promote") == {"spec": {"rollout": {"promote": revision}}}
+        done = wait_phase(crd_installed, ns, "hello-agent", "Ready")
+    record_agent("manual-promoted", done)
+    assert (done["status"]["activeColor"], done["status"]["activeRevision"]) == ("green", revision)
+    assert active_selector_colour(crd_installed, ns) == "green"
+    assert enabled_actions(done) == set()
+
+
+def test_argocd_abort_and_retry_actions(crd_installed: Kube, stand: Stand, ns: str, tmp_path: Path) -> None:
+    manual = {"promotion": "Manual", "analysis": {"windowSeconds": 0}, "scaleDownDelaySeconds": 0}
+    start_v1(crd_installed, ns, rollout=manual)
+    with preview_pods(crd_installed, stand, ns, tmp_path):
+        apply(crd_installed, agent_manifest(ns, image=V2, replicas=2, rollout=manual))
+        paused = wait_phase(crd_installed, ns, "hello-agent", "Paused")
+        revision = paused["status"]["previewRevision"]
+        aborted = run_argocd_action(crd_installed, ns, "abort")
+        assert aborted == {"metadata": {"annotations": {"agents.enterprise.io/abort": revision}}}
+        degraded = wait_phase(crd_installed, ns, "hello-agent", "Degraded")
+        record_agent("manual-aborted", degraded)
+        assert condition(degraded, "Degraded")["reason"] == "Aborted"
+        assert active_selector_colour(crd_installed, ns) == "blue"
+        assert enabled_actions(degraded) == {"retry"}
+
+        retried = run_argocd_action(crd_installed, ns, "retry")
+        assert set(retried["metadata"]["annotations"]) == {"agents.enterprise.io/abort", "agents.enterprise.io/retry"}
+        again = wait_phase(crd_installed, ns, "hello-agent", "Paused")
+    assert again["status"]["previewRevision"] == revision
+    assert "agents.enterprise.io/abort" not in again["metadata"].get("annotations", {})
+    assert again["status"]["rollout"]["retriedFor"] == retried["metadata"]["annotations"]["agents.enterprise.io/retry"]
     assert event_reasons(crd_installed, ns).count("RolloutStarted") == 2
 
 

@@ -23,8 +23,12 @@ def fault_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
     kube = Kube(cluster.kubeconfig, str(ensure_binaries() / "kubectl"), cluster)
     try:
         kube.kubectl("apply", "--server-side", "-f", str(CRD_FILE))
-        kube.kubectl("wait", "--for=condition=Established", "crd/enterpriseagents.agents.enterprise.io")
         deadline = time.monotonic() + 30
+        established = ("wait", "--for=condition=Established", "crd/enterpriseagents.agents.enterprise.io")
+        # Until the CRD has conditions at all, kubectl wait fails at once instead of waiting.
+        while kube.kubectl(*established, check=False).returncode != 0:
+            assert time.monotonic() < deadline, "the CRD was never Established"
+            time.sleep(0.2)
         while kube.kubectl("get", "ea", "-A", check=False).returncode != 0:
             assert time.monotonic() < deadline, "EnterpriseAgent never appeared in discovery"
             time.sleep(0.2)
@@ -42,10 +46,19 @@ def fault_namespace(fault_cluster: Kube) -> Iterator[str]:
 
 
 def start_operator(
-    kube: Kube, tmp_path: Path, namespace: str, name: str = "operator", kubeconfig: Path | None = None
+    kube: Kube,
+    tmp_path: Path,
+    namespace: str,
+    name: str = "operator",
+    kubeconfig: Path | None = None,
+    resync_seconds: float = 3.0,
+    extra_args: tuple[str, ...] = (),
+    lease_namespace: str | None = None,
 ) -> OperatorProcess:
-    """An operator watching one namespace, with a Lease of its own there (tests share no leader)."""
+    """An operator watching one namespace, with a Lease of its own (tests share no leader): in that
+    namespace, unless the test deletes it."""
     return OperatorProcess(
-        kubeconfig or kube.kubeconfig, tmp_path / f"{name}.log", namespaces=[namespace], lease_namespace=namespace,
-        lease_name="eao-faults", lease_seconds=6, resync_seconds=3.0,
+        kubeconfig or kube.kubeconfig, tmp_path / f"{name}.log", namespaces=[namespace],
+        lease_namespace=lease_namespace or namespace,
+        lease_name=f"eao-faults-{namespace}" if lease_namespace else "eao-faults", lease_seconds=6, resync_seconds=resync_seconds, extra_args=extra_args,
     ).start()  # fmt: skip

@@ -6,7 +6,8 @@ from __future__ import annotations
 import base64
 import json
 import signal
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,10 @@ import pytest
 from eao_devtools.testkit.agents import agent_manifest
 from eao_devtools.testkit.kube import Kube
 from eao_devtools.testkit.operator_process import OperatorProcess
-from tests.cluster.agents import apply, condition, get, wait_phase, wait_until
+from tests.cluster.agents import apply, children, condition, get, operator_writes, wait_phase, wait_until
 from tests.faults.conftest import start_operator
 from tests.faults.proxy import StallingProxy
+from tests.faults.webhook import RefusingWebhook
 
 pytestmark = pytest.mark.cluster
 
@@ -96,6 +98,9 @@ def test_foreign_objects_with_a_childs_name_are_neither_adopted_nor_deleted(
     kube, ns = fault_cluster, fault_namespace
     kube.kubectl("create", "service", "clusterip", "support-bot", "--tcp=80:80", "-n", ns)
     kube.kubectl("create", "secret", "generic", "billing-keys", "--from-literal=theirs=do-not-use", "-n", ns)
+    # Labelled as if it were the agent's: a label is anyone's to set, and must not make it the keys.
+    kube.kubectl("label", "secret", "billing-keys", "-n", ns, "app.kubernetes.io/managed-by=enterprise-agent-operator",
+                 "app.kubernetes.io/instance=billing")  # fmt: skip
     apply(kube, agent_manifest(ns, name="support-bot"))
     apply(kube, agent_manifest(ns, name="billing"))
     for name, taken in (("support-bot", "Service support-bot"), ("billing", "Secret billing-keys")):
@@ -202,6 +207,9 @@ def test_a_leader_whose_connection_stalls_stops_writing_before_another_takes_ove
         second = start_operator(kube, tmp_path, ns, name="second")
         apply(kube, agent_manifest(ns, name="split"))
         wait_phase(kube, ns, "split", "Ready")
+        # Stalled between writes: bytes of a write already sent would be delivered on resume, and no
+        # replica can recall those (the fence is for what it has not sent yet).
+        wait_until(_no_writes(first, 3.0), timeout=60, what="the first operator idle")
         proxy.stall()
         wait_until(second.is_leader, timeout=60, what="the second operator takes over")
         takeover = _lease(kube, ns)
@@ -225,3 +233,183 @@ def test_a_leader_whose_connection_stalls_stops_writing_before_another_takes_ove
         first.stop()
         if second is not None:
             second.stop()
+
+
+INSTANCE = "app.kubernetes.io/instance"
+POLICY = "services for this agent need a security review (ticket SEC-42)"
+WEBHOOK = "refuse.faults.agents.enterprise.io"
+
+
+def _refused_by_webhook(kube: Kube, namespace: str, agent: str) -> bool:
+    """Whether the API server calls the webhook yet: a server-side dry run of such a Service."""
+    probe = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "probe", "namespace": namespace, "labels": {INSTANCE: agent}},
+        "spec": {"ports": [{"port": 80}]},
+    }
+    result = kube.kubectl("create", "--dry-run=server", "-f", "-", stdin=json.dumps(probe), check=False)
+    return result.returncode != 0 and POLICY in result.stderr
+
+
+def _no_writes(operator: OperatorProcess, seconds: float) -> Callable[[], bool]:
+    """A condition: the operator has written nothing but its Lease for ``seconds``."""
+
+    def writes() -> float:
+        total = operator.metric("agent_operator_api_writes_total")
+        return total - operator.metric("agent_operator_api_writes_total", resource="leases")
+
+    last = [writes(), time.monotonic()]
+
+    def idle() -> bool:
+        count = writes()
+        if count != last[0]:
+            last[:] = [count, time.monotonic()]
+        return time.monotonic() - last[1] >= seconds
+
+    return idle
+
+
+def _quiet(operator: OperatorProcess, seconds: float) -> Callable[[], bool]:
+    """A condition: the operator has run no reconcile for ``seconds``."""
+    last = [operator.metric("agent_operator_reconcile_duration_seconds_count"), time.monotonic()]
+
+    def quiet() -> bool:
+        count = operator.metric("agent_operator_reconcile_duration_seconds_count")
+        if count != last[0]:
+            last[:] = [count, time.monotonic()]
+        return time.monotonic() - last[1] >= seconds
+
+    return quiet
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        pytest.param(403, "Forbidden", id="403"),
+        pytest.param(
+            None,
+            "ApplyFailed",
+            id="unset-400",
+        ),
+    ],
+)
+def test_an_admission_webhook_that_refuses_a_child_is_stalled_with_an_event_then_converges(
+    fault_cluster: Kube, fault_namespace: str, tmp_path: Path, code: int | None, reason: str
+) -> None:
+    """A ValidatingWebhookConfiguration refuses the agent's Services (a policy webhook of the
+    platform's): the agent is Stalled naming the Service and the webhook's message; once the
+    webhook configuration goes, the operator makes the Services by itself. The operator runs with
+    the default resync (300 s), so only its own retries can bring the agent back in the time."""
+    kube, ns = fault_cluster, fault_namespace
+    configuration = f"eao-faults-{ns}"
+    operator = start_operator(kube, tmp_path, ns, resync_seconds=300)
+    webhook = RefusingWebhook(
+        tmp_path / "webhook",
+        lambda request: (request["object"]["metadata"].get("labels") or {}).get(INSTANCE) == "guarded",
+        POLICY,
+        code,
+    ).start()
+    try:
+        apply(kube, webhook.configuration(configuration, ns, "services", {INSTANCE: "guarded"}))
+        wait_until(lambda: _refused_by_webhook(kube, ns, "guarded"), timeout=30, what="the webhook in effect")
+        apply(kube, agent_manifest(ns, name="guarded"))
+        stalled = condition(wait_phase(kube, ns, "guarded", "Stalled"), "Stalled")
+        assert stalled["reason"] == reason
+        assert f'admission webhook "{WEBHOOK}" denied the request: {POLICY}' in stalled["message"]
+        assert "Service guarded: " in stalled["message"] or "Service guarded-preview: " in stalled["message"]
+        assert {f"CREATE Service {ns}/guarded", f"CREATE Service {ns}/guarded-preview"} & set(webhook.refused)
+        assert ("Warning", reason) in {(e["type"], e["reason"]) for e in _events(kube, ns, "guarded")}
+        assert get(kube, ns, "service", "guarded") is None
+        # Once the Deployment's status settles, nothing else brings the agent back to the operator:
+        # wait for its last events to be handled (no reconcile for a few child-event delays).
+        wait_until(_quiet(operator, seconds=3), timeout=60, what="the operator idle")
+        kube.kubectl("delete", "validatingwebhookconfiguration", configuration)
+        agent = wait_phase(kube, ns, "guarded", "Ready", timeout=90)  # nothing about the agent changed
+        assert condition(agent, "Stalled")["status"] == "False"
+        assert {s["metadata"]["name"] for s in children(kube, ns, "guarded")["Service"]} == {
+            "guarded",
+            "guarded-preview",
+        }
+    finally:
+        kube.kubectl("delete", "validatingwebhookconfiguration", configuration, "--ignore-not-found", check=False)
+        webhook.close()
+        operator.stop()
+
+
+HOLD = "faults.agents.enterprise.io/hold"
+
+
+def _writes(operator: OperatorProcess) -> float:
+    """The operator's write requests, but for its Lease renewals (every two seconds, whatever happens)."""
+    return operator.metric("agent_operator_api_writes_total") - operator.metric(
+        "agent_operator_api_writes_total", resource="leases"
+    )
+
+
+def test_a_terminating_namespace_neither_crash_loops_nor_hammers_the_api(
+    fault_cluster: Kube, fault_namespace: str, tmp_path: Path
+) -> None:
+    """The agent's namespace is deleted while a ConfigMap's finalizer (and one on the agent itself,
+    as a backup tool might set) keeps it Terminating: the namespace controller deletes the children
+    under a live agent, and nothing can be created there any more. The operator must not fight it
+    (each attempt a 403) in a hot loop, nor crash; once the finalizers go, everything goes."""
+    kube, ns = fault_cluster, fault_namespace
+    operator = start_operator(kube, tmp_path, ns, lease_namespace="default")  # its Lease is not in the doomed namespace
+    try:
+        apply(kube, agent_manifest(ns, name="doomed"))
+        wait_phase(kube, ns, "doomed", "Ready")
+        held = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "held", "namespace": ns, "finalizers": [HOLD]},
+        }
+        apply(kube, held)
+        kube.kubectl(
+            "patch", "ea", "doomed", "-n", ns, "--type=merge", "-p", json.dumps({"metadata": {"finalizers": [HOLD]}})
+        )
+        assert kube.local is not None
+        errors, writes = operator.metric("agent_operator_reconcile_errors_total"), _writes(operator)
+        audited = len(operator_writes(kube.local.audit_log, ns))
+        pid = operator.process.pid if operator.process else None
+        kube.kubectl("delete", "namespace", ns, "--wait=false")
+
+        def emptied() -> bool:
+            namespace = get(kube, "", "namespace", ns) or {}
+            agent = get(kube, ns, "ea", "doomed") or {}
+            terminating = (namespace.get("status") or {}).get("phase") == "Terminating"
+            return terminating and bool(agent["metadata"].get("deletionTimestamp")) and not children(kube, ns, "doomed")
+
+        wait_until(emptied, timeout=60, what="the namespace Terminating, the agent deleting, its children gone")
+        # The operator has seen it all by the next resync; from then on it writes nothing, however often it looks.
+        resyncs = operator.metric("agent_operator_resyncs_total")
+        wait_until(lambda: operator.metric("agent_operator_resyncs_total") >= resyncs + 1, what="a resync")
+        quiet_writes, quiet_audited, reconciles = (
+            _writes(operator),
+            len(operator_writes(kube.local.audit_log, ns)),
+            operator.metric("agent_operator_reconcile_duration_seconds_count"),
+        )
+        wait_until(
+            lambda: operator.metric("agent_operator_resyncs_total") >= resyncs + 5, timeout=30, what="four more resyncs"
+        )
+        assert _writes(operator) == quiet_writes
+        assert operator_writes(kube.local.audit_log, ns)[quiet_audited:] == []
+        # One reconcile per resync and per event, no more: no hot loop.
+        assert operator.metric("agent_operator_reconcile_duration_seconds_count") - reconciles <= 8
+        # While the children went under a live agent, at most a few refused attempts, backed off.
+        assert operator.metric("agent_operator_reconcile_errors_total") - errors <= 3
+        assert _writes(operator) - writes <= 6
+        assert len(operator_writes(kube.local.audit_log, ns)) - audited <= 6
+        assert operator.process is not None
+        assert operator.process.pid == pid
+        assert operator.process.poll() is None
+        assert operator.healthy()
+        assert operator.is_leader()
+        assert get(kube, "", "namespace", ns) is not None  # still held: the window above was Terminating
+        for kind, name in (("configmap", "held"), ("ea", "doomed")):
+            kube.kubectl("patch", kind, name, "-n", ns, "--type=merge", "-p", '{"metadata":{"finalizers":null}}')
+        wait_until(lambda: get(kube, "", "namespace", ns) is None, timeout=90, what="the namespace gone")
+        wait_until(lambda: operator.metric("agent_operator_agents_managed") == 0, what="the agent forgotten")
+        assert operator.metric("agent_operator_agent_phase", namespace=ns, name="doomed") == 0
+    finally:
+        operator.stop()

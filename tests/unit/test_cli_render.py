@@ -6,10 +6,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
+from agent_operator.manifest import load_agents
 from tests.helpers import BAD, EXAMPLES, ROOT, header_values
 
 AGENT_OPERATOR = str(Path(sys.executable).parent / "agent-operator")
@@ -75,3 +77,71 @@ def test_number_like_strings_stay_strings_for_go_yaml_readers() -> None:
         "version": "0.1.0",
         "plain": "abc",
     }
+
+
+def agent_yaml(spec: str) -> str:
+    """An EnterpriseAgent manifest whose spec is the minimal example's plus the ``spec`` lines
+    (YAML text, two-space indented under spec:, written as a person would type them)."""
+    head = "apiVersion: agents.enterprise.io/v1alpha1\nkind: EnterpriseAgent\nmetadata:\n  name: hostile\n"
+    lines = spec.strip().splitlines()
+    base = [
+        f"{key}: {value}"
+        for key, value in (("image", "registry.example/agent:1.0.0"), ("operations", "[analyze_data]"))
+    ]
+    given = {line.split(":", 1)[0] for line in lines}
+    return (
+        head
+        + "spec:\n"
+        + "".join(f"  {line}\n" for line in [*(b for b in base if b.split(":")[0] not in given), *lines])
+    )
+
+
+# Values the API server refuses (checked against a real one in tests/cluster/test_operator.py),
+# which pydantic's lax mode or PyYAML's YAML 1.1 resolution would let through. Each: the spec
+# lines, and the field path the refusal must name.
+REFUSED_BY_KUBECTL = [
+    ('replicas: "3"', "spec.replicas"),  # a string for an integer
+    ("replicas: 2.5", "spec.replicas"),  # a fraction for an integer
+    ("replicas: true", "spec.replicas"),  # a boolean for an integer
+    ("replicas: -1", "spec.replicas"),  # out of range
+    ("image: 1", "spec.image"),  # an integer for a string
+    ('autoscaling: {enabled: "yes"}', "spec.autoscaling.enabled"),  # a string for a boolean
+    ('networkPolicy: {enabled: "true"}', "spec.networkPolicy.enabled"),
+    ("autoscaling: {enabled: 1}", "spec.autoscaling.enabled"),  # an integer for a boolean
+    ("autoscaling: {minReplicas: true}", "spec.autoscaling.minReplicas"),
+    ("resources: {requests: {cpu: true}}", "spec.resources.requests.cpu"),  # int-or-string
+    ("resources: {requests: {cpu: 1.5}}", "spec.resources.requests.cpu"),
+    ('observability: {traceSampleRatio: "0.5"}', "spec.observability.traceSampleRatio"),  # a string for a number
+    ("observability: {traceSampleRatio: .nan}", "spec.observability.traceSampleRatio"),  # JSON has no NaN
+    ('networkPolicy: {egressPorts: ["443"]}', "spec.networkPolicy.egressPorts[0]"),
+    ("replicaz: 1", "spec.replicaz"),  # an unknown field
+    ("env: [{name: A, value: y}]", "spec.env[0].value"),  # go-yaml reads y as a boolean
+    ("env: [{name: A, value: 1e3}]", "spec.env[0].value"),  # ... and 1e3 as a number
+    ("env: [{name: A, value: 0o17}]", "spec.env[0].value"),
+]
+
+# Oddities the API server accepts, so offline render must too: each, and the spec it amounts to.
+ACCEPTED_BY_KUBECTL = [
+    ("replicas: 3.0", {"replicas": 3}),  # kubectl sends 3
+    ("replicas: null", {"replicas": 1}),  # a null field is pruned, then defaulted
+    ("env: [{name: A, value: 2026-01-01}]", {"env": [{"name": "A", "value": "2026-01-01"}]}),  # not a timestamp
+    ("env: [{name: A, value: 1:20}]", {"env": [{"name": "A", "value": "1:20"}]}),  # not sexagesimal 80
+]
+
+
+@pytest.mark.parametrize(("spec", "field"), REFUSED_BY_KUBECTL, ids=[spec for spec, _ in REFUSED_BY_KUBECTL])
+def test_render_refuses_what_the_api_server_refuses_and_names_the_field(spec: str, field: str, tmp_path: Path) -> None:
+    manifest = tmp_path / "agent.yaml"
+    manifest.write_text(agent_yaml(spec))
+    result = run("render", "-f", str(manifest))
+    assert result.returncode == 2, result.stdout[:200]
+    assert f"{field}:" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(("spec", "expected"), ACCEPTED_BY_KUBECTL, ids=[spec for spec, _ in ACCEPTED_BY_KUBECTL])
+def test_render_accepts_what_the_api_server_accepts(spec: str, expected: dict[str, Any]) -> None:
+    (agent,) = load_agents(agent_yaml(spec))
+    dumped = agent.spec.model_dump(by_alias=True, exclude_none=True, mode="json")
+    assert {key: dumped[key] for key in expected} == expected

@@ -3,6 +3,7 @@ CRD (schema and CEL) accepts it too, so the two validation layers agree."""
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 from typing import Any
 
@@ -10,9 +11,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from agent_operator.manifest import ManifestError, parse_agent
 from agent_operator.render import RenderPlan, build_children
 from agent_operator.spec import EnterpriseAgent
 from tests.kube_schema import api_errors
+from tests.unit.test_render import rendered_zeros
 from tests.unit.test_render_validates import validate_strict
 
 names = st.from_regex(r"\A[a-z][a-z0-9-]{0,20}[a-z0-9]\Z")
@@ -118,4 +121,64 @@ def test_accepted_specs_render_valid_objects_and_pass_the_crd(document: dict[str
     assert first == build_children(agent, RenderPlan.initial(agent))
     for child in first:
         validate_strict(child)
+    assert rendered_zeros(first) == []  # nothing the server drops, which would look like drift forever
     assert api_errors(document) == []
+
+
+def _leaves(value: Any, path: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:
+    """Paths of every field and item under ``value``."""
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in [(*path, k), *_leaves(v, (*path, k))]]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in [(*path, i), *_leaves(v, (*path, i))]]
+    return []
+
+
+def _location(path: tuple[str | int, ...]) -> str:
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path).lstrip(".")
+
+
+# Values of each JSON type, as a hostile or careless manifest has them where another type belongs.
+# Not null and not integral floats: the API server prunes a null field and takes 3.0 for 3, which
+# tests/kube_schema.py does not emulate (tests/cluster/test_operator.py checks both on a real one).
+hostile_values = st.one_of(
+    st.sampled_from(["3", "0.5", "yes", "true", "", "1Gi"]),
+    st.sampled_from([True, False]),
+    st.integers(-5, 70000),
+    st.sampled_from([0.5, 2.5, -1.25, 1000.5]),
+    st.just({"unknown": 1}),
+    st.just(["x"]),
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(agent_documents(), st.data())
+def test_what_the_crd_refuses_the_operator_refuses_and_names_the_field(
+    document: dict[str, Any], data: st.DataObject
+) -> None:
+    """One field of a spec replaced by a value of any type: when the CRD (schema and CEL rules)
+    refuses the result, the operator's own validation (offline render, the reconciler) refuses it
+    too, and names that field or one above it."""
+    try:
+        parse_agent(copy.deepcopy(document))
+    except ManifestError:
+        event("already refused before the change")  # the other property covers these
+        return
+    path = data.draw(st.sampled_from(_leaves(document["spec"], ("spec",))))
+    value = data.draw(hostile_values)
+    parent: Any = document
+    for part in path[:-1]:
+        parent = parent[part]
+    parent[path[-1]] = value
+    if not api_errors(copy.deepcopy(document)):
+        event("accepted by the CRD")
+        return
+    event("refused by the CRD")
+    try:
+        parse_agent(document)
+    except ManifestError as refused:
+        where = _location(path)
+        named = [e.path for e in refused.errors]
+        assert any(where.startswith(p) or p.startswith(where) for p in named if p), (where, named)
+        return
+    raise AssertionError(f"the CRD refuses {_location(path)} = {value!r}, the operator accepts it")

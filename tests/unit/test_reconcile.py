@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 from datetime import datetime
 from typing import Any, cast
+
+import pytest
 
 from agent_operator import conditions as cond
 from agent_operator.controller import Controller, ControllerSettings, WorkQueue
@@ -13,19 +16,28 @@ from agent_operator.manifest import FieldError
 from agent_operator.reconcile import Memo, Plan, child_key, is_subset, reconcile, stalled_plan
 from agent_operator.render.common import LABEL_INSTANCE, LABEL_REVISION
 from agent_operator.spec import ConditionType, Phase
-from tests.helpers import observe, served
+from tests.helpers import observe, rolled_out, served
 
 NOW, LATER = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
 NOW_TIME, LATER_TIME = (datetime.fromisoformat(t.replace("Z", "+00:00")) for t in (NOW, LATER))
 
 
-def test_is_subset_ignores_server_added_fields_and_zero_values() -> None:
-    desired = {"spec": {"replicas": 1, "paused": False, "template": {"containers": [{"name": "a", "env": []}]}}}
+def test_is_subset_ignores_server_added_fields_and_fields_we_set_to_null() -> None:
+    desired = {"spec": {"replicas": 1, "paused": None, "template": {"containers": [{"name": "a"}]}}}
     actual = {
         "spec": {"replicas": 1, "template": {"containers": [{"name": "a", "terminationMessagePath": "/dev/x"}]}},
         "status": {},
     }
     assert is_subset(desired, actual)
+
+
+@pytest.mark.parametrize("zero", [False, 0, "", {}, []], ids=repr)
+def test_is_subset_sees_a_zero_value_removed_by_hand(zero: Any) -> None:
+    """A field we set must be there with our value, a zero one too: absent is not "false"
+    (automountServiceAccountToken and allowPrivilegeEscalation default to the weaker setting)."""
+    desired = {"spec": {"replicas": 1, "field": zero}}
+    assert is_subset(desired, {"spec": {"replicas": 1, "field": zero, "added": "by the server"}})
+    assert not is_subset(desired, {"spec": {"replicas": 1}})
 
 
 def test_is_subset_sees_drift() -> None:
@@ -96,6 +108,58 @@ def test_plan_with_nothing_changed_writes_nothing_and_posts_nothing() -> None:
     assert again.status == ready.status  # same timestamps: no status write either
     fresh = plan(ready.status_body(), children, LATER_TIME)  # the memo is a cache: same plan without it
     assert (fresh.apply, fresh.delete, fresh.events, fresh.status) == ([], [], [], ready.status)
+
+
+def _without(manifest: dict[str, Any], *path: str) -> dict[str, Any]:
+    """A deep copy of ``manifest`` with the field at ``path`` removed, as by a JSON patch remove.
+    A number in ``path`` is a list index."""
+    edited = copy.deepcopy(manifest)
+    parent: Any = edited
+    for part in path[:-1]:
+        parent = parent[int(part)] if isinstance(parent, list) else parent[part]
+    del parent[path[-1]]
+    return edited
+
+
+HARDENING_REMOVED_BY_HAND = [
+    ("Deployment", "hello-agent-blue", ("spec", "template", "spec", "automountServiceAccountToken")),
+    ("Deployment", "hello-agent-blue", ("spec", "template", "spec", "enableServiceLinks")),
+    (
+        "Deployment",
+        "hello-agent-blue",
+        ("spec", "template", "spec", "containers", "0", "securityContext", "allowPrivilegeEscalation"),
+    ),
+    ("Deployment", "hello-agent-blue", ("spec", "strategy", "rollingUpdate", "maxUnavailable")),
+    ("ServiceAccount", "hello-agent", ("automountServiceAccountToken",)),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "path"), HARDENING_REMOVED_BY_HAND, ids=lambda v: v[-1] if isinstance(v, tuple) else v
+)
+def test_a_zero_valued_field_removed_by_hand_is_reapplied(kind: str, name: str, path: tuple[str, ...]) -> None:
+    """`kubectl patch --type=json -p '[{"op":"remove","path":...}]'` on a field we render as false
+    or 0: the next reconcile applies that child again, with the field at our value."""
+    memo = Memo()
+    children = rolled_out({child_key(c): c for c in plan(memo=memo).apply})
+    ready = plan(children=children, memo=memo)
+    assert plan(ready.status_body(), children, LATER_TIME, memo).apply == []
+    key = next(k for k in children if k[1:] == (kind, name))
+    rendered = children[key]
+    parent: Any = rendered
+    for part in path[:-1]:
+        parent = parent[int(part)] if isinstance(parent, list) else parent[part]
+    assert parent[path[-1]] in (False, 0)  # the premise: a zero value we set
+    edited = {**children, key: _without(rendered, *path)}
+
+    repaired = plan(ready.status_body(), edited, LATER_TIME, memo)
+
+    assert [child_key(c) for c in repaired.apply] == [key]
+    (applied,) = repaired.apply
+    value: Any = applied
+    for part in path:
+        value = value[int(part)] if isinstance(value, list) else value[part]
+    assert value is parent[path[-1]]
 
 
 def test_plan_deletes_children_the_spec_no_longer_wants() -> None:

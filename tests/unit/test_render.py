@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -264,3 +265,80 @@ def test_revision_changes_with_key_versions_not_key_material() -> None:
 def test_rendering_is_deterministic() -> None:
     agent = example_agent("full")
     assert build_children(agent, RenderPlan.initial(agent)) == build_children(agent, RenderPlan.initial(agent))
+
+
+# Zero values the API server keeps (pointer fields: absent means the API's default, not zero).
+# A zero anywhere else is dropped by the server, so the drift comparison, which wants every field
+# we set to be present, would see it missing and apply the child again on every resync.
+ZERO_KEPT = {
+    "automountServiceAccountToken",
+    "enableServiceLinks",
+    "allowPrivilegeEscalation",
+    "readOnlyRootFilesystem",
+    "runAsNonRoot",
+    "maxUnavailable",
+    "replicas",
+    "stabilizationWindowSeconds",
+    "tolerationSeconds",
+    "optional",
+}
+EMPTY_STRUCT_KEPT = {"podSelector", "namespaceSelector", "emptyDir"}  # {} selects everything, or is a source
+MAPS = {"labels", "annotations", "matchLabels", "nodeSelector", "data", "selector", "requests", "limits"}
+
+
+def dropped_zeros(value: Any, path: str = "", key: str = "") -> list[str]:
+    """Paths in a rendered child where it sets a zero value the API server would drop."""
+    if isinstance(value, dict):
+        if not value:
+            return [] if key in EMPTY_STRUCT_KEPT else [path]
+        if key in MAPS:  # entries of a map are kept whatever their value
+            return []
+        return [p for k, v in value.items() for p in dropped_zeros(v, f"{path}.{k}", k)]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in dropped_zeros(v, f"{path}[{i}]", key)] if value else [path]
+    if value is not True and value in (False, 0, "") and key not in ZERO_KEPT:
+        return [path]
+    return []
+
+
+def rendered_zeros(children: list[dict[str, Any]]) -> list[str]:
+    found = []
+    for child in children:
+        # A ControllerRevision's data is a raw extension: stored byte for byte, never compared.
+        body = {k: v for k, v in child.items() if not (child["kind"] == "ControllerRevision" and k == "data")}
+        found += [f"{child['kind']}/{child['metadata']['name']}{p}" for p in dropped_zeros(body)]
+    return found
+
+
+ZERO_PRONE_SPECS: list[dict[str, Any]] = [
+    {},
+    {"env": [{"name": "EMPTY", "value": ""}]},
+    {"networkPolicy": {"allowedIngressPodLabels": {}, "allowedEgressCIDRs": ["10.0.0.0/8"], "egressPorts": []}},
+    {"pod": {"tolerations": [{"key": "", "operator": "Exists", "value": ""}]}},
+    {"resources": {"requests": {}, "limits": {}}},
+    {
+        "state": {
+            "postgres": {"secretRef": {"name": "db"}, "egress": {"namespaceSelector": {}, "podSelector": {"a": "b"}}}
+        }
+    },
+]
+
+
+@pytest.mark.parametrize("changes", ZERO_PRONE_SPECS, ids=lambda c: ",".join(c) or "full")
+def test_children_set_no_zero_value_the_api_server_drops(changes: dict[str, Any]) -> None:
+    agent = _agent(**changes)
+    blue = RenderPlan.initial(agent)
+    both = replace(blue, deployments=(ColorPlan(Color.BLUE, 2), ColorPlan(Color.GREEN, 0)))
+    assert rendered_zeros(build_children(agent, blue)) == []
+    assert rendered_zeros(build_children(agent, both)) == []
+
+
+def test_the_zero_value_check_can_fail() -> None:
+    children = build_children(_agent(), RenderPlan.initial(_agent()))
+    deployment = next(c for c in children if c["kind"] == "Deployment")
+    deployment["spec"]["paused"] = False
+    deployment["spec"]["template"]["spec"]["containers"][0]["args"] = []
+    assert sorted(rendered_zeros([deployment])) == [
+        "Deployment/support-bot-blue.spec.paused",
+        "Deployment/support-bot-blue.spec.template.spec.containers[0].args",
+    ]

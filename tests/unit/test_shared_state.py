@@ -235,7 +235,7 @@ class SecretsOnly:
         self, namespace: str, name: str, status: dict[str, Any], resource_version: str | None = None
     ) -> dict[str, Any]:
         self.status = status
-        return {"status": status}
+        return {"metadata": {"name": name, "namespace": namespace, "resourceVersion": "2"}, "status": status}
 
     async def post_event(self, involved: Any, type_: str, reason: str, message: str, component: str) -> None:
         self.events.append((type_, reason))

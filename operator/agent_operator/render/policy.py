@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from agent_contract.layout import RUNTIME_PORT
@@ -86,15 +87,21 @@ def build_service_account(agent: EnterpriseAgent) -> Manifest:
     }
 
 
+def _label_selector(labels: Mapping[str, str]) -> dict[str, Any]:
+    """A selector on ``labels``; ``{}`` (everything) when there are none. Never an empty
+    matchLabels, which the API server drops and the drift comparison would then see missing."""
+    return {"matchLabels": dict(labels)} if labels else {}
+
+
 def _database_peers(egress: DatabaseEgress) -> list[dict[str, Any]]:
     """spec.state.postgres.egress as NetworkPolicy peers: an ipBlock per CIDR, and the selectors
     together as one peer (pods matching podSelector in namespaces matching namespaceSelector)."""
     peers: list[dict[str, Any]] = [{"ipBlock": {"cidr": cidr}} for cidr in egress.cidrs]
     selectors: dict[str, Any] = {}
     if egress.namespace_selector is not None:
-        selectors["namespaceSelector"] = {"matchLabels": dict(egress.namespace_selector)}
+        selectors["namespaceSelector"] = _label_selector(egress.namespace_selector)
     if egress.pod_selector is not None:
-        selectors["podSelector"] = {"matchLabels": dict(egress.pod_selector)}
+        selectors["podSelector"] = _label_selector(egress.pod_selector)
     if selectors:
         peers.append(selectors)
     return peers
@@ -104,7 +111,7 @@ def build_network_policy(agent: EnterpriseAgent, operator_namespace: str) -> Man
     """Default deny; allows callers from the listed places, DNS, the listed egress CIDRs and the
     shared-state database (spec.state.postgres.egress)."""
     policy = agent.spec.network_policy
-    same_namespace_peer: dict[str, Any] = {"podSelector": {"matchLabels": dict(policy.allowed_ingress_pod_labels)}}
+    same_namespace_peer: dict[str, Any] = {"podSelector": _label_selector(policy.allowed_ingress_pod_labels)}
     callers = sorted({*policy.allowed_ingress_namespaces, operator_namespace} - {agent.namespace})
     peers: list[dict[str, Any]] = [same_namespace_peer]
     if callers:
@@ -119,12 +126,10 @@ def build_network_policy(agent: EnterpriseAgent, operator_namespace: str) -> Man
         {"ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
     ]
     if policy.allowed_egress_cidrs:
-        egress.append(
-            {
-                "to": [{"ipBlock": {"cidr": cidr}} for cidr in policy.allowed_egress_cidrs],
-                "ports": [{"protocol": "TCP", "port": port} for port in policy.egress_ports],
-            }
-        )
+        to_cidrs: dict[str, Any] = {"to": [{"ipBlock": {"cidr": cidr}} for cidr in policy.allowed_egress_cidrs]}
+        if policy.egress_ports:  # no ports: every port, as the API server reads an empty list too
+            to_cidrs["ports"] = [{"protocol": "TCP", "port": port} for port in policy.egress_ports]
+        egress.append(to_cidrs)
     postgres = agent.spec.state.postgres
     if postgres is not None and postgres.egress is not None:
         egress.append(

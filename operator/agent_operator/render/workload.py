@@ -169,6 +169,32 @@ def build_pod_template(agent: EnterpriseAgent, revision: str, color: Color | Non
     return {"metadata": {"labels": labels, "annotations": annotations}, "spec": pod_spec}
 
 
+def _without(entry: Mapping[str, Any], *empty: str) -> dict[str, Any]:
+    """``entry`` without those of the keys ``empty`` whose value is "" or an empty map."""
+    return {key: value for key, value in entry.items() if not (key in empty and value in ("", {}))}
+
+
+def as_stored(template: Manifest) -> Manifest:
+    """The pod template as the API server stores it: without the zero values it drops (an env
+    var's ``value: ""``, a toleration's empty key or value, empty resource maps), which the
+    drift comparison would otherwise see missing on every resync. Applied to recorded templates
+    too, so a revision rendered by an older operator does not drift forever."""
+    spec = dict(template.get("spec") or {})
+    containers = []
+    for container in spec.get("containers") or []:
+        container = dict(container)
+        if "env" in container:
+            container["env"] = [_without(var, "value") for var in container["env"]]
+        if isinstance(container.get("resources"), Mapping):
+            container["resources"] = _without(container["resources"], "requests", "limits")
+        containers.append(container)
+    if containers:
+        spec["containers"] = containers
+    if "tolerations" in spec:
+        spec["tolerations"] = [_without(toleration, "key", "value") for toleration in spec["tolerations"]]
+    return {**template, "spec": spec}
+
+
 def build_deployment(
     agent: EnterpriseAgent,
     color: Color,
@@ -197,6 +223,6 @@ def build_deployment(
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": 0}},
             "revisionHistoryLimit": 3,
             "progressDeadlineSeconds": agent.spec.rollout.progress_deadline_seconds,
-            "template": template,
+            "template": as_stored(template),
         },
     }
