@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyNetwork, model_validator
 from pydantic.alias_generators import to_camel
 
-from agent_contract.layout import DATA_DIR, KEYS_DIR
+from agent_contract.layout import DATA_DIR, KEYS_DIR, MODEL_API_KEY_ENV
 
 # libyaml's emitter when PyYAML was built with it (same output, several times faster).
 _YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
@@ -150,13 +150,44 @@ class ResilienceConfig(ConfigModel):
     retry: RetryConfig = Field(default_factory=RetryConfig)
 
 
-class ModelConfig(ConfigModel):
-    """An OpenAI-compatible chat completions endpoint the ``chat`` operation calls."""
+class ModelProvider(StrEnum):
+    # Any endpoint that speaks OpenAI's chat completions API: OpenAI, Azure OpenAI's v1 API, vLLM,
+    # Ollama, LiteLLM, most gateways. Others join only with their own adapter.
+    OPENAI = "openai"
 
-    endpoint: str = Field(pattern=r"^https?://[^\s]+$")  # the base URL; /v1/chat/completions is appended
-    model: str = "gpt-4o-mini"
-    api_key_env: str = "MODEL_API_KEY"  # the key comes from the environment (a Secret), never the ConfigMap
-    timeout_seconds: float = Field(default=60.0, gt=0, le=600)
+
+class ModelConfig(ConfigModel):
+    """The model the ``chat`` operation calls (``spec.model`` in the EnterpriseAgent)."""
+
+    provider: ModelProvider = ModelProvider.OPENAI
+    # The API base URL as OpenAI's SDKs take it (e.g. https://api.openai.com/v1);
+    # /chat/completions is appended.
+    base_url: str = Field(pattern=r"^https?://[^\s]+$", max_length=2048)
+    model: str = Field(min_length=1, max_length=256)
+    # The key comes from the environment (an env var from a Secret), never the ConfigMap.
+    # None: a keyless endpoint (no Authorization header).
+    api_key_env: str | None = MODEL_API_KEY_ENV
+    # PEM file of the CAs trusted for the endpoint instead of the system's (a private endpoint).
+    ca_bundle_file: str | None = None
+    connect_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    timeout_seconds: float = Field(default=60.0, gt=0, le=3600)  # the whole call, streaming included
+    max_output_tokens: int = Field(default=4096, ge=1, le=1_000_000)  # callers' max_tokens is capped here
+
+
+class RateLimit(ConfigModel):
+    """Limits over sliding windows; None: unlimited."""
+
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    tokens_per_hour: int | None = Field(default=None, ge=1)
+    tokens_per_day: int | None = Field(default=None, ge=1)
+
+
+class LimitsConfig(ConfigModel):
+    """Budgets and rate limits: per caller (the token's subject) and for the agent as a whole
+    (every replica together when they share state)."""
+
+    per_caller: RateLimit = Field(default_factory=RateLimit)
+    per_agent: RateLimit = Field(default_factory=RateLimit)
 
 
 class EgressConfig(ConfigModel):
@@ -183,6 +214,7 @@ class RuntimeConfig(ConfigModel):
     resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
     egress: EgressConfig = Field(default_factory=EgressConfig)
     model: ModelConfig | None = None
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     data_dir: str = DATA_DIR
 
     @model_validator(mode="after")

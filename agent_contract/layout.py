@@ -37,3 +37,10 @@ def regular_files(directory: str | Path) -> dict[str, bytes]:
             continue
         files[entry.name] = entry.read_bytes()
     return files
+
+
+# The model's API key, as an env var from the Secret named in spec.model.apiKeySecretRef.
+MODEL_API_KEY_ENV = "MODEL_API_KEY"
+# The CA bundle of a private model endpoint (spec.model.caBundle, a ConfigMap key), mounted here.
+MODEL_CA_DIR = "/etc/agent/model-ca"
+MODEL_CA_FILE = "/etc/agent/model-ca/ca.crt"
