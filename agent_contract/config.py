@@ -226,6 +226,9 @@ class RuntimeConfig(ConfigModel):
     def to_yaml(self) -> str:
         """The canonical YAML form, as written into the ConfigMap and by ``agent-runtime init``."""
         data: dict[str, Any] = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        if self.model is not None and self.model.api_key_env is None:
+            # A keyless endpoint, on purpose: left out, apiKeyEnv would read back as its default.
+            data["model"]["apiKeyEnv"] = None
         return yaml.dump(data, Dumper=_YAML_DUMPER, sort_keys=True)
 
     @classmethod

@@ -14,5 +14,8 @@ OPERATION_NAME_LABEL = "gen_ai_operation_name"  # "chat"
 PROVIDER_LABEL = "gen_ai_provider_name"  # "openai"
 REQUEST_MODEL_LABEL = "gen_ai_request_model"
 TOKEN_TYPE_LABEL = "gen_ai_token_type"  # noqa: S105 - a label name
+# On the duration of a call that failed: an HTTP status ("429"), "timeout", an exception's class
+# name, or "cancelled" (the caller stopped it, e.g. a streaming client left); empty on success.
+ERROR_TYPE_LABEL = "error_type"
 INPUT_TOKENS = "input"
 OUTPUT_TOKENS = "output"

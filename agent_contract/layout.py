@@ -44,3 +44,5 @@ MODEL_API_KEY_ENV = "MODEL_API_KEY"
 # The CA bundle of a private model endpoint (spec.model.caBundle, a ConfigMap key), mounted here.
 MODEL_CA_DIR = "/etc/agent/model-ca"
 MODEL_CA_FILE = "/etc/agent/model-ca/ca.crt"
+# The A2A agent card (A2A v0.3's well-known path), served to anyone without a token.
+AGENT_CARD_PATH = "/.well-known/agent-card.json"

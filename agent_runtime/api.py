@@ -35,14 +35,24 @@ MAX_BODY_BYTES = 1024 * 1024
 
 
 class ApiError(Exception):
-    """An error answer: HTTP status, a stable machine code and a human message."""
+    """An error answer: HTTP status, a stable machine code and a human message; ``fields``: more
+    members of the JSON body (a 429's ``limit``)."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        fields: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+        self.fields = fields or {}
 
-    def __reduce__(self) -> tuple[type[ApiError], tuple[int, str, str, dict[str, str]]]:
-        return ApiError, (self.status, self.code, self.message, self.headers)  # raised in a worker process too
+    def __reduce__(self) -> tuple[type[ApiError], tuple[int, str, str, dict[str, str], dict[str, Any]]]:
+        # Raised in a worker process too.
+        return ApiError, (self.status, self.code, self.message, self.headers, self.fields)
 
 
 def client_ip(request: web.Request) -> str:
@@ -77,6 +87,12 @@ def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 def _is_trusted(text: str, trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
     address = _address(text)
     return address is not None and any(address in network for network in trusted)
+
+
+def from_trusted_proxy(request: web.Request) -> bool:
+    """The peer is one of auth.trustedProxies (the ingress): its X-Forwarded-* headers are believed."""
+    trusted = request.app[CONFIG].auth.trusted_proxies
+    return bool(trusted) and _is_trusted(request.remote or "", trusted)
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:

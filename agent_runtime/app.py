@@ -22,10 +22,11 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from agent_contract.config import AuthMode, ComplianceFramework, RuntimeConfig
 from agent_contract.keyfiles import KeyRing
-from agent_runtime import auth_routes, compliance, health, openapi, operation_routes, report_routes
+from agent_runtime import agent_card, auth_routes, compliance, health, openapi, operation_routes, report_routes
 from agent_runtime.api import MAX_BODY_BYTES
 from agent_runtime.audit import AuditLog
 from agent_runtime.crypto import FieldEncryptor
+from agent_runtime.limits import LIMITER, Limiter, MemoryLimitCounters, PostgresLimitCounters, upkeep
 from agent_runtime.metrics import RuntimeMetrics
 from agent_runtime.middlewares import MIDDLEWARES, failure_summaries, hide_server_version
 from agent_runtime.operations import BUILTINS, Operation, Registry, discover_plugins
@@ -75,6 +76,7 @@ from agent_runtime.workers import WorkerPool
 ALL_ROUTES: tuple[Route, ...] = (
     *health.ROUTES,
     *openapi.ROUTES,
+    *agent_card.ROUTES,
     *auth_routes.ROUTES,
     *compliance.ROUTES,
     *report_routes.ROUTES,
@@ -124,6 +126,9 @@ def _catalogue(app: web.Application, config: RuntimeConfig, operations: dict[str
             config.resilience.retry,
             lambda: app[HTTP],
             lambda: breaker(app, "model"),
+            metrics=app[METRICS].genai,
+            tracer=lambda: app[TRACER],
+            limiter=lambda: app.get(LIMITER),
         )
     if "generate_report" in config.operations and "generate_report" not in catalogue:
         catalogue["generate_report"] = report_routes.report_operation(app)
@@ -149,17 +154,19 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
 
 def _state(app: web.Application, settings: Settings, encryptor: FieldEncryptor | None) -> None:
-    """The store, revocations and login throttle: this replica's own (SQLite files, counters in
-    memory), or with DATABASE_URL one PostgreSQL shared by every replica."""
+    """The store, revocations, login throttle and limit counters: this replica's own (SQLite files,
+    counters in memory), or with DATABASE_URL one PostgreSQL shared by every replica."""
     if settings.database_url is None:
         app[STORE] = Store(settings.data_dir / "store.sqlite3", encryptor=encryptor)
         app[REVOKED] = RevocationList(settings.data_dir / "revocations.sqlite3")
         app[THROTTLE] = LoginThrottle(clock=time.monotonic)  # one process: immune to clock steps
+        app[LIMITER] = Limiter(settings.config, MemoryLimitCounters(), app[METRICS])
         return
     engine = PostgresEngine(settings.database_url, breaker(app, "database"))
     app[STORE] = Store(engine, encryptor=encryptor)
     app[REVOKED] = PostgresRevocations(engine)
     app[THROTTLE] = LoginThrottle(PostgresThrottleCounters(engine))
+    app[LIMITER] = Limiter(settings.config, PostgresLimitCounters(engine), app[METRICS])
 
 
 def create_app(
@@ -194,6 +201,7 @@ def create_app(
     )
     app[AUTHORIZER] = Authorizer(config)
     app[REGISTRY] = _catalogue(app, config, operations)
+    app[agent_card.CARD] = agent_card.build_card(config, app[REGISTRY])  # public: built from an allow-list
     app[BULKHEADS] = {name: _bulkhead(metrics, name, config) for name in app[REGISTRY].operations}
     app[WORKERS] = WorkerPool()
     app[ENCRYPTOR] = FieldEncryptor(keys)
@@ -206,6 +214,7 @@ def create_app(
     app.cleanup_ctx.append(_resources)
     app.cleanup_ctx.append(failure_summaries)  # after _resources: it still writes to the audit log
     app.cleanup_ctx.append(operation_routes.worker_pool)
+    app.cleanup_ctx.append(upkeep)  # after _resources: it reads the database
     app.on_response_prepare.append(hide_server_version)
     # The one route table: served, let through without a token when public, and documented.
     app[ROUTE_TABLE] = ALL_ROUTES

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from agent_contract.config import ComplianceFramework, Permission, SecurityLevel
 from agent_runtime.api import ApiError, audit, authorize, pseudonym, read_json_object, string_field
+from agent_runtime.limits import CALLER
 from agent_runtime.operation_routes import execute, operation_response, validated_input
 from agent_runtime.routing import ERROR, Body, QueryParameter, Reply, Route, Schema
 from agent_runtime.sharedstate import StateUnavailableError
@@ -225,6 +226,7 @@ async def decide_approval(request: web.Request) -> web.Response:
         await audit(request, type="operation", action=operation.name, result="rejected", details=details)
         return web.json_response({"approval_id": approval["id"], "status": "rejected"})
     argument = validated_input(operation, json.loads(approval["input"]))
+    CALLER.set(approval["requester"])  # tokens it spends come out of the requester's budget
     result = await execute(request, operation, argument, details)
     return operation_response(request, operation.name, result, approval["requester"])
 

@@ -10,6 +10,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from agent_runtime.genai import GenAIMetrics
+
 # Agent work can take minutes (a model call, a long report): buckets go that far.
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -69,6 +71,22 @@ class RuntimeMetrics:
             ["operation"],
             registry=self.registry,
         )
+        # spec.limits (agent_runtime/limits.py). No per-caller series: callers are unbounded.
+        self.limit = Gauge(
+            "agent_limit", "Configured rate limits and token budgets (spec.limits), by scope (agent or caller) and"
+            " limit (requests_per_minute, tokens_per_hour, tokens_per_day); absent when unlimited.",
+            ["scope", "limit"], registry=self.registry,
+        )  # fmt: skip
+        self.tokens_spent = Gauge(
+            "agent_tokens_spent", "The agent's model tokens over the sliding hour or day, as its budget counts them"
+            " (every replica together when they share state).",
+            ["window"], registry=self.registry,
+        )  # fmt: skip
+        self.limit_exceeded = Counter(
+            "agent_limit_exceeded_total", "Requests refused with 429 by a rate limit or token budget, by scope and limit.",
+            ["scope", "limit"], registry=self.registry,
+        )  # fmt: skip
+        self.genai = GenAIMetrics(self.registry)  # token usage and model call duration (GenAI conventions)
 
         # Labelled children looked up once: .labels() takes a lock and builds a key on every call.
         self._request_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}

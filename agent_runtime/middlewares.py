@@ -48,7 +48,7 @@ def route_template(request: web.Request) -> str | None:
 
 
 def error_response(request: web.Request, error: ApiError) -> web.Response:
-    body = {"code": error.code, "message": error.message, "request_id": request.get(REQUEST_ID)}
+    body = {**error.fields, "code": error.code, "message": error.message, "request_id": request.get(REQUEST_ID)}
     return web.json_response(body, status=error.status, headers=error.headers)
 
 
@@ -124,7 +124,9 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     except web.HTTPException as http_error:
         if http_error.status >= 400:
             code = http_error.reason.lower().replace(" ", "_")
-            response = error_response(request, ApiError(http_error.status, code, http_error.reason))
+            # A 405 must say which methods the path takes (RFC 9110 15.5.6): aiohttp's Allow is kept.
+            allow = {"Allow": http_error.headers["Allow"]} if "Allow" in http_error.headers else None
+            response = error_response(request, ApiError(http_error.status, code, http_error.reason, allow))
         else:
             raise
     except Exception:  # a bug: answer in JSON with the ids to look it up, never a stack trace

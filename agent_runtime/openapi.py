@@ -7,11 +7,19 @@ from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
-from pydantic import BaseModel
 
 from agent_contract.config import RuntimeConfig
 from agent_runtime.operations import Operation, Registry
-from agent_runtime.routing import ERROR, JSON_MEDIA_TYPE, Body, JsonSchema, Reply, Route, Schema
+from agent_runtime.routing import (
+    ERROR,
+    EVENT_STREAM_MEDIA_TYPE,
+    JSON_MEDIA_TYPE,
+    Body,
+    JsonSchema,
+    Reply,
+    Route,
+    Schema,
+)
 from agent_runtime.state import CONFIG, REGISTRY, ROUTE_TABLE
 
 REF = "#/components/schemas/{model}"
@@ -22,9 +30,10 @@ ERROR_DESCRIPTIONS = {
     401: "Missing, invalid, expired or revoked token",
     403: "Not permitted for the caller's roles or clearance, or above the agent's level",
     404: "Not enabled on this agent",
+    406: "Accept names only text/event-stream, and the operation does not stream",
     413: "Body too large",
     422: "Input does not match the operation's schema",
-    429: "Too many failed logins",
+    429: "Too many failed logins, or over a rate limit or token budget (spec.limits): see Retry-After",
     500: "Operation failed",
     502: "A dependency (the model endpoint) failed",
     503: "At capacity, or a dependency is unavailable",
@@ -86,9 +95,8 @@ class _Document:
 
     def add_operation(self, route: Route, name: str, operation: Operation) -> None:
         """The per-operation route, for one enabled operation: its name in the path, its own input."""
-        input_schema: dict[str, Any] = {"type": "object"}
-        if operation.input_model is not None:
-            input_schema = self.model_schema(operation.input_model)
+        input_schema = operation_input_schema(operation, REF)
+        self.schemas.update(input_schema.pop("$defs", {}))  # published once, under components
         properties: dict[str, Any] = {"input": input_schema}
         if operation.personal_data:  # with GDPR: whose data, and for which consented purpose
             properties |= {
@@ -96,18 +104,31 @@ class _Document:
                 "purpose": {"type": "string", "maxLength": 64},
             }
         request = Schema(f"{name}_request", {"type": "object", "properties": properties, "additionalProperties": False})
+        responses = self.responses(route)
+        if operation.stream is not None and "200" in responses:
+            answer = responses["200"]
+            answer["description"] += (
+                "; with `Accept: text/event-stream`, Server-Sent Events as it is made: `data` events"
+                ' ({"delta": text}), then a `done` event (finish reason and token usage), or an `error`'
+                " event (code, message) if it fails after the first"
+            )
+            answer.setdefault("content", {})[EVENT_STREAM_MEDIA_TYPE] = {"schema": {"type": "string"}}
         documented = {
             "summary": operation.description,
             "description": f"Needs permission {operation.permission.value}; data level {operation.level.value}.",
             "requestBody": self.body(Body(request)),
-            "responses": self.responses(route),
+            "responses": responses,
         }
         self.add(route.path.replace("{name}", name), route.method, documented)
 
-    def model_schema(self, model: type[BaseModel]) -> dict[str, Any]:
-        schema = model.model_json_schema(ref_template=REF)
-        self.schemas.update(schema.pop("$defs", {}))
-        return schema
+
+def operation_input_schema(operation: Operation, ref_template: str = "#/$defs/{model}") -> dict[str, Any]:
+    """The JSON schema of an operation's ``input`` (any object when it declares no model). With the
+    default template it is self-contained (its nested models under ``$defs``), as the agent card
+    publishes it; this document lifts them into its components instead."""
+    if operation.input_model is None:
+        return {"type": "object"}
+    return operation.input_model.model_json_schema(ref_template=ref_template)
 
 
 def build_openapi(config: RuntimeConfig, registry: Registry, routes: Iterable[Route]) -> dict[str, Any]:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
+import math
 import pickle
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -20,6 +22,7 @@ from opentelemetry import trace
 from pydantic import BaseModel, ValidationError
 
 from agent_contract.config import ComplianceFramework
+from agent_contract.operations import CHAT
 from agent_runtime.api import (
     ApiError,
     audit,
@@ -29,10 +32,12 @@ from agent_runtime.api import (
     read_body,
     string_field,
 )
+from agent_runtime.limits import CALLER, LIMITER, LimitExceededError
 from agent_runtime.operations import InputError, Operation
+from agent_runtime.operations.base import CALL_DETAILS, StreamEvent
 from agent_runtime.operations.chat import ModelError
 from agent_runtime.resilience import CircuitOpenError, OverloadedError
-from agent_runtime.routing import Reply, Route, Schema
+from agent_runtime.routing import EVENT_STREAM_MEDIA_TYPE, JSON_MEDIA_TYPE, Reply, Route, Schema
 from agent_runtime.sharedstate import StateUnavailableError
 from agent_runtime.state import (
     BULKHEADS,
@@ -49,6 +54,7 @@ from agent_runtime.state import (
 from agent_runtime.workers import Pickled
 
 T = TypeVar("T")
+log = logging.getLogger("agent_runtime")
 # What run_operation reads of the body besides the input (GDPR's subject and purpose).
 ENVELOPE_FIELDS = ("subject", "purpose")
 MAX_PROBLEMS = 10  # named in a 422; a list of 100,000 bad items is not echoed back whole
@@ -117,12 +123,14 @@ async def operation_input(request: web.Request, operation: Operation) -> tuple[d
     return await _limited(request, operation, {}, lambda: request.app[WORKERS].run(parsed_body, job))
 
 
-async def run_operation(request: web.Request) -> web.Response:
+async def run_operation(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
     operation = request.app[REGISTRY].get(name)
     if operation is None:
         raise ApiError(404, "unknown_operation", f"operation {name!r} is not enabled on this agent")
     principal = await authorize(request, operation.permission, operation.level, f"operation:{name}")
+    streamed = stream_wanted(request, operation)
+    await admit(request, operation, principal.subject)
     body, argument = await operation_input(request, operation)
     compliance = request.app[CONFIG].compliance
     subject = purpose = None  # whose personal data, under which consent (GDPR)
@@ -143,8 +151,33 @@ async def run_operation(request: web.Request) -> web.Response:
         return web.json_response(
             {"operation": name, "status": "pending_approval", "approval_id": approval_id}, status=202
         )
+    if streamed:
+        return await execute_stream(request, operation, argument, {})
     result = await execute(request, operation, argument, {})
     return operation_response(request, name, result, principal.subject)
+
+
+async def admit(request: web.Request, operation: Operation, caller: str) -> None:
+    """spec.limits, after authorisation and before anything else is done for the caller: the
+    caller's and the agent's request rates, and for chat their token budgets."""
+    CALLER.set(caller)  # whose budget the operation's tokens are spent from
+    limiter = request.app[LIMITER]
+    try:
+        if operation.name == CHAT.name:
+            await limiter.admit_tokens(caller)  # first: it counts nothing, so a refusal costs no request
+        await limiter.admit_request(caller)
+    except LimitExceededError as exceeded:
+        raise await limit_refused(request, operation.name, exceeded) from None
+
+
+async def limit_refused(request: web.Request, name: str, exceeded: LimitExceededError) -> ApiError:
+    """The 429 of a refusal by a rate limit or budget, counted and audited: Retry-After in whole
+    seconds, rounded up (a retry at that time is admitted, if nothing else was counted meanwhile)."""
+    seconds = max(1, math.ceil(exceeded.retry_after_seconds))
+    request.app[METRICS].operations.labels(name, "rate_limited").inc()
+    details = {"limit": exceeded.limit, "retry_after_seconds": seconds}
+    await audit(request, type="operation", action=name, result="rate_limited", details=details)
+    return ApiError(429, "limit_exceeded", exceeded.message, {"Retry-After": str(seconds)}, {"limit": exceeded.limit})
 
 
 class EncodedResult:
@@ -183,45 +216,19 @@ async def execute(request: web.Request, operation: Operation, argument: Any, aud
     name = operation.name
     started = time.perf_counter()
     metrics = request.app[METRICS]
-
-    async def failed(result: str, **details: Any) -> None:
-        metrics.operations.labels(name, result).inc()
-        await audit(request, type="operation", action=name, result=result, details={**audit_details, **details})
-
-    tool_span = (
-        request.app[TRACER].start_as_current_span(f"execute_tool {name}", kind=trace.SpanKind.INTERNAL)
-        if request.get(TRACED)
-        else contextlib.nullcontext(None)
-    )
+    call_details: dict[str, Any] = {}  # what the operation adds to its record (chat: its tokens)
+    details_token = CALL_DETAILS.set(call_details)
     try:
-        with tool_span as span:
-            if span is not None:
-                span.set_attribute("gen_ai.operation.name", "execute_tool")
-                span.set_attribute("gen_ai.tool.name", name)
-                span.set_attribute("agent.security_level", operation.level.value)
+        with _tool_span(request, operation):
             result = await _limited(request, operation, audit_details, lambda: _call(request.app, operation, argument))
-    except ApiError:
-        raise
-    except InputError as error:
-        metrics.operations.labels(name, "invalid_input").inc()
-        raise ApiError(422, "invalid_input", f"input: {error}") from None
-    except ModelError as error:
-        await failed("unavailable", reason=str(error))
-        raise ApiError(502, "dependency_failed", str(error)) from None
-    except CircuitOpenError as error:
-        await failed("unavailable", reason=str(error))
-        raise ApiError(
-            503, "dependency_unavailable", str(error), {"Retry-After": str(int(error.retry_after) + 1)}
-        ) from None
-    except StateUnavailableError:
-        await failed("unavailable", reason="shared state unavailable")
-        raise  # answered 503 (fail closed), not as the operation's own failure
     except Exception as error:
-        await failed("error", error=type(error).__name__)
-        raise ApiError(500, "operation_failed", f"operation {name!r} failed") from None
+        raise await _failure(request, operation, error, {**audit_details, **call_details}) from None
+    finally:
+        CALL_DETAILS.reset(details_token)
     metrics.operations.labels(name, "success").inc()
     details = {
         **audit_details,
+        **call_details,
         "authorization": "allowed",
         "level": operation.level.value,
         "ms": round((time.perf_counter() - started) * 1000, 2),
@@ -230,29 +237,87 @@ async def execute(request: web.Request, operation: Operation, argument: Any, aud
     return result
 
 
+def _tool_span(request: web.Request, operation: Operation) -> contextlib.AbstractContextManager[Any]:
+    """The operation's span (GenAI's ``execute_tool``), when the request is traced."""
+    if not request.get(TRACED):
+        return contextlib.nullcontext(None)
+
+    @contextlib.contextmanager
+    def span() -> Iterator[trace.Span]:
+        with request.app[TRACER].start_as_current_span(
+            f"execute_tool {operation.name}", kind=trace.SpanKind.INTERNAL
+        ) as current:
+            current.set_attribute("gen_ai.operation.name", "execute_tool")
+            current.set_attribute("gen_ai.tool.name", operation.name)
+            current.set_attribute("agent.security_level", operation.level.value)
+            yield current
+
+    return span()
+
+
+async def _failure(
+    request: web.Request, operation: Operation, error: Exception, audit_details: dict[str, Any]
+) -> Exception:
+    """What to raise for an operation that failed, once counted and audited (input it cannot work
+    with is only counted: the caller is told, and nothing ran)."""
+    name = operation.name
+    metrics = request.app[METRICS]
+
+    async def failed(result: str, **details: Any) -> None:
+        metrics.operations.labels(name, result).inc()
+        await audit(request, type="operation", action=name, result=result, details={**audit_details, **details})
+
+    if isinstance(error, ApiError):
+        return error
+    if isinstance(error, LimitExceededError):  # a budget checked again inside the operation
+        return await limit_refused(request, name, error)
+    if isinstance(error, InputError):
+        metrics.operations.labels(name, "invalid_input").inc()
+        return ApiError(422, "invalid_input", f"input: {error}")
+    if isinstance(error, ModelError):
+        await failed("unavailable", reason=str(error))
+        return ApiError(502, "dependency_failed", str(error))
+    if isinstance(error, CircuitOpenError):
+        await failed("unavailable", reason=str(error))
+        return ApiError(503, "dependency_unavailable", str(error), {"Retry-After": str(int(error.retry_after) + 1)})
+    if isinstance(error, StateUnavailableError):
+        await failed("unavailable", reason="shared state unavailable")
+        return error  # answered 503 (fail closed), not as the operation's own failure
+    await failed("error", error=type(error).__name__)
+    return ApiError(500, "operation_failed", f"operation {name!r} failed")
+
+
 async def _limited(
     request: web.Request, operation: Operation, audit_details: dict[str, Any], call: Callable[[], Awaitable[T]]
 ) -> T:
     """``call()`` in the operation's bulkhead and under its timeout: beyond the bulkhead's queue a
     503, past the timeout a 504 (and a CPU-bound call's worker is killed), each counted and audited."""
-    name = operation.name
-    metrics = request.app[METRICS]
     timeout = request.app[CONFIG].resilience.operation_timeout_seconds
     try:
         async with asyncio.timeout(timeout):
-            return await request.app[BULKHEADS][name].run(call)
+            return await request.app[BULKHEADS][operation.name].run(call)
     except OverloadedError:
-        metrics.shed.labels(name).inc()
-        metrics.operations.labels(name, "shed").inc()
-        await audit(request, type="operation", action=name, result="shed", details=audit_details)
-        raise ApiError(
-            503, "overloaded", f"operation {name!r} is at capacity; retry shortly", {"Retry-After": "1"}
-        ) from None
+        raise await _shed(request, operation, audit_details) from None
     except TimeoutError:
-        metrics.operations.labels(name, "timeout").inc()
-        details = {**audit_details, "seconds": timeout}
-        await audit(request, type="operation", action=name, result="timeout", details=details)
-        raise ApiError(504, "operation_timeout", f"operation {name!r} took longer than {timeout:g}s") from None
+        raise await _timed_out(request, operation, audit_details) from None
+
+
+async def _shed(request: web.Request, operation: Operation, audit_details: dict[str, Any]) -> ApiError:
+    name = operation.name
+    metrics = request.app[METRICS]
+    metrics.shed.labels(name).inc()
+    metrics.operations.labels(name, "shed").inc()
+    await audit(request, type="operation", action=name, result="shed", details=audit_details)
+    return ApiError(503, "overloaded", f"operation {name!r} is at capacity; retry shortly", {"Retry-After": "1"})
+
+
+async def _timed_out(request: web.Request, operation: Operation, audit_details: dict[str, Any]) -> ApiError:
+    name = operation.name
+    timeout = request.app[CONFIG].resilience.operation_timeout_seconds
+    request.app[METRICS].operations.labels(name, "timeout").inc()
+    details = {**audit_details, "seconds": timeout}
+    await audit(request, type="operation", action=name, result="timeout", details=details)
+    return ApiError(504, "operation_timeout", f"operation {name!r} took longer than {timeout:g}s")
 
 
 async def _call(app: web.Application, operation: Operation, argument: Any) -> Result:
@@ -261,6 +326,194 @@ async def _call(app: web.Application, operation: Operation, argument: Any) -> Re
     if operation.cpu_bound:
         return EncodedResult(await app[WORKERS].run_json(operation.handler, argument))
     return await operation.handler(argument)
+
+
+# How often an idle stream gets a comment line: proxies keep it open, and a client that left is
+# noticed while the model is silent (a write to its closed connection fails).
+SSE_PING_SECONDS = 15.0
+EVENT_STREAM = EVENT_STREAM_MEDIA_TYPE
+
+
+def _accepted(request: web.Request) -> list[str]:
+    """The media types the Accept header names (not those refused with q=0)."""
+    accepted = []
+    for header in request.headers.getall("Accept", ()):
+        for item in header.split(","):
+            media, *parameters = (part.strip().lower() for part in item.split(";"))
+            if media and not any(p.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000") for p in parameters):
+                accepted.append(media)
+    return accepted
+
+
+def stream_wanted(request: web.Request, operation: Operation) -> bool:
+    """Whether to answer with Server-Sent Events: asked for (Accept: text/event-stream) of an
+    operation that streams. A caller that accepts nothing else from one that does not gets 406."""
+    accepted = _accepted(request)
+    if EVENT_STREAM not in accepted:
+        return False
+    if operation.stream is not None:
+        return True
+    if not any(media in (JSON_MEDIA_TYPE, "application/*", "*/*") for media in accepted):
+        raise ApiError(406, "not_acceptable", f"operation {operation.name!r} does not stream; accept {JSON_MEDIA_TYPE}")
+    return False
+
+
+def _sse(event: StreamEvent) -> bytes:
+    # JSON has no raw line breaks, so the data is always one line.
+    data = json.dumps(event.data, separators=(",", ":"))
+    if event.event is None:
+        return f"data: {data}\n\n".encode()
+    if not event.event.isidentifier():
+        raise ValueError(f"event name {event.event!r}: a name without spaces or line breaks is required")
+    return f"event: {event.event}\ndata: {data}\n\n".encode()
+
+
+async def execute_stream(
+    request: web.Request, operation: Operation, argument: Any, audit_details: dict[str, Any]
+) -> web.StreamResponse:
+    """Runs a streaming operation in its span, bulkhead and timeout, relaying its events as
+    Server-Sent Events. Until its first event it fails as ``execute`` does (an HTTP error); from
+    then on the outcome ends the stream, after an ``error`` event when there is a failure to tell.
+    Either way the outcome is counted and audited once, with what the operation added."""
+    call_details: dict[str, Any] = {}
+    details_token = CALL_DETAILS.set(call_details)
+    try:
+        with _tool_span(request, operation):
+            return await _limited_stream(request, operation, argument, audit_details, call_details)
+    except Exception as error:
+        raise await _failure(request, operation, error, {**audit_details, **call_details}) from None
+    finally:
+        CALL_DETAILS.reset(details_token)
+
+
+async def _limited_stream(
+    request: web.Request,
+    operation: Operation,
+    argument: Any,
+    audit_details: dict[str, Any],
+    call_details: dict[str, Any],
+) -> web.StreamResponse:
+    """``_limited`` for a stream: the bulkhead's place is held until the stream ends; the timeout
+    answers 504 until the first event, and after it ends the stream (``_relay``)."""
+    timeout = request.app[CONFIG].resilience.operation_timeout_seconds
+    try:
+        async with asyncio.timeout(timeout) as scope:
+            return await request.app[BULKHEADS][operation.name].run(
+                lambda: _relay(request, operation, argument, scope, audit_details, call_details)
+            )
+    except OverloadedError:
+        raise await _shed(request, operation, audit_details) from None
+    except TimeoutError:
+        raise await _timed_out(request, operation, {**audit_details, **call_details}) from None
+
+
+async def _relay(
+    request: web.Request,
+    operation: Operation,
+    argument: Any,
+    scope: asyncio.Timeout,
+    audit_details: dict[str, Any],
+    call_details: dict[str, Any],
+) -> web.StreamResponse:
+    assert operation.stream is not None
+    name = operation.name
+    started = time.perf_counter()
+    task = asyncio.current_task()
+    assert task is not None
+    events = operation.stream(argument)
+    try:
+        event = await anext(events, None)  # what fails up to here is answered as execute would
+    except BaseException:
+        await events.aclose()
+        raise
+    deadline = scope.when()
+    scope.reschedule(None)  # from the first byte on, the deadline ends the stream instead
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": f"{EVENT_STREAM}; charset=utf-8",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # nginx (and ingresses built on it) would hold the events back
+            "X-Request-ID": request[REQUEST_ID],  # the middleware's come too late for a streamed answer
+            "X-Trace-ID": request[TRACE_ID],
+        }
+    )
+    outcome, problem, relayed = "success", None, 0
+    left = asyncio.Event()  # the keep-alive found the client gone and stopped this task
+    cancelled: asyncio.CancelledError | None = None
+    keep_alive: asyncio.Task[None] | None = None
+    try:
+        await response.prepare(request)
+        keep_alive = asyncio.create_task(_keep_alive(response, task, left), name=f"sse-keep-alive {name}")
+        async with asyncio.timeout_at(deadline):
+            while event is not None:
+                await response.write(_sse(event))
+                relayed += 1
+                event = await anext(events, None)
+    except TimeoutError:
+        timeout = request.app[CONFIG].resilience.operation_timeout_seconds
+        outcome, problem = (
+            "timeout",
+            ApiError(504, "operation_timeout", f"operation {name!r} took longer than {timeout:g}s"),
+        )
+    except ModelError as error:
+        outcome, problem = "unavailable", ApiError(502, "dependency_failed", str(error))
+    except ConnectionResetError:  # a write to a client that left
+        outcome = "client_disconnected"
+    except asyncio.CancelledError as stop:
+        if left.is_set():
+            task.uncancel()  # our own keep-alive's: handled here, the task goes on
+        else:
+            cancelled = stop  # the server's (a client that left, with handler cancellation; a shutdown)
+        gone = left.is_set() or request.transport is None or request.transport.is_closing()
+        outcome = "client_disconnected" if gone else "cancelled"
+    except Exception as error:
+        log.exception("operation %r failed mid-stream (request %s)", name, request[REQUEST_ID])
+        outcome, problem = (
+            "error",
+            ApiError(500, "operation_failed", f"operation {name!r} failed ({type(error).__name__})"),
+        )
+    if keep_alive is not None:
+        keep_alive.cancel()
+    try:
+        await events.aclose()  # releases what the operation holds (chat: the model's response)
+    except Exception:
+        log.exception("operation %r did not close cleanly (request %s)", name, request[REQUEST_ID])
+    if problem is not None:
+        with contextlib.suppress(ConnectionResetError):
+            error_data = {"code": problem.code, "message": problem.message, "request_id": request[REQUEST_ID]}
+            await response.write(_sse(StreamEvent(error_data, "error")))
+    request.app[METRICS].operations.labels(name, outcome).inc()
+    details = {
+        **audit_details,
+        **call_details,
+        "authorization": "allowed",
+        "level": operation.level.value,
+        "stream": True,
+        "events": relayed,
+        "ms": round((time.perf_counter() - started) * 1000, 2),
+    }
+    if problem is not None:
+        details["reason"] = problem.message
+    await audit(request, type="operation", action=name, result=outcome, details=details)
+    if cancelled is not None:
+        raise cancelled
+    if outcome != "client_disconnected":
+        with contextlib.suppress(ConnectionResetError):
+            await response.write_eof()
+    return response
+
+
+async def _keep_alive(response: web.StreamResponse, relay: asyncio.Task[Any], left: asyncio.Event) -> None:
+    """A comment line every SSE_PING_SECONDS; when it cannot be written the client has left, and
+    the relay is stopped (it may be waiting on a silent model, with nothing to write)."""
+    while True:
+        await asyncio.sleep(SSE_PING_SECONDS)
+        try:
+            await response.write(b": ping\n\n")
+        except ConnectionResetError:
+            left.set()
+            relay.cancel()
+            return
 
 
 async def worker_pool(app: web.Application) -> AsyncIterator[None]:
@@ -294,6 +547,6 @@ ROUTES: tuple[Route, ...] = (
         "Run an enabled operation",
         per_operation=True,  # documented once per enabled operation, with its input model
         replies=(Reply(200, "Result", OPERATION_RESULT),),
-        errors=(400, 401, 403, 413, 422, 500, 502, 503, 504),
+        errors=(400, 401, 403, 406, 413, 422, 429, 500, 502, 503, 504),
     ),
 )

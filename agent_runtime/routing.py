@@ -19,6 +19,7 @@ JsonSchema = Mapping[str, Any]
 
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 JSON_MEDIA_TYPE = "application/json"
+EVENT_STREAM_MEDIA_TYPE = "text/event-stream"  # Server-Sent Events: an operation's answer streamed
 _PATH_PARAMETER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -113,6 +114,7 @@ ERROR = Schema(
             "code": {"type": "string"},
             "message": {"type": "string"},
             "request_id": {"type": ["string", "null"]},
+            "limit": {"type": "string", "description": "On a 429: the limit refusing, as its field under spec.limits."},
         },
     },
 )

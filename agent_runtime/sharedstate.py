@@ -1,7 +1,8 @@
 """The shared state of an agent's replicas on PostgreSQL (asyncpg), used when DATABASE_URL is set.
 
 What must agree across replicas lives here: stored results and reports, the consent ledger,
-approvals and their decisions, revoked tokens and sessions, and the login throttle's counters.
+approvals and their decisions, revoked tokens and sessions, the login throttle's counters, and the
+counts of the rate limits and token budgets.
 Without DATABASE_URL each replica keeps these in its own SQLite files (right for one replica).
 
 - **Migrations** are numbered and applied at start-up inside one transaction per version, under a
@@ -51,6 +52,12 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX revoked_expires_at ON revoked (expires_at);
     CREATE TABLE throttle (key text PRIMARY KEY, failures integer NOT NULL, attempts double precision[] NOT NULL,
         last double precision NOT NULL);
+    """,
+    # 2: rate limits and token budgets (spec.limits): a key's two fixed windows (agent_runtime/limits.py).
+    """
+    CREATE TABLE limit_windows (key text PRIMARY KEY, window_index bigint NOT NULL, previous bigint NOT NULL,
+        current bigint NOT NULL, expires_at double precision NOT NULL);
+    CREATE INDEX limit_windows_expires_at ON limit_windows (expires_at);
     """,
 )
 _PLACEHOLDER = re.compile(r"\?")

@@ -1,27 +1,41 @@
-"""chat: a call to an OpenAI-compatible chat completions endpoint, with personal data and health
-information redacted before it leaves the pod, through the model's circuit breaker and with retries
-on transient errors.
+"""chat: a call to an OpenAI-compatible chat completions endpoint (``model.baseUrl`` +
+``/chat/completions``), with personal data and health information redacted before it leaves the
+pod, through the model's circuit breaker and with retries on transient errors; its answer whole,
+or streamed (``stream``) as the model makes it.
 
 Egress: the endpoint's host must be in ``egress.allowedHosts`` (an empty list allows no host, so
-chat is refused at start-up), and redirects are never followed, so no hop leaves the list."""
+chat is refused at start-up), and redirects are never followed, so no hop leaves the list. A
+private endpoint's CAs (``model.caBundleFile``) are trusted for this endpoint only.
+
+The caller's ``max_tokens`` is capped at ``model.maxOutputTokens`` (the answer says which value
+was used). Every call's tokens are counted (genai.py) and charged to the caller's budget."""
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
+import json
 import os
 import re
-from collections.abc import Callable
+import ssl
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
+from opentelemetry import trace
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent_contract.config import ModelConfig, RetryConfig
 from agent_contract.operations import CHAT
-from agent_runtime.operations.base import InputError, Operation
+from agent_runtime.genai import Accounting, GenAIMetrics, ModelCall, TypedError, estimate_tokens
+from agent_runtime.limits import CALLER, Limiter
+from agent_runtime.operations.base import InputError, Operation, StreamEvent
 from agent_runtime.operations.documents import find_phi, find_pii, redact
 from agent_runtime.resilience import CircuitBreaker, retry
+
+MAX_ANSWER_BYTES = 16 * 1024 * 1024  # a whole (non-streamed) answer; more is not a chat completion
+_ERROR_BODY_BYTES = 4096  # read of a refusal, for its message
 
 
 class Message(BaseModel):
@@ -35,24 +49,39 @@ class ChatInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     messages: list[Message] = Field(min_length=1, max_length=100)
-    max_tokens: int = Field(default=512, ge=1, le=8192)
+    # Capped at model.maxOutputTokens, which is also the default.
+    max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.2, ge=0.0, le=2.0)
 
 
-class ModelError(Exception):
+class ModelError(TypedError):
     """The model endpoint failed; ``transient`` errors are retried and count against the circuit."""
 
-    def __init__(self, message: str, transient: bool) -> None:
+    def __init__(self, message: str, transient: bool, error_type: str) -> None:
         super().__init__(message)
         self.transient = transient
+        self.error_type = error_type
 
 
 class EgressRefusedError(ModelError):
     """The endpoint tried to send the request elsewhere (a redirect): a dependency failure (502),
     never retried, never the caller's input."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, transient=False)
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message, transient=False, error_type=str(status))
+
+
+class ModelRefusedError(InputError, TypedError):
+    """The endpoint refused what the caller asked (400, 413, 422: too long a conversation, say):
+    the caller's input (422), not the endpoint's failure, so neither retried nor held against the
+    circuit."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.error_type = str(status)
+
+
+_CALLER_REFUSALS = frozenset({400, 413, 422})
 
 
 def host_allowed(url: str, allowed_hosts: list[str]) -> bool:
@@ -87,83 +116,300 @@ def find_identifiers(text: str) -> list[dict[str, Any]]:
     return merged
 
 
+def trust_for(model: ModelConfig) -> ssl.SSLContext | bool:
+    """The CAs trusted for the endpoint: the bundle's alone when one is given, else the system's."""
+    if model.ca_bundle_file is None:
+        return True
+    try:
+        return ssl.create_default_context(cafile=model.ca_bundle_file)
+    except (OSError, ssl.SSLError) as error:
+        raise ValueError(f"model.caBundleFile {model.ca_bundle_file!r} cannot be read as PEM CAs: {error}") from None
+
+
+async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, or its first ``limit`` bytes (one read returns only what has arrived)."""
+    raw = bytearray()
+    while len(raw) < limit and (chunk := await response.content.read(limit - len(raw))):
+        raw += chunk
+    return bytes(raw)
+
+
+async def _refusal_message(response: aiohttp.ClientResponse) -> str:
+    """What an endpoint says when it refuses (OpenAI's ``{"error": {"message": ...}}``), in short."""
+    try:
+        raw = await _read_at_most(response, _ERROR_BODY_BYTES)
+        error = json.loads(raw).get("error")
+        message = error.get("message") if isinstance(error, dict) else error
+    except (ValueError, AttributeError, aiohttp.ClientError, TimeoutError):
+        return ""
+    return f": {message[:300]}" if isinstance(message, str) and message else ""
+
+
+async def _check_status(response: aiohttp.ClientResponse) -> None:
+    status = response.status
+    if 300 <= status < 400:
+        raise EgressRefusedError(f"model endpoint answered a redirect ({status}); redirects are not followed", status)
+    if status >= 500 or status in (408, 429):
+        raise ModelError(f"model endpoint answered {status}", transient=True, error_type=str(status))
+    if status in _CALLER_REFUSALS:
+        raise ModelRefusedError(
+            f"the model endpoint refused the request ({status}){await _refusal_message(response)}", status
+        )
+    if status >= 400:  # 401, 403, 404: the agent's key or model name, not the caller's input
+        raise ModelError(
+            f"model endpoint refused the agent's request ({status}){await _refusal_message(response)}",
+            transient=False,
+            error_type=str(status),
+        )
+
+
+def _unreachable(error: Exception) -> ModelError:
+    if isinstance(error, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
+        return ModelError(
+            f"model endpoint's TLS certificate is not trusted ({type(error).__name__}); a private CA goes in "
+            "model.caBundleFile",
+            transient=False,
+            error_type=type(error).__name__,
+        )
+    error_type = "timeout" if isinstance(error, TimeoutError) else type(error).__name__
+    return ModelError(f"model endpoint unreachable: {type(error).__name__}", transient=True, error_type=error_type)
+
+
+async def _sse_data(response: aiohttp.ClientResponse) -> AsyncGenerator[str, None]:
+    """The data of each Server-Sent Event the endpoint sends (OpenAI's: one ``data:`` line each)."""
+    data: list[str] = []
+    async for raw in response.content:
+        line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        if not line:
+            if data:
+                yield "\n".join(data)
+                data = []
+            continue
+        name, _, value = line.partition(":")
+        if name == "data":
+            data.append(value.removeprefix(" "))
+    if data:
+        yield "\n".join(data)
+
+
+def _chunk(data: str) -> dict[str, Any]:
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        chunk = None
+    if not isinstance(chunk, dict):
+        raise ModelError("model endpoint streamed something other than a JSON object", False, "invalid_response")
+    if "error" in chunk:  # some servers report a failure inside a stream already under way
+        error = chunk["error"]
+        message = error.get("message") if isinstance(error, dict) else error
+        raise ModelError(f"model endpoint failed mid-stream: {str(message)[:300]}", False, "stream_error")
+    return chunk
+
+
+def _delta(chunk: dict[str, Any]) -> str:
+    choices = chunk.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return ""
+    delta = choices[0].get("delta")
+    content = delta.get("content") if isinstance(delta, dict) else None
+    return content if isinstance(content, str) else ""
+
+
+_Opened = tuple[aiohttp.ClientResponse, AsyncGenerator[str, None], str | None, CircuitBreaker]
+
+
 def chat_operation(
     model: ModelConfig,
     allowed_hosts: list[str],
     retry_config: RetryConfig,
     session: Callable[[], aiohttp.ClientSession],
     breaker: Callable[[], CircuitBreaker],
+    *,
+    metrics: GenAIMetrics,
+    tracer: Callable[[], trace.Tracer],
+    limiter: Callable[[], Limiter | None],
 ) -> Operation:
     if not allowed_hosts:
         raise ValueError(
             "egress.allowedHosts is empty, so no host may be called: list the model endpoint's host to enable chat"
         )
-    if not host_allowed(model.endpoint, allowed_hosts):
-        raise ValueError(f"model.endpoint {model.endpoint!r} is not in egress.allowedHosts")
-    url = f"{model.endpoint.rstrip('/')}/v1/chat/completions"
+    if not host_allowed(model.base_url, allowed_hosts):
+        raise ValueError(f"model.baseUrl {model.base_url!r} is not in egress.allowedHosts")
+    url = f"{model.base_url.rstrip('/')}/chat/completions"
+    trust = trust_for(model)
+    timeout = aiohttp.ClientTimeout(total=model.timeout_seconds, connect=model.connect_timeout_seconds)
+    parts = urlsplit(url)
 
-    async def call(body: dict[str, Any]) -> dict[str, Any]:
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(model.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        try:
-            # No redirects: the allow-list was checked for this URL only, and a 307 would resend the
-            # conversation to wherever the endpoint (or someone controlling it) points.
-            async with session().post(
-                url,
-                json=body,
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=model.timeout_seconds),
-                allow_redirects=False,
-            ) as response:
-                if 300 <= response.status < 400:
-                    raise EgressRefusedError(
-                        f"model endpoint answered a redirect ({response.status}); redirects are not followed"
-                    )
-                if response.status >= 500 or response.status == 429:
-                    raise ModelError(f"model endpoint answered {response.status}", transient=True)
-                if response.status >= 400:
-                    raise ModelError(f"model endpoint refused the request ({response.status})", transient=False)
-                answer: dict[str, Any] = await response.json(content_type=None)
-                return answer
-        except (aiohttp.ClientError, TimeoutError) as error:
-            raise ModelError(f"model endpoint unreachable: {type(error).__name__}", transient=True) from None
+    async def spend(tokens: int) -> None:
+        budget, caller = limiter(), CALLER.get(None)
+        if budget is not None and caller is not None:
+            await budget.spend_tokens(caller, tokens)
 
-    async def handler(request: ChatInput) -> dict[str, Any]:
+    accounting = Accounting(
+        metrics, model, tracer, spend, parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+    )
+
+    def headers(accept: str) -> dict[str, str]:
+        sent = {"Content-Type": "application/json", "Accept": accept}
+        key = os.environ.get(model.api_key_env) if model.api_key_env else None
+        if key:  # a keyless endpoint (or an empty Secret key) gets no Authorization at all
+            sent["Authorization"] = f"Bearer {key}"
+        return sent
+
+    def prepared(request: ChatInput, stream: bool) -> tuple[dict[str, Any], int, int]:
+        """The body sent (redacted), the redactions made and the max_tokens used."""
         redactions = 0
         messages = []
         for message in request.messages:
             found = find_identifiers(message.content)
             redactions += len(found)
             messages.append({"role": message.role, "content": redact(message.content, found)})
-        body = {
+        max_tokens = min(request.max_tokens or model.max_output_tokens, model.max_output_tokens)
+        body: dict[str, Any] = {
             "model": model.model,
             "messages": messages,
-            "max_tokens": request.max_tokens,
+            "max_tokens": max_tokens,
             "temperature": request.temperature,
         }
+        if stream:
+            body |= {"stream": True, "stream_options": {"include_usage": True}}
+        return body, redactions, max_tokens
 
-        async def attempt() -> dict[str, Any]:
-            return await breaker().call(lambda: call(body))
+    def input_estimate(body: dict[str, Any]) -> int:
+        return sum(estimate_tokens(message["content"]) for message in body["messages"])
 
+    async def guarded(attempt: Callable[[CircuitBreaker], Awaitable[Any]]) -> Any:
+        """Retries transient failures, each attempt through the circuit breaker. An attempt settles
+        its own outcome with the breaker unless it hands the breaker on (a stream, settled at its end)."""
+
+        async def once() -> Any:
+            circuit = breaker()
+            circuit.allow()
+            try:
+                return await attempt(circuit)
+            except ModelRefusedError:
+                circuit.record(True)  # the endpoint works; the caller's input was refused
+                raise
+            except BaseException:
+                circuit.record(False)
+                raise
+
+        return await retry(once, retry_config, lambda error: isinstance(error, ModelError) and error.transient)
+
+    async def post(body: dict[str, Any], accept: str) -> aiohttp.ClientResponse:
+        # No redirects: the allow-list was checked for this URL only, and a 307 would resend the
+        # conversation to wherever the endpoint (or someone controlling it) points.
+        response = await session().post(
+            url, json=body, headers=headers(accept), timeout=timeout, allow_redirects=False, ssl=trust
+        )
         try:
-            answer = await retry(attempt, retry_config, lambda error: isinstance(error, ModelError) and error.transient)
-        except ModelError as error:
-            if not error.transient and not isinstance(error, EgressRefusedError):
-                raise InputError(str(error)) from None
+            await _check_status(response)
+        except BaseException:
+            response.close()
             raise
+        return response
+
+    async def complete(body: dict[str, Any], call: ModelCall, circuit: CircuitBreaker) -> dict[str, Any]:
         try:
-            reply = answer["choices"][0]["message"]["content"]
-        except (KeyError, IndexError, TypeError):
-            raise ModelError(
-                "the model endpoint answered without choices[0].message.content", transient=False
-            ) from None
+            response = await post(body, "application/json")
+            try:
+                raw = await _read_at_most(response, MAX_ANSWER_BYTES + 1)
+            finally:
+                response.release()  # back to the pool if read to its end, else closed
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise _unreachable(error) from None
+        if len(raw) > MAX_ANSWER_BYTES:
+            raise ModelError(f"model endpoint answered more than {MAX_ANSWER_BYTES} bytes", False, "invalid_response")
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise ModelError("model endpoint answered something other than a JSON object", False, "invalid_response")
+        call.observe_chunk(answer)
+        circuit.record(True)
+        return answer
+
+    async def handler(request: ChatInput) -> dict[str, Any]:
+        body, redactions, max_tokens = prepared(request, stream=False)
+        async with accounting.call(max_tokens, request.temperature, input_estimate(body)) as call:
+            answer: dict[str, Any] = await guarded(lambda circuit: complete(body, call, circuit))
+            try:
+                reply = answer["choices"][0]["message"]["content"]
+            except (KeyError, IndexError, TypeError):
+                reply = None
+            if not isinstance(reply, str):
+                raise ModelError(
+                    "the model endpoint answered without choices[0].message.content", False, "invalid_response"
+                )
+            call.output_estimate = estimate_tokens(reply)  # used only when the endpoint reports no usage
+        usage = call.final_usage()
         return {
             "reply": reply,
-            "model": answer.get("model", model.model),
+            "model": call.response_model or model.model,
             "redactions": redactions,
-            "usage": answer.get("usage", {}),
+            "finish_reason": call.finish_reasons[0] if call.finish_reasons else None,
+            "max_tokens": max_tokens,
+            "usage": usage.as_json() if usage is not None else None,
         }
 
-    return Operation.builtin(CHAT, handler, ChatInput)
+    async def stream(request: ChatInput) -> AsyncGenerator[StreamEvent, None]:
+        body, redactions, max_tokens = prepared(request, stream=True)
+        async with accounting.call(max_tokens, request.temperature, input_estimate(body)) as call:
+
+            async def start(circuit: CircuitBreaker) -> _Opened:
+                """Opens the stream and reads its first event: a failure up to here is retried."""
+                try:
+                    response = await post(body, "text/event-stream")
+                except (aiohttp.ClientError, TimeoutError) as error:
+                    raise _unreachable(error) from None
+                try:
+                    events = _sse_data(response)
+                    first = await anext(events, None)
+                except BaseException as error:
+                    response.close()
+                    if isinstance(error, aiohttp.ClientError | TimeoutError):
+                        raise _unreachable(error) from None
+                    raise
+                return response, events, first, circuit
+
+            response, events, data, circuit = await guarded(start)
+            completed = healthy = False
+            try:
+                while data is not None and data.strip() != "[DONE]":
+                    chunk = _chunk(data)
+                    call.observe_chunk(chunk)
+                    if text := _delta(chunk):
+                        call.output_estimate += 1  # about one token a chunk, if the endpoint reports none
+                        yield StreamEvent({"delta": text})
+                    data = await anext(events, None)
+                completed = healthy = True
+            except (aiohttp.ClientError, TimeoutError) as error:
+                kind = _unreachable(error).error_type  # "timeout" past model.timeoutSeconds
+                raise ModelError(f"model stream broke off ({type(error).__name__})", False, kind) from None
+            except ValueError:  # a line longer than the reader takes
+                raise ModelError("model endpoint streamed a line too long", False, "invalid_response") from None
+            except (GeneratorExit, asyncio.CancelledError):
+                healthy = True  # the caller stopped reading (the client left): not the endpoint's fault
+                raise
+            finally:
+                circuit.record(healthy)
+                await events.aclose()
+                if completed:
+                    response.release()
+                else:
+                    response.close()  # stops the model: nothing more is read, or paid for
+        # The model call is over and accounted for: what is left is telling the caller.
+        usage = call.final_usage()
+        yield StreamEvent(
+            {
+                "finish_reason": call.finish_reasons[0] if call.finish_reasons else None,
+                "model": call.response_model or model.model,
+                "redactions": redactions,
+                "max_tokens": max_tokens,
+                "usage": usage.as_json() if usage is not None else None,
+            },
+            "done",
+        )
+
+    return Operation.builtin(CHAT, handler, ChatInput, stream=stream)

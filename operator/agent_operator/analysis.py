@@ -1,8 +1,10 @@
 """The HTTP analysis checks: the runtime's /readyz through a Service, error rate and p95 latency
-from each pod's /metrics, and an optional smoke operation.
+from each pod's /metrics, the preview's tokens per chat call against the stable colour's (when
+spec.rollout.analysis.maxTokensPerRequestRatio is set), and an optional smoke operation.
 
-The judging (:func:`judge_metrics`) is pure. :class:`HttpAnalysis` does the requests: in a
-cluster it reaches the Service by its DNS name and each pod by the IP its EndpointSlice lists.
+The judging (:func:`judge_metrics`, :func:`judge_tokens`) is pure. :class:`HttpAnalysis` does the
+requests: in a cluster it reaches the Service by its DNS name and each pod by the IP its
+EndpointSlice lists (the stable colour's pods by the active Service's).
 Outside a cluster (``make run`` on the local control plane, where kwok pods have no network)
 those addresses do not exist, so the checks are reported as Skipped, never as passed, unless
 ``base_url`` points every request at one runtime (how the e2e tests and the bench drive it).
@@ -21,32 +23,46 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent_contract import genai
 from agent_contract.config import AuthMode
-from agent_contract.layout import RUNTIME_PORT, SERVICE_PORT
+from agent_contract.layout import AGENT_CARD_PATH, RUNTIME_PORT, SERVICE_PORT
 from agent_contract.tokens import mint_smoke_token
 from agent_operator import rollout
 from agent_operator.render.runtime_config import build_runtime_config
 from agent_operator.rollout import Check
 from agent_operator.spec import AnalysisResult, AnalysisSpec, CheckName, EnterpriseAgent
 
-# Requests made by probes and scrapers say nothing about the agent's health.
-PROBE_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+# Requests made by probes, scrapers and discovery (the A2A card, the API document) say nothing
+# about the agent's health: always cheap 200s, they would dilute a colour's error rate and p95.
+PROBE_ROUTES = frozenset({"/healthz", "/readyz", "/metrics", AGENT_CARD_PATH, "/openapi.json"})
 REQUEST_TIMEOUT_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
 class Traffic:
-    """Requests answered by a set of pods, from their /metrics."""
+    """Requests answered by a set of pods, and the model calls they made, from their /metrics."""
 
     requests: float = 0.0
     errors: float = 0.0  # 5xx
     buckets: tuple[tuple[float, float], ...] = ()  # (upper bound, cumulative count), sorted
+    chat_calls: float = 0.0  # chat calls that reported token usage (the input series' count)
+    chat_tokens: float = 0.0  # their input and output tokens
 
     def __add__(self, other: Traffic) -> Traffic:
         merged: dict[float, float] = dict(self.buckets)
         for bound, count in other.buckets:
             merged[bound] = merged.get(bound, 0.0) + count
-        return Traffic(self.requests + other.requests, self.errors + other.errors, tuple(sorted(merged.items())))
+        return Traffic(
+            self.requests + other.requests,
+            self.errors + other.errors,
+            tuple(sorted(merged.items())),
+            self.chat_calls + other.chat_calls,
+            self.chat_tokens + other.chat_tokens,
+        )
+
+    def tokens_per_call(self) -> float | None:
+        """Mean input plus output tokens per chat call, or None without chat calls."""
+        return self.chat_tokens / self.chat_calls if self.chat_calls > 0 else None
 
     def p95(self) -> float | None:
         """The upper bound of the bucket holding the 95th percentile (a conservative estimate)."""
@@ -56,23 +72,41 @@ class Traffic:
         return next(bound for bound, count in self.buckets if count >= target)
 
 
+_TOKENS_SUM = f"{genai.TOKEN_USAGE_METRIC}_sum"
+_TOKENS_COUNT = f"{genai.TOKEN_USAGE_METRIC}_count"
+
+
 def parse_traffic(text: str) -> Traffic:
     """Reads agent_http_requests_total and agent_http_request_duration_seconds, leaving out
-    probe routes. Raises ValueError when the text is not the exposition format."""
-    requests = errors = 0.0
+    probe routes, and the chat calls' gen_ai_client_token_usage histogram: every call records
+    one input and one output sample, so the calls are the input series' count and the tokens the
+    sum of both series' sums. Raises ValueError when the text is not the exposition format."""
+    requests = errors = calls = tokens = 0.0
     buckets: dict[float, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.labels.get("route") in PROBE_ROUTES:
+            labels = sample.labels
+            if labels.get("route") in PROBE_ROUTES:
                 continue
             if sample.name == "agent_http_requests_total":
                 requests += sample.value
-                if sample.labels.get("status", "").startswith("5"):
+                if labels.get("status", "").startswith("5"):
                     errors += sample.value
             elif sample.name == "agent_http_request_duration_seconds_bucket":
-                bound = float(sample.labels["le"])
+                bound = float(labels["le"])
                 buckets[bound] = buckets.get(bound, 0.0) + sample.value
-    return Traffic(requests, errors, tuple(sorted(buckets.items())))
+            elif sample.name in (_TOKENS_SUM, _TOKENS_COUNT) and _is_chat(labels):
+                token_type = labels.get(genai.TOKEN_TYPE_LABEL)
+                if sample.name == _TOKENS_SUM and token_type in (genai.INPUT_TOKENS, genai.OUTPUT_TOKENS):
+                    tokens += sample.value
+                elif sample.name == _TOKENS_COUNT and token_type == genai.INPUT_TOKENS:
+                    calls += sample.value
+    return Traffic(requests, errors, tuple(sorted(buckets.items())), calls, tokens)
+
+
+def _is_chat(labels: Mapping[str, str]) -> bool:
+    """A chat call's series (one without an operation name is taken as one)."""
+    return labels.get(genai.OPERATION_NAME_LABEL, "chat") == "chat"
 
 
 def judge_metrics(traffic: Traffic, analysis: AnalysisSpec) -> list[Check]:
@@ -102,12 +136,51 @@ def judge_metrics(traffic: Traffic, analysis: AnalysisSpec) -> list[Check]:
     return [error_check, latency]
 
 
+def judge_tokens(preview: Traffic, stable: Traffic, max_ratio: float) -> Check:
+    """The tokensPerRequest check: the preview's mean tokens per chat call over the stable colour's
+    must not exceed ``max_ratio``. Without chat calls on a side there is nothing to compare: a
+    pass that says so (as errorRate passes with no requests)."""
+    ours, theirs = preview.tokens_per_call(), stable.tokens_per_call()
+    limit = f"limit {max_ratio:g}"
+    if ours is None and theirs is None:
+        return Check(CheckName.TOKENS_PER_REQUEST, AnalysisResult.PASSED, "no chat calls on either colour yet")
+    if ours is None:
+        return Check(
+            CheckName.TOKENS_PER_REQUEST,
+            AnalysisResult.PASSED,
+            f"no chat calls on the preview yet (stable: {theirs:.1f} tokens per call)",
+        )
+    shown = f"preview {ours:.1f} tokens per chat call over {int(preview.chat_calls)} calls"
+    if theirs is None:
+        return Check(
+            CheckName.TOKENS_PER_REQUEST,
+            AnalysisResult.PASSED,
+            f"{shown}; no chat calls on the stable colour to compare with",
+        )
+    compared = f"{shown}, stable {theirs:.1f} over {int(stable.chat_calls)}"
+    if theirs == 0:  # no ratio to take: any token against none is over every limit
+        passed = ours == 0
+        return Check(
+            CheckName.TOKENS_PER_REQUEST,
+            AnalysisResult.PASSED if passed else AnalysisResult.FAILED,
+            f"{compared}: {'neither spends tokens' if passed else 'the stable colour spends none'} ({limit})",
+        )
+    ratio = ours / theirs
+    return Check(
+        CheckName.TOKENS_PER_REQUEST,
+        AnalysisResult.PASSED if ratio <= max_ratio else AnalysisResult.FAILED,
+        f"{compared}: ratio {ratio:.2f} ({limit})",
+    )
+
+
 @dataclass(frozen=True)
 class Target:
-    """Where the checks go: the Service for /readyz and the smoke call, each pod for /metrics."""
+    """Where the checks go: the Service for /readyz and the smoke call, each pod for /metrics, and
+    the stable colour's pods for the checks that compare with them (None: no comparison)."""
 
     service_url: str
     pod_urls: tuple[str, ...]
+    baseline_urls: tuple[str, ...] | None = None
 
 
 class HttpAnalysis:
@@ -115,14 +188,21 @@ class HttpAnalysis:
         self.base_url = base_url.rstrip("/") if base_url else None
         self.in_cluster = in_cluster if in_cluster is not None else "KUBERNETES_SERVICE_HOST" in os.environ
 
-    def target(self, agent: EnterpriseAgent, service: str, pod_ips: Sequence[str]) -> Target | None:
+    def target(
+        self,
+        agent: EnterpriseAgent,
+        service: str,
+        pod_ips: Sequence[str],
+        baseline_pod_ips: Sequence[str] | None = None,
+    ) -> Target | None:
         if self.base_url:
-            return Target(self.base_url, (self.base_url,))
+            return Target(self.base_url, (self.base_url,), None if baseline_pod_ips is None else (self.base_url,))
         if not self.in_cluster:
             return None
         return Target(
             f"http://{service}.{agent.namespace}.svc:{SERVICE_PORT}",
-            tuple(f"http://{_host(ip)}:{RUNTIME_PORT}" for ip in pod_ips),
+            _pod_urls(pod_ips),
+            None if baseline_pod_ips is None else _pod_urls(baseline_pod_ips),
         )
 
     async def measure(
@@ -131,19 +211,34 @@ class HttpAnalysis:
         service: str,
         pod_ips: Sequence[str],
         key_data: Mapping[str, str] | None,
+        baseline_pod_ips: Sequence[str] | None = None,
     ) -> list[Check]:
-        analysis = agent.spec.rollout.analysis
-        target = self.target(agent, service, pod_ips)
-        names = rollout.http_check_names(agent.spec.rollout)
+        """The HTTP checks of the pods behind ``service``; with ``baseline_pod_ips`` (the stable
+        colour's pods), also those comparing the two."""
+        target = self.target(agent, service, pod_ips, baseline_pod_ips)
         if target is None:
+            names = [
+                name
+                for name in rollout.http_check_names(agent.spec.rollout)
+                if name != CheckName.TOKENS_PER_REQUEST or baseline_pod_ips is not None
+            ]
             why = "the operator runs outside the cluster and cannot reach pods; set --analysis-base-url"
             return [Check(name, AnalysisResult.SKIPPED, why) for name in names]
+        return await self.check(agent, target, key_data)
+
+    async def check(self, agent: EnterpriseAgent, target: Target, key_data: Mapping[str, str] | None) -> list[Check]:
+        """The checks against ``target``, in the order status records them."""
+        analysis = agent.spec.rollout.analysis
         timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_SECONDS)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             checks = [await _readyz(session, target), *await _metrics(session, target, analysis)]
             if analysis.smoke is not None:
                 checks.append(await _smoke(session, target, agent, key_data))
         return checks
+
+
+def _pod_urls(ips: Sequence[str]) -> tuple[str, ...]:
+    return tuple(f"http://{_host(ip)}:{RUNTIME_PORT}" for ip in ips)
 
 
 def _host(ip: str) -> str:
@@ -165,9 +260,46 @@ async def _readyz(session: aiohttp.ClientSession, target: Target) -> Check:
 
 
 async def _metrics(session: aiohttp.ClientSession, target: Target, analysis: AnalysisSpec) -> list[Check]:
+    """errorRate and latency from the pods' /metrics, and tokensPerRequest from the same scrape and
+    the stable colour's pods' when the target has them (each pod read and parsed once)."""
+    baseline, max_ratio = target.baseline_urls, analysis.max_tokens_per_request_ratio
+    compare = baseline is not None and max_ratio is not None
+    names = [CheckName.ERROR_RATE, CheckName.LATENCY] + ([CheckName.TOKENS_PER_REQUEST] if compare else [])
     if not target.pod_urls:
-        failed = Check(CheckName.ERROR_RATE, AnalysisResult.FAILED, "no pod to scrape")
-        return [failed, Check(CheckName.LATENCY, AnalysisResult.FAILED, "no pod to scrape")]
+        return [Check(name, AnalysisResult.FAILED, "no pod to scrape") for name in names]
+    try:
+        preview = await _scrape_all(session, target.pod_urls)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+        message = f"cannot read /metrics: {error or type(error).__name__}"
+        return [Check(name, AnalysisResult.FAILED, message) for name in names]
+    checks = judge_metrics(preview, analysis)
+    if baseline is not None and max_ratio is not None:
+        checks.append(await _tokens(session, preview, baseline, max_ratio))
+    return checks
+
+
+async def _tokens(
+    session: aiohttp.ClientSession, preview: Traffic, baseline_urls: tuple[str, ...], max_ratio: float
+) -> Check:
+    if not baseline_urls:
+        return Check(
+            CheckName.TOKENS_PER_REQUEST,
+            AnalysisResult.PASSED,
+            "no ready pod of the stable colour to compare with",
+        )
+    try:
+        stable = await _scrape_all(session, baseline_urls)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+        return Check(
+            CheckName.TOKENS_PER_REQUEST,
+            AnalysisResult.FAILED,
+            f"cannot read the stable colour's /metrics: {error or type(error).__name__}",
+        )
+    return judge_tokens(preview, stable, max_ratio)
+
+
+async def _scrape_all(session: aiohttp.ClientSession, urls: Sequence[str]) -> Traffic:
+    """The pods' /metrics added up; raises on the first that cannot be read or parsed."""
 
     async def scrape(url: str) -> Traffic:
         async with session.get(f"{url}/metrics") as response:
@@ -175,18 +307,10 @@ async def _metrics(session: aiohttp.ClientSession, target: Target, analysis: Ana
                 raise ValueError(f"{url}/metrics answered {response.status}")
             return parse_traffic(await response.text())
 
-    try:
-        parts = await asyncio.gather(*(scrape(url) for url in target.pod_urls))
-    except (aiohttp.ClientError, TimeoutError, ValueError) as error:
-        message = f"cannot read /metrics: {error or type(error).__name__}"
-        return [
-            Check(CheckName.ERROR_RATE, AnalysisResult.FAILED, message),
-            Check(CheckName.LATENCY, AnalysisResult.FAILED, message),
-        ]
     total = Traffic()
-    for part in parts:
+    for part in await asyncio.gather(*(scrape(url) for url in urls)):
         total = total + part
-    return judge_metrics(total, analysis)
+    return total
 
 
 def operator_token(agent: EnterpriseAgent, key_data: Mapping[str, str]) -> str:

@@ -4,6 +4,10 @@ kopf delivers watch events (handlers.py); they land in in-memory caches and put 
 on a queue. Workers take one agent at a time, so two reconciles of the same agent never overlap,
 and a burst of events for one agent becomes a single reconcile (as client-go's workqueue does).
 Only the replica holding the leader Lease runs workers; the standby keeps its caches warm.
+
+The Secrets and ConfigMaps agents reference (not ours, so without our label) are watched here,
+metadata only, and every event is dropped unless an agent references the object; a change to one
+queues the agents that reference it, whose reconcile reads it by name.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, cast
@@ -37,11 +41,16 @@ from agent_operator.render.common import (
     key_secret_name,
 )
 from agent_operator.render.keys import ANNOTATION_ROTATED_FOR, build_key_secret
+from agent_operator.render.references import Found, ObjectKey, Reference, referenced_objects
 from agent_operator.spec import KIND, EnterpriseAgent, Phase, read_status
 
 log = logging.getLogger("agent_operator")
 
 AgentKey = tuple[str, str]  # (namespace, name)
+RefKey = tuple[str, str, str]  # (namespace, kind, name) of a referenced Secret or ConfigMap
+# The kinds agents reference by name; their objects are not ours and carry no label of ours.
+REFERENCED_KINDS = ("Secret", "ConfigMap")
+REFERENCE_WATCH_SECONDS = 300  # the API server ends each reference watch after this
 _RENAME = "rename the agent or delete that object"
 # What a measurement was taken for: the checks' targets, the spec's generation and the revision.
 MeasureRequest = tuple[core.Measure, int, str | None]
@@ -127,6 +136,7 @@ class AgentRecord:
     # resourceVersions of the agent that our own status writes replaced. A watch event still in
     # flight for one of them is older than the cache and must not rewind the state machine.
     superseded: deque[str] = field(default_factory=lambda: deque(maxlen=32))
+    references: frozenset[RefKey] = frozenset()  # the Secrets and ConfigMaps its spec names
 
 
 class Controller:
@@ -146,6 +156,10 @@ class Controller:
         self._in_flight: set[asyncio.Task[str]] = set()
         self._measurements: dict[AgentKey, tuple[MeasureRequest, asyncio.Task[list[rollout.Check]]]] = {}
         self._measuring = asyncio.Semaphore(MEASUREMENTS_AT_ONCE)
+        # Referenced objects -> the agents that reference them, and the resourceVersion last seen
+        # of each (None: not there). Only referenced objects have entries; nothing else is kept.
+        self._referrers: dict[RefKey, set[AgentKey]] = {}
+        self._reference_versions: dict[RefKey, str | None] = {}
 
     def _record(self, key: AgentKey) -> AgentRecord:
         return self.records.setdefault(key, AgentRecord())
@@ -164,6 +178,7 @@ class Controller:
             # Only the agent we know: a DELETED of an older agent of the same name (recreated in a
             # watch gap) must not drop the new one.
             if cached is not None and (cached.body is None or _uid(cached.body) == _uid(body)):
+                self._index_references(key, [])
                 self.records.pop(key, None)
                 metrics.forget_phase(*key)
                 self._forget_measurement(key)
@@ -205,6 +220,100 @@ class Controller:
             # A rollout brings bursts of child status events; waiting a moment folds each burst
             # into one reconcile (and one status write) instead of one per event.
             self.queue.add_after(key, self.settings.child_event_delay_seconds)
+
+    # --- referenced Secrets and ConfigMaps ------------------------------------------------------------
+
+    def _index_references(self, key: AgentKey, refs: list[Reference]) -> None:
+        """Records which objects the agent's spec references, so a change to one queues it."""
+        record = self.records.get(key)
+        wanted = frozenset((key[0], ref.kind, ref.name) for ref in refs) if record is not None else frozenset()
+        before = record.references if record is not None else frozenset()
+        if record is not None:
+            record.references = wanted
+        for ref in before - wanted:
+            referrers = self._referrers.get(ref, set())
+            referrers.discard(key)
+            if not referrers:
+                self._referrers.pop(ref, None)
+                self._reference_versions.pop(ref, None)
+        for ref in wanted - before:
+            self._referrers.setdefault(ref, set()).add(key)
+
+    def observe_reference(self, kind: str, event_type: str | None, obj: Mapping[str, Any]) -> None:
+        """A watch event of a Secret or ConfigMap (metadata only). Dropped, never stored, unless an
+        agent references the object; then its agents are queued, once per resourceVersion."""
+        metadata = obj.get("metadata") or {}
+        ref = (str(metadata.get("namespace") or ""), kind, str(metadata.get("name") or ""))
+        if ref in self._referrers:
+            self._reference_seen(ref, None if event_type == "DELETED" else _resource_version(obj))
+
+    def _reference_seen(self, ref: RefKey, version: str | None) -> None:
+        """The referenced object is at ``version`` (None: gone). A version not seen before (from a
+        watch event, a list or the reconcile's own read) queues the agents that reference it."""
+        referrers = self._referrers.get(ref)
+        if referrers is None or (ref in self._reference_versions and self._reference_versions[ref] == version):
+            return
+        self._reference_versions[ref] = version
+        for key in referrers:
+            self.queue.add(key)
+
+    def listed_references(self, kind: str, scope: str | None, items: list[dict[str, Any]]) -> None:
+        """A list of ``kind`` in ``scope`` (None: every namespace): what changed or vanished since
+        it was last seen queues its agents, as a relist does for the other caches."""
+        listed = {
+            (str(item["metadata"].get("namespace") or ""), kind, str(item["metadata"].get("name") or "")): item
+            for item in items
+        }
+        for ref in list(self._referrers):
+            if ref[1] == kind and (scope is None or ref[0] == scope):
+                found = listed.get(ref)
+                self._reference_seen(ref, _resource_version(found) if found is not None else None)
+
+    def _referenced(self, kind: str) -> Callable[[Mapping[str, Any]], bool]:
+        def referenced(metadata: Mapping[str, Any]) -> bool:
+            return (metadata.get("namespace", ""), kind, metadata.get("name", "")) in self._referrers
+
+        return referenced
+
+    async def _watch_references(self, kind: str, scope: str | None) -> None:
+        """Lists, then watches, the metadata of every ``kind`` in ``scope``, as an informer does,
+        but keeps only the referenced ones' resourceVersions: the API server sends no data (see
+        Kube.watch_metadata) and what is not referenced is dropped as it arrives, so thousands of
+        unrelated Secrets cost their metadata passing through, not memory. Lists again after a
+        410 or a broken watch."""
+        delay = self.settings.backoff_base_seconds
+        while True:
+            try:
+                items, version = await self.kube.list_metadata("v1", kind, scope, self._referenced(kind))
+                self.listed_references(kind, scope, items)
+                while True:  # each watch ends after REFERENCE_WATCH_SECONDS; go on from where it was
+                    started = time.monotonic()
+                    events = self.kube.watch_metadata("v1", kind, scope, version, REFERENCE_WATCH_SECONDS)
+                    async for event_type, obj in events:
+                        version = _resource_version(obj) or version
+                        if event_type != "BOOKMARK":
+                            self.observe_reference(kind, event_type, obj)
+                    if time.monotonic() - started < 1.0:  # ended at once (a proxy?): no hot loop
+                        await asyncio.sleep(random.uniform(delay / 2, delay))  # noqa: S311 - jitter, not crypto
+                        delay = min(self.settings.backoff_max_seconds, delay * 2)
+                    else:
+                        delay = self.settings.backoff_base_seconds
+            except KubeError as error:
+                if error.status != 410:  # 410: the version is too old, list again at once
+                    log.warning("watch of referenced %ss failed: %s", kind, error)
+                    await asyncio.sleep(random.uniform(delay / 2, delay))  # noqa: S311 - jitter, not crypto
+                    delay = min(self.settings.backoff_max_seconds, delay * 2)
+
+    async def _read_references(self, namespace: str, refs: list[Reference]) -> Found:
+        """Reads each referenced object by name (one GET each). Only its resourceVersion is kept,
+        so the reference watch's event for this version queues nothing more."""
+        keys: list[ObjectKey] = sorted({ref.object_key for ref in refs})
+        objects = await asyncio.gather(*(self.kube.find("v1", kind, namespace, name) for kind, name in keys))
+        for (kind, name), obj in zip(keys, objects, strict=True):
+            ref = (namespace, kind, name)
+            if ref in self._referrers:
+                self._reference_versions[ref] = _resource_version(obj) if obj is not None else None
+        return dict(zip(keys, objects, strict=True))
 
     def _touch(self, identity: Hashable) -> None:
         """Notes that the cache entry changed (an event, a write's response): a relist in flight
@@ -287,12 +396,17 @@ class Controller:
     async def run(self, stop: asyncio.Event) -> None:
         workers = [asyncio.create_task(self._worker(), name=f"worker-{i}") for i in range(self.settings.workers)]
         resync = asyncio.create_task(self._resync(), name="resync")
+        references = [
+            asyncio.create_task(self._watch_references(kind, scope), name=f"references-{kind}-{scope or 'all'}")
+            for kind in REFERENCED_KINDS
+            for scope in self._scopes()
+        ]
         try:
             await stop.wait()
         finally:
-            for task in [*workers, resync]:
+            for task in [*workers, resync, *references]:
                 task.cancel()
-            await asyncio.gather(*workers, resync, return_exceptions=True)
+            await asyncio.gather(*workers, resync, *references, return_exceptions=True)
 
     def enqueue_all(self) -> None:
         for key, record in list(self.records.items()):
@@ -368,7 +482,12 @@ class Controller:
         analysis may take minutes (a smoke call may be given 600 s): it runs beside the workers,
         not in one, so slow analyses never hold the workers that repair drift for other agents."""
         measure, generation, revision = request
-        request = (replace(measure, pod_ips=tuple(sorted(measure.pod_ips))), generation, revision)
+        baseline = None if measure.baseline_pod_ips is None else tuple(sorted(measure.baseline_pod_ips))
+        request = (
+            replace(measure, pod_ips=tuple(sorted(measure.pod_ips)), baseline_pod_ips=baseline),
+            generation,
+            revision,
+        )
         current = self._measurements.get(key)
         if current is not None and not current[1].done():
             if current[0][1:] == request[1:]:
@@ -389,7 +508,9 @@ class Controller:
     ) -> list[rollout.Check]:
         try:
             async with self._measuring:
-                return await self.analysis.measure(agent, measure.service, measure.pod_ips, key_data)
+                return await self.analysis.measure(
+                    agent, measure.service, measure.pod_ips, key_data, measure.baseline_pod_ips
+                )
         finally:
             self.queue.add(key)
 
@@ -445,10 +566,16 @@ class Controller:
             endpoint_slices=list(record.endpoint_slices.values()),
         )
         agent = observed.admission.agent
+        refs = referenced_objects(agent) if agent is not None else []
+        self._index_references(key, refs)  # before they are read: a change after the read is an event
         if agent is not None:
-            missing = await self._missing_references(agent)
+            found = await self._read_references(agent.namespace, refs)
+            missing = core.missing_references(agent, found)
+            observed = replace(observed, references=found)
             if missing:
-                self._retry_later(key)  # we do not watch Secrets we do not own: look again later
+                # The reference watch queues the agent when the object appears; this is the net
+                # beneath it (a watch that is down, RBAC that does not allow it).
+                self._retry_later(key)
                 observed = replace(observed, missing=missing)
             else:
                 try:
@@ -525,13 +652,6 @@ class Controller:
         if plan.requeue_after is not None:
             # A moment past the deadline, so the next reconcile sees it has passed.
             self.queue.add_after(key, plan.requeue_after + 0.5)
-
-    async def _missing_references(self, agent: EnterpriseAgent) -> list[FieldError]:
-        """Reads each Secret the spec names, by name (one GET each, nothing watched or kept), and
-        judges them with the pure check: a Secret that is not there, or a key without a value."""
-        names = sorted({ref.name for ref in core.referenced_secrets(agent)})
-        found = {name: await self.kube.find("v1", "Secret", agent.namespace, name) for name in names}
-        return core.missing_references(agent, found)
 
     async def _apply(self, children: dict[core.ChildKey, dict[str, Any]], manifest: dict[str, Any]) -> None:
         self._fence()

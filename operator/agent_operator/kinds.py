@@ -58,9 +58,10 @@ CHILD_KINDS: tuple[Kind, ...] = (
     # a deleted Deployment or ConfigMap comes back as it was and a newer operator changes no pod.
     Kind("apps/v1", "ControllerRevision", "controllerrevisions", Role.CHILD, _CHILD_VERBS, watched=True),
     Kind("v1", "Service", "services", Role.CHILD, _CHILD_VERBS, watched=True),
+    # Besides our own (watched by label), the ConfigMaps and Secrets agents reference are read by
+    # name (get) and watched metadata only (list, watch): a rotated model key rolls out.
     Kind("v1", "ConfigMap", "configmaps", Role.CHILD, _CHILD_VERBS, watched=True),
-    # Key Secrets are created once and extended on rotation, never deleted by the operator; get is
-    # also how it checks that referenced Secrets (imagePullSecrets, users, the PostgreSQL URI's) exist.
+    # Key Secrets are created once and extended on rotation, never deleted by the operator.
     Kind("v1", "Secret", "secrets", Role.CHILD, _CHILD_VERBS - {"delete"}, watched=True),
     Kind("v1", "ServiceAccount", "serviceaccounts", Role.CHILD, _CHILD_VERBS, watched=True),
     Kind("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets", Role.CHILD, _CHILD_VERBS, watched=True),

@@ -6,10 +6,12 @@ in ``api_writes_total`` so a resync that should be a no-op can be shown to be on
 
 from __future__ import annotations
 
+import builtins
+import copy
 import json
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,10 @@ from agent_operator.spec import GROUP, KIND, PLURAL, VERSION
 
 USER_AGENT = f"{MANAGER}/0.1.0"
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+# Metadata only (name, namespace, resourceVersion, labels, annotations), as client-go's metadata
+# informers ask for it: a Secret's data never crosses the wire, however large.
+METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 
 
 class KubeError(Exception):
@@ -65,6 +71,14 @@ def object_path(
     return path
 
 
+def _watch_event(event: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A watch event as (type, object); an ERROR event (410 Gone: the version is too old) raised."""
+    type_, obj = str(event.get("type") or ""), dict(event.get("object") or {})
+    if type_ == "ERROR":
+        raise KubeError(int(obj.get("code") or 0), str(obj.get("reason") or "error"), json.dumps(obj))
+    return type_, obj
+
+
 def _plural(manifest: Mapping[str, Any]) -> str:
     return kind_of(manifest["apiVersion"], manifest["kind"]).plural
 
@@ -90,12 +104,17 @@ def in_cluster_connection() -> kopf.ConnectionInfo | None:
 class Kube:
     """A thin async client: apply, create, delete, get, status and events, nothing more."""
 
-    def __init__(self, api: client.ApiClient) -> None:
+    def __init__(self, api: client.ApiClient, stream_api: client.ApiClient | None = None) -> None:
         self.api = api
-        self.api.user_agent = USER_AGENT
+        # Watches hold their connection for minutes: on their own pool, so that however many
+        # namespaces are watched, requests never wait for a connection a watch holds.
+        self.stream_api = stream_api if stream_api is not None else api
+        self.identify(None)
 
-    def identify(self, identity: str) -> None:
-        self.api.user_agent = f"{USER_AGENT} ({identity})"
+    def identify(self, identity: str | None) -> None:
+        agent = f"{USER_AGENT} ({identity})" if identity else USER_AGENT
+        self.api.user_agent = agent
+        self.stream_api.user_agent = agent
 
     @classmethod
     async def connect(cls, kubeconfig: str | None = None) -> Kube:
@@ -108,10 +127,14 @@ class Kube:
                 config_file=kubeconfig or os.environ.get("KUBECONFIG"), client_configuration=configuration
             )
         configuration.connection_pool_maxsize = 32
-        return cls(client.ApiClient(configuration))
+        streams = copy.deepcopy(configuration)
+        streams.connection_pool_maxsize = 0  # no limit: one connection per watch
+        return cls(client.ApiClient(configuration), client.ApiClient(streams))
 
     async def close(self) -> None:
         await self.api.close()
+        if self.stream_api is not self.api:
+            await self.stream_api.close()
 
     async def _request(
         self,
@@ -121,6 +144,7 @@ class Kube:
         query: list[tuple[str, str]] | None = None,
         content_type: str = "application/json",
         resource: str = "",
+        accept: str = "application/json",
     ) -> dict[str, Any]:
         if method != "GET":
             metrics.API_WRITES.labels(verb=method.lower(), resource=resource).inc()
@@ -129,7 +153,7 @@ class Kube:
                 path,
                 method,
                 query_params=query or [],
-                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                header_params={"Content-Type": content_type, "Accept": accept},
                 body=body,
                 auth_settings=["BearerToken"],
                 _preload_content=False,
@@ -197,6 +221,78 @@ class Kube:
             continue_token = (result.get("metadata") or {}).get("continue")
             if not continue_token:
                 return items
+
+    async def list_metadata(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        keep: Callable[[Mapping[str, Any]], bool],
+    ) -> tuple[builtins.list[dict[str, Any]], str]:
+        """The metadata of every object of a kind (in one namespace, or all) that ``keep`` wants,
+        and the list's resourceVersion to watch from. A page at a time: what ``keep`` does not
+        want is dropped with its page, so listing beside thousands of unrelated objects costs
+        one page of metadata, not all of them."""
+        kept: list[dict[str, Any]] = []
+        continue_token = None
+        while True:
+            page = [("limit", "500")] + ([("continue", continue_token)] if continue_token else [])
+            result = await self._request(
+                "GET", object_path(api_version, kind, namespace), query=page, accept=METADATA_LIST
+            )
+            for item in result.get("items") or []:
+                metadata = item.get("metadata") or {}
+                if keep(metadata):
+                    kept.append({"metadata": {k: v for k, v in metadata.items() if k != "managedFields"}})
+            list_metadata = result.get("metadata") or {}
+            continue_token = list_metadata.get("continue")
+            if not continue_token:
+                return kept, str(list_metadata.get("resourceVersion") or "")
+
+    async def watch_metadata(
+        self, api_version: str, kind: str, namespace: str | None, resource_version: str, timeout_seconds: int
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """Watch events (type, object with its metadata only) from ``resource_version`` on, with
+        bookmarks, until the API server ends the watch after ``timeout_seconds``. Raises KubeError:
+        410 when the version is too old (list again), the status of any other error event or
+        response, 0 when the connection fails."""
+        query = [
+            ("watch", "true"),
+            ("allowWatchBookmarks", "true"),
+            ("resourceVersion", resource_version),
+            ("timeoutSeconds", str(timeout_seconds)),
+        ]
+        try:
+            response = await self.stream_api.call_api(
+                object_path(api_version, kind, namespace),
+                "GET",
+                query_params=query,
+                header_params={"Accept": METADATA},
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _request_timeout=aiohttp.ClientTimeout(total=timeout_seconds + 30, sock_connect=30),
+            )
+        except ApiException as error:
+            body = error.body.decode() if isinstance(error.body, bytes) else str(error.body or "")
+            raise KubeError(error.status or 0, error.reason or "error", body) from None
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise KubeError(0, type(error).__name__, str(error)) from None
+        try:
+            if response.status != 200:
+                raise KubeError(
+                    response.status, response.reason or "error", (await response.read()).decode(errors="replace")
+                )
+            buffer = b""
+            async for chunk in response.content.iter_any():
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        yield _watch_event(json.loads(line))
+        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+            raise KubeError(0, type(error).__name__, str(error)) from None
+        finally:
+            response.release()
 
     async def find(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""

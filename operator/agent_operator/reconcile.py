@@ -48,6 +48,7 @@ from agent_operator.render.common import (
 )
 from agent_operator.render.history import REVISION_HISTORY_LIMIT, read_controller_revision
 from agent_operator.render.keys import ANNOTATION_ROTATED_FOR
+from agent_operator.render.references import Found, content_digest, unsatisfied
 from agent_operator.spec import (
     API_VERSION,
     KIND,
@@ -103,7 +104,8 @@ def admit(body: Mapping[str, Any]) -> Admission:
 @dataclass(frozen=True)
 class Observed:
     """What the controller saw of one agent: the object, its children, their EndpointSlices, the
-    referenced objects it looked for and did not find, and the key Secret it ensured."""
+    Secrets and ConfigMaps its spec references as read (``references``, by kind and name; None for
+    one that is not there) and those it references that are missing, and the key Secret it ensured."""
 
     body: Mapping[str, Any]
     admission: Admission
@@ -111,6 +113,7 @@ class Observed:
     endpoint_slices: Sequence[Mapping[str, Any]] = ()
     missing: Sequence[FieldError] = ()
     key_secret: Mapping[str, Any] | None = None
+    references: Found = field(default_factory=dict)
 
     @property
     def metadata(self) -> Mapping[str, Any]:
@@ -140,11 +143,13 @@ class Observed:
 @dataclass(frozen=True)
 class Measure:
     """The HTTP checks a decision needs before it can be made: of ``color``, through ``service``
-    (its /readyz and the smoke call) and each pod address (its /metrics)."""
+    (its /readyz and the smoke call) and each pod address (its /metrics). ``baseline_pod_ips``: the
+    stable colour's pods, whose /metrics the preview's are compared with (None: no comparison)."""
 
     service: str
     color: Color
     pod_ips: tuple[str, ...]
+    baseline_pod_ips: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -176,7 +181,9 @@ class Memo:
     an empty one."""
 
     revision_inputs: tuple[Any, ...] | None = None
-    revision: str = ""  # the hash of the user's input (spec and key versions)
+    revision: str = ""  # the hash of the user's input (spec, key versions, referenced content)
+    # The same input's hash as an operator that did not hash referenced content computed it.
+    unreferenced_revision: str = ""
     keys: KeyVersions = field(default_factory=KeyVersions)
     fresh: RevisionRecord | None = None  # the current spec rendered now, when no record of it is kept
     render_inputs: tuple[Any, ...] | None = None
@@ -249,42 +256,12 @@ def unknown_operations(agent: EnterpriseAgent) -> list[FieldError]:
     ]
 
 
-@dataclass(frozen=True)
-class SecretReference:
-    """A Secret the pods need that the operator does not own: the field that names it (``field``.name),
-    and the key that must hold a value (``field``.key), when one must."""
-
-    field: str
-    name: str
-    key: str | None = None
-
-
-def referenced_secrets(agent: EnterpriseAgent) -> list[SecretReference]:
-    """Every Secret the pods need that the operator does not own."""
-    spec = agent.spec
-    refs = [SecretReference(f"spec.imagePullSecrets[{i}]", ref.name) for i, ref in enumerate(spec.image_pull_secrets)]
-    if spec.security.users_secret_ref is not None:
-        refs.append(SecretReference("spec.security.usersSecretRef", spec.security.users_secret_ref.name))
-    if spec.state.postgres is not None:
-        ref = spec.state.postgres.secret_ref
-        refs.append(SecretReference("spec.state.postgres.secretRef", ref.name, ref.key))
-    return refs
-
-
-def missing_references(agent: EnterpriseAgent, found: Mapping[str, Mapping[str, Any] | None]) -> list[FieldError]:
-    """The references the Secrets ``found`` (by name, as read; None when there is none) do not
-    satisfy: a Secret that does not exist, or a key that is absent or empty. Errors name the
-    field and the key, never a value."""
-    errors = []
-    for ref in referenced_secrets(agent):
-        secret = found.get(ref.name)
-        if secret is None:
-            errors.append(
-                FieldError(f"{ref.field}.name", f"Secret {ref.name!r} not found in namespace {agent.namespace!r}")
-            )
-        elif ref.key is not None and not (secret.get("data") or {}).get(ref.key):
-            errors.append(FieldError(f"{ref.field}.key", f"Secret {ref.name!r} has no (or an empty) key {ref.key!r}"))
-    return errors
+def missing_references(agent: EnterpriseAgent, found: Found) -> list[FieldError]:
+    """The references the objects ``found`` (by kind and name, as read; None when there is none)
+    do not satisfy: a Secret or ConfigMap that does not exist, or a key that is not in it (or holds
+    no value where one is needed); refs marked optional never. Errors name the field, the object
+    and the key, never a value."""
+    return [FieldError(problem.path, problem.message) for problem in unsatisfied(agent, found)]
 
 
 def shared_state_missing(agent: EnterpriseAgent) -> str | None:
@@ -608,11 +585,14 @@ def _key_files_version(observed: Observed) -> Any:
 
 
 def _revision(agent: EnterpriseAgent, observed: Observed, memo: Memo) -> tuple[str, KeyVersions]:
-    """The hash of the user's input (the spec and the key versions), computed once per spec and keys."""
-    inputs = (observed.uid, observed.generation, agent.spec, _key_files_version(observed))
+    """The hash of the user's input (the spec, the key versions and what the referenced Secrets and
+    ConfigMaps hold), computed once per input."""
+    digest = content_digest(agent, observed.references, observed.key_data)
+    inputs = (observed.uid, observed.generation, agent.spec, _key_files_version(observed), digest)
     if memo.revision_inputs != inputs:
         memo.keys = KeyVersions.from_secret_data(observed.key_data)
-        memo.revision = compute_revision(agent, memo.keys)
+        memo.revision = compute_revision(agent, memo.keys, digest)
+        memo.unreferenced_revision = compute_revision(agent, memo.keys) if digest is not None else memo.revision
         memo.fresh = None
         memo.revision_inputs = inputs
     return memo.revision, memo.keys
@@ -622,8 +602,19 @@ def _current_record(
     agent: EnterpriseAgent, records: Mapping[str, RevisionRecord], spec_hash: str, memo: Memo
 ) -> RevisionRecord:
     """The current spec's revision: a kept one made from the same input (the latest, when several
-    were), else the spec rendered now under the hash as its name."""
+    were), else the spec rendered now under the hash as its name.
+
+    A record an earlier operator made hashed the spec and keys but not the referenced content: if
+    one was made from this spec and these keys, it is this input's, and it is taken over under the
+    new hash (its ControllerRevision's spec-hash annotation is rewritten; its name, pods and config
+    stay). So an operator upgrade starts no rollout; a later change of the content does."""
     same = [record for record in records.values() if record.spec_hash == spec_hash]
+    if not same and memo.unreferenced_revision != spec_hash:
+        same = [
+            replace(record, spec_hash=spec_hash)
+            for record in records.values()
+            if record.spec_hash == memo.unreferenced_revision
+        ]
     if same:
         return max(same, key=lambda r: (r.number, r.revision == spec_hash, r.revision))
     if memo.fresh is None or memo.fresh.revision != spec_hash:
@@ -800,11 +791,17 @@ def reconcile(
 
 def _measure(agent: EnterpriseAgent, observed: Observed, decision: rollout.Decision) -> Measure:
     """Where the checks of the colour the decision names go: the Service that serves it, its pods."""
+    slices = observed.endpoint_slices
     if decision.measure == "preview":
         service, color = preview_service_name(agent), decision.active_color.other
+        # The stable colour's pods, behind the active Service, for the checks that compare with them.
+        baseline: tuple[str, ...] | None = None
+        if agent.spec.rollout.analysis.max_tokens_per_request_ratio is not None:
+            stable = decision.active_color
+            baseline = tuple(ready_endpoint_addresses(agent, slices, active_service_name(agent), stable))
     else:
-        service, color = active_service_name(agent), decision.active_color
-    return Measure(service, color, tuple(ready_endpoint_addresses(agent, observed.endpoint_slices, service, color)))
+        service, color, baseline = active_service_name(agent), decision.active_color, None
+    return Measure(service, color, tuple(ready_endpoint_addresses(agent, slices, service, color)), baseline)
 
 
 def settle(made: Plan, after: Plan) -> Plan:

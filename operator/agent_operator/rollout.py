@@ -345,8 +345,11 @@ def _preview(i: RolloutInput, active: Color, roll: RolloutStatus) -> Decision:
 
 
 def http_check_names(rollout: RolloutSpec) -> list[CheckName]:
-    """The checks the controller measures over HTTP, for this rollout's settings."""
+    """The checks the controller measures over HTTP, for this rollout's settings. tokensPerRequest
+    compares the preview with the stable colour, so only the analysis before promotion has it."""
     names = [CheckName.READYZ, CheckName.ERROR_RATE, CheckName.LATENCY]
+    if rollout.analysis.max_tokens_per_request_ratio is not None:
+        names.append(CheckName.TOKENS_PER_REQUEST)
     if rollout.analysis.smoke is not None:
         names.append(CheckName.SMOKE)
     return names
@@ -354,9 +357,10 @@ def http_check_names(rollout: RolloutSpec) -> list[CheckName]:
 
 def requested_checks(rollout: RolloutSpec) -> frozenset[CheckName]:
     """The checks the spec asks for, which must pass: the endpoints check always, and the smoke call
-    when spec.rollout.analysis.smoke names one. The runtime's checks (readyz, errorRate, latency)
-    run on every rollout unasked; where they cannot run (an operator outside the cluster, which
-    cannot reach pod addresses) they come back Skipped and the endpoints check decides alone."""
+    when spec.rollout.analysis.smoke names one. The runtime's checks (readyz, errorRate, latency,
+    and tokensPerRequest when its ratio is set) run on every rollout unasked; where they cannot run
+    (an operator outside the cluster, which cannot reach pod addresses) they come back Skipped and
+    the endpoints check decides alone."""
     if rollout.analysis.smoke is not None:
         return frozenset({CheckName.ENDPOINTS, CheckName.SMOKE})
     return frozenset({CheckName.ENDPOINTS})

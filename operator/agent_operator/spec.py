@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Self
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -32,11 +33,13 @@ from agent_contract.config import (
     OPERATION_NAME_PATTERN,
     ROLE_NAME_PATTERN,
     ComplianceFramework,
+    ModelProvider,
     Permission,
     SecurityLevel,
     SigningAlgorithm,
 )
-from agent_contract.layout import DATABASE_URL_ENV
+from agent_contract.layout import DATABASE_URL_ENV, MODEL_API_KEY_ENV, MODEL_CA_DIR, MODEL_CA_FILE
+from agent_contract.operations import BUILTIN_OPERATIONS
 
 GROUP = "agents.enterprise.io"
 VERSION = "v1alpha1"
@@ -67,6 +70,13 @@ HTTP_URL = r"^https?://[^\s]+$"
 HOSTNAME = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 CIDR_SHAPE = r"^[0-9a-fA-F:.]+/[0-9]{1,3}$"
 REVISION_PATTERN = r"^[a-f0-9]{10}$"
+# A model endpoint's base URL: http(s)://host[:port][/path], the host a DNS name or an IP literal
+# ([...] for IPv6). No user:password@, query or fragment: the URL is written into the ConfigMap.
+_PORT = r"([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+MODEL_BASE_URL = (
+    r"^https?://([A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*|\[[0-9A-Fa-f:.]+\])"
+    rf"(:{_PORT})?(/[^\s?#]*)?$"
+)
 # Label and annotation prefixes the operator owns; user-supplied ones may not use them.
 RESERVED_PREFIXES = ("app.kubernetes.io/", f"{GROUP}/")
 
@@ -625,6 +635,17 @@ class AnalysisSpec(ApiModel):
     max_p95_latency_seconds: float = Field(
         default=5.0, description="Highest acceptable p95 request latency.", gt=0.0, le=3600.0
     )
+    max_tokens_per_request_ratio: float | None = Field(
+        default=None,
+        description=(
+            "Highest acceptable ratio of the preview's mean tokens (input and output) per chat call to the"
+            " stable colour's, from each pod's gen_ai_client_token_usage; 1.5 fails a preview that spends"
+            " more than 1.5 times the tokens per call. Unset: not checked. With no chat calls on either"
+            " colour the check passes and says so."
+        ),
+        ge=1.0,
+        le=1000.0,
+    )
     smoke: SmokeTest | None = Field(default=None, description="Optional smoke operation.")
 
 
@@ -745,15 +766,18 @@ class NetworkPolicySpec(ApiModel):
 # --- state ----------------------------------------------------------------------------------------
 
 
-class SecretKeySelector(ApiModel):
-    """One key of a Secret in the agent's namespace."""
-
+class _NamedSecret(ApiModel):
     name: str = Field(
         description="Name of the Secret, in the agent's namespace.",
         min_length=1,
         max_length=253,
         pattern=DNS1123_SUBDOMAIN,
     )
+
+
+class SecretKeySelector(_NamedSecret):
+    """One key of a Secret in the agent's namespace."""
+
     key: str = Field(
         default="uri",
         description="The key holding the value. Defaults to uri, the key of the connection URI in the app Secret CloudNativePG creates.",
@@ -849,6 +873,248 @@ class StateSpec(ApiModel):
     )
 
 
+# --- model and limits -----------------------------------------------------------------------------
+
+_IPV4 = r"((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4_IN_CEL = _IPV4.replace("\\", "\\\\")  # inside a CEL string literal, a backslash is escaped
+_NUMERIC_HOST_MESSAGE = "has a numeric host that is not an IPv4 address (four parts of 0-255, no leading zeros)"
+
+
+def check_base_url(value: str) -> str:
+    """Refuses what the CRD's pattern refuses, with a reason: a URL that is not http(s)://host[:port]
+    [/path], and above all one carrying a secret (user:password@, a ?key= query), which would be
+    written into the runtime ConfigMap. Messages never repeat the URL, which may hold that secret."""
+    scheme = value.partition("://")[0].lower() if "://" in value else ""
+    if scheme not in ("http", "https"):
+        raise ValueError("must be an http:// or https:// URL, such as https://api.openai.com/v1")
+    authority = value.partition("://")[2].split("/", 1)[0]
+    if "@" in authority.split("?", 1)[0].split("#", 1)[0]:
+        raise ValueError(
+            "must not carry credentials (user:password@): the URL is written into the runtime ConfigMap;"
+            " put the key in a Secret and name it in spec.model.apiKeySecretRef"
+        )
+    if "?" in value or "#" in value:
+        raise ValueError(
+            "must not have a query or fragment: the URL is written into the runtime ConfigMap, and the"
+            " runtime appends /chat/completions to it"
+        )
+    if re.fullmatch(MODEL_BASE_URL, value) is None:
+        raise ValueError(
+            "must be http(s)://host[:port][/path] with a DNS name or IP address as host and a port of 1-65535"
+        )
+    host = urlsplit(value).hostname or ""
+    if value.partition("://")[2].startswith("["):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError("has a bracketed host that is not an IPv6 address") from None
+    elif re.fullmatch(r"[0-9.]+", host) and re.fullmatch(_IPV4, host) is None:
+        # 010.0.0.1 or 10.0.0.256: no DNS name, and a resolver may read it as another address.
+        raise ValueError(_NUMERIC_HOST_MESSAGE)
+    return value
+
+
+class SecretKeyReference(_NamedSecret):
+    """One key of a Secret in the agent's namespace."""
+
+    key: str = Field(
+        description="The key holding the value.", min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$"
+    )
+
+
+class ModelCABundle(ApiModel):
+    """A ConfigMap key holding the PEM certificates of the CAs that sign the endpoint's certificate."""
+
+    config_map_ref: LocalObjectReference = Field(
+        description="The ConfigMap, in the agent's namespace (cert-manager's trust-manager can fill one)."
+    )
+    key: str = Field(
+        default="ca.crt",
+        description=f"The key holding the PEM bundle; mounted read-only at {MODEL_CA_FILE}. Defaults to ca.crt.",
+        min_length=1,
+        max_length=253,
+        pattern=r"^[-._a-zA-Z0-9]+$",
+    )
+
+
+class ModelSpec(ApiModel):
+    """The language model the runtime's chat operation calls."""
+
+    model_config = ConfigDict(
+        json_schema_extra=crd_extra(
+            **{
+                CEL: [
+                    cel(
+                        "self.connectTimeoutSeconds <= self.timeoutSeconds",
+                        "spec.model.connectTimeoutSeconds must be less than or equal to spec.model.timeoutSeconds",
+                        ".connectTimeoutSeconds",
+                    )
+                ]
+            }
+        )
+    )
+
+    provider: ModelProvider = Field(
+        default=ModelProvider.OPENAI,
+        description=(
+            "API the endpoint speaks. openai: OpenAI's chat completions API, as OpenAI, Azure OpenAI's v1 API,"
+            " vLLM, Ollama, LiteLLM and most gateways serve it."
+        ),
+    )
+    base_url: str = Field(
+        description=(
+            "Base URL of the API as OpenAI's SDKs take it, such as https://api.openai.com/v1; the runtime"
+            " appends /chat/completions. http or https, no credentials, query or fragment (it is written"
+            " into the runtime ConfigMap). Its host joins the runtime's egress allow-list; for the"
+            " NetworkPolicy see egressCIDRs."
+        ),
+        min_length=1,
+        max_length=2048,
+        json_schema_extra=crd_extra(
+            **{
+                "pattern": MODEL_BASE_URL,
+                CEL: [
+                    cel(
+                        "!self.matches('^[A-Za-z]+://[^/?#]*@')",
+                        "spec.model.baseUrl must not carry credentials (user:password@): it is written into the"
+                        " runtime ConfigMap; name the key's Secret in spec.model.apiKeySecretRef",
+                    ),
+                    cel(
+                        "!self.matches('^https?://[0-9.]+(:[0-9]+)?(/.*)?$')"
+                        f" || self.matches('^https?://{_IPV4_IN_CEL}(:[0-9]+)?(/.*)?$')",
+                        f"spec.model.baseUrl {_NUMERIC_HOST_MESSAGE}",
+                    ),
+                    cel(
+                        "!self.contains('?') && !self.contains('#')",
+                        "spec.model.baseUrl must not have a query or fragment: it is written into the runtime"
+                        " ConfigMap, and /chat/completions is appended to it",
+                    ),
+                ],
+            }
+        ),
+    )
+    model: str = Field(
+        description="Model name sent with every request, such as gpt-4o-mini or meta-llama/Llama-3.1-8B-Instruct.",
+        min_length=1,
+        max_length=256,
+        pattern=r"^[^\s]+$",
+    )
+    api_key_secret_ref: SecretKeyReference | None = Field(
+        default=None,
+        description=(
+            f"The Secret key holding the API key. It reaches the agent container only as the {MODEL_API_KEY_ENV}"
+            " environment variable (valueFrom.secretKeyRef), never through the ConfigMap, status or annotations,"
+            " and is sent as a bearer token. Omit it for an endpoint that needs no key. A missing Secret or"
+            " key stalls the agent."
+        ),
+    )
+    ca_bundle: ModelCABundle | None = Field(
+        default=None,
+        description=(
+            f"CAs trusted for the endpoint instead of the system's (a private endpoint), mounted at {MODEL_CA_DIR}."
+            " A missing ConfigMap or key stalls the agent."
+        ),
+    )
+    connect_timeout_seconds: int = Field(
+        default=10, description="How long connecting to the endpoint may take.", ge=1, le=600
+    )
+    timeout_seconds: int = Field(
+        default=60, description="How long one model call may take in all, a streamed answer included.", ge=1, le=3600
+    )
+    max_output_tokens: int = Field(
+        default=4096,
+        description="Most tokens one answer may have; a caller's max_tokens above it is lowered to it.",
+        ge=1,
+        le=1_000_000,
+    )
+    egress_cidrs: list[Cidr] = Field(
+        default_factory=list,
+        alias="egressCIDRs",
+        description=(
+            "CIDRs of the endpoint's addresses: the NetworkPolicy admits connections to them on the URL's port."
+            " Not needed when baseUrl's host is an IP address (that address is admitted); a host name's"
+            " addresses are not known to a NetworkPolicy, so list them here (or in"
+            " spec.networkPolicy.allowedEgressCIDRs)."
+        ),
+        max_length=16,
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _valid_base_url(cls, value: str) -> str:
+        return check_base_url(value)
+
+    @field_validator("egress_cidrs")
+    @classmethod
+    def _valid_cidrs(cls, value: list[str]) -> list[str]:
+        return check_cidrs(value)
+
+    @model_validator(mode="after")
+    def _timeouts_ordered(self) -> ModelSpec:
+        if self.connect_timeout_seconds > self.timeout_seconds:
+            raise ValueError("spec.model.connectTimeoutSeconds must be less than or equal to spec.model.timeoutSeconds")
+        return self
+
+    @property
+    def host(self) -> str:
+        """The endpoint's host as the runtime's egress allow-list matches it: lower case, no brackets."""
+        return (urlsplit(self.base_url).hostname or "").lower()
+
+    @property
+    def port(self) -> int:
+        """The endpoint's TCP port: the URL's own, or the scheme's (443 for https, 80 for http)."""
+        parts = urlsplit(self.base_url)
+        return parts.port or (443 if parts.scheme.lower() == "https" else 80)
+
+    def endpoint_cidrs(self) -> list[str]:
+        """The CIDRs the NetworkPolicy admits for the endpoint: its IP address, when the host is one,
+        then egressCIDRs, each once."""
+        cidrs: list[str] = []
+        try:
+            address = ipaddress.ip_address(self.host)
+        except ValueError:
+            pass
+        else:
+            cidrs.append(str(ipaddress.ip_network(address)))
+        return list(dict.fromkeys([*cidrs, *self.egress_cidrs]))
+
+
+class RateLimitSpec(ApiModel):
+    """Limits over sliding windows; a limit left out is no limit."""
+
+    requests_per_minute: int | None = Field(
+        default=None, description="Most requests in any 60 seconds.", ge=1, le=10_000_000
+    )
+    tokens_per_hour: int | None = Field(
+        default=None,
+        description="Most model tokens (prompt and completion) in any hour.",
+        ge=1,
+        le=1_000_000_000_000,
+    )
+    tokens_per_day: int | None = Field(
+        default=None,
+        description="Most model tokens (prompt and completion) in any 24 hours.",
+        ge=1,
+        le=1_000_000_000_000,
+    )
+
+
+class LimitsSpec(ApiModel):
+    """Rate limits and token budgets the runtime enforces: it refuses a request over one."""
+
+    per_caller: RateLimitSpec = Field(
+        default_factory=RateLimitSpec, description="Limits of each caller (the token's subject) on its own."
+    )
+    per_agent: RateLimitSpec = Field(
+        default_factory=RateLimitSpec,
+        description="Limits of all callers together; every replica counts against them when the replicas share spec.state.postgres, each replica on its own otherwise.",
+    )
+
+
+# Operations the runtime registers only with a model (chat): enabling one needs spec.model.
+MODEL_OPERATIONS = [name for name, info in BUILTIN_OPERATIONS.items() if info.needs_model]
+
+
 # --- the agent ------------------------------------------------------------------------------------
 
 
@@ -894,6 +1160,17 @@ class EnterpriseAgentSpec(ApiModel):
                         f"!has(self.env) || self.env.all(e, e.name != '{DATABASE_URL_ENV}')",
                         f"spec.env must not set {DATABASE_URL_ENV}: the operator sets it from spec.state.postgres.secretRef",
                         ".env",
+                    ),
+                    cel(
+                        f"!has(self.model) || !has(self.env) || self.env.all(e, e.name != '{MODEL_API_KEY_ENV}')",
+                        f"spec.env must not set {MODEL_API_KEY_ENV} when spec.model is set: the operator sets it from"
+                        " spec.model.apiKeySecretRef",
+                        ".env",
+                    ),
+                    cel(
+                        f"has(self.model) || !has(self.operations) || !self.operations.exists(o, o in {MODEL_OPERATIONS!r})",
+                        f"spec.model is required when spec.operations has {' or '.join(MODEL_OPERATIONS)}",
+                        ".operations",
                     ),
                 ]
             }
@@ -951,6 +1228,13 @@ class EnterpriseAgentSpec(ApiModel):
     data_volume_size_limit: Quantity = Field(
         default="1Gi", description="Size limit of the /var/lib/agent emptyDir (audit log, embedded store)."
     )
+    model: ModelSpec | None = Field(
+        default=None,
+        description=f"The language model the chat operation calls; required with {', '.join(MODEL_OPERATIONS)}.",
+    )
+    limits: LimitsSpec = Field(
+        default_factory=LimitsSpec, description="Rate limits and token budgets, per caller and for the whole agent."
+    )
 
     @field_validator("operations")
     @classmethod
@@ -989,6 +1273,15 @@ class EnterpriseAgentSpec(ApiModel):
             raise ValueError(
                 "spec.securityLevel must be confidential or restricted when spec.compliance.frameworks has HIPAA"
             )
+        if self.model is None and any(name in MODEL_OPERATIONS for name in self.operations):
+            raise ValueError(f"spec.model is required when spec.operations has {' or '.join(MODEL_OPERATIONS)}")
+        if self.model is not None:
+            for index, var in enumerate(self.env):
+                if var.name == MODEL_API_KEY_ENV:
+                    raise ValueError(
+                        f"spec.env[{index}].name must not be {MODEL_API_KEY_ENV} when spec.model is set: the"
+                        " operator sets it from spec.model.apiKeySecretRef"
+                    )
         return self
 
 
@@ -1105,6 +1398,7 @@ class CheckName(StrEnum):
     READYZ = "readyz"
     ERROR_RATE = "errorRate"
     LATENCY = "latency"
+    TOKENS_PER_REQUEST = "tokensPerRequest"
     SMOKE = "smoke"
 
 

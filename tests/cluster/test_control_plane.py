@@ -139,6 +139,24 @@ def test_cel_rule_message_reaches_the_user(crd_installed: Kube, namespace: str) 
     assert "spec.autoscaling.minReplicas must be less than or equal to maxReplicas" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("model-url-with-credentials.yaml", "must not carry credentials"),
+        ("model-url-with-query.yaml", "must not have a query or fragment"),
+    ],
+)
+def test_a_secret_bearing_model_url_is_refused_with_its_reason(
+    crd_installed: Kube, namespace: str, name: str, reason: str
+) -> None:
+    """Beyond the pattern's bare mismatch, the CEL rule says why (a pattern error does not stop
+    the API server from running CEL rules)."""
+    path = ROOT / "tests" / "bad" / name
+    result = crd_installed.kubectl("create", "--dry-run=server", "-n", namespace, "-f", str(path), check=False)
+    assert result.returncode != 0
+    assert f"spec.model.baseUrl {reason}" in result.stderr, result.stderr
+
+
 def test_examples_are_accepted_by_the_api_server(crd_installed: Kube, namespace: str) -> None:
     for example in sorted((ROOT / "examples").glob("*.yaml")):
         document = yaml.safe_load(example.read_text())

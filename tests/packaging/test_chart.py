@@ -245,7 +245,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
 def test_the_alert_rules_parse() -> None:
     result = promtool("check", "rules", str(ALERTS))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 9 rules found" in result.stdout
+    assert "SUCCESS: 10 rules found" in result.stdout
 
 
 def test_the_alerts_fire_above_their_thresholds_and_not_below() -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import tempfile
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -16,6 +19,7 @@ from agent_runtime.cli import main as runtime_cli
 from agent_runtime.operations import BUILTINS, Operation
 from agent_runtime.security.users import hash_line
 from agent_runtime.settings import Settings
+from eao_devtools.testkit.postgres import PostgresServer
 
 PASSWORD = "correct horse battery staple"
 ROLE_USERS = {"admin": "ada", "operator": "otto", "analyst": "ana", "viewer": "vic"}
@@ -86,3 +90,22 @@ async def login(
     body: dict[str, Any] = await response.json()
     assert response.status == 200, body
     return body
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL per test module, on loopback."""
+    # Not under pytest's tmp_path: its parents are private to root, and postgres runs as its own user.
+    with PostgresServer(Path(tempfile.mkdtemp(prefix="eao-pg-"))) as server:
+        yield server
+
+
+async def fresh_database(server: PostgresServer) -> str:
+    """A database of its own for one test, on the module's server."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    connection = await asyncpg.connect(server.url)
+    try:
+        await connection.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await connection.close()
+    return server.url.rsplit("/", 1)[0] + f"/{name}"

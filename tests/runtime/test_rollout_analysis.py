@@ -1,5 +1,6 @@
 """The rollout's HTTP analysis checks against a real agent-runtime process on loopback, running
-the config and keys the operator would give the agent's pods."""
+the config and keys the operator would give the agent's pods, and (tokensPerRequest) against pods
+on loopback that serve the runtime's token metrics."""
 
 from __future__ import annotations
 
@@ -7,17 +8,27 @@ import base64
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from agent_contract import genai
 from agent_contract.keyfiles import new_key_files
-from agent_operator.analysis import HttpAnalysis, operator_token
+from agent_operator.analysis import HttpAnalysis, Target, operator_token
 from agent_operator.spec import AnalysisResult, EnterpriseAgent
+from agent_runtime.app import create_app
+from agent_runtime.settings import Settings
 from eao_devtools.testkit.operator_process import free_port
 from eao_devtools.testkit.runtime import agent_runtime_layout, live_runtime
+from tests.fake_model import FakeModel
 from tests.helpers import example_document
+from tests.runtime.conftest import PASSWORD, make_layout
 
 
 def _agent(**analysis: Any) -> EnterpriseAgent:
@@ -100,3 +111,148 @@ async def test_outside_a_cluster_without_a_base_url_checks_are_skipped_not_passe
     checks = await HttpAnalysis(None, in_cluster=False).measure(agent, "svc", ["10.0.0.1"], None)
     assert {c.result for c in checks} == {AnalysisResult.SKIPPED}
     assert "--analysis-base-url" in checks[0].message
+
+
+# --- tokensPerRequest: the preview's pods against the stable colour's --------------------------------
+
+
+def _pod(*chat_calls: tuple[int, int]) -> web.Application:
+    """A runtime pod as the analysis sees it: /readyz, and /metrics after these chat calls (input
+    and output tokens each) recorded as the runtime records them."""
+    registry = CollectorRegistry()
+    usage = Histogram(
+        genai.TOKEN_USAGE_METRIC,
+        "Tokens per model call.",
+        [genai.OPERATION_NAME_LABEL, genai.PROVIDER_LABEL, genai.REQUEST_MODEL_LABEL, genai.TOKEN_TYPE_LABEL],
+        registry=registry,
+    )
+    requests = Counter("agent_http_requests", "Requests.", ["method", "route", "status"], registry=registry)
+    for input_tokens, output_tokens in chat_calls:
+        usage.labels("chat", "openai", "m", genai.INPUT_TOKENS).observe(input_tokens)
+        usage.labels("chat", "openai", "m", genai.OUTPUT_TOKENS).observe(output_tokens)
+        requests.labels("POST", "/v1/operations/{name}", "200").inc()
+
+    async def readyz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ready"})
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+Serve = Callable[[web.Application], Awaitable[TestServer]]
+
+
+async def _url(aiohttp_server: Serve, app: web.Application) -> str:
+    server = await aiohttp_server(app)
+    return f"http://{server.host}:{server.port}"
+
+
+async def test_a_preview_spending_more_tokens_per_call_than_allowed_fails(aiohttp_server: Serve) -> None:
+    agent = _agent(maxTokensPerRequestRatio=1.5)
+    stable = await _url(aiohttp_server, _pod((800, 200), (900, 100)))  # 1000 tokens per call
+    thrifty = (await _url(aiohttp_server, _pod((1000, 400))), await _url(aiohttp_server, _pod((600, 400))))
+    spendy = await _url(aiohttp_server, _pod((2500, 500), (1500, 500)))  # 2500 per call
+    passed = await HttpAnalysis().check(agent, Target(thrifty[0], thrifty, (stable,)), None)
+    assert _results(passed) == {
+        "readyz": "Passed",
+        "errorRate": "Passed",
+        "latency": "Passed",
+        "tokensPerRequest": "Passed",
+    }
+    tokens = next(c for c in passed if c.name == "tokensPerRequest")
+    # Both preview pods add up: 2400 tokens over 2 calls.
+    assert (
+        tokens.message
+        == "preview 1200.0 tokens per chat call over 2 calls, stable 1000.0 over 2: ratio 1.20 (limit 1.5)"
+    )
+    failed = await HttpAnalysis().check(agent, Target(spendy, (spendy,), (stable,)), None)
+    tokens = next(c for c in failed if c.name == "tokensPerRequest")
+    assert tokens.result == AnalysisResult.FAILED
+    assert "ratio 2.50 (limit 1.5)" in tokens.message
+    assert _results(failed)["errorRate"] == "Passed"  # only the budget check fails
+
+
+async def test_tokens_per_request_without_chat_traffic_passes_and_an_unreadable_stable_colour_fails(
+    aiohttp_server: Serve,
+) -> None:
+    agent = _agent(maxTokensPerRequestRatio=1)
+    idle = await _url(aiohttp_server, _pod())
+    checks = await HttpAnalysis().check(agent, Target(idle, (idle,), (idle,)), None)
+    tokens = next(c for c in checks if c.name == "tokensPerRequest")
+    assert (tokens.result, tokens.message) == (AnalysisResult.PASSED, "no chat calls on either colour yet")
+    gone = f"http://127.0.0.1:{free_port()}"
+    checks = await HttpAnalysis().check(agent, Target(idle, (idle,), (gone,)), None)
+    tokens = next(c for c in checks if c.name == "tokensPerRequest")
+    assert tokens.result == AnalysisResult.FAILED
+    assert tokens.message.startswith("cannot read the stable colour's /metrics")
+    # Without a stable colour to compare with (after promotion), the check is not made at all.
+    checks = await HttpAnalysis().check(agent, Target(idle, (idle,)), None)
+    assert "tokensPerRequest" not in _results(checks)
+
+
+async def test_the_analysis_scrapes_the_stable_colours_pods_from_their_addresses() -> None:
+    agent = _agent(maxTokensPerRequestRatio=2)
+    target = HttpAnalysis(in_cluster=True).target(agent, "hello-agent-preview", ["10.0.0.7"], ["10.0.0.3", "fd00::3"])
+    assert target == Target(
+        "http://hello-agent-preview.default.svc:80",
+        ("http://10.0.0.7:8080",),
+        ("http://10.0.0.3:8080", "http://[fd00::3]:8080"),
+    )
+    skipped = await HttpAnalysis(None, in_cluster=False).measure(agent, "svc", ["10.0.0.7"], None, ["10.0.0.3"])
+    assert _results(skipped)["tokensPerRequest"] == "Skipped"
+    after_promotion = await HttpAnalysis(None, in_cluster=False).measure(agent, "svc", ["10.0.0.7"], None)
+    assert "tokensPerRequest" not in _results(after_promotion)
+
+
+async def test_tokens_per_request_compares_two_real_runtimes_chatting_with_a_model(
+    aiohttp_server: Serve, tmp_path: Path
+) -> None:
+    """End to end: a stable and a preview runtime chat with a fake model; the preview's answers run
+    three times as long, and the analysis reads that from their own /metrics."""
+
+    async def runtime(name: str, words: int) -> tuple[str, FakeModel]:
+        fake = FakeModel(reply=lambda _: " ".join(["word"] * words))
+        await fake.start()
+        config = make_layout(
+            tmp_path / name,
+            securityLevel="confidential",
+            operations=["chat", "ping"],
+            model={"baseUrl": fake.base_url, "model": "test-model", "apiKeyEnv": None},
+            egress={"allowedHosts": ["127.0.0.1"]},
+        )
+        server = await aiohttp_server(create_app(Settings.load(str(config))))
+        return f"http://{server.host}:{server.port}", fake
+
+    async def chat(url: str, times: int) -> None:
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{url}/v1/auth/login", json={"username": "otto", "password": PASSWORD}) as login:
+                token = (await login.json())["access_token"]
+            for _ in range(times):
+                ask = {"input": {"messages": [{"role": "user", "content": "four words of input"}]}}
+                headers = {"Authorization": f"Bearer {token}"}
+                async with session.post(f"{url}/v1/operations/chat", json=ask, headers=headers) as answer:
+                    assert answer.status == 200, await answer.text()
+
+    stable, stable_model = await runtime("stable", 10)
+    preview, preview_model = await runtime("preview", 30)
+    try:
+        await chat(stable, 3)
+        await chat(preview, 2)
+        target = Target(preview, (preview,), (stable,))
+        strict = await HttpAnalysis().check(_agent(maxTokensPerRequestRatio=1.5), target, None)
+        loose = await HttpAnalysis().check(_agent(maxTokensPerRequestRatio=3), target, None)
+    finally:
+        await stable_model.close()
+        await preview_model.close()
+    tokens = next(c for c in strict if c.name == "tokensPerRequest")
+    # The fake model counts a word as a token: 4 in, and 30 out on the preview, 10 on the stable one.
+    assert (tokens.result, tokens.message) == (
+        AnalysisResult.FAILED,
+        "preview 34.0 tokens per chat call over 2 calls, stable 14.0 over 3: ratio 2.43 (limit 1.5)",
+    )
+    assert next(c for c in loose if c.name == "tokensPerRequest").result == AnalysisResult.PASSED

@@ -132,6 +132,7 @@ async def test_exactly_the_public_routes_answer_without_a_token(aiohttp_client: 
         "/readyz",
         "/metrics",
         "/openapi.json",
+        "/.well-known/agent-card.json",
         "/v1/auth/login",
         "/v1/auth/refresh",
     }

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -30,7 +28,7 @@ from agent_runtime.settings import Settings, SettingsError
 from agent_runtime.sharedstate import PostgresEngine, PostgresRevocations, PostgresThrottleCounters
 from agent_runtime.state import THROTTLE
 from eao_devtools.testkit.postgres import PostgresServer
-from tests.runtime.conftest import login, make_layout
+from tests.runtime.conftest import fresh_database, login, make_layout
 
 Client = TestClient[web.Request, web.Application]
 REPORT = {"input": {"title": "Weekly", "analysis": {"data": [{"ms": 10}, {"ms": 20}]}}}
@@ -43,24 +41,6 @@ CONFIG_CHANGES: dict[str, Any] = {
     "operations": ["process_document", "analyze_data", "generate_report"],
     "compliance": {"frameworks": ["GDPR", "SOX"], "financialOperations": ["analyze_data"]},
 }
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    # Not under pytest's tmp_path: its parents are private to root, and postgres runs as its own user.
-    with PostgresServer(Path(tempfile.mkdtemp(prefix="eao-pg-"))) as server:
-        yield server
-
-
-async def fresh_database(server: PostgresServer) -> str:
-    """A database of its own for one test, on the module's server."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    connection = await asyncpg.connect(server.url)
-    try:
-        await connection.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await connection.close()
-    return server.url.rsplit("/", 1)[0] + f"/{name}"
 
 
 @pytest.fixture(params=["postgres", "sqlite"])

@@ -1,11 +1,15 @@
-"""Judging /metrics: error rate and p95 from the runtime's exposition text."""
+"""Judging /metrics: error rate and p95 from the runtime's exposition text, and the preview's tokens
+per chat call against the stable colour's."""
 
 from __future__ import annotations
 
 import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from pydantic import ValidationError
 
-from agent_operator.analysis import Traffic, judge_metrics, parse_traffic
-from agent_operator.spec import AnalysisResult, AnalysisSpec
+from agent_contract import genai
+from agent_operator.analysis import Traffic, judge_metrics, judge_tokens, parse_traffic
+from agent_operator.spec import AnalysisResult, AnalysisSpec, CheckName
 
 EXPOSITION = """\
 # HELP agent_http_requests_total HTTP requests answered, by route template, method and status.
@@ -57,3 +61,94 @@ def test_no_traffic_passes_and_says_so() -> None:
 def test_garbage_is_refused() -> None:
     with pytest.raises(ValueError, match="could not convert"):
         parse_traffic('agent_http_requests_total{route="/x" 1\n')
+
+
+# --- tokensPerRequest -------------------------------------------------------------------------------
+
+
+def token_exposition(*calls: tuple[int, int], operation: str = "chat") -> str:
+    """/metrics of a runtime that made these chat calls, each (input tokens, output tokens), with
+    the labels the runtime puts on gen_ai_client_token_usage."""
+    registry = CollectorRegistry()
+    usage = Histogram(
+        genai.TOKEN_USAGE_METRIC,
+        "tokens per call",
+        [genai.OPERATION_NAME_LABEL, genai.PROVIDER_LABEL, genai.REQUEST_MODEL_LABEL, genai.TOKEN_TYPE_LABEL],
+        registry=registry,
+        buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384, 65536),
+    )
+    for input_tokens, output_tokens in calls:
+        usage.labels(operation, "openai", "m", genai.INPUT_TOKENS).observe(input_tokens)
+        usage.labels(operation, "openai", "m", genai.OUTPUT_TOKENS).observe(output_tokens)
+    return EXPOSITION + generate_latest(registry).decode()
+
+
+def test_tokens_per_call_comes_from_the_same_parse_as_the_requests() -> None:
+    traffic = parse_traffic(token_exposition((100, 50), (300, 150)))
+    assert (traffic.requests, traffic.errors) == (100, 10)  # the HTTP metrics are read as before
+    assert (traffic.chat_calls, traffic.chat_tokens) == (2, 600)
+    assert traffic.tokens_per_call() == 300
+    assert parse_traffic(EXPOSITION).tokens_per_call() is None
+    # Another operation's token usage is not a chat call's.
+    assert parse_traffic(token_exposition((10, 10), operation="embeddings")).chat_calls == 0
+    both = parse_traffic(token_exposition((100, 50))) + parse_traffic(token_exposition((300, 150), (0, 0)))
+    assert (both.chat_calls, both.tokens_per_call()) == (3, 200)
+
+
+def calls(count: int, tokens: float) -> Traffic:
+    return Traffic(chat_calls=count, chat_tokens=tokens)
+
+
+@pytest.mark.parametrize(
+    ("preview", "stable", "limit", "result", "message"),
+    [
+        (Traffic(), Traffic(), 1.5, "Passed", "no chat calls on either colour yet"),
+        (Traffic(), calls(4, 4000), 1.5, "Passed", "no chat calls on the preview yet (stable: 1000.0 tokens per call)"),
+        (
+            calls(2, 3000),
+            Traffic(),
+            1.5,
+            "Passed",
+            "preview 1500.0 tokens per chat call over 2 calls; no chat calls on the stable colour to compare with",
+        ),
+        (
+            calls(10, 15000),
+            calls(10, 10000),
+            1.5,
+            "Passed",
+            "preview 1500.0 tokens per chat call over 10 calls, stable 1000.0 over 10: ratio 1.50 (limit 1.5)",
+        ),
+        (
+            calls(10, 15100),
+            calls(10, 10000),
+            1.5,
+            "Failed",
+            "preview 1510.0 tokens per chat call over 10 calls, stable 1000.0 over 10: ratio 1.51 (limit 1.5)",
+        ),
+        (calls(3, 300), calls(30, 6000), 1, "Passed", None),  # fewer tokens than before: fine
+        (
+            calls(1, 10),
+            calls(5, 0),
+            1000,
+            "Failed",
+            "preview 10.0 tokens per chat call over 1 calls, stable 0.0 over 5: the stable colour spends none"
+            " (limit 1000)",
+        ),
+        (calls(1, 0), calls(5, 0), 1, "Passed", None),
+    ],
+)
+def test_tokens_per_request_judges_the_preview_against_the_stable_colour(
+    preview: Traffic, stable: Traffic, limit: float, result: str, message: str | None
+) -> None:
+    check = judge_tokens(preview, stable, limit)
+    assert (check.name, check.result) == (CheckName.TOKENS_PER_REQUEST, AnalysisResult(result))
+    if message is not None:
+        assert check.message == message
+
+
+def test_the_ratio_is_optional_and_at_least_one() -> None:
+    assert AnalysisSpec().max_tokens_per_request_ratio is None
+    assert AnalysisSpec.model_validate({"maxTokensPerRequestRatio": 1}).max_tokens_per_request_ratio == 1.0
+    for bad in (0.99, 0, -1, "lots"):
+        with pytest.raises(ValidationError, match="maxTokensPerRequestRatio"):
+            AnalysisSpec.model_validate({"maxTokensPerRequestRatio": bad})

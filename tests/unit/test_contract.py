@@ -58,7 +58,7 @@ async def test_every_declared_operation_is_served(tmp_path: Path, aiohttp_client
             "operations": list(BUILTIN_OPERATIONS),
             "dataDir": str(tmp_path / "data"),
             "auth": {"keysDir": str(keys)},
-            "model": {"endpoint": "http://127.0.0.1:9/"},
+            "model": {"baseUrl": "http://127.0.0.1:9/v1", "model": "test-model"},
             "egress": {"allowedHosts": ["127.0.0.1"]},
         }
     )

@@ -134,7 +134,7 @@ def test_config_map_carries_the_runtime_config_model() -> None:
     assert config.auth.users_file == "/etc/agent/users/users"
     assert "agent-operator" in config.roles
     assert [f.value for f in config.compliance.frameworks] == ["GDPR", "SOX"]
-    assert config.egress.allowed_hosts == ["api.openai.example", "*.tools.example"]
+    assert config.egress.allowed_hosts == ["*.tools.example", "llm.internal.example"]  # spec.model's host joins
     assert config_map["immutable"] is True
     assert config_map["metadata"]["name"].endswith(config_map["metadata"]["labels"][LABEL_REVISION])
 
@@ -215,7 +215,7 @@ def test_network_policy_admits_listed_callers_and_the_operator() -> None:
     egress_cidrs = [
         peer["ipBlock"]["cidr"] for rule in policy["spec"]["egress"] for peer in rule.get("to", []) if "ipBlock" in peer
     ]
-    assert egress_cidrs == ["10.20.0.0/16"]
+    assert egress_cidrs == ["10.20.0.0/16", "10.40.8.0/24"]  # allowedEgressCIDRs, then spec.model.egressCIDRs
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
 
 
@@ -234,6 +234,12 @@ REVISION_TRIGGERS = {
     "egress hosts (runtime-enforced)": {"networkPolicy": {"allowedEgressHosts": ["other.example"]}},
     "shared-state Secret": {"state": {"postgres": {"secretRef": {"name": "other-db-app"}}}},
     "shared-state Secret key": {"state": {"postgres": {"secretRef": {"key": "fqdn-uri"}}}},
+    "model endpoint": {"model": {"baseUrl": "https://llm2.internal.example/v1"}},
+    "model name": {"model": {"model": "meta-llama/Llama-3.3-70B-Instruct"}},
+    "model key Secret": {"model": {"apiKeySecretRef": {"name": "model-credentials-2", "key": "api-key"}}},
+    "model CA bundle": {"model": {"caBundle": {"configMapRef": {"name": "other-ca"}}}},
+    "model timeout": {"model": {"timeoutSeconds": 90}},
+    "limits": {"limits": {"perCaller": {"tokensPerHour": 100000}}},
 }
 NOT_REVISION_TRIGGERS = {
     "replicas": {"replicas": 3},
@@ -241,6 +247,7 @@ NOT_REVISION_TRIGGERS = {
     "rollout": {"rollout": {"promotion": "Auto", "scaleDownDelaySeconds": 10}},
     "network policy ingress": {"networkPolicy": {"allowedIngressNamespaces": ["other"]}},
     "database egress": {"state": {"postgres": {"egress": {"cidrs": ["10.30.0.0/24"], "port": 6432}}}},
+    "model egress CIDRs (NetworkPolicy only)": {"model": {"egressCIDRs": ["10.40.9.0/24"]}},
 }
 
 

@@ -23,11 +23,11 @@ from agent_operator.reconcile import (
     child_key,
     missing_references,
     reconcile,
-    referenced_secrets,
     shared_state_missing,
 )
 from agent_operator.render import RenderPlan, build_children
 from agent_operator.render.common import ANNOTATION_SPEC, decode_spec
+from agent_operator.render.references import referenced_objects
 from agent_operator.spec import ConditionStatus, ConditionType, EnterpriseAgent, Phase
 from tests.helpers import example_agent, example_document, observe, rolled_out, served
 from tests.kube_schema import api_errors
@@ -192,14 +192,15 @@ def secret(data: dict[str, str] | None) -> dict[str, Any]:
 
 def test_missing_references_name_the_field_and_never_a_value() -> None:
     hello = agent(state={"postgres": POSTGRES})
-    assert [r.field for r in referenced_secrets(hello)] == ["spec.state.postgres.secretRef"]
-    (gone,) = missing_references(hello, {"hello-db-app": None})
+    assert [r.name_field for r in referenced_objects(hello)] == ["spec.state.postgres.secretRef.name"]
+    db = ("Secret", "hello-db-app")
+    (gone,) = missing_references(hello, {db: None})
     assert str(gone) == "spec.state.postgres.secretRef.name: Secret 'hello-db-app' not found in namespace 'default'"
-    (no_key,) = missing_references(hello, {"hello-db-app": secret({"password": "eA=="})})
+    (no_key,) = missing_references(hello, {db: secret({"password": "eA=="})})
     assert str(no_key) == "spec.state.postgres.secretRef.key: Secret 'hello-db-app' has no (or an empty) key 'uri'"
-    (empty,) = missing_references(hello, {"hello-db-app": secret({"uri": ""})})
+    (empty,) = missing_references(hello, {db: secret({"uri": ""})})
     assert empty.path == "spec.state.postgres.secretRef.key"
-    assert missing_references(hello, {"hello-db-app": secret({"uri": "cG9zdGdyZXNxbDovL3g="})}) == []
+    assert missing_references(hello, {db: secret({"uri": "cG9zdGdyZXNxbDovL3g="})}) == []
 
 
 def test_a_missing_secret_stalls_the_agent_and_touches_no_child() -> None:

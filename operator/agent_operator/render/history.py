@@ -1,7 +1,8 @@
 """Revisions, kept where Kubernetes keeps them: one ControllerRevision per revision of an agent.
 
 A revision names the user's input only: the spec fields that replace pods, as the user wrote them
-(the defaults this operator version fills in do not count), and the key versions. What a revision
+(the defaults this operator version fills in do not count), the key versions, and what the Secrets
+and ConfigMaps the spec references hold (render/references.py). What a revision
 renders to is captured once, when it is first rendered, in a :class:`RevisionRecord`: the user's
 spec, the pod template of each colour and the runtime config. That record is written as a
 ControllerRevision (``<agent>-<revision>``) and every later render of the revision reads it back,
@@ -43,6 +44,7 @@ _NOT_REVISION_FIELDS: dict[str, Any] = {
         "egress_ports": True,
     },
     "state": {"postgres": {"egress": True}},
+    "model": {"egress_cidrs": True},  # the NetworkPolicy's only
 }
 
 
@@ -56,10 +58,16 @@ def revision_input(agent: EnterpriseAgent) -> dict[str, Any]:
     return data
 
 
-def compute_revision(agent: EnterpriseAgent, keys: KeyVersions) -> str:
-    """The revision of the user's input: the spec fields that replace pods and the key versions.
-    Nothing the operator renders takes part, so an operator upgrade alone never changes it."""
-    return stable_hash({"spec": revision_input(agent), "keys": keys.fingerprint()})
+def compute_revision(agent: EnterpriseAgent, keys: KeyVersions, references: str | None = None) -> str:
+    """The revision of the user's input: the spec fields that replace pods, the key versions and
+    ``references``, the digest of what the referenced Secrets and ConfigMaps hold
+    (references.content_digest; None when the spec references none, so the revision of such an
+    agent is what it was before that content counted). Nothing the operator renders takes part,
+    so an operator upgrade alone never changes it."""
+    data: dict[str, Any] = {"spec": revision_input(agent), "keys": keys.fingerprint()}
+    if references is not None:
+        data["references"] = references
+    return stable_hash(data)
 
 
 @dataclass(frozen=True)

@@ -108,8 +108,9 @@ def _database_peers(egress: DatabaseEgress) -> list[dict[str, Any]]:
 
 
 def build_network_policy(agent: EnterpriseAgent, operator_namespace: str) -> Manifest:
-    """Default deny; allows callers from the listed places, DNS, the listed egress CIDRs and the
-    shared-state database (spec.state.postgres.egress)."""
+    """Default deny; allows callers from the listed places, DNS, the listed egress CIDRs, the model
+    endpoint (its IP address or spec.model.egressCIDRs, on its port) and the shared-state database
+    (spec.state.postgres.egress)."""
     policy = agent.spec.network_policy
     same_namespace_peer: dict[str, Any] = {"podSelector": _label_selector(policy.allowed_ingress_pod_labels)}
     callers = sorted({*policy.allowed_ingress_namespaces, operator_namespace} - {agent.namespace})
@@ -130,6 +131,14 @@ def build_network_policy(agent: EnterpriseAgent, operator_namespace: str) -> Man
         if policy.egress_ports:  # no ports: every port, as the API server reads an empty list too
             to_cidrs["ports"] = [{"protocol": "TCP", "port": port} for port in policy.egress_ports]
         egress.append(to_cidrs)
+    model = agent.spec.model
+    if model is not None and (model_cidrs := model.endpoint_cidrs()):
+        egress.append(
+            {
+                "to": [{"ipBlock": {"cidr": cidr}} for cidr in model_cidrs],
+                "ports": [{"protocol": "TCP", "port": model.port}],
+            }
+        )
     postgres = agent.spec.state.postgres
     if postgres is not None and postgres.egress is not None:
         egress.append(

@@ -8,12 +8,47 @@ from agent_contract.config import (
     AuthMode,
     ComplianceConfig,
     EgressConfig,
+    LimitsConfig,
+    ModelConfig,
     ObservabilityConfig,
+    RateLimit,
     RuntimeConfig,
 )
-from agent_contract.layout import CONFIG_FILE_KEY, USERS_DIR, USERS_FILE_KEY
+from agent_contract.layout import CONFIG_FILE_KEY, MODEL_API_KEY_ENV, MODEL_CA_FILE, USERS_DIR, USERS_FILE_KEY
 from agent_operator.render.common import LABEL_REVISION, Manifest, config_map_name, metadata
-from agent_operator.spec import EnterpriseAgent
+from agent_operator.spec import EnterpriseAgent, ModelSpec, RateLimitSpec
+
+
+def build_model_config(model: ModelSpec) -> ModelConfig:
+    """spec.model as the runtime reads it. The key is named by its env var only: the value stays in
+    its Secret and reaches the pod as that variable (see the workload renderer)."""
+    return ModelConfig(
+        provider=model.provider,
+        base_url=model.base_url,
+        model=model.model,
+        api_key_env=MODEL_API_KEY_ENV if model.api_key_secret_ref is not None else None,
+        ca_bundle_file=MODEL_CA_FILE if model.ca_bundle is not None else None,
+        connect_timeout_seconds=model.connect_timeout_seconds,
+        timeout_seconds=model.timeout_seconds,
+        max_output_tokens=model.max_output_tokens,
+    )
+
+
+def _rate_limit(limit: RateLimitSpec) -> RateLimit:
+    return RateLimit(
+        requests_per_minute=limit.requests_per_minute,
+        tokens_per_hour=limit.tokens_per_hour,
+        tokens_per_day=limit.tokens_per_day,
+    )
+
+
+def allowed_hosts(agent: EnterpriseAgent) -> list[str]:
+    """The runtime's egress allow-list: the hosts the user lists, then the model endpoint's host
+    (the runtime refuses chat when its host is not on the list), each once."""
+    hosts = list(agent.spec.network_policy.allowed_egress_hosts)
+    if agent.spec.model is not None:
+        hosts.append(agent.spec.model.host)
+    return list(dict.fromkeys(hosts))
 
 
 def build_runtime_config(agent: EnterpriseAgent) -> RuntimeConfig:
@@ -44,7 +79,11 @@ def build_runtime_config(agent: EnterpriseAgent) -> RuntimeConfig:
             otlp_endpoint=spec.observability.otlp_endpoint,
             trace_sample_ratio=spec.observability.trace_sample_ratio,
         ),
-        egress=EgressConfig(allowed_hosts=list(spec.network_policy.allowed_egress_hosts)),
+        egress=EgressConfig(allowed_hosts=allowed_hosts(agent)),
+        model=build_model_config(spec.model) if spec.model is not None else None,
+        limits=LimitsConfig(
+            per_caller=_rate_limit(spec.limits.per_caller), per_agent=_rate_limit(spec.limits.per_agent)
+        ),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import PurePosixPath
 from typing import Any
 
 from agent_contract.layout import (
@@ -11,6 +12,9 @@ from agent_contract.layout import (
     DATA_DIR,
     DATABASE_URL_ENV,
     KEYS_DIR,
+    MODEL_API_KEY_ENV,
+    MODEL_CA_DIR,
+    MODEL_CA_FILE,
     RUNTIME_PORT,
     USERS_DIR,
     USERS_FILE_KEY,
@@ -71,6 +75,11 @@ def _operator_env(agent: EnterpriseAgent, revision: str, color: Color | None) ->
         # Only a reference: the URI (with its password) stays in the Secret, out of every object we write.
         secret = {"name": postgres.secret_ref.name, "key": postgres.secret_ref.key}
         env.append({"name": DATABASE_URL_ENV, "valueFrom": {"secretKeyRef": secret}})
+    model = agent.spec.model
+    if model is not None and model.api_key_secret_ref is not None:
+        # As DATABASE_URL: a reference only, so the key is in no object the operator writes.
+        key_ref = {"name": model.api_key_secret_ref.name, "key": model.api_key_secret_ref.key}
+        env.append({"name": MODEL_API_KEY_ENV, "valueFrom": {"secretKeyRef": key_ref}})
     return env
 
 
@@ -112,6 +121,20 @@ def build_pod_template(agent: EnterpriseAgent, revision: str, color: Color | Non
             }
         )
         mounts.append({"name": "users", "mountPath": USERS_DIR, "readOnly": True})
+    ca_bundle = spec.model.ca_bundle if spec.model is not None else None
+    if ca_bundle is not None:
+        # Only the bundle's key, under the file name the runtime config points at.
+        volumes.append(
+            {
+                "name": "model-ca",
+                "configMap": {
+                    "name": ca_bundle.config_map_ref.name,
+                    "defaultMode": 0o444,
+                    "items": [{"key": ca_bundle.key, "path": PurePosixPath(MODEL_CA_FILE).name}],
+                },
+            }
+        )
+        mounts.append({"name": "model-ca", "mountPath": MODEL_CA_DIR, "readOnly": True})
     container: dict[str, Any] = {
         "name": "agent",
         "image": spec.image,
