@@ -22,6 +22,7 @@ from agent_runtime.state import (
     CLIENT_REQUEST_ID,
     CONFIG,
     KEYS,
+    LIMIT_REFUSALS,
     LOCAL_TOKENS,
     OIDC_TOKENS,
     PRINCIPAL,
@@ -179,7 +180,9 @@ async def audit_auth_failure(request: web.Request, action: str, reason: str, act
 
 
 async def record_failure_summaries(app: web.Application, everything: bool = False) -> None:
-    digest = app[AUTH_FAILURES]
+    """The summaries of the windows that ended: failed authentications, and refusals by a rate
+    limit or budget (per operation, limit and caller; see ``operation_routes.limit_refused``)."""
+    digest, refusals = app[AUTH_FAILURES], app[LIMIT_REFUSALS]
     records = [
         app[AUDIT].record(
             type="authn",
@@ -193,6 +196,20 @@ async def record_failure_summaries(app: web.Application, everything: bool = Fals
             },
         )
         for summary in digest.take(everything)
+    ]
+    records += [
+        app[AUDIT].record(
+            type="operation",
+            action=summary.action,
+            result="rate_limited",
+            actor=summary.address,  # the caller whose limit refused
+            details={
+                "limit": summary.reason,
+                "repeated": summary.repeated,  # after the first, which has its own record
+                "window_seconds": refusals.interval_seconds,
+            },
+        )
+        for summary in refusals.take(everything)
     ]
     await asyncio.gather(*records)  # one group commit for all of them
 

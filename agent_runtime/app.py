@@ -51,6 +51,7 @@ from agent_runtime.state import (
     HTTP,
     ID_SOURCE,
     KEYS,
+    LIMIT_REFUSALS,
     LOCAL_TOKENS,
     METRICS,
     OIDC_TOKENS,
@@ -190,6 +191,7 @@ def create_app(
     app[VERIFIED] = VerifiedCache()
     app[USERS] = UserStore.load(config.auth.users_file)
     app[AUTH_FAILURES] = FailureDigest()
+    app[LIMIT_REFUSALS] = FailureDigest(overflow="(other callers)")
     app[BREAKERS] = {}
     app[AUDIT] = AuditLog(
         settings.audit_file,

@@ -12,7 +12,7 @@ from aiohttp import web
 from agent_contract.config import ComplianceFramework, Permission, SecurityLevel
 from agent_runtime.api import ApiError, audit, authorize, pseudonym, read_json_object, string_field
 from agent_runtime.limits import CALLER
-from agent_runtime.operation_routes import execute, operation_response, validated_input
+from agent_runtime.operation_routes import admit_tokens, execute, operation_response, validated_input
 from agent_runtime.routing import ERROR, Body, QueryParameter, Reply, Route, Schema
 from agent_runtime.sharedstate import StateUnavailableError
 from agent_runtime.state import AUDIT, CONFIG, REGISTRY, REVOKED, STORE, THROTTLE
@@ -188,6 +188,9 @@ async def decide_approval(request: web.Request) -> web.Response:
         raise ApiError(
             403, "self_approval", "the requester of a financial operation cannot approve it (SOX maker-checker)"
         )
+    if decision == "approve":
+        # The requester's budget now, before the approval is spent: refused, it stays pending.
+        await admit_tokens(request, operation, approval["requester"])
     # Consent is checked again now, not only when the request was made: a withdrawal in between
     # refuses the approval for good (a later grant needs a new request).
     subject, purpose = approval["subject"], approval["purpose"] or ""
@@ -314,6 +317,7 @@ ROUTES: tuple[Route, ...] = (
         "Approve (and run) or reject a pending financial operation; not by its requester",
         body=Body(DECISION),
         replies=(Reply(200, "Decided"), Reply(409, "Already decided, refused or erased", ERROR)),
-        errors=(400, 401, 403, 404, 422, 500, 502, 503, 504),
+        # 429: the requester's token budget (chat), the approval left pending.
+        errors=(400, 401, 403, 404, 422, 429, 500, 502, 503, 504),
     ),
 )

@@ -12,8 +12,8 @@ attribute only).
 
 Tokens are what the endpoint reports in ``usage``. When it reports none (a stream cut off before
 its usage chunk, an endpoint that does not count), they are estimated and marked so: input at
-four characters a token (OpenAI's rule of thumb for English), output as the content chunks
-received (a streaming endpoint sends about one token per chunk)."""
+four characters a token (OpenAI's rule of thumb for English), output likewise, or as the content
+chunks received when they are more (a streaming endpoint sends at least a token per chunk)."""
 
 from __future__ import annotations
 
@@ -77,7 +77,12 @@ class GenAIMetrics:
 
 
 def estimate_tokens(text: str) -> int:
-    return -(-len(text) // _CHARACTERS_PER_TOKEN)
+    return tokens_in(len(text))
+
+
+def tokens_in(characters: int) -> int:
+    """The tokens estimated for this many characters of text."""
+    return -(-characters // _CHARACTERS_PER_TOKEN)
 
 
 @dataclass(frozen=True)

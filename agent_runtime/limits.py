@@ -13,6 +13,10 @@ window, a burst at a window's end plus one at the next window's start cannot rea
   is not counted (a client that keeps retrying is not locked out for longer).
 - A chat is admitted while at least one token of each budget is left (``estimate + 1 <= budget``);
   its tokens are counted when the model has answered (``spend_tokens``), so one call can overshoot.
+  Until then it **holds** its most (its input and its max_tokens) against both budgets in this
+  process: calls in progress count as spent for the next admission, so parallel calls cannot all
+  be admitted on tokens none of them has been charged yet. Refused only for what calls in progress
+  hold, a caller may retry in ``HELD_RETRY_SECONDS``: they end, and give back what they did not use.
 - **Retry-After** is the time until, with nothing more counted, the estimate has come down far
   enough to admit one more: within the current fixed window when the previous window's share is
   what is over, else in the next one, where the current count becomes the decaying previous.
@@ -54,6 +58,7 @@ CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("caller")
 MINUTE, HOUR, DAY = 60, 3600, 86400
 REFRESH_SECONDS = 15.0  # how often the spend gauges are re-read from the shared state
 PURGE_SECONDS = 3600.0  # how often windows that are over are deleted
+HELD_RETRY_SECONDS = 1.0  # Retry-After of a refusal for what calls in progress hold, not yet spent
 # Rounding slack when comparing an estimate (a float) with a limit: at the instant Retry-After
 # names, the estimate equals the threshold up to floating-point error, and must be admitted.
 _SLACK = 1e-9
@@ -316,6 +321,7 @@ class Limiter:
         # The agent's spend is always counted, budget or not: it is what agent_tokens_spent shows.
         self.spend_slots = {HOUR: Slot(self._key("agent", "", HOUR), HOUR), DAY: Slot(self._key("agent", "", DAY), DAY)}
         self._known: dict[str, Count] = {}  # the agent's spend as last read or written
+        self._held: dict[str, int] = {}  # tokens held by calls in progress here, by budget key
         for rule in caller_rules + agent_rules:
             metrics.limit.labels(rule.scope, rule.name).set(rule.limit)
         metrics.tokens_spent.labels("hour").set_function(lambda: self.agent_spend(HOUR))
@@ -334,15 +340,26 @@ class Limiter:
         return Slot(self._key(rule.scope, caller, rule.seconds), rule.seconds)
 
     def _check(self, rules: list[Rule], caller: str, counts: dict[str, Count], now: float) -> None:
-        """Raises for the rule that keeps the caller waiting longest, if any refuses."""
-        refused = [(wait_seconds(counts[self._slot(r, caller).key], now, r.seconds, r.limit), r) for r in rules]
-        refused = [(wait, rule) for wait, rule in refused if wait > 0]
+        """Raises for the rule that keeps the caller waiting longest, if any refuses: counting what
+        calls in progress here hold as spent, though only until they end (``HELD_RETRY_SECONDS``)."""
+        refused = []
+        for rule in rules:
+            key = self._slot(rule, caller).key
+            wait = wait_seconds(counts[key], now, rule.seconds, rule.limit)
+            if wait == 0 and self._held.get(key):
+                rolled = counts[key].at(int(now // rule.seconds))
+                held = rolled._replace(current=rolled.current + self._held[key])
+                if wait_seconds(held, now, rule.seconds, rule.limit) > 0:
+                    refused.append((HELD_RETRY_SECONDS, rule, "calls in progress hold the rest; "))
+                continue
+            if wait > 0:
+                refused.append((wait, rule, ""))
         if not refused:
             return
-        wait, rule = max(refused, key=lambda item: item[0])
-        for _, each in refused:
+        wait, rule, held_note = max(refused, key=lambda item: item[0])
+        for _, each, _ in refused:
             self.metrics.limit_exceeded.labels(each.scope, each.name).inc()
-        raise LimitExceededError(rule.field, wait, f"{_describe(rule)}; retry in {math.ceil(wait)} s")
+        raise LimitExceededError(rule.field, wait, f"{_describe(rule)}; {held_note}retry in {math.ceil(wait)} s")
 
     async def admit_request(self, caller: str) -> None:
         """Counts one request against each requestsPerMinute (the caller's and the agent's), all or
@@ -354,15 +371,39 @@ class Limiter:
         await self.counters.add(slots, 1, now, lambda before: self._check(self.request_rules, caller, before, now))
 
     async def admit_tokens(self, caller: str) -> None:
-        """Refuses while the caller's or the agent's spend over the last hour or day leaves less
-        than one token of its budget. Counts nothing: ``spend_tokens`` does, once they are spent."""
+        """Refuses while the caller's or the agent's spend over the last hour or day (and what
+        calls in progress here hold) leaves less than one token of its budget. Counts nothing:
+        ``spend_tokens`` does, once they are spent."""
+        await self._admit_tokens(caller)
+
+    async def _admit_tokens(self, caller: str) -> list[str]:
+        """``admit_tokens``; the keys of the budgets checked."""
         if not self.token_rules:
-            return
+            return []
         now = self.clock()
         slots = {self._slot(rule, caller) for rule in self.token_rules} | set(self.spend_slots.values())
         counts = await self.counters.read(sorted(slots), now)
         self._remember(counts)
         self._check(self.token_rules, caller, counts, now)
+        return sorted({self._slot(rule, caller).key for rule in self.token_rules})
+
+    @contextlib.asynccontextmanager
+    async def holding_tokens(self, caller: str, tokens: int) -> AsyncIterator[None]:
+        """Admits a model call (``admit_tokens``) and holds ``tokens``, its most, against the
+        caller's and the agent's budgets until it ends: spend its tokens (``spend_tokens``) inside."""
+        keys = await self._admit_tokens(caller)
+        # No await between the check and the hold: the next admission on this loop sees it.
+        for key in keys:
+            self._held[key] = self._held.get(key, 0) + tokens
+        try:
+            yield
+        finally:
+            for key in keys:
+                left = self._held[key] - tokens
+                if left > 0:
+                    self._held[key] = left
+                else:
+                    del self._held[key]  # only calls in progress: bounded by the bulkhead
 
     async def spend_tokens(self, caller: str, tokens: int) -> None:
         """Counts tokens a model call used against the caller's and the agent's budgets. Raises

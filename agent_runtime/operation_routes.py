@@ -30,6 +30,7 @@ from agent_runtime.api import (
     parse_json_object,
     pseudonym,
     read_body,
+    record_failure_summaries,
     string_field,
 )
 from agent_runtime.limits import CALLER, LIMITER, LimitExceededError
@@ -42,7 +43,9 @@ from agent_runtime.sharedstate import StateUnavailableError
 from agent_runtime.state import (
     BULKHEADS,
     CONFIG,
+    LIMIT_REFUSALS,
     METRICS,
+    PRINCIPAL,
     REGISTRY,
     REQUEST_ID,
     STORE,
@@ -161,22 +164,39 @@ async def admit(request: web.Request, operation: Operation, caller: str) -> None
     """spec.limits, after authorisation and before anything else is done for the caller: the
     caller's and the agent's request rates, and for chat their token budgets."""
     CALLER.set(caller)  # whose budget the operation's tokens are spent from
-    limiter = request.app[LIMITER]
+    await admit_tokens(request, operation, caller)  # first: it counts nothing, so a refusal costs no request
     try:
-        if operation.name == CHAT.name:
-            await limiter.admit_tokens(caller)  # first: it counts nothing, so a refusal costs no request
-        await limiter.admit_request(caller)
+        await request.app[LIMITER].admit_request(caller)
     except LimitExceededError as exceeded:
-        raise await limit_refused(request, operation.name, exceeded) from None
+        raise await limit_refused(request, operation.name, exceeded, caller) from None
 
 
-async def limit_refused(request: web.Request, name: str, exceeded: LimitExceededError) -> ApiError:
-    """The 429 of a refusal by a rate limit or budget, counted and audited: Retry-After in whole
-    seconds, rounded up (a retry at that time is admitted, if nothing else was counted meanwhile)."""
+async def admit_tokens(request: web.Request, operation: Operation, caller: str) -> None:
+    """For chat, the caller's and the agent's token budgets (counting nothing): a 429 when spent.
+    Also checked before an approval is decided, so a refused one stays pending (compliance.py)."""
+    if operation.name != CHAT.name:
+        return
+    try:
+        await request.app[LIMITER].admit_tokens(caller)
+    except LimitExceededError as exceeded:
+        raise await limit_refused(request, operation.name, exceeded, caller) from None
+
+
+async def limit_refused(request: web.Request, name: str, exceeded: LimitExceededError, caller: str) -> ApiError:
+    """The 429 of a refusal by a rate limit or budget of ``caller``, counted and audited: Retry-After
+    in whole seconds, rounded up (a retry at that time is admitted, if nothing else was counted
+    meanwhile). A client that keeps retrying must not cost an fsync each: the first refusal of an
+    (operation, limit, caller) in a window is recorded, the rest counted and recorded as one summary
+    when the window ends (api.record_failure_summaries), as failed authentications are."""
     seconds = max(1, math.ceil(exceeded.retry_after_seconds))
     request.app[METRICS].operations.labels(name, "rate_limited").inc()
-    details = {"limit": exceeded.limit, "retry_after_seconds": seconds}
-    await audit(request, type="operation", action=name, result="rate_limited", details=details)
+    first = request.app[LIMIT_REFUSALS].add(name, exceeded.limit, caller)
+    await record_failure_summaries(request.app)  # windows that ended come before this new one
+    if first:
+        details: dict[str, Any] = {"limit": exceeded.limit, "retry_after_seconds": seconds}
+        if caller != request[PRINCIPAL].subject:
+            details["requested_by"] = caller  # an approval, refused by its requester's budget
+        await audit(request, type="operation", action=name, result="rate_limited", details=details)
     return ApiError(429, "limit_exceeded", exceeded.message, {"Retry-After": str(seconds)}, {"limit": exceeded.limit})
 
 
@@ -270,7 +290,7 @@ async def _failure(
     if isinstance(error, ApiError):
         return error
     if isinstance(error, LimitExceededError):  # a budget checked again inside the operation
-        return await limit_refused(request, name, error)
+        return await limit_refused(request, name, error, CALLER.get(request[PRINCIPAL].subject))
     if isinstance(error, InputError):
         metrics.operations.labels(name, "invalid_input").inc()
         return ApiError(422, "invalid_input", f"input: {error}")
@@ -331,6 +351,9 @@ async def _call(app: web.Application, operation: Operation, argument: Any) -> Re
 # How often an idle stream gets a comment line: proxies keep it open, and a client that left is
 # noticed while the model is silent (a write to its closed connection fails).
 SSE_PING_SECONDS = 15.0
+# What a stream's last bytes (an error event, its end) get once it is over: a client that stopped
+# reading must not keep the call, and its bulkhead place, past the deadline. Then it is dropped.
+SSE_CLOSE_SECONDS = 5.0
 EVENT_STREAM = EVENT_STREAM_MEDIA_TYPE
 
 
@@ -479,9 +502,8 @@ async def _relay(
     except Exception:
         log.exception("operation %r did not close cleanly (request %s)", name, request[REQUEST_ID])
     if problem is not None:
-        with contextlib.suppress(ConnectionResetError):
-            error_data = {"code": problem.code, "message": problem.message, "request_id": request[REQUEST_ID]}
-            await response.write(_sse(StreamEvent(error_data, "error")))
+        error_data = {"code": problem.code, "message": problem.message, "request_id": request[REQUEST_ID]}
+        await _last_write(request, lambda: response.write(_sse(StreamEvent(error_data, "error"))))
     request.app[METRICS].operations.labels(name, outcome).inc()
     details = {
         **audit_details,
@@ -498,9 +520,29 @@ async def _relay(
     if cancelled is not None:
         raise cancelled
     if outcome != "client_disconnected":
-        with contextlib.suppress(ConnectionResetError):
-            await response.write_eof()
+        await _last_write(request, response.write_eof)
     return response
+
+
+async def _last_write(request: web.Request, write: Callable[[], Awaitable[None]]) -> None:
+    """A write once the stream is over, past its deadline: a client that stopped reading (whose
+    buffers are full, so the write waits for it) gets SSE_CLOSE_SECONDS, then its connection is
+    dropped, or it would keep the call and its bulkhead place as long as it likes. (A write its
+    deadline interrupted leaves aiohttp's writer raising CancelledError at once: the same client.)"""
+    task = asyncio.current_task()
+    try:
+        async with asyncio.timeout(SSE_CLOSE_SECONDS):
+            await write()
+        return
+    except ConnectionResetError:
+        return  # already gone
+    except TimeoutError:
+        pass
+    except asyncio.CancelledError:
+        if task is None or task.cancelling():
+            raise  # this task is being cancelled (a shutdown): not the writer's stale state
+    if request.transport is not None:
+        request.transport.abort()
 
 
 async def _keep_alive(response: web.StreamResponse, relay: asyncio.Task[Any], left: asyncio.Event) -> None:

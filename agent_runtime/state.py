@@ -40,6 +40,8 @@ OIDC_TOKENS = web.AppKey("oidc_tokens", OidcTokens)
 USERS = web.AppKey("users", UserStore)
 THROTTLE = web.AppKey("throttle", LoginThrottle)
 AUTH_FAILURES = web.AppKey("auth_failures", FailureDigest)
+# Refusals by a rate limit or budget (429), summed per (operation, limit, caller) like AUTH_FAILURES.
+LIMIT_REFUSALS = web.AppKey("limit_refusals", FailureDigest)
 REVOKED = web.AppKey("revoked", Revocations)
 AUDIT = web.AppKey("audit", AuditLog)
 AUTHORIZER = web.AppKey("authorizer", Authorizer)

@@ -139,6 +139,9 @@ class FakeModel:
     stall_after: int | None = None  # stream: this many content chunks, then silence until released;
     #                                 whole answers: wait for release before answering
     break_after: int | None = None  # stream: this many content chunks, then the connection is dropped
+    error_after: int | None = None  # stream: this many content chunks, then an error chunk, and the end
+    error_message: str | None = None  # what error answers (and error chunks) say
+    endless_after: int | None = None  # stream: this many content chunks, then one event that never ends
     received: list[Received] = field(default_factory=list)
     released: asyncio.Event = field(default_factory=asyncio.Event)
     stalled: asyncio.Event = field(default_factory=asyncio.Event)  # a request reached stall_after
@@ -193,7 +196,7 @@ class FakeModel:
             raise web.HTTPTemporaryRedirect(self.redirect_to)
         status = self._failures.pop(0) if self._failures else self.fail_with
         if status is not None:
-            return _error(status, f"fake failure {status}")
+            return _error(status, self.error_message or f"fake failure {status}")
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return _error(400, "messages: a non-empty list is required")
@@ -251,6 +254,14 @@ class FakeModel:
                 if number == self.stall_after:
                     self.stalled.set()
                     await self.released.wait()
+                if number == self.endless_after:
+                    line = b"data: " + b"x" * 4000 + b"\n"
+                    while True:  # data lines, never the blank line that would end the event
+                        await response.write(line)
+                if number == self.error_after:
+                    await send({"error": {"message": self.error_message or "fake failure", "type": "fake_error"}})
+                    await response.write_eof()
+                    return response
                 if number == self.break_after:
                     assert request.transport is not None
                     request.transport.close()  # mid-body: the client sees the payload cut short

@@ -8,13 +8,16 @@ chat is refused at start-up), and redirects are never followed, so no hop leaves
 private endpoint's CAs (``model.caBundleFile``) are trusted for this endpoint only.
 
 The caller's ``max_tokens`` is capped at ``model.maxOutputTokens`` (the answer says which value
-was used). Every call's tokens are counted (genai.py) and charged to the caller's budget."""
+was used). Every call's tokens are counted (genai.py) and charged to the caller's budget; while it
+runs it holds its most (``input_bound`` and its max_tokens) against the budgets (limits.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import json
+import logging
 import os
 import re
 import ssl
@@ -28,13 +31,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agent_contract.config import ModelConfig, RetryConfig
 from agent_contract.operations import CHAT
-from agent_runtime.genai import Accounting, GenAIMetrics, ModelCall, TypedError, estimate_tokens
+from agent_runtime.genai import Accounting, GenAIMetrics, ModelCall, TypedError, estimate_tokens, tokens_in
 from agent_runtime.limits import CALLER, Limiter
 from agent_runtime.operations.base import InputError, Operation, StreamEvent
 from agent_runtime.operations.documents import find_phi, find_pii, redact
 from agent_runtime.resilience import CircuitBreaker, retry
 
+log = logging.getLogger("agent_runtime")
+
 MAX_ANSWER_BYTES = 16 * 1024 * 1024  # a whole (non-streamed) answer; more is not a chat completion
+MAX_EVENT_BYTES = 1024 * 1024  # one streamed event (a chunk of a few tokens); more is not a stream
 _ERROR_BODY_BYTES = 4096  # read of a refusal, for its message
 
 
@@ -82,6 +88,13 @@ class ModelRefusedError(InputError, TypedError):
 
 
 _CALLER_REFUSALS = frozenset({400, 413, 422})
+_TEMPLATE_TOKENS = 8  # what a chat template adds to a message (role markers), generously
+
+
+def input_bound(messages: list[dict[str, Any]]) -> int:
+    """The most tokens the messages can take: a byte-level BPE token covers at least one byte of
+    UTF-8, so no such tokenizer counts more tokens than bytes (plus the chat template's)."""
+    return sum(len(m["content"].encode("utf-8", "surrogatepass")) + _TEMPLATE_TOKENS for m in messages)
 
 
 def host_allowed(url: str, allowed_hosts: list[str]) -> bool:
@@ -134,7 +147,15 @@ async def _read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes:
     return bytes(raw)
 
 
-async def _refusal_message(response: aiohttp.ClientResponse) -> str:
+def _said(text: str, key: str | None) -> str:
+    """What the endpoint said, in short, without the agent's key should it echo it (some gateways
+    do, whole or in part): it goes to the caller and the audit trail."""
+    if key and len(key) >= 8:
+        text = text.replace(key, "[redacted]")
+    return text[:300]
+
+
+async def _refusal_message(response: aiohttp.ClientResponse, key: str | None) -> str:
     """What an endpoint says when it refuses (OpenAI's ``{"error": {"message": ...}}``), in short."""
     try:
         raw = await _read_at_most(response, _ERROR_BODY_BYTES)
@@ -142,10 +163,10 @@ async def _refusal_message(response: aiohttp.ClientResponse) -> str:
         message = error.get("message") if isinstance(error, dict) else error
     except (ValueError, AttributeError, aiohttp.ClientError, TimeoutError):
         return ""
-    return f": {message[:300]}" if isinstance(message, str) and message else ""
+    return f": {_said(message, key)}" if isinstance(message, str) and message else ""
 
 
-async def _check_status(response: aiohttp.ClientResponse) -> None:
+async def _check_status(response: aiohttp.ClientResponse, key: str | None) -> None:
     status = response.status
     if 300 <= status < 400:
         raise EgressRefusedError(f"model endpoint answered a redirect ({status}); redirects are not followed", status)
@@ -153,11 +174,14 @@ async def _check_status(response: aiohttp.ClientResponse) -> None:
         raise ModelError(f"model endpoint answered {status}", transient=True, error_type=str(status))
     if status in _CALLER_REFUSALS:
         raise ModelRefusedError(
-            f"the model endpoint refused the request ({status}){await _refusal_message(response)}", status
+            f"the model endpoint refused the request ({status}){await _refusal_message(response, key)}", status
         )
     if status >= 400:  # 401, 403, 404: the agent's key or model name, not the caller's input
+        # What the endpoint says about the agent's key (OpenAI's 401 shows part of it) is for the
+        # agent's operators, in the log: the caller cannot act on it and must not read it.
+        log.warning("model endpoint refused the agent's request (%d)%s", status, await _refusal_message(response, key))
         raise ModelError(
-            f"model endpoint refused the agent's request ({status}){await _refusal_message(response)}",
+            f"model endpoint refused the agent's request ({status}); its answer is in the agent's log",
             transient=False,
             error_type=str(status),
         )
@@ -176,23 +200,30 @@ def _unreachable(error: Exception) -> ModelError:
 
 
 async def _sse_data(response: aiohttp.ClientResponse) -> AsyncGenerator[str, None]:
-    """The data of each Server-Sent Event the endpoint sends (OpenAI's: one ``data:`` line each)."""
+    """The data of each Server-Sent Event the endpoint sends (OpenAI's: one ``data:`` line each).
+    An event is held until its blank line: one that never ends must not fill the pod's memory."""
     data: list[str] = []
+    size = 0
     async for raw in response.content:
         line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
         if not line:
             if data:
                 yield "\n".join(data)
-                data = []
+                data, size = [], 0
             continue
         name, _, value = line.partition(":")
         if name == "data":
             data.append(value.removeprefix(" "))
+            size += len(raw)
+            if size > MAX_EVENT_BYTES:
+                raise ModelError(
+                    f"model endpoint streamed an event of more than {MAX_EVENT_BYTES} bytes", False, "invalid_response"
+                )
     if data:
         yield "\n".join(data)
 
 
-def _chunk(data: str) -> dict[str, Any]:
+def _chunk(data: str, key: str | None) -> dict[str, Any]:
     try:
         chunk = json.loads(data)
     except ValueError:
@@ -202,7 +233,7 @@ def _chunk(data: str) -> dict[str, Any]:
     if "error" in chunk:  # some servers report a failure inside a stream already under way
         error = chunk["error"]
         message = error.get("message") if isinstance(error, dict) else error
-        raise ModelError(f"model endpoint failed mid-stream: {str(message)[:300]}", False, "stream_error")
+        raise ModelError(f"model endpoint failed mid-stream: {_said(str(message), key)}", False, "stream_error")
     return chunk
 
 
@@ -245,14 +276,24 @@ def chat_operation(
         if budget is not None and caller is not None:
             await budget.spend_tokens(caller, tokens)
 
+    def holding(body: dict[str, Any], max_tokens: int) -> contextlib.AbstractAsyncContextManager[None]:
+        """The call admitted on the budgets with its most held until it ends (and has spent): calls
+        in parallel then cannot all be admitted on tokens none of them has been charged yet."""
+        budget, caller = limiter(), CALLER.get(None)
+        if budget is None or caller is None:
+            return contextlib.nullcontext()
+        return budget.holding_tokens(caller, input_bound(body["messages"]) + max_tokens)
+
     accounting = Accounting(
         metrics, model, tracer, spend, parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
     )
 
+    def api_key() -> str | None:
+        return os.environ.get(model.api_key_env) if model.api_key_env else None
+
     def headers(accept: str) -> dict[str, str]:
         sent = {"Content-Type": "application/json", "Accept": accept}
-        key = os.environ.get(model.api_key_env) if model.api_key_env else None
-        if key:  # a keyless endpoint (or an empty Secret key) gets no Authorization at all
+        if key := api_key():  # a keyless endpoint (or an empty Secret key) gets no Authorization at all
             sent["Authorization"] = f"Bearer {key}"
         return sent
 
@@ -303,7 +344,7 @@ def chat_operation(
             url, json=body, headers=headers(accept), timeout=timeout, allow_redirects=False, ssl=trust
         )
         try:
-            await _check_status(response)
+            await _check_status(response, api_key())
         except BaseException:
             response.close()
             raise
@@ -332,7 +373,10 @@ def chat_operation(
 
     async def handler(request: ChatInput) -> dict[str, Any]:
         body, redactions, max_tokens = prepared(request, stream=False)
-        async with accounting.call(max_tokens, request.temperature, input_estimate(body)) as call:
+        async with (
+            holding(body, max_tokens),
+            accounting.call(max_tokens, request.temperature, input_estimate(body)) as call,
+        ):
             answer: dict[str, Any] = await guarded(lambda circuit: complete(body, call, circuit))
             try:
                 reply = answer["choices"][0]["message"]["content"]
@@ -355,7 +399,10 @@ def chat_operation(
 
     async def stream(request: ChatInput) -> AsyncGenerator[StreamEvent, None]:
         body, redactions, max_tokens = prepared(request, stream=True)
-        async with accounting.call(max_tokens, request.temperature, input_estimate(body)) as call:
+        async with (
+            holding(body, max_tokens),
+            accounting.call(max_tokens, request.temperature, input_estimate(body)) as call,
+        ):
 
             async def start(circuit: CircuitBreaker) -> _Opened:
                 """Opens the stream and reads its first event: a failure up to here is retried."""
@@ -375,12 +422,16 @@ def chat_operation(
 
             response, events, data, circuit = await guarded(start)
             completed = healthy = False
+            chunks = characters = 0
             try:
                 while data is not None and data.strip() != "[DONE]":
-                    chunk = _chunk(data)
+                    chunk = _chunk(data, api_key())
                     call.observe_chunk(chunk)
                     if text := _delta(chunk):
-                        call.output_estimate += 1  # about one token a chunk, if the endpoint reports none
+                        # If the endpoint reports none: a token a chunk (OpenAI's), unless the text
+                        # says more (some send many a chunk), so a stream cut off is not undercharged.
+                        chunks, characters = chunks + 1, characters + len(text)
+                        call.output_estimate = max(chunks, tokens_in(characters))
                         yield StreamEvent({"delta": text})
                     data = await anext(events, None)
                 completed = healthy = True

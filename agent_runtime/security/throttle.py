@@ -218,14 +218,20 @@ class FailureDigest:
     over ``interval_seconds``: the first of a window is recorded at once, the rest only counted
     and recorded as one summary when the window ends. A flood of garbage then costs one audit
     record per key and window instead of an fsync per request. At most ``max_keys`` windows are
-    open; further addresses share one window under the address ``OVERFLOW``."""
+    open; further addresses share one window under the address ``overflow``. (Refusals by a rate
+    limit are summed the same way, per operation, limit and caller: see LIMIT_REFUSALS.)"""
 
     OVERFLOW = "(other addresses)"
 
     def __init__(
-        self, interval_seconds: float = 60.0, max_keys: int = 1000, clock: Callable[[], float] = time.monotonic
+        self,
+        interval_seconds: float = 60.0,
+        max_keys: int = 1000,
+        clock: Callable[[], float] = time.monotonic,
+        overflow: str = OVERFLOW,
     ) -> None:
         self.interval_seconds = interval_seconds
+        self.overflow = overflow
         self.max_keys = max_keys
         self.clock = clock
         self._windows: dict[tuple[str, str, str], _Window] = {}
@@ -237,7 +243,7 @@ class FailureDigest:
         now = self.clock()
         key = (action, reason, address)
         if key not in self._windows and len(self._windows) >= self.max_keys:
-            key = (action, reason, self.OVERFLOW)
+            key = (action, reason, self.overflow)
         window = self._windows.get(key)
         if window is not None and now - window.start >= self.interval_seconds:
             self._end(key, window)

@@ -7,7 +7,8 @@ Only the replica holding the leader Lease runs workers; the standby keeps its ca
 
 The Secrets and ConfigMaps agents reference (not ours, so without our label) are watched here,
 metadata only, and every event is dropped unless an agent references the object; a change to one
-queues the agents that reference it, whose reconcile reads it by name.
+queues the agents that reference it, whose reconcile reads it by name (once per version while the
+watch is live; on every reconcile while it is not).
 """
 
 from __future__ import annotations
@@ -160,6 +161,12 @@ class Controller:
         # of each (None: not there). Only referenced objects have entries; nothing else is kept.
         self._referrers: dict[RefKey, set[AgentKey]] = {}
         self._reference_versions: dict[RefKey, str | None] = {}
+        # What the last read of each referenced object found (its version, and the object without
+        # its metadata's extras), used again while the watch of its kind and namespace is live and
+        # shows no other version: an unchanged object is not read again on every reconcile of every
+        # agent that references it. (kind, scope) of each watch listed and running.
+        self._reference_reads: dict[RefKey, tuple[str | None, dict[str, Any] | None]] = {}
+        self._live_reference_watches: set[tuple[str, str | None]] = set()
 
     def _record(self, key: AgentKey) -> AgentRecord:
         return self.records.setdefault(key, AgentRecord())
@@ -236,6 +243,7 @@ class Controller:
             if not referrers:
                 self._referrers.pop(ref, None)
                 self._reference_versions.pop(ref, None)
+                self._reference_reads.pop(ref, None)
         for ref in wanted - before:
             self._referrers.setdefault(ref, set()).add(key)
 
@@ -282,10 +290,12 @@ class Controller:
         unrelated Secrets cost their metadata passing through, not memory. Lists again after a
         410 or a broken watch."""
         delay = self.settings.backoff_base_seconds
+        live = (kind, scope)
         while True:
             try:
                 items, version = await self.kube.list_metadata("v1", kind, scope, self._referenced(kind))
                 self.listed_references(kind, scope, items)
+                self._live_reference_watches.add(live)
                 while True:  # each watch ends after REFERENCE_WATCH_SECONDS; go on from where it was
                     started = time.monotonic()
                     events = self.kube.watch_metadata("v1", kind, scope, version, REFERENCE_WATCH_SECONDS)
@@ -298,22 +308,45 @@ class Controller:
                         delay = min(self.settings.backoff_max_seconds, delay * 2)
                     else:
                         delay = self.settings.backoff_base_seconds
-            except KubeError as error:
-                if error.status != 410:  # 410: the version is too old, list again at once
+            except Exception as error:
+                # Until it is listed again, every reconcile reads what it references (events may be lost).
+                self._live_reference_watches.discard(live)
+                if isinstance(error, KubeError) and error.status == 410:
+                    continue  # the version is too old: list again at once
+                if isinstance(error, KubeError):
                     log.warning("watch of referenced %ss failed: %s", kind, error)
-                    await asyncio.sleep(random.uniform(delay / 2, delay))  # noqa: S311 - jitter, not crypto
-                    delay = min(self.settings.backoff_max_seconds, delay * 2)
+                else:  # never let this task end: without it no change to a referenced object is seen
+                    log.exception("watch of referenced %ss crashed", kind)
+                await asyncio.sleep(random.uniform(delay / 2, delay))  # noqa: S311 - jitter, not crypto
+                delay = min(self.settings.backoff_max_seconds, delay * 2)
+            except BaseException:
+                self._live_reference_watches.discard(live)
+                raise
 
     async def _read_references(self, namespace: str, refs: list[Reference]) -> Found:
-        """Reads each referenced object by name (one GET each). Only its resourceVersion is kept,
-        so the reference watch's event for this version queues nothing more."""
+        """Each referenced object: as last read when its watch is live and has shown no other
+        version since, else read by name (one GET). A read's version is kept only for an object the
+        watch has not shown yet, so the watch's event for this version queues nothing more. A
+        version the watch has shown is never replaced by a read: another agent may reference the
+        object too, and the watch's event for the version this agent read first must still queue
+        that one (and a read may be older than the event already taken)."""
         keys: list[ObjectKey] = sorted({ref.object_key for ref in refs})
-        objects = await asyncio.gather(*(self.kube.find("v1", kind, namespace, name) for kind, name in keys))
-        for (kind, name), obj in zip(keys, objects, strict=True):
-            ref = (namespace, kind, name)
-            if ref in self._referrers:
-                self._reference_versions[ref] = _resource_version(obj) if obj is not None else None
+        objects = await asyncio.gather(*(self._read_reference((namespace, kind, name)) for kind, name in keys))
         return dict(zip(keys, objects, strict=True))
+
+    async def _read_reference(self, ref: RefKey) -> dict[str, Any] | None:
+        namespace, kind, name = ref
+        last = self._reference_reads.get(ref)
+        live = {(kind, None), (kind, namespace)} & self._live_reference_watches
+        if last is not None and live and ref in self._reference_versions and self._reference_versions[ref] == last[0]:
+            return last[1]
+        obj = await self.kube.find("v1", kind, namespace, name)
+        kept = _referenced_content(obj) if obj is not None else None
+        if ref in self._referrers:  # still referenced after the read: nothing kept of what is not
+            version = _resource_version(obj) if obj is not None else None
+            self._reference_versions.setdefault(ref, version)
+            self._reference_reads[ref] = (version, kept)
+        return kept
 
     def _touch(self, identity: Hashable) -> None:
         """Notes that the cache entry changed (an event, a write's response): a relist in flight
@@ -783,6 +816,18 @@ def _slim(obj: Mapping[str, Any]) -> dict[str, Any]:
     the largest part of an object."""
     metadata = {k: v for k, v in obj["metadata"].items() if k != "managedFields"}
     return {**obj, "metadata": metadata}
+
+
+def _referenced_content(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """What the reconcile reads of a referenced object: its data (and its name and version), not
+    its annotations, which may repeat the data (kubectl's last-applied-configuration)."""
+    metadata = obj.get("metadata") or {}
+    kept: dict[str, Any] = {
+        "apiVersion": obj.get("apiVersion"),
+        "kind": obj.get("kind"),
+        "metadata": {k: metadata[k] for k in ("name", "namespace", "resourceVersion") if k in metadata},
+    }
+    return kept | {section: obj[section] for section in ("data", "binaryData") if section in obj}
 
 
 def _encode(files: Mapping[str, bytes]) -> dict[str, str]:

@@ -7,9 +7,11 @@ except the first agent, which is examples/minimal.yaml applied exactly as it is.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,11 +23,12 @@ import pytest
 from agent_operator.analysis import operator_token
 from agent_operator.manifest import parse_agent
 from eao_devtools.imagebuild import image_references
-from eao_devtools.node import CONTAINERD_SOCKET, K8S_NAMESPACE
+from eao_devtools.node import CONTAINERD_SOCKET, K8S_NAMESPACE, NODE_IP
 from eao_devtools.testkit.agents import agent_manifest
 from eao_devtools.testkit.kube import Kube
 from tests.cluster.agents import apply, condition, get, wait_phase, wait_until
 from tests.cluster.test_plugin import kubectl_ea
+from tests.fake_model import FakeModel
 from tests.helpers import ROOT
 from tests.realnode.conftest import (
     OPERATOR_NAMESPACE,
@@ -392,3 +395,104 @@ def test_three_replicas_share_one_postgresql_in_the_cluster(chart_operator: Kube
     assert [post_to(ip, "/v1/operations/analyze_data", token) for ip in ips] == [200, 200, 200]
     assert post_to(ips[0], "/v1/auth/logout", token, b"{}") in (200, 204)
     assert [post_to(ip, "/v1/operations/analyze_data", token) for ip in ips[1:]] == [401, 401]
+
+
+# -- the model: chat from a real pod, its key from a Secret, a rotated key rolled out ---------------
+
+
+class ModelOnTheNode:
+    """The fake OpenAI-compatible endpoint (tests/fake_model.py) on the node's bridge address, where
+    pods reach the host, served from a thread of its own while the test drives kubectl."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self.fake = FakeModel(host=NODE_IP)
+
+    def __enter__(self) -> FakeModel:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self.fake.start(), self._loop).result(timeout=30)
+        return self.fake
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.fake.close(), self._loop).result(timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+        self._loop.close()
+
+
+def chat(url: str, token: str, text: str, stream: bool = False) -> tuple[int, str]:
+    body = json.dumps({"input": {"messages": [{"role": "user", "content": text}]}}).encode()
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    if stream:
+        headers["Accept"] = "text/event-stream"
+    request = urllib.request.Request(url, data=body, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return int(response.status), response.read().decode()
+    except urllib.error.HTTPError as error:
+        return int(error.code), error.read().decode()
+
+
+def test_chat_reaches_the_model_with_the_key_from_its_secret_and_a_rotated_key_rolls_out(
+    chart_operator: Kube, namespaces: Callable[[str], str]
+) -> None:
+    """spec.model on a real pod: the NetworkPolicy admits the endpoint (an IP literal) and nothing
+    else is needed; the key arrives as the Secret holds it; whole and streamed answers; rotating the
+    key's Secret, without touching the agent, rolls out pods that send the new key."""
+    kube = chart_operator
+    namespace = namespaces("rn-model")
+    kube.kubectl("create", "secret", "generic", "model-credentials", "-n", namespace, "--from-literal=api-key=sk-first")
+    with ModelOnTheNode() as fake:
+        model = {
+            "baseUrl": fake.base_url, "model": "test-model",
+            "apiKeySecretRef": {"name": "model-credentials", "key": "api-key"},
+        }  # fmt: skip
+        # Manual: the analysis before promotion (where tokensPerRequest runs) can be read while it waits.
+        rollout = {
+            "promotion": "Manual", "analysis": {"windowSeconds": 0, "maxTokensPerRequestRatio": 2},
+            "scaleDownDelaySeconds": 0,
+        }  # fmt: skip
+        apply(kube, agent_manifest(
+            namespace, operations=["analyze_data", "chat"], securityLevel="confidential", model=model, rollout=rollout,
+        ))  # fmt: skip
+        first = wait_phase(kube, namespace, "hello-agent", "Ready", timeout=120)
+        url = f"http://{cluster_ip(kube, namespace, 'hello-agent')}/v1/operations/chat"
+        token = token_for(kube, namespace, "hello-agent")
+
+        status, answer = chat(url, token, "hello from a real pod")
+        assert status == 200, answer
+        assert json.loads(answer)["result"]["usage"]["input_tokens"] == 5  # the fake counts words
+        assert fake.received[-1].authorization == "Bearer sk-first"
+        assert fake.received[-1].body["model"] == "test-model"
+
+        status, events = chat(url, token, "stream these words back", stream=True)
+        assert status == 200, events
+        assert "event: done" in events
+        assert "".join(
+            json.loads(line[len("data: "):]).get("delta", "")
+            for line in events.splitlines() if line.startswith("data: ") and '"delta"' in line
+        ).split() == ["you", "said:", "stream", "these", "words", "back"]  # fmt: skip
+        assert fake.received[-1].stream
+
+        kube.kubectl(
+            "patch", "secret", "model-credentials", "-n", namespace, "--type=merge",
+            "-p", json.dumps({"stringData": {"api-key": "sk-second"}}),
+        )  # fmt: skip
+        waiting = wait_until(
+            lambda: agent if ((agent := get(kube, namespace, "ea", "hello-agent") or {}).get("status") or {})
+            .get("rollout", {}).get("step") == "AwaitingPromotion" else None,
+            timeout=120, interval=1, what="the rotation's rollout awaiting promotion",
+        )  # fmt: skip
+        assert waiting["metadata"]["generation"] == first["metadata"]["generation"]  # the agent was not edited
+        checks = {check["name"]: check for check in waiting["status"]["rollout"]["analysis"]}
+        assert checks["tokensPerRequest"]["result"] == "Passed", checks
+        promoted = kubectl_ea(kube, "promote", "hello-agent", "-n", namespace)
+        assert promoted.returncode == 0, promoted.stderr
+        wait_rollout_done(kube, namespace, "hello-agent", first["status"]["activeRevision"])
+        wait_until(
+            lambda: len(live_pods(kube, namespace, "hello-agent")) == 1, timeout=90, interval=1, what="one pod left"
+        )
+        status, answer = chat(url, token_for(kube, namespace, "hello-agent"), "after the rotation")
+        assert status == 200, answer
+        assert fake.received[-1].authorization == "Bearer sk-second"

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
@@ -496,10 +497,11 @@ async def test_a_client_that_leaves_mid_stream_stops_the_model_and_is_audited(
     [record] = _chat_records(client)
     assert record["result"] == "client_disconnected"
     details = record["details"]
-    # Cut off before the usage chunk: estimated (input at 4 characters a token; a token per chunk).
-    assert (details["input_tokens"], details["output_tokens"], details["estimated"]) == (4, 2, True)
+    # Cut off before the usage chunk: estimated at 4 characters a token ("you said:" is 9: 3), and
+    # never less than a token a chunk.
+    assert (details["input_tokens"], details["output_tokens"], details["estimated"]) == (4, 3, True)
     found = await _metrics(client)
-    assert found[("agent_tokens_spent", frozenset({("window", "hour")}))] == 6
+    assert found[("agent_tokens_spent", frozenset({("window", "hour")}))] == 7
     assert _sample(found, "gen_ai_client_operation_duration_seconds_count", error_type="cancelled") == 1
     fake_model.stall_after = None
     after = await client.post(CHAT, json=_ask(), headers=await _headers(client))
@@ -521,7 +523,7 @@ async def test_a_model_failing_mid_stream_ends_it_with_an_error_event(
     assert len(fake_model.received) == 1  # nothing is retried once tokens were relayed
     [record] = _chat_records(client)
     assert record["result"] == "unavailable"
-    assert (record["details"]["output_tokens"], record["details"]["estimated"]) == (3, True)
+    assert (record["details"]["output_tokens"], record["details"]["estimated"]) == (4, True)  # "you said: alpha"
     found = await _metrics(client)
     assert _sample(found, "gen_ai_client_operation_duration_seconds_count", error_type="ClientPayloadError") == 1
 
@@ -633,3 +635,187 @@ async def test_the_callers_budget_is_charged_what_chat_used_streamed_or_not(
     assert len(fake_model.received) == 2
     other = await client.post(CHAT, json=_ask(), headers=await _headers(client, "ana"))  # another caller's budget
     assert other.status == 200
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_chats_in_flight_hold_the_budget_so_parallel_calls_cannot_overspend_it(
+    aiohttp_client: Any, tmp_path: Path, fake_model: FakeModel, stream: bool
+) -> None:
+    """perCaller.tokensPerHour of 100, nothing spent yet, and five chats sent at once while the model
+    holds its answers: the first holds its most (its input and maxOutputTokens) until it has been
+    charged, so the other four are refused at once instead of all five being admitted on a budget
+    none of them has been charged to yet (each could spend maxOutputTokens)."""
+    fake_model.stall_after = 0
+    client = await _client(aiohttp_client, tmp_path, fake_model, limits={"perCaller": {"tokensPerHour": 100}})
+    headers = {**await _headers(client), **(SSE if stream else {})}
+    calls = [asyncio.create_task(client.post(CHAT, json=_ask(), headers=headers)) for _ in range(5)]
+    await asyncio.wait_for(fake_model.stalled.wait(), 10)
+    await _until(
+        lambda: sum(call.done() for call in calls) == 4 or len(fake_model.received) == 5, "no call refused or sent"
+    )
+    fake_model.released.set()
+    answers = await asyncio.gather(*calls)
+    assert len(fake_model.received) == 1
+    assert sorted(answer.status for answer in answers) == [200] + [429] * 4
+    for refused in (answer for answer in answers if answer.status == 429):
+        body = await refused.json()
+        assert (body["code"], body["limit"]) == ("limit_exceeded", "perCaller.tokensPerHour")
+        assert "in progress" in body["message"], body
+        assert refused.headers["Retry-After"] == "1"  # the calls in progress end soon, not in an hour
+    [admitted] = [answer for answer in answers if answer.status == 200]
+    if stream:
+        assert [name for name, _ in await _all_events(admitted)][-1] == "done"
+    # Charged what it used (6 tokens of the fake's count), its hold given back: the next is admitted.
+    fake_model.stall_after = None
+    assert (await client.post(CHAT, json=_ask(), headers=headers)).status == 200
+
+
+async def test_an_approved_chat_is_held_to_the_requesters_budget_and_stays_pending_when_refused(
+    aiohttp_client: Any, tmp_path: Path, fake_model: FakeModel
+) -> None:
+    """SOX: otto asks for two chats while his budget is untouched (both wait for approval); the first,
+    approved, spends it all; approving the second is refused with a 429 (his budget, not the
+    approver's), leaves it pending to approve once the budget allows, and never reaches the model."""
+    client = await _client(
+        aiohttp_client,
+        tmp_path,
+        fake_model,
+        compliance={"frameworks": ["SOX"], "financialOperations": ["chat"]},
+        limits={"perCaller": {"tokensPerHour": 5}},
+    )
+    maker, checker = await _headers(client, "otto"), await _headers(client, "ada")
+    first, second = [
+        (await (await client.post(CHAT, json=_ask(), headers=maker)).json())["approval_id"] for _ in range(2)
+    ]
+    approved = await client.post(f"/v1/approvals/{first}", json={"decision": "approve"}, headers=checker)
+    assert approved.status == 200, await approved.text()
+    assert (await approved.json())["result"]["usage"]["input_tokens"] == 2  # and 4 output: 6 of otto's 5
+    refused = await client.post(f"/v1/approvals/{second}", json={"decision": "approve"}, headers=checker)
+    body = await refused.json()
+    assert (refused.status, body["code"], body["limit"]) == (429, "limit_exceeded", "perCaller.tokensPerHour")
+    assert int(refused.headers["Retry-After"]) > 60
+    assert len(fake_model.received) == 1
+    pending = (await (await client.get("/v1/approvals", headers=checker)).json())["pending"]
+    assert [approval["id"] for approval in pending] == [second]
+    # The approver's own budget is untouched: ada chats at once.
+    assert (await client.post(CHAT, json=_ask(), headers=checker)).status == 202
+
+
+async def test_the_agents_key_never_reaches_the_caller_or_the_audit_trail_in_what_the_endpoint_says(
+    aiohttp_client: Any,
+    tmp_path: Path,
+    fake_model: FakeModel,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Gateways echo the key they refuse (OpenAI's 401 shows part of it, some proxies all of it):
+    a refusal of the agent's key says nothing of the endpoint's answer to the caller (it goes to the
+    agent's log, the key scrubbed); what a caller is told of its own refusal, or of an error inside a
+    stream, never holds the key."""
+    key = "sk-test-0123456789abcdef"
+    monkeypatch.setenv("TEST_MODEL_KEY", key)
+    client = await _client(aiohttp_client, tmp_path, fake_model, model={"apiKeyEnv": "TEST_MODEL_KEY"})
+    headers = await _headers(client)
+    fake_model.error_message = f"Incorrect API key provided: {key}. Find yours at https://platform.example/keys"
+    fake_model.fail_with = 401
+    wrong_key = await client.post(CHAT, json=_ask(), headers=headers)
+    answer = await wrong_key.json()
+    assert (wrong_key.status, answer["code"]) == (502, "dependency_failed")
+    assert "(401)" in answer["message"]
+    assert "Incorrect API key" not in answer["message"], answer
+    assert "(401): Incorrect API key provided: [redacted]." in caplog.text  # for the agent's operators
+    fake_model.fail_with = 400
+    refused = await client.post(CHAT, json=_ask(), headers=headers)
+    answer = await refused.json()
+    assert (refused.status, answer["code"]) == (422, "invalid_input")
+    assert "Incorrect API key provided: [redacted]." in answer["message"], answer
+    fake_model.fail_with, fake_model.error_after = None, 1
+    streamed = await client.post(CHAT, json=_ask(), headers={**headers, **SSE})
+    name, error = (await _all_events(streamed))[-1]
+    assert (name, error["code"]) == ("error", "dependency_failed")
+    assert error["message"].startswith("model endpoint failed mid-stream: Incorrect API key provided: [redacted]")
+    records = _chat_records(client)
+    assert [r["result"] for r in records] == ["unavailable", "unavailable"]  # the 422 is only counted
+    assert key not in json.dumps(records)
+    assert "Incorrect API key provided: sk" not in json.dumps(records)
+    assert key not in caplog.text
+
+
+async def test_a_streamed_event_that_never_ends_is_cut_off_not_held_in_memory(
+    aiohttp_client: Any, tmp_path: Path, fake_model: FakeModel
+) -> None:
+    """An endpoint that sends data lines and never the blank line ending the event: the runtime
+    stops at MAX_EVENT_BYTES (a failure of the endpoint), long before the call's timeout."""
+    fake_model.endless_after = 1
+    client = await _client(aiohttp_client, tmp_path, fake_model, model={"timeoutSeconds": 600})
+    response = await client.post(CHAT, json=_ask(), headers={**await _headers(client), **SSE})
+    events = await asyncio.wait_for(_all_events(response), 60)
+    assert events[0] == ("message", {"delta": "you"})
+    name, error = events[-1]
+    assert (name, error["code"]) == ("error", "dependency_failed")
+    assert error["message"] == "model endpoint streamed an event of more than 1048576 bytes"
+    await asyncio.wait_for(fake_model.client_left.wait(), 10)  # and the endpoint was let go
+
+
+async def test_a_client_that_stops_reading_loses_its_stream_and_its_bulkhead_place_at_the_deadline(
+    aiohttp_client: Any, tmp_path: Path, fake_model: FakeModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that keeps its connection open but reads nothing: once the socket's buffers are
+    full the server's transport pauses writing (asyncio's pause_writing, done here at once rather
+    than by pushing megabytes through loopback's buffers). Past the operation's timeout the stream
+    ends; its last bytes get a short grace and then the connection is dropped, so the call's
+    bulkhead place is free for the next caller instead of held for as long as that client likes."""
+    monkeypatch.setattr(operation_routes, "SSE_CLOSE_SECONDS", 0.2)
+    fake_model.stall_after = 1
+    client = await _client(
+        aiohttp_client,
+        tmp_path,
+        fake_model,
+        production=True,
+        resilience={"operationTimeoutSeconds": 1, "maxConcurrentPerOperation": 1, "maxQueuedPerOperation": 0},
+    )
+    headers = await _headers(client)
+    async with aiohttp.ClientSession() as own:  # its own connection, apart from the test client's pool
+        stream = await own.post(client.make_url(CHAT), json=_ask(), headers={**headers, **SSE})
+        assert await anext(_events(stream)) == ("message", {"delta": "you"})
+        assert client.server.runner is not None
+        server = client.server.runner.server
+        assert server is not None
+        [connection] = [c for c in server.connections if c._current_request is not None]
+        connection.pause_writing()  # what asyncio does when the client stops reading: its buffers are full
+        await _until(lambda: bool(_chat_records(client)), "no audit record of the stream")
+        assert _chat_records(client)[0]["result"] == "timeout"
+        await _until(lambda: _bulkhead_free(client), "the stream still holds its bulkhead place")
+        fake_model.stall_after = None
+        answered = await client.post(CHAT, json=_ask(), headers=headers)
+        assert answered.status == 200, await answered.text()
+        stream.close()
+
+
+async def _bulkhead_free(client: Client) -> bool:
+    return (await _metrics(client))[("agent_bulkhead_in_use", frozenset({("operation", "chat")}))] == 0
+
+
+async def test_a_stream_cut_off_before_its_usage_is_charged_at_least_its_text_not_a_token_a_chunk(
+    aiohttp_client: Any, tmp_path: Path, fake_model: FakeModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some endpoints send many tokens a chunk (Azure's content filter buffers them). A caller that
+    leaves before the usage chunk must not be charged a token a chunk for what was many: the estimate
+    is at least the text received at four characters a token."""
+    monkeypatch.setattr(operation_routes, "SSE_PING_SECONDS", 0.05)
+    word = "supercalifragilisticexpialidocious" * 4  # 136 characters in one chunk
+    fake_model.reply = lambda _: f"{word} {word} {word}"
+    fake_model.stall_after = 2
+    client = await _client(aiohttp_client, tmp_path, fake_model, production=True)
+    response = await client.post(CHAT, json=_ask(), headers={**await _headers(client), **SSE})
+    received = ""
+    async for _, data in _events(response):
+        received += data["delta"]
+        if len(received) > len(word):
+            break
+    await asyncio.wait_for(fake_model.stalled.wait(), 10)
+    response.close()
+    await _until(lambda: bool(_chat_records(client)), "no audit record of the stream")
+    [record] = _chat_records(client)
+    assert record["result"] == "client_disconnected"
+    assert (record["details"]["output_tokens"], record["details"]["estimated"]) == (-(-(2 * 136 + 1) // 4), True)

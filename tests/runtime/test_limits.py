@@ -36,8 +36,10 @@ from agent_runtime.limits import (
 from agent_runtime.metrics import RuntimeMetrics
 from agent_runtime.operations import BUILTINS, Operation
 from agent_runtime.resilience import CircuitBreaker
+from agent_runtime.security.throttle import FailureDigest
 from agent_runtime.settings import Settings, SettingsError
 from agent_runtime.sharedstate import PostgresEngine, StateUnavailableError
+from agent_runtime.state import AUDIT, LIMIT_REFUSALS
 from eao_devtools.testkit.postgres import PostgresServer
 from tests.runtime.conftest import MATRIX_OPERATIONS, AppFactory, fresh_database, login, make_layout
 
@@ -128,11 +130,45 @@ async def test_the_request_over_the_limit_is_429_with_a_retry_after_that_holds_a
 
     admin = await bearer(client, "ada")
     records = (await (await client.get("/v1/audit?type=operation", headers=admin)).json())["records"]
-    refused = [r for r in records if r["result"] == "rate_limited"]
-    assert len(refused) == 3, records
-    assert {(r["actor"], r["action"]) for r in refused} == {("otto", "ping")}
-    assert refused[-1]["details"]["limit"] == "perCaller.requestsPerMinute"
-    assert refused[-1]["details"]["retry_after_seconds"] == 70  # the first refusal, oldest last
+    # The first refusal of the minute is recorded; the other two are counted (and summed later).
+    [refused] = [r for r in records if r["result"] == "rate_limited"]
+    assert (refused["actor"], refused["action"]) == ("otto", "ping")
+    assert refused["details"] == {"limit": "perCaller.requestsPerMinute", "retry_after_seconds": 70}
+
+
+async def test_a_flood_of_refusals_costs_one_audit_record_per_caller_limit_and_window(
+    make_client: AppFactory,
+) -> None:
+    """A client hammering past its limit must not cost an fsynced audit record per request: the
+    first refusal of each (operation, limit, caller) in a window is recorded, the rest counted in the
+    metrics and recorded as one summary when the window ends, or at shutdown."""
+    client, _ = await limited_client(make_client, {"perCaller": {"requestsPerMinute": 1}})
+    digest: FailureDigest = client.app[LIMIT_REFUSALS]
+    digest.clock = window = Clock(0.0)
+    otto, ana = await bearer(client, "otto"), await bearer(client, "ana")
+    assert [(await ping(client, caller)).status for caller in (otto, ana)] == [200, 200]
+    for _ in range(30):
+        await refusal(await ping(client, otto), "perCaller.requestsPerMinute")
+    for _ in range(5):
+        await refusal(await ping(client, ana), "perCaller.requestsPerMinute")
+
+    def refusals() -> list[tuple[str, Any]]:
+        records = client.app[AUDIT].recent
+        return [(r["actor"], r["details"].get("repeated")) for r in records if r["result"] == "rate_limited"]
+
+    assert refusals() == [("otto", None), ("ana", None)]
+    found = await metric_lines(client, "agent_operations_total")
+    assert 'agent_operations_total{operation="ping",result="rate_limited"} 35.0' in found
+    window.now += digest.interval_seconds  # the window ends: the next refusal writes its summaries first
+    await refusal(await ping(client, otto), "perCaller.requestsPerMinute")
+    assert refusals()[2:] == [("otto", 29), ("ana", 4), ("otto", None)]
+    summary = next(r for r in client.app[AUDIT].recent if r["details"].get("repeated") == 29)
+    assert (summary["action"], summary["type"]) == ("ping", "operation")
+    assert summary["details"] == {"limit": "perCaller.requestsPerMinute", "repeated": 29, "window_seconds": 60.0}
+    for _ in range(3):
+        await refusal(await ping(client, otto), "perCaller.requestsPerMinute")
+    await client.close()  # what is still counted at shutdown is written too
+    assert refusals()[-1] == ("otto", 3)
 
 
 async def test_a_per_caller_limit_spares_other_callers_and_a_per_agent_limit_does_not(

@@ -190,6 +190,17 @@ async def test_tokens_per_request_without_chat_traffic_passes_and_an_unreadable_
     tokens = next(c for c in checks if c.name == "tokensPerRequest")
     assert tokens.result == AnalysisResult.FAILED
     assert tokens.message.startswith("cannot read the stable colour's /metrics")
+    # A stable pod that cannot be read (scaled down or evicted as it was scraped) is left out: the
+    # others are the yardstick, and the message says one was missing.
+    stable = await _url(aiohttp_server, _pod((800, 200)))
+    spendy = await _url(aiohttp_server, _pod((3000, 0)))
+    checks = await HttpAnalysis().check(agent, Target(spendy, (spendy,), (stable, gone)), None)
+    tokens = next(c for c in checks if c.name == "tokensPerRequest")
+    assert (tokens.result, tokens.message) == (
+        AnalysisResult.FAILED,
+        "preview 3000.0 tokens per chat call over 1 calls, stable 1000.0 over 1: ratio 3.00 (limit 1);"
+        " 1 of 2 stable pods could not be read and were left out",
+    )
     # Without a stable colour to compare with (after promotion), the check is not made at all.
     checks = await HttpAnalysis().check(agent, Target(idle, (idle,)), None)
     assert "tokensPerRequest" not in _results(checks)
