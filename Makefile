@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CRD := crds/enterpriseagents.agents.enterprise.io.yaml
 
-.PHONY: help venv system-packages tools test lint typecheck pytest crds run cluster-up cluster-down cluster-status bench bench-runtime bench-rollout bench-watch-memory e2e-kind clean
+.PHONY: help venv system-packages tools test lint typecheck pytest crds run cluster-up cluster-down cluster-status bench bench-runtime bench-rollout bench-watch-memory bench-operations e2e-kind clean
 
 help:
 	@echo "make run    - operator against the current cluster, else the local control plane, with an example agent"
@@ -87,6 +87,11 @@ bench-watch-memory: venv
 bench-runtime: venv
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/eao-dev bench runtime
+
+# analyze_data against pandas and process_document's MB/s at 0.1, 1 and 5 MB (issue 19); pandas and
+# numpy come from the bench extra, installed with the venv. ARGS passes options (--profile, --rows ...).
+bench-operations: venv
+	$(BIN)/eao-dev bench operations $(ARGS)
 
 # For users with Docker and kind: the same cluster tests against a kind cluster.
 # Not run on this project's machines (no Docker engine there). Pods on kind are real, so the

@@ -22,7 +22,7 @@ from eao_devtools.cluster import (
 )
 from eao_devtools.imagebuild import ImageBuildError, build_images, build_postgres_image
 
-BENCHMARKS = ("operator", "rollout", "runtime", "watch_memory")
+BENCHMARKS = ("operations", "operator", "rollout", "runtime", "watch_memory")
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from eao_devtools.checkout import REPO_ROOT_VARIABLE, repo_root
 from eao_devtools.cluster import Cluster, ClusterError, default_state_dir, ensure_binaries
 from eao_devtools.imagebuild import DEBIAN_PACKAGES as BUILDER_PACKAGES
 from eao_devtools.node import missing_packages
+from eao_devtools.testkit.kube import Kube
 
 CRD_NAME = "enterpriseagents.agents.enterprise.io"
 
@@ -102,7 +103,7 @@ def main() -> int:
     os.environ["KUBECONFIG"] = str(kubeconfig)
     kubectl = [kubectl_path, f"--kubeconfig={kubeconfig}"]
     subprocess.run([*kubectl, "apply", "--server-side", "--force-conflicts", "-f", str(crd_file)], check=True)
-    subprocess.run([*kubectl, "wait", "--for=condition=Established", f"crd/{CRD_NAME}", "--timeout=60s"], check=True)
+    Kube(Path(kubeconfig), kubectl_path, None).wait_established(CRD_NAME)
     subprocess.run([*kubectl, "apply", "-f", str(example)], check=True)
     threading.Thread(target=_show_status_when_ready, args=(kubectl,), daemon=True).start()
     _say("starting the operator in the foreground (metrics on http://127.0.0.1:8000/metrics)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,12 +50,7 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
 @pytest.fixture(scope="session")
 def crd_installed(kube: Kube) -> Kube:
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_FILE))
-    kube.kubectl("wait", "--for=condition=Established", "crd/enterpriseagents.agents.enterprise.io", "--timeout=60s")
-    # Established comes a moment before discovery serves the new type (and its short name).
-    deadline = time.monotonic() + 30
-    while kube.kubectl("get", "ea", "-A", check=False).returncode != 0:
-        assert time.monotonic() < deadline, "EnterpriseAgent never appeared in discovery"
-        time.sleep(0.2)
+    kube.wait_established("enterpriseagents.agents.enterprise.io", resource="ea")
     return kube
 
 

@@ -26,7 +26,7 @@ def monitoring_crds(kube: Kube) -> Iterator[Kube]:
     for name in CRDS:
         kube.kubectl("apply", "--server-side", "-f", str(folder / f"monitoring.coreos.com_{name}.yaml"))
     for name in CRDS:
-        kube.kubectl("wait", "--for=condition=Established", f"crd/{name}.monitoring.coreos.com", "--timeout=60s")
+        kube.wait_established(f"{name}.monitoring.coreos.com")
     yield kube
     for name in CRDS:  # nothing else in the test run expects them
         kube.kubectl("delete", "crd", f"{name}.monitoring.coreos.com", "--wait=false", check=False)

@@ -3,7 +3,6 @@ operator's connections, which no other test's cluster should live through."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,15 +22,7 @@ def fault_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
     kube = Kube(cluster.kubeconfig, str(ensure_binaries() / "kubectl"), cluster)
     try:
         kube.kubectl("apply", "--server-side", "-f", str(CRD_FILE))
-        deadline = time.monotonic() + 30
-        established = ("wait", "--for=condition=Established", "crd/enterpriseagents.agents.enterprise.io")
-        # Until the CRD has conditions at all, kubectl wait fails at once instead of waiting.
-        while kube.kubectl(*established, check=False).returncode != 0:
-            assert time.monotonic() < deadline, "the CRD was never Established"
-            time.sleep(0.2)
-        while kube.kubectl("get", "ea", "-A", check=False).returncode != 0:
-            assert time.monotonic() < deadline, "EnterpriseAgent never appeared in discovery"
-            time.sleep(0.2)
+        kube.wait_established("enterpriseagents.agents.enterprise.io", resource="ea")
         yield kube
     finally:
         cluster.down()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,3 +36,19 @@ class Kube:
 
     def env(self) -> dict[str, str]:
         return {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
+
+    def wait_established(self, crd: str, resource: str | None = None, timeout: float = 60) -> None:
+        """Until the CRD is Established and, when ``resource`` is given, discovery serves it.
+        Polled: on a CRD whose status has no conditions yet, ``kubectl wait`` fails at once
+        ("accessor error") instead of waiting."""
+        established = '{.status.conditions[?(@.type=="Established")].status}'
+        deadline = time.monotonic() + timeout
+        while self.kubectl("get", "crd", crd, "-o", f"jsonpath={established}", check=False).stdout.strip() != "True":
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the CRD {crd} never became Established")
+            time.sleep(0.2)
+        # Established comes a moment before discovery serves the new type (and its short name).
+        while resource is not None and self.kubectl("get", resource, "-A", check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{resource} never appeared in discovery")
+            time.sleep(0.2)
