@@ -420,8 +420,10 @@ def bench_analyze(workdir: Path, rows_list: list[int], blank_share: float, profi
             f"{len(mismatches):>12}"
         )
     print(
-        "  ours peak: the worker's VmHWM (+ the process that holds the body and the answer, as the server does);"
-        "\n  pandas peak: ru_maxrss (+ its growth over the process with the CSV read and pandas imported)"
+        f"  limits in force: the model's and analyze's limits (the HTTP body cap of {MAX_BODY_BYTES:,} bytes aside: see above);"
+        "\n  lifted: over them, so refused by the operation; measured with them lifted (model_construct, MAX_ROWS raised)"
+        "\n  ours peak: the worker's VmHWM (+ the process that holds the body and the answer, as the server does);"
+        "\n  pandas peak: its process's VmHWM (+ its growth over the process with the CSV read and pandas imported)"
     )
     for rows, _, _, _, _, mismatches, result in results:
         outliers = sum(len(v) for v in result["outliers"].values())
