@@ -12,6 +12,7 @@ import pytest
 from eao_devtools.cluster import Cluster, ensure_binaries
 from eao_devtools.testkit.kube import Kube
 from eao_devtools.testkit.operator_process import OperatorProcess
+from tests.cluster.agents import get, wait_until
 from tests.helpers import CRD_FILE
 
 
@@ -53,3 +54,13 @@ def start_operator(
         lease_namespace=lease_namespace or namespace,
         lease_name=f"eao-faults-{namespace}" if lease_namespace else "eao-faults", lease_seconds=6, resync_seconds=resync_seconds, extra_args=extra_args,
     ).start()  # fmt: skip
+
+
+def create_quota(kube: Kube, namespace: str, name: str, hard: str) -> None:
+    """A ResourceQuota that admission already holds: only once the quota controller has computed its
+    status (seen taking 20 s on a loaded machine) are objects over it refused; before, they pass."""
+    kube.kubectl("create", "quota", name, f"--hard={hard}", "-n", namespace)
+    wait_until(
+        lambda: (get(kube, namespace, "resourcequota", name) or {}).get("status", {}).get("hard"),
+        timeout=60, interval=0.2, what=f"quota {name}'s status computed",
+    )  # fmt: skip

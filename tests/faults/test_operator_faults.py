@@ -16,7 +16,7 @@ from eao_devtools.testkit.agents import agent_manifest
 from eao_devtools.testkit.kube import Kube
 from eao_devtools.testkit.operator_process import OperatorProcess
 from tests.cluster.agents import apply, children, condition, get, operator_writes, wait_phase, wait_until
-from tests.faults.conftest import start_operator
+from tests.faults.conftest import create_quota, start_operator
 from tests.faults.proxy import StallingProxy
 from tests.faults.webhook import RefusingWebhook
 
@@ -79,7 +79,7 @@ def test_a_resource_quota_that_refuses_a_child_is_stalled_with_an_event_then_con
     fault_cluster: Kube, fault_namespace: str, operator: OperatorProcess
 ) -> None:
     kube, ns = fault_cluster, fault_namespace
-    kube.kubectl("create", "quota", "no-services", "--hard=services=0", "-n", ns)
+    create_quota(kube, ns, "no-services", "services=0")
     apply(kube, agent_manifest(ns, name="quota"))
     agent = wait_phase(kube, ns, "quota", "Stalled")
     stalled = condition(agent, "Stalled")

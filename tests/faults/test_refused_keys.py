@@ -9,7 +9,7 @@ import pytest
 from eao_devtools.testkit.agents import agent_manifest
 from eao_devtools.testkit.kube import Kube
 from tests.cluster.agents import apply, condition, wait_phase
-from tests.faults.conftest import start_operator
+from tests.faults.conftest import create_quota, start_operator
 
 pytestmark = pytest.mark.cluster
 
@@ -18,7 +18,7 @@ def test_a_quota_that_refuses_the_key_secret_is_stalled_then_converges(
     fault_cluster: Kube, fault_namespace: str, tmp_path: Path
 ) -> None:
     kube, ns = fault_cluster, fault_namespace
-    kube.kubectl("create", "quota", "no-secrets", "--hard=secrets=0", "-n", ns)
+    create_quota(kube, ns, "no-secrets", "secrets=0")
     operator = start_operator(kube, tmp_path, ns)
     try:
         apply(kube, agent_manifest(ns, name="keyless"))

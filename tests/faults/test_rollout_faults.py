@@ -30,7 +30,7 @@ from tests.cluster.test_rollout import (
     start_v1,
     wait_step,
 )
-from tests.faults.conftest import start_operator
+from tests.faults.conftest import create_quota, start_operator
 
 pytestmark = pytest.mark.cluster
 
@@ -180,7 +180,7 @@ def test_operator_sigkill_at_every_rollout_step_resumes_from_status(
     kube, ns = fault_cluster, fault_namespace
     start_v1(kube, ns, rollout=at.rollout)
     if at.pod_quota is not None:
-        kube.kubectl("create", "quota", "hold", f"--hard=pods={at.pod_quota}", "-n", ns)
+        create_quota(kube, ns, "hold", f"pods={at.pod_quota}")
     with preview_pods(kube, stand, ns, tmp_path):
         apply(kube, agent_manifest(ns, image=V2, replicas=2, rollout=at.rollout))
         if at.abort:
