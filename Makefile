@@ -44,9 +44,10 @@ typecheck: venv
 	$(BIN)/mypy
 
 # The control plane binaries and helm, promtool and kstatus, built once from hack/ (minutes cold:
-# done before pytest, outside its per-test timeout).
+# done before pytest, outside its per-test timeout). In CI, Go's caches (about 15 GB) are deleted
+# once the programs are built: CI machines' disks can be nearly full.
 tools: venv system-packages
-	$(BIN)/eao-dev tools --images
+	$(BIN)/eao-dev tools --images $(if $(CI),--release-go-caches,)
 
 pytest: venv system-packages tools
 	$(BIN)/pytest
@@ -82,11 +83,11 @@ bench-rollout: venv
 bench-watch-memory: venv
 	$(BIN)/eao-dev bench watch_memory --secrets 5000 --size-kib 100
 
-# wrk comes from Debian's packages; FastAPI and uvicorn from the bench extra (installed with the venv,
-# so mypy checks the bench servers too).
+# wrk comes from Debian's packages; FastAPI, uvicorn and py-spy from the bench extra (installed with
+# the venv, so mypy checks the bench servers too). ARGS="--profile flame.svg" adds a flame graph.
 bench-runtime: venv
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
-	$(BIN)/eao-dev bench runtime
+	$(BIN)/eao-dev bench runtime --connections 16 64 256 $(ARGS)
 
 # analyze_data against pandas and process_document's MB/s at 0.1, 1 and 5 MB (issue 19); pandas and
 # numpy come from the bench extra, installed with the venv. ARGS passes options (--profile, --rows ...).

@@ -19,6 +19,7 @@ from eao_devtools.cluster import (
     ensure_binaries,
     ensure_node_binaries,
     ensure_tools,
+    release_go_caches,
 )
 from eao_devtools.imagebuild import ImageBuildError, build_images, build_postgres_image
 
@@ -71,6 +72,8 @@ def cmd_tools(args: argparse.Namespace) -> int:
         if args.images:
             for image in [*build_images(cache_root() / "images"), build_postgres_image(cache_root() / "images")]:
                 print(f"{image.reference} {image.archive}")
+        if args.release_go_caches:
+            release_go_caches()
     except (ClusterError, ImageBuildError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -120,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--images",
         action="store_true",
         help="also build the operator and runtime images from images/Dockerfile with buildah (as root)",
+    )
+    tools.add_argument(
+        "--release-go-caches",
+        action="store_true",
+        help="then delete Go's build and module caches (about 15 GB after these builds; CI does this: the"
+        " built programs are kept, and a disk that fills up fails every later test)",
     )
     tools.set_defaults(func=cmd_tools)
 

@@ -94,6 +94,12 @@ def _go() -> str:
     return go
 
 
+def release_go_caches() -> None:
+    """Deletes Go's build and module caches: only the builds above need them, and their programs
+    are kept in the cache_root() folders."""
+    subprocess.run([_go(), "clean", "-cache", "-modcache"], check=True, capture_output=True, timeout=600)
+
+
 def _source_key(source: Path, version: str) -> str:
     """Cache key: the pinned versions (go.mod/go.sum), the mains and the Go toolchain."""
     digest = hashlib.sha256()
@@ -731,11 +737,11 @@ class Cluster:
         images built from images/Dockerfile go straight into its containerd."""
         archives = [
             write_single_layer_image(
-                self.state_dir / "pause.tar", PAUSE_IMAGE, {"/pause": ((node_bins.pause / "pause").read_bytes(), 0o755)},
+                self.node.state_dir / "pause.tar", PAUSE_IMAGE, {"/pause": ((node_bins.pause / "pause").read_bytes(), 0o755)},
                 ["/pause"],
             ),
             write_single_layer_image(
-                self.state_dir / "coredns.tar", addons.COREDNS_IMAGE,
+                self.node.state_dir / "coredns.tar", addons.COREDNS_IMAGE,
                 {"/coredns": ((node_bins.coredns / "coredns").read_bytes(), 0o755)}, ["/coredns"],
                 user=str(addons.COREDNS_UID),
             ),

@@ -156,7 +156,18 @@ def build_images(cache: Path, say: Callable[[str], None] = print) -> list[BuiltI
         _run("buildah", "push", image.reference, f"docker-archive:{partial}:{image.reference}", log=log)
         partial.rename(image.archive)
     say(f"images built in {time.monotonic() - started:.0f}s: {', '.join(references.values())}")
+    _release_disk(cache, key, log)
     return images
+
+
+def _release_disk(cache: Path, key: str, log: Path) -> None:
+    """Each build leaves about 1 GB behind: archives of earlier sources in the cache and untagged
+    layers in buildah's store. A disk that fills up fails every later test, so only the current
+    archives and the tagged bases (the next build starts from them) are kept."""
+    for folder in cache.iterdir():
+        if folder.is_dir() and folder.name != key:
+            shutil.rmtree(folder, ignore_errors=True)
+    _run("buildah", "rmi", "--prune", log=log)
 
 
 # A PostgreSQL for examples on the real node (examples/shared-state.yaml): Debian's postgresql-15

@@ -296,10 +296,20 @@ state = "{CONTAINERD_RUN / "state"}"
             shutil.rmtree(CONTAINERD_RUN, ignore_errors=True)
         leftovers = snapshot.leftovers(self.mount_prefixes)
         if not leftovers:
+            self.release_disk()
             self.snapshot_file.unlink()
             if self._claim() == {"state_dir": str(self.state_dir)}:
                 shutil.rmtree(HOST_CLAIM.parent)  # the claim and its record: the host is free
         return problems + leftovers
+
+    def release_disk(self) -> None:
+        """Deletes the unpacked images and the pods' volumes (gigabytes per node; every `up`
+        imports the images again), keeping configs and logs. Only called once nothing is mounted
+        under the state directory any more: a mount's contents must never be deleted through it."""
+        for bulky in (self.state_dir / "containerd", self.kubelet_root):
+            shutil.rmtree(bulky, ignore_errors=True)
+        for archive in self.state_dir.glob("*.tar"):
+            archive.unlink()
 
     # -- one node per host -------------------------------------------------------------------------
 
@@ -353,5 +363,6 @@ state = "{CONTAINERD_RUN / "state"}"
         problems += snapshot.leftovers(self.mount_prefixes)
         if not problems:
             shutil.rmtree(HOST_CLAIM.parent)
+            self.release_disk()
             self.snapshot_file.unlink(missing_ok=True)  # its own `down` has nothing left to undo
         return problems

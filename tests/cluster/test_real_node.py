@@ -62,6 +62,10 @@ def test_a_pod_really_runs_and_down_leaves_nothing_behind(tmp_path: Path) -> Non
     assert subprocess.run(["ip", "link", "show", BRIDGE], capture_output=True, check=False).returncode != 0
     assert not any(cluster.running().values())
     assert not HOST_CLAIM.parent.exists()
+    # The unpacked images and pod volumes (gigabytes) are gone with it; the logs stay.
+    assert not (cluster.node.state_dir / "containerd").exists()
+    assert not cluster.node.kubelet_root.exists()
+    assert (cluster.state_dir / "logs").is_dir()
 
 
 def _container_pids() -> list[int]:
