@@ -36,8 +36,10 @@ import enum
 import hashlib
 import json
 import os
+import queue
 import secrets
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -193,6 +195,47 @@ class _Pending:
     done: asyncio.Future[dict[str, Any]]
 
 
+class _AppendThread:
+    """The one thread that writes and fsyncs batches, so the loop never waits on the disk.
+
+    Its own thread and a C queue rather than asyncio.to_thread: the default executor's submit
+    (a Python-level semaphore and lock, a context copy) cost more per batch than the append did."""
+
+    def __init__(self, append: Callable[[list[str], list[str]], None]) -> None:
+        self._append = append
+        self._jobs: queue.SimpleQueue[tuple[list[str], list[str], asyncio.Future[None]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="audit-append", daemon=True)
+        self._thread.start()
+
+    def append(self, lines: list[str], shipped: list[str]) -> asyncio.Future[None]:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._jobs.put((lines, shipped, done))
+        return done
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            lines, shipped, done = job
+            try:
+                self._append(lines, shipped)
+            except BaseException as error:  # handed to the awaiting writer, which decides
+                done.get_loop().call_soon_threadsafe(_settle, done, error)
+            else:
+                done.get_loop().call_soon_threadsafe(_settle, done, None)
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+        self._thread.join()
+
+
+def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
+    if done.cancelled():
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
+
+
 class AuditLog:
     def __init__(
         self,
@@ -229,6 +272,7 @@ class AuditLog:
         self._since_checkpoint = 0
         self._first_unsigned = 0.0  # monotonic time the oldest unsigned record was chained
         self._writer: asyncio.Task[None] | None = None
+        self._appender: _AppendThread | None = None
         self._closing = False
         self.healthy = True
         self.recovered: dict[str, Any] | None = None  # the details of the recover record, if one was written
@@ -246,7 +290,13 @@ class AuditLog:
             self.recovered = recover["details"]
             lines.append(self._chain(recover))
             lines.append(self._checkpoint(Reason.RECOVERY, shipped))
-        await asyncio.to_thread(self._append, lines, shipped)
+        self._appender = _AppendThread(self._append)
+        try:
+            await self._appender.append(lines, shipped)
+        except BaseException:
+            await asyncio.to_thread(self._appender.stop)
+            self._appender = None
+            raise
         if self.ephemeral_key:
             print(
                 f"warning: {self.path}: the key directory has no audit key (audit-<kid>), so audit checkpoints are "
@@ -356,8 +406,11 @@ class AuditLog:
         shipped: list[str] = []
         lines = [self._checkpoint(Reason.FINAL, shipped)]
         try:
-            await asyncio.to_thread(self._append, lines, shipped)
+            await self._append_in_thread(lines, shipped)
         finally:
+            if self._appender is not None:
+                await asyncio.to_thread(self._appender.stop)
+                self._appender = None
             os.close(self._fd)
             self._fd = -1
 
@@ -459,6 +512,11 @@ class AuditLog:
         shipped.append(f'{{"{CHECKPOINT_LINE}":{line[:-1]}}}\n')
         return line
 
+    def _append_in_thread(self, lines: list[str], shipped: list[str]) -> asyncio.Future[None]:
+        if self._appender is None:
+            raise RuntimeError("the audit log is not running")
+        return self._appender.append(lines, shipped)
+
     def _append(self, lines: list[str], shipped: list[str]) -> None:
         data = "".join(lines).encode()
         try:
@@ -523,7 +581,7 @@ class AuditLog:
         if self._since_checkpoint and time.monotonic() - self._first_unsigned >= self.checkpoint_seconds:
             lines.append(self._checkpoint(Reason.INTERVAL, shipped))
         try:
-            await asyncio.to_thread(self._append, lines, shipped)
+            await self._append_in_thread(lines, shipped)
         except OSError as error:
             # Nothing of the batch is in the file: the chain goes on from where the file ends.
             self._seq, self._head, self._since_checkpoint, self._first_unsigned = saved

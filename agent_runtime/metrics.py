@@ -90,6 +90,7 @@ class RuntimeMetrics:
 
         # Labelled children looked up once: .labels() takes a lock and builds a key on every call.
         self._request_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._operation_children: dict[tuple[str, str], Any] = {}
 
     def observe_request(self, route: str, method: str, status: str, seconds: float) -> None:
         key = (route, method, status)
@@ -99,6 +100,12 @@ class RuntimeMetrics:
             self._request_children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def count_operation(self, operation: str, result: str) -> None:
+        child = self._operation_children.get((operation, result))
+        if child is None:
+            child = self._operation_children[(operation, result)] = self.operations.labels(operation, result)
+        child.inc()
 
     def observe_audit_batch(self, seconds: float, records: int) -> None:
         self.audit_write.observe(seconds)

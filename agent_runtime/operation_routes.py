@@ -189,7 +189,7 @@ async def limit_refused(request: web.Request, name: str, exceeded: LimitExceeded
     (operation, limit, caller) in a window is recorded, the rest counted and recorded as one summary
     when the window ends (api.record_failure_summaries), as failed authentications are."""
     seconds = max(1, math.ceil(exceeded.retry_after_seconds))
-    request.app[METRICS].operations.labels(name, "rate_limited").inc()
+    request.app[METRICS].count_operation(name, "rate_limited")
     first = request.app[LIMIT_REFUSALS].add(name, exceeded.limit, caller)
     await record_failure_summaries(request.app)  # windows that ended come before this new one
     if first:
@@ -245,7 +245,7 @@ async def execute(request: web.Request, operation: Operation, argument: Any, aud
         raise await _failure(request, operation, error, {**audit_details, **call_details}) from None
     finally:
         CALL_DETAILS.reset(details_token)
-    metrics.operations.labels(name, "success").inc()
+    metrics.count_operation(name, "success")
     details = {
         **audit_details,
         **call_details,
@@ -284,7 +284,7 @@ async def _failure(
     metrics = request.app[METRICS]
 
     async def failed(result: str, **details: Any) -> None:
-        metrics.operations.labels(name, result).inc()
+        metrics.count_operation(name, result)
         await audit(request, type="operation", action=name, result=result, details={**audit_details, **details})
 
     if isinstance(error, ApiError):
@@ -292,7 +292,7 @@ async def _failure(
     if isinstance(error, LimitExceededError):  # a budget checked again inside the operation
         return await limit_refused(request, name, error, CALLER.get(request[PRINCIPAL].subject))
     if isinstance(error, InputError):
-        metrics.operations.labels(name, "invalid_input").inc()
+        metrics.count_operation(name, "invalid_input")
         return ApiError(422, "invalid_input", f"input: {error}")
     if isinstance(error, ModelError):
         await failed("unavailable", reason=str(error))
@@ -326,7 +326,7 @@ async def _shed(request: web.Request, operation: Operation, audit_details: dict[
     name = operation.name
     metrics = request.app[METRICS]
     metrics.shed.labels(name).inc()
-    metrics.operations.labels(name, "shed").inc()
+    metrics.count_operation(name, "shed")
     await audit(request, type="operation", action=name, result="shed", details=audit_details)
     return ApiError(503, "overloaded", f"operation {name!r} is at capacity; retry shortly", {"Retry-After": "1"})
 
@@ -334,7 +334,7 @@ async def _shed(request: web.Request, operation: Operation, audit_details: dict[
 async def _timed_out(request: web.Request, operation: Operation, audit_details: dict[str, Any]) -> ApiError:
     name = operation.name
     timeout = request.app[CONFIG].resilience.operation_timeout_seconds
-    request.app[METRICS].operations.labels(name, "timeout").inc()
+    request.app[METRICS].count_operation(name, "timeout")
     details = {**audit_details, "seconds": timeout}
     await audit(request, type="operation", action=name, result="timeout", details=details)
     return ApiError(504, "operation_timeout", f"operation {name!r} took longer than {timeout:g}s")
@@ -504,7 +504,7 @@ async def _relay(
     if problem is not None:
         error_data = {"code": problem.code, "message": problem.message, "request_id": request[REQUEST_ID]}
         await _last_write(request, lambda: response.write(_sse(StreamEvent(error_data, "error"))))
-    request.app[METRICS].operations.labels(name, outcome).inc()
+    request.app[METRICS].count_operation(name, outcome)
     details = {
         **audit_details,
         **call_details,

@@ -7,9 +7,12 @@
 - bare aiohttp: a handler that returns the same JSON, nothing else;
 - FastAPI + uvicorn[standard] (uvloop, httptools): a bare hello, the seed's stack.
 
-    .venv/bin/python -m bench.runtime [--seconds 10] [--connections 16]
+    .venv/bin/python -m bench.runtime [--seconds 10] [--connections 16 64 256] [--profile flame.svg]
 
-Needs wrk (Debian package `wrk`; `make bench-runtime` installs it).
+Needs wrk (Debian package `wrk`; `make bench-runtime` installs it). With --profile, py-spy (bench
+extra) samples the first server of the table, without pausing it, while wrk loads it, and writes a
+flame graph (SVG; `--profile flame.txt` writes collapsed stacks to grep instead). Also printed: the
+runtime's RSS at rest (after start-up and one login) and at the end of its load.
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ def run_wrk(port: int, bearer: str, seconds: int, connections: int, workdir: Pat
     if "Non-2xx" in output:
         raise RuntimeError(f"errors during the run:\n{output}")
     return {
+        "requests": float(re.search(r"(\d+) requests in", output).group(1)),  # type: ignore[union-attr]
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),  # type: ignore[union-attr]
         "p50": _ms(re.search(r"\s50%\s+([\d.]+\w+)", output).group(1)),  # type: ignore[union-attr]
         "p99": _ms(re.search(r"\s99%\s+([\d.]+\w+)", output).group(1)),  # type: ignore[union-attr]
@@ -109,15 +113,64 @@ def serve(command: list[str], port: int, env: dict[str, str] | None = None) -> s
     return process
 
 
+def _status_kib(pid: int, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return float(line.split()[1])
+    return float("nan")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Row:
+    """One server at one connection count. ``cpu_us``: the server's CPU time per request, which
+    a busy machine changes far less than req/s (wrk and other processes take turns on the cores)."""
+
+    def __init__(self, wrk: dict[str, float], cpu_seconds: float, rest_mib: float, peak_mib: float) -> None:
+        self.rps, self.p50, self.p99 = wrk["rps"], wrk["p50"], wrk["p99"]
+        self.cpu_us = cpu_seconds / wrk["requests"] * 1e6
+        self.rest_mib, self.peak_mib = rest_mib, peak_mib
+
+
+def load(
+    process: subprocess.Popen[bytes], port: int, bearer: str, args: argparse.Namespace, workdir: Path, profile: bool
+) -> dict[int, Row]:
+    """wrk at each connection count against one running server; py-spy beside the first count."""
+    rest = _status_kib(process.pid, "VmRSS") / 1024
+    rows = {}
+    for connections in args.connections:
+        spy = None
+        if profile:
+            raw = args.profile.suffix != ".svg"
+            spy = subprocess.Popen(
+                [str(BIN / "py-spy"), "record", "--nonblocking", "--rate", "250", "--duration", str(args.seconds + 2),
+                 "--pid", str(process.pid), "--output", str(args.profile), "--format", "raw" if raw else "flamegraph"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            profile = False
+        cpu_before = _cpu_seconds(process.pid)
+        wrk = run_wrk(port, bearer, args.seconds, connections, workdir)
+        cpu = _cpu_seconds(process.pid) - cpu_before
+        rows[connections] = Row(wrk, cpu, rest, _status_kib(process.pid, "VmHWM") / 1024)
+        if spy is not None:
+            spy.wait()
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--connections", type=int, nargs="+", default=[16], help="wrk connection counts, each a run")
+    parser.add_argument("--profile", type=Path, help="write py-spy's flame graph of the first server here")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[int, Row]] = {}
     postgres = None if available() else PostgresServer(Path(tempfile.mkdtemp(prefix="bench-pg-"))).init()
     with tempfile.TemporaryDirectory(prefix="bench-runtime-") as tmp, contextlib.ExitStack() as cleanup:
         if postgres is not None:
@@ -127,9 +180,9 @@ def main() -> int:
         # (audit on disk or tmpfs, share of requests traced, state on PostgreSQL); spans are made
         # but not exported.
         variants = {
-            "ours: audit on disk, 10% traced": (workdir / "data-disk", 0.1, False),
+            OURS: (workdir / "data-disk", 0.1, False),
             "ours: audit on tmpfs, 10% traced": (Path(tempfile.mkdtemp(prefix="bench-audit-", dir=shm)), 0.1, False),
-            "ours: audit on tmpfs, 100% traced": (Path(tempfile.mkdtemp(prefix="bench-audit-", dir=shm)), 1.0, False),
+            OURS_TRACED: (Path(tempfile.mkdtemp(prefix="bench-audit-", dir=shm)), 1.0, False),
         }
         if postgres is not None:
             variants["ours: disk, 10% traced, PostgreSQL state"] = (workdir / "data-pg", 0.1, True)
@@ -137,21 +190,12 @@ def main() -> int:
             config = layout(workdir / f"agent-{index}", data_dir, ratio)
             port = free_port()
             process = serve(
-                [
-                    str(BIN / "agent-runtime"),
-                    "serve",
-                    "--config",
-                    str(config),
-                    "--port",
-                    str(port),
-                    "--host",
-                    "127.0.0.1",
-                ],
+                [str(BIN / "agent-runtime"), "serve", "--config", str(config), "--port", str(port), "--host", "127.0.0.1"],
                 port,
                 env={"DATABASE_URL": postgres.url} if shared and postgres is not None else None,
-            )
+            )  # fmt: skip
             try:
-                results[name] = run_wrk(port, token(port), args.seconds, args.connections, workdir)
+                results[name] = load(process, port, token(port), args, workdir, index == 0 and args.profile is not None)
             finally:
                 process.terminate()
                 process.wait()
@@ -159,43 +203,67 @@ def main() -> int:
         port = free_port()
         process = serve([str(BIN / "python"), "-m", "bench.servers.bare_aiohttp", str(port)], port)
         try:
-            results["bare aiohttp handler"] = run_wrk(port, "unused", args.seconds, args.connections, workdir)
+            results[BARE] = load(process, port, "unused", args, workdir, False)
         finally:
             process.terminate()
             process.wait()
         port = free_port()
         command = [
-            str(BIN / "uvicorn"),
-            "bench.servers.fastapi_hello:app",
-            "--port",
-            str(port),
-            "--loop",
-            "uvloop",
-            "--http",
-            "httptools",
-            "--no-access-log",
-            "--log-level",
-            "warning",
-        ]
+            str(BIN / "uvicorn"), "bench.servers.fastapi_hello:app", "--port", str(port), "--loop", "uvloop",
+            "--http", "httptools", "--no-access-log", "--log-level", "warning",
+        ]  # fmt: skip
         process = serve(command, port)
         try:
-            results["FastAPI + uvicorn[standard] hello"] = run_wrk(
-                port, "unused", args.seconds, args.connections, workdir
-            )
+            results[FASTAPI] = load(process, port, "unused", args, workdir, False)
         finally:
             process.terminate()
             process.wait()
-
-    bare = results["bare aiohttp handler"]
-    print(
-        f"\nwrk, 1 thread, {args.connections} connections, {args.seconds} s per server, loopback, {os.cpu_count()} cores"
-    )
-    print(f"{'server':44}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'vs bare':>9}{'p99 added':>11}")
-    for name, row in results.items():
-        print(
-            f"{name:44}{row['rps']:>9.0f}{row['p50']:>9.2f}{row['p99']:>9.2f}{row['rps'] / bare['rps']:>8.2f}x{row['p99'] - bare['p99']:>9.2f}ms"
-        )
+    report(results, args)
     return 0
+
+
+OURS = "ours: audit on disk, 10% traced"
+OURS_TRACED = "ours: audit on tmpfs, 100% traced"
+BARE = "bare aiohttp handler"
+FASTAPI = "FastAPI + uvicorn[standard] hello"
+
+
+def report(results: dict[str, dict[int, Row]], args: argparse.Namespace) -> None:
+    for connections in args.connections:
+        bare = results[BARE][connections]
+        print(
+            f"\nwrk, 1 thread, {connections} connections, {args.seconds} s per server, loopback, {os.cpu_count()} cores"
+        )
+        print(
+            f"{'server':44}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'vs bare':>9}{'p99 added':>11}"
+            f"{'CPU/req':>10}{'RSS rest':>10}{'peak':>8}"
+        )
+        for name, rows in results.items():
+            row = rows[connections]
+            print(
+                f"{name:44}{row.rps:>9.0f}{row.p50:>9.2f}{row.p99:>9.2f}{row.rps / bare.rps:>8.2f}x"
+                f"{row.p99 - bare.p99:>9.2f}ms{row.cpu_us:>8.0f}us{row.rest_mib:>7.0f}MiB{row.peak_mib:>5.0f}MiB"
+            )
+    first = args.connections[0]
+    ours, bare, fastapi = results[OURS][first], results[BARE][first], results[FASTAPI][first]
+    traced = results[OURS_TRACED][first]
+    print(f"\nratios at {first} connections (issue 19's targets):")
+    print(f"  ours / FastAPI hello      {ours.rps / fastapi.rps:5.2f}x  (target >= 1.0x)")
+    print(f"  ours / bare aiohttp       {ours.rps / bare.rps:5.2f}x  (target >= 0.5x)")
+    print(f"  ours p99 added            {ours.p99 - bare.p99:5.2f} ms (target < 2 ms)")
+    print(f"  100% traced / bare        {traced.rps / bare.rps:5.2f}x  (target >= 0.3x)")
+    print(
+        f"  CPU per request           ours {ours.cpu_us:.0f} us, FastAPI hello {fastapi.cpu_us:.0f} us,"
+        f" bare {bare.cpu_us:.0f} us (ours / FastAPI in CPU: {fastapi.cpu_us / ours.cpu_us:.2f}x)"
+    )
+    print(f"  ours peak RSS             {max(row.peak_mib for row in results[OURS].values()):5.0f} MiB (goal < 80 MiB)")
+    if len(args.connections) > 1:
+        growth = ", ".join(
+            f"{c}: {results[OURS][c].rps:.0f} req/s p99 {results[OURS][c].p99:.1f} ms" for c in args.connections
+        )
+        print(f"  ours from {args.connections[0]} to {args.connections[-1]} connections: {growth}")
+    if args.profile is not None:
+        print(f"  flame graph of {OURS!r}: {args.profile}")
 
 
 if __name__ == "__main__":

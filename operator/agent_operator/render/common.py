@@ -114,9 +114,23 @@ def stable_hash(data: Any, length: int = 10) -> str:
 
 
 def encode_spec(spec: Any) -> str:
-    """The spec as compact gzip+base64 JSON; a full spec stays well under the annotation limit."""
-    raw = json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()
+    """The spec as compact gzip+base64 JSON; a full spec stays well under the annotation limit.
+
+    Whole floats are written as integers, as the API server stores them: the spec read back from a
+    ControllerRevision says 5 where the agent's model said 5.0, and the annotation must not differ
+    (it did, and every new agent's Deployment was written twice)."""
+    raw = json.dumps(_whole_floats_as_ints(spec), sort_keys=True, separators=(",", ":")).encode()
     return base64.b64encode(gzip.compress(raw, mtime=0)).decode()
+
+
+def _whole_floats_as_ints(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {key: _whole_floats_as_ints(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_whole_floats_as_ints(item) for item in value]
+    return value
 
 
 def decode_spec(text: str) -> Any:
