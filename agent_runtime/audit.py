@@ -545,7 +545,10 @@ class AuditLog:
             if self._since_checkpoint:
                 timeout = max(0.0, self._first_unsigned + self.checkpoint_seconds - time.monotonic())
             try:
-                first = await asyncio.wait_for(self._queue.get(), timeout)
+                # asyncio.timeout, not wait_for: wait_for wraps the get in a task of its own on
+                # every batch, and some record is nearly always waiting for its checkpoint.
+                async with asyncio.timeout(timeout):
+                    first = await self._queue.get()
             except TimeoutError:
                 await self._write([])  # records have waited checkpoint_seconds: sign them now
                 continue

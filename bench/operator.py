@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from agent_operator.defaults import WORKERS
 from agent_operator.manifest import dump_yaml_all, load_agents
 from agent_operator.render import RenderPlan, build_children
 from eao_devtools.cluster import Cluster, ensure_binaries
@@ -122,10 +123,32 @@ def run_ours(bench: Bench, count: int, workdir: Path) -> dict[str, float]:
         print(
             "writes per agent by request: " + ", ".join(f"{k} {v:.2f}" for k, v in breakdown.items() if v), flush=True
         )
+        time_spent(operator, operator.process.pid, seconds)
     finally:
         operator.stop()
     bench.kubectl("delete", "namespace", namespace, "--wait=false")
     return {"seconds": seconds, "rss_mib": rss, "writes": writes, "writes_per_agent": writes / count}
+
+
+def time_spent(operator: OperatorProcess, pid: int, wall: float) -> None:
+    """Where the operator's time to Ready went, from its own metrics: reconciles (our CPU and the
+    API requests they await), API requests, the queue; its CPU time from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    reconciles = operator.metric("agent_operator_reconcile_duration_seconds_count")
+    reconcile_seconds = operator.metric("agent_operator_reconcile_duration_seconds_sum")
+    requests = operator.metric("agent_operator_api_request_duration_seconds_count")
+    request_seconds = operator.metric("agent_operator_api_request_duration_seconds_sum")
+    queued = operator.metric("agent_operator_workqueue_wait_seconds_count")
+    queue_seconds = operator.metric("agent_operator_workqueue_wait_seconds_sum")
+    print(
+        f"where the time went ({wall:.1f} s to all Ready): operator CPU {cpu:.1f} s;"
+        f" {reconciles:.0f} reconciles, {reconcile_seconds:.1f} s in them ({reconcile_seconds / max(reconciles, 1) * 1000:.0f} ms"
+        f" each, {WORKERS} at once); {requests:.0f} API requests, {request_seconds:.1f} s awaiting them"
+        f" ({request_seconds / max(requests, 1) * 1000:.0f} ms each); {queued:.0f} waits in the queue,"
+        f" {queue_seconds / max(queued, 1):.1f} s each on average",
+        flush=True,
+    )
 
 
 def run_baseline(bench: Bench, count: int) -> dict[str, float]:

@@ -71,11 +71,13 @@ class WorkQueue:
         self._dirty: set[Hashable] = set()
         self._processing: set[Hashable] = set()
         self._timers: dict[Hashable, asyncio.TimerHandle] = {}
+        self._since: dict[Hashable, float] = {}  # when each dirty key was queued
 
     def add(self, key: Hashable) -> None:
         if key in self._dirty:
             return
         self._dirty.add(key)
+        self._since[key] = time.monotonic()
         if key not in self._processing:
             self._queue.put_nowait(key)
         metrics.QUEUE_DEPTH.set(len(self._dirty))
@@ -99,6 +101,9 @@ class WorkQueue:
         key = await self._queue.get()
         self._processing.add(key)
         self._dirty.discard(key)
+        queued = self._since.pop(key, None)
+        if queued is not None:
+            metrics.QUEUE_WAIT.observe(time.monotonic() - queued)
         metrics.QUEUE_DEPTH.set(len(self._dirty))
         return key
 

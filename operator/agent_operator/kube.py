@@ -148,6 +148,12 @@ class Kube:
     ) -> dict[str, Any]:
         if method != "GET":
             metrics.API_WRITES.labels(verb=method.lower(), resource=resource).inc()
+        with metrics.API_REQUEST_DURATION.labels(verb=method.lower()).time():
+            return await self._send(method, path, body, query, content_type, accept)
+
+    async def _send(
+        self, method: str, path: str, body: Any, query: list[tuple[str, str]] | None, content_type: str, accept: str
+    ) -> dict[str, Any]:
         try:
             response = await self.api.call_api(
                 path,

@@ -25,6 +25,19 @@ API_WRITES = Counter(
     "agent_operator_api_writes_total", "Write requests the operator sent to the API server.", ["verb", "resource"]
 )
 QUEUE_DEPTH = Gauge("agent_operator_workqueue_depth", "Agents waiting to be reconciled.")
+# client-go's workqueue_queue_duration_seconds and rest_client_request_duration_seconds: with the
+# reconcile durations, they tell where the time to Ready goes (waiting for a worker, the API, us).
+QUEUE_WAIT = Histogram(
+    "agent_operator_workqueue_wait_seconds",
+    "Time an agent waited in the work queue before a worker took it.",
+    buckets=(0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+API_REQUEST_DURATION = Histogram(
+    "agent_operator_api_request_duration_seconds",
+    "Time one request to the API server took (watch streams excluded), by verb.",
+    ["verb"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
 LEADER = Gauge("agent_operator_leader", "1 while this replica holds the leader Lease, else 0.")
 RESYNCS = Counter("agent_operator_resyncs_total", "Periodic resyncs that queued every agent.")
 ROLLOUTS = Counter(

@@ -300,8 +300,11 @@ def _events_for(old: Sequence[Condition], new: Sequence[Condition]) -> list[tupl
         holds = condition.status == ConditionStatus.TRUE
         if not holds and type_ != ConditionType.READY:
             continue  # a condition clearing is reported by the one that takes over
-        if type_ == ConditionType.READY and not holds and before is None:
-            continue  # not ready at creation is no news
+        if before is None and (type_ in _FIRST_ROLLOUT_TYPES or (type_ == ConditionType.READY and not holds)):
+            # A new agent rolling out and not ready yet is no news: its status says so at once
+            # (which GitOps tools read), and its Event comes when it is Available or stalls. One
+            # write per agent fewer, which 1,000 agents created at once feel.
+            continue
         warning = type_ in _WARNING_TYPES or (type_ == ConditionType.READY and not holds)
         event = ("Warning" if warning else "Normal", condition.reason, condition.message)
         if event not in events:  # Reconciling and Progressing often move together: one Event
@@ -310,6 +313,7 @@ def _events_for(old: Sequence[Condition], new: Sequence[Condition]) -> list[tupl
 
 
 _OWN_TYPES = frozenset(ConditionType)
+_FIRST_ROLLOUT_TYPES = frozenset({ConditionType.RECONCILING, ConditionType.PROGRESSING})
 # Conditions whose turning True is a Warning Event (Ready turning False is one too).
 _WARNING_TYPES = frozenset({ConditionType.STALLED, ConditionType.DEGRADED, ConditionType.SHARED_STATE_MISSING})
 

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any, cast
 
 import pytest
+from prometheus_client import REGISTRY
 
 from agent_operator import conditions as cond
 from agent_operator.controller import Controller, ControllerSettings, WorkQueue
@@ -91,6 +92,7 @@ def test_plan_for_a_new_agent_applies_every_child_and_is_progressing() -> None:
     assert result.status.phase == Phase.PENDING
     assert result.status.observed_generation == 1
     assert cond.is_true(result.status.conditions, ConditionType.RECONCILING)
+    assert result.events == []  # rolling out at creation is no news (one write per agent fewer)
 
 
 def _as_the_api_server_returns(obj: Any) -> Any:
@@ -125,6 +127,7 @@ def test_plan_with_nothing_changed_writes_nothing_and_posts_nothing() -> None:
     children[deployment_key] = {**children[deployment_key], "status": _deployment(first.revision or "", 1)["status"]}
     ready = plan(children=children, memo=memo)
     assert ready.status.phase == Phase.READY
+    assert [(kind, reason) for kind, reason, _ in ready.events] == [("Normal", "Available")]
     again = plan(ready.status_body(), children, LATER_TIME, memo)
     assert again.apply == []
     assert again.delete == []
@@ -240,6 +243,28 @@ def test_work_queue_coalesces_and_never_hands_one_key_to_two_workers() -> None:
         return [str(first), str(second), str(third)]
 
     assert asyncio.run(scenario()) == ["a", "b", "a"]
+
+
+def test_work_queue_reports_how_long_a_key_waited() -> None:
+    """agent_operator_workqueue_wait_seconds: one observation per hand-out, of the time since the
+    key was queued (a key queued twice before it is taken counts from the first time)."""
+
+    def observed() -> tuple[float, float]:
+        count = REGISTRY.get_sample_value("agent_operator_workqueue_wait_seconds_count") or 0.0
+        return count, REGISTRY.get_sample_value("agent_operator_workqueue_wait_seconds_sum") or 0.0
+
+    async def scenario() -> None:
+        queue = WorkQueue()
+        queue.add("a")
+        await asyncio.sleep(0.05)
+        queue.add("a")
+        await queue.get()
+
+    count, total = observed()
+    asyncio.run(scenario())
+    after_count, after_total = observed()
+    assert after_count == count + 1
+    assert after_total - total >= 0.05
 
 
 def test_another_controllers_condition_is_carried_along() -> None:
