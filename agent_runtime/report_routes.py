@@ -16,12 +16,15 @@ from agent_contract.config import Permission, SecurityLevel
 from agent_contract.operations import GENERATE_REPORT
 from agent_runtime.api import ACTING_FOR, ApiError, audit, authorize
 from agent_runtime.operations import InputError, Operation
+from agent_runtime.operations.analyze import WORKER_PRELOAD as ANALYSIS_PRELOAD
 from agent_runtime.operations.reports import ReportInput, build_report
 from agent_runtime.routing import QueryParameter, Reply, Route
 from agent_runtime.state import AUTHORIZER, STORE, WORKERS
 
 FORMATS = ("markdown", "html", "json")
 EXTENSIONS = {"markdown": "md", "html": "html", "json": "json"}
+# The report's analysis runs in a CPU worker, with analyze_data's engine (operation_routes.worker_pool).
+WORKER_PRELOAD = ANALYSIS_PRELOAD
 # The HTML report is static: nothing may load or run, whatever a title or column name holds.
 REPORT_CSP = "default-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 
