@@ -190,6 +190,11 @@ def main() -> int:
                 print(f"{'API writes':34}{ours['writes']:>18.0f}{baseline['writes']:>27.0f}")
                 print(f"{'writes per agent':34}{ours['writes_per_agent']:>18.1f}{baseline['writes_per_agent']:>27.1f}")
                 print(f"{'operator peak RSS':34}{ours['rss_mib']:>14.0f} MiB{'-':>27}")
+                print(
+                    f"ratios: time {ours['seconds'] / baseline['seconds']:.1f}x the baseline (target <= 1.3x);"
+                    f" {ours['writes_per_agent']:.1f} writes per agent, children + 2 = {children_per_agent + 1 + 2}"
+                    f" (the ControllerRevision counted); peak RSS {ours['rss_mib']:.0f} MiB (target < 200 MiB)"
+                )
                 sys.stdout.flush()
         finally:
             cluster.down()
