@@ -414,17 +414,26 @@ class AuditLog:
             return
         self._closing = True
         self._queue.put_nowait(None)  # after everything queued before it
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._writer
+        try:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        except BaseException:  # the writer died of a bug: raised, once the thread and file are closed
+            self._writer = None
+            await self._stop_appending()
+            raise
         self._writer = None
         shipped: list[str] = []
         lines = [self._checkpoint(Reason.FINAL, shipped)]
         try:
             await self._append_in_thread(lines, shipped)
         finally:
-            if self._appender is not None:
-                await asyncio.to_thread(self._appender.stop)
-                self._appender = None
+            await self._stop_appending()
+
+    async def _stop_appending(self) -> None:
+        if self._appender is not None:
+            await asyncio.to_thread(self._appender.stop)
+            self._appender = None
+        if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 
@@ -487,10 +496,12 @@ class AuditLog:
             "details": details or {},
         }
 
-    def _chain(self, record: dict[str, Any]) -> str:
+    def _chain(self, record: dict[str, Any], signed: bool = False) -> str:
+        """``signed``: a checkpoint, whose signature covers canonical()'s bytes and whose stdout
+        copy verify re-serialises: written by canonical() itself, so no float can read otherwise."""
         record["seq"] = self._seq + 1
         record["prev"] = self._head
-        body = _written(record)  # serialised once: hashed, then written with the hash appended
+        body = canonical(record) if signed else _written(record)  # once: hashed, then written with the hash
         self._seq += 1  # only now: a value JSON cannot hold has raised above and changed nothing
         record["hash"] = self._head = hashlib.sha256(body).hexdigest()
         self.recent.append(record)
@@ -522,7 +533,7 @@ class AuditLog:
         }
         details["signature"] = base64.b64encode(self._key.sign(checkpoint_message(record))).decode()
         self._since_checkpoint = 0
-        line = self._chain(record)
+        line = self._chain(record, signed=True)
         shipped.append(f'{{"{CHECKPOINT_LINE}":{line[:-1]}}}\n')
         return line
 
@@ -548,7 +559,7 @@ class AuditLog:
         if copy:
             # The copy is best effort: the records are on disk already, and a closed stdout must
             # not fail the requests they belong to.
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
                 self._copy_to_stream(copy)
 
     def _copy_to_stream(self, copy: bytes) -> None:
@@ -558,7 +569,7 @@ class AuditLog:
         stream = self.stream or sys.stdout
         try:
             fd = -1 if self.stream is not None else stream.fileno()
-        except (OSError, ValueError):  # stdout replaced by something without a descriptor
+        except (OSError, ValueError, AttributeError):  # stdout replaced by something without a descriptor
             fd = -1
         if fd < 0:
             stream.write(copy.decode())

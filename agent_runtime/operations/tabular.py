@@ -9,6 +9,7 @@ it). numpy and pandas cost the server process about 50 MB it would never use."""
 
 from __future__ import annotations
 
+import csv
 import io
 import math
 import re
@@ -120,11 +121,31 @@ def _read_csv(data: bytes, **options: Any) -> pd.DataFrame:
         raise ValueError(f"csv: cannot be parsed: {message}") from None
 
 
+# pandas makes an object per header field (about 1 KB each): a megabyte of commas would be a
+# million columns and a gigabyte before any row is read. Far more than MAX_COLUMNS are still taken.
+MAX_HEADER_FIELDS = 10_000
+
+
+def _header_width(text: str) -> int:
+    """The fields of the header record (the first line that is not blank), by the csv module,
+    which reads one record and stops: quoted line breaks included, nothing else made."""
+    try:
+        for row in csv.reader(io.StringIO(text)):
+            if len(row) > 1 or any(cell.strip() for cell in row):
+                return len(row)
+    except csv.Error as error:  # a header field beyond the csv module's 128 KiB
+        raise ValueError(f"csv: cannot be parsed: {error}") from None
+    return 0
+
+
 def _csv_columns(text: str, wanted: list[str] | None) -> tuple[int, dict[str, Floats]]:
     try:
         data = text.encode()
     except UnicodeEncodeError as error:  # a lone surrogate from a JSON escape
         raise ValueError(f"csv: not encodable as UTF-8 at character {error.start}") from None
+    width = _header_width(text)
+    if width > MAX_HEADER_FIELDS:
+        raise ValueError(f"csv: the header has {width} fields, more than {MAX_HEADER_FIELDS}")
     # The header as written: pandas renames "" and repeated names ("Unnamed: 1", "a.1"). Unlike the
     # csv module (the reader before pandas), pandas drops a leading byte-order mark, and skips lines
     # of only blanks as it skips empty ones (csv.DictReader counted them as rows without numbers).

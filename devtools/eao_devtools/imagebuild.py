@@ -19,6 +19,7 @@ containerd imports.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import subprocess
@@ -160,14 +161,23 @@ def build_images(cache: Path, say: Callable[[str], None] = print) -> list[BuiltI
     return images
 
 
+# Archives of other sources are kept this long: another checkout's job (a CI clone beside a
+# working tree) may be importing them right now.
+STALE_ARCHIVE_SECONDS = 6 * 3600
+
+
 def _release_disk(cache: Path, key: str, log: Path) -> None:
     """Each build leaves about 1 GB behind: archives of earlier sources in the cache and untagged
-    layers in buildah's store. A disk that fills up fails every later test, so only the current
-    archives and the tagged bases (the next build starts from them) are kept."""
+    layers in buildah's store. A disk that fills up fails every later test, so archives of other
+    sources go once stale, and untagged layers at once (the tagged bases, which the next build
+    starts from, stay). Best effort: the images are built already."""
+    now = time.time()
     for folder in cache.iterdir():
-        if folder.is_dir() and folder.name != key:
-            shutil.rmtree(folder, ignore_errors=True)
-    _run("buildah", "rmi", "--prune", log=log)
+        with contextlib.suppress(OSError):
+            if folder.is_dir() and folder.name != key and now - folder.stat().st_mtime > STALE_ARCHIVE_SECONDS:
+                shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(ImageBuildError):
+        _run("buildah", "rmi", "--prune", log=log)
 
 
 # A PostgreSQL for examples on the real node (examples/shared-state.yaml): Debian's postgresql-15

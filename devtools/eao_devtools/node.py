@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from eao_devtools.hoststate import HostSnapshot
+from eao_devtools.hoststate import HostSnapshot, mounts_under
 
 NODE_NAME = "eao-node"
 BRIDGE = "eao0"
@@ -87,7 +87,8 @@ class RealNode:
 
     @property
     def mount_prefixes(self) -> tuple[str, ...]:
-        return (str(self.state_dir), str(CONTAINERD_RUN), "/run/netns", "/var/lib/kubelet")
+        # Resolved: mountinfo lists real paths, and a relative or symlinked state dir must match them.
+        return (str(self.state_dir.resolve()), str(CONTAINERD_RUN), "/run/netns", "/var/lib/kubelet")
 
     # -- host network ------------------------------------------------------------------------------
 
@@ -307,7 +308,10 @@ state = "{CONTAINERD_RUN / "state"}"
         imports the images again), keeping configs and logs. Only called once nothing is mounted
         under the state directory any more: a mount's contents must never be deleted through it."""
         for bulky in (self.state_dir / "containerd", self.kubelet_root):
-            shutil.rmtree(bulky, ignore_errors=True)
+            # By the resolved path, as the kernel lists mounts: a state dir named through a symlink
+            # or relatively must not hide a volume still mounted inside it.
+            if not mounts_under((str(bulky.resolve()),)):
+                shutil.rmtree(bulky, ignore_errors=True)
         for archive in self.state_dir.glob("*.tar"):
             archive.unlink()
 

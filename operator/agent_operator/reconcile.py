@@ -288,7 +288,8 @@ def shared_state_missing(agent: EnterpriseAgent) -> str | None:
 
 
 def _events_for(old: Sequence[Condition], new: Sequence[Condition]) -> list[tuple[str, str, str]]:
-    """An Event for every condition that changed status or reason; nothing when all is as before."""
+    """An Event for every condition that changed status or reason; nothing when all is as before,
+    and nothing for a new agent that starts rolling out (its Available or Stalled Event follows)."""
     events: list[tuple[str, str, str]] = []
     for condition in new:
         if condition.type not in _OWN_TYPES:

@@ -466,3 +466,19 @@ def test_the_server_process_never_imports_numpy_or_pandas() -> None:
     )
     printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert printed.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "text", [",," * 50_000 + "\n1\n", '"x\n",' + "," * 50_000 + "\n1\n"], ids=["commas", "after-a-quoted-line-break"]
+)
+async def test_a_header_of_a_hundred_thousand_fields_is_refused_before_it_is_parsed(text: str) -> None:
+    """A megabyte of commas would be a million pandas columns (a gigabyte): refused by its width,
+    which a quoted line break in the first field does not hide."""
+    with pytest.raises(InputError, match=r"^csv: the header has \d+ fields, more than 10000$"):
+        await analyze_data(AnalyzeInput(csv=text))
+
+
+async def test_commas_inside_a_quoted_header_field_are_not_fields() -> None:
+    result = await analyze_data(AnalyzeInput(csv='"x\n' + "," * 50_000 + '"\n1\n'))
+    assert result["rows"] == 1
+    assert result["columns"]["x\n" + "," * 50_000]["count"] == 1

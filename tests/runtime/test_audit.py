@@ -633,3 +633,21 @@ async def test_hostile_text_stays_on_one_line(tmp_path: Path, keys: KeyRing) -> 
     assert len(lines) == 3  # the start checkpoint, the record and the final checkpoint
     assert json.loads(lines[1])["actor"] == hostile
     assert verify_lines(lines, keys).ok
+
+
+@pytest.mark.parametrize("seconds", [5e-05, 1e-07, 1e16], ids=repr)
+async def test_checkpoints_verify_whatever_float_their_interval_is(
+    tmp_path: Path, keys: KeyRing, seconds: float
+) -> None:
+    """Records are written by orjson, checkpoints by canonical() (the standard library), whose
+    bytes their signature covers and verify re-serialises from the collector's copy: intervals
+    that the two write differently (5e-05 against 0.00005) still verify, trail and copy."""
+    copy = io.StringIO()
+    log = AuditLog(tmp_path / "audit.log", keys, to_stdout=False, checkpoint_every=2, checkpoint_seconds=seconds,
+                   stream=copy)  # fmt: skip
+    await log.start()
+    for index in range(3):
+        await log.record(type="operation", action="ping", result="success", actor=f"user{index}", details={"ms": 1e-07})
+    await log.close()
+    result = verify_trail((tmp_path / "audit.log").read_bytes(), keys, copy.getvalue().encode())
+    assert result.ok, result.describe()
