@@ -563,9 +563,9 @@ class AuditLog:
                 self._copy_to_stream(copy)
 
     def _copy_to_stream(self, copy: bytes) -> None:
-        """To stdout as bytes straight to its descriptor (whole lines, one write mostly), which
-        costs a third of a record's CPU less than text through sys.stdout; to any other stream
-        (tests) as text."""
+        """To stdout as the bytes just written to the file, straight to its descriptor (whole
+        lines, one write mostly; no second encoding through sys.stdout's text layer); to any other
+        stream (tests) as text."""
         stream = self.stream or sys.stdout
         try:
             fd = -1 if self.stream is not None else stream.fileno()
