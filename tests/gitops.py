@@ -24,8 +24,8 @@ DISCOVERY_LUA = ACTIONS_DIR / "discovery.lua"
 # for the unit tests of the actions; `EAO_RECORD_AGENTS=1 pytest tests/cluster/test_rollout.py -k argocd`
 # records them again.
 RECORDED_AGENTS = ROOT / "tests" / "unit" / "argocd_agents"
-# The resource actions we ship, each in ACTIONS_DIR/<name>.lua; `kubectl ea undo` has none (README, "GitOps").
-ACTIONS = ("promote", "abort", "retry")
+# The resource actions we ship, each in ACTIONS_DIR/<name>.lua, one per `kubectl ea` verb that changes an agent.
+ACTIONS = ("promote", "abort", "retry", "undo")
 # Argo CD runs health checks and actions in gopher-lua (Lua 5.1); 5.4 is what the issue asks for. Both
 # must agree.
 LUA_INTERPRETERS = ("lua5.1", "lua5.4")

@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import Any, cast
 
 from agent_contract.keyfiles import new_key_files
-from agent_operator import defaults, metrics, rollout, timefmt
+from agent_operator import defaults, metrics, rollout, timefmt, undo
 from agent_operator import reconcile as core
 from agent_operator.analysis import HttpAnalysis
 from agent_operator.conditions import Reason
@@ -36,6 +36,7 @@ from agent_operator.kube import Kube, KubeError
 from agent_operator.manifest import FieldError
 from agent_operator.render.common import (
     ANNOTATION_ROTATE_KEYS,
+    ANNOTATION_UNDO,
     LABEL_INSTANCE,
     LABEL_MANAGED_BY,
     MANAGER,
@@ -595,6 +596,8 @@ class Controller:
         body = record.body if record is not None else None
         if record is None or body is None or body["metadata"].get("deletionTimestamp"):
             return "deleted"  # children go with the agent through their ownerReferences
+        if ANNOTATION_UNDO in (body["metadata"].get("annotations") or {}):
+            return await self._undo(key, body, record)  # the reconcile follows with the spec it writes
         now = timefmt.now()
         uid = body["metadata"]["uid"]
         observed = core.Observed(
@@ -673,6 +676,41 @@ class Controller:
         result = await self._finish(body, plan, key)
         self._after_plan(key, plan)
         return result
+
+    async def _undo(self, key: AgentKey, body: Mapping[str, Any], record: AgentRecord) -> str:
+        """Answers an undo request (undo.py) from the cache: the spec set back to the previous
+        revision, or the request dropped with a Warning Event that says why."""
+        children = _controlled(record.children, body["metadata"]["uid"])
+
+        def find(kind: str, name: str) -> Mapping[str, Any] | None:
+            return children.get(("apps/v1", kind, name))
+
+        token = body["metadata"]["annotations"][ANNOTATION_UNDO]
+        answer = undo.decide(key[1], body.get("spec") or {}, read_status(body.get("status")), find)
+        version = body["metadata"]["resourceVersion"]
+        try:
+            await self._answer_undo(key, version, answer)
+        except KubeError as error:
+            if not (error.conflict or error.status in (400, 422)):
+                raise
+            current = await self.kube.get(AGENT.api_version, AGENT.kind, *key)
+            if current["metadata"].get("resourceVersion") != version or answer.spec is None:
+                self.observe_agent(None, current)
+                return "conflict"  # decided on a stale view: again, with the fresh agent
+            # The API server refuses the old spec itself (a stricter CRD since): say so, drop it.
+            answer = undo.Undo(revision=answer.revision, refused=f"revision {answer.revision}'s spec: {error}")
+            await self._answer_undo(key, version, answer)
+        if answer.refused is not None:
+            await self._event(body, "Warning", "UndoRefused", f"undo request {token!r}: {answer.refused}")
+            return "undo-refused"
+        message = f"spec set back to revision {answer.revision} (undo request {token!r}); it now differs from Git"
+        await self._event(body, "Normal", "Undone", message)
+        return "undone"
+
+    async def _answer_undo(self, key: AgentKey, version: str, answer: undo.Undo) -> None:
+        self._fence()
+        patched = await self.kube.patch_json(AGENT.api_version, AGENT.kind, *key, undo.answer_patch(version, answer))
+        self.observe_agent(None, patched)  # reconciled again with the spec it now has
 
     def _plan(
         self, observed: core.Observed, now: datetime, checks: list[rollout.Check] | None, record: AgentRecord

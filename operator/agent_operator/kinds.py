@@ -45,8 +45,10 @@ class Kind:
         return f"/apis/{self.api_version}" if self.group else f"/api/{self.api_version}"
 
 
-AGENT = Kind(f"{GROUP}/{VERSION}", KIND, PLURAL, Role.AGENT, frozenset({"get", "list", "watch"}), watched=True)
-# Only the status subresource is written (server-side apply).
+# The agent itself is written only to answer an undo request (the spec set back to the previous
+# revision and the request's annotation removed, in one JSON patch); otherwise only its status.
+AGENT = Kind(f"{GROUP}/{VERSION}", KIND, PLURAL, Role.AGENT, frozenset({"get", "list", "watch", "patch"}), watched=True)
+# The status subresource: server-side apply.
 AGENT_STATUS_VERBS = frozenset({"patch"})
 # Children's ownerReferences set blockOwnerDeletion, which OwnerReferencesPermissionEnforcement
 # (on OpenShift by default, and on the local control plane) allows only with this.

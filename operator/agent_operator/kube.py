@@ -210,6 +210,16 @@ class Kube:
         path = object_path(manifest["apiVersion"], manifest["kind"], meta.get("namespace"), meta["name"])
         return await self._request("PUT", path, manifest, [("fieldManager", MANAGER)], resource=_plural(manifest))
 
+    async def patch_json(
+        self, api_version: str, kind: str, namespace: str, name: str, operations: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """An RFC 6902 JSON patch; a ``replace`` of /metadata/resourceVersion in it makes it apply
+        only over that version (409 otherwise)."""
+        path = object_path(api_version, kind, namespace, name)
+        plural = _plural({"apiVersion": api_version, "kind": kind})
+        query = [("fieldManager", MANAGER)]
+        return await self._request("PATCH", path, operations, query, "application/json-patch+json", plural)
+
     async def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any]:
         return await self._request("GET", object_path(api_version, kind, namespace, name))
 

@@ -5,7 +5,7 @@
     kubectl ea promote NAME     approve the preview (sets spec.rollout.promote, as a Git commit would)
     kubectl ea abort NAME       traffic stays on, or returns to, the stable colour
     kubectl ea retry NAME       try an aborted rollout again
-    kubectl ea undo NAME        put the previous revision's spec back (this drifts from Git)
+    kubectl ea undo NAME        ask the operator to put the previous revision's spec back (drifts from Git)
 
 Exit codes: 0 success; 1 the agent is Stalled or Degraded (status), or it is in no state for the
 command (nothing to promote, abort, retry or undo); 2 usage or not found; 3 the API could not be
@@ -26,19 +26,12 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
-from agent_operator import timefmt
-from agent_operator.render.common import (
-    ANNOTATION_ABORT,
-    ANNOTATION_RETRY,
-    ANNOTATION_SPEC,
-    LABEL_REVISION,
-    decode_spec,
-    deployment_name_for,
-)
-from agent_operator.render.history import controller_revision_name_for, read_controller_revision
+from agent_operator import timefmt, undo
+from agent_operator.render.common import ANNOTATION_ABORT, ANNOTATION_RETRY, ANNOTATION_UNDO
 from agent_operator.rollout import BEFORE_PROMOTION, PROMOTABLE, SEQUENCE
 from agent_operator.spec import (
     GROUP,
+    KIND,
     PLURAL,
     VERSION,
     AbortReason,
@@ -297,65 +290,45 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _previous_revision(
-    apps: client.AppsV1Api, namespace: str, name: str, status: EnterpriseAgentStatus
-) -> tuple[str | None, Any]:
-    """The revision to go back to, and the Deployment that ran it (None when it is gone). During
-    or after a failed rollout it is the one serving; otherwise the one the other colour ran before
-    the last promotion (status keeps it too, should that Deployment be gone)."""
-    active = status.active_color
-    assert active is not None
-    color = active if status.preview_revision else active.other
-    try:
-        deployment = apps.read_namespaced_deployment(deployment_name_for(name, color), namespace)
-    except ApiException as error:
-        if error.status != 404:
-            raise PluginError(f"API error {error.status}: {error.reason}", EXIT_UNREACHABLE) from None
-        deployment = None
-    except (OSError, urllib3.exceptions.HTTPError) as error:
-        raise PluginError(f"cannot reach the API server: {error}", EXIT_UNREACHABLE) from None
-    meta = deployment.metadata if deployment is not None else None
-    revision = ((meta.labels if meta else None) or {}).get(LABEL_REVISION)
-    if revision is None:
-        roll = status.rollout
-        revision = status.active_revision if status.preview_revision else (roll.previous_revision if roll else None)
-    return revision, deployment
+def undo_patch(agent: dict[str, Any], token: str) -> dict[str, Any]:
+    """The merge patch `kubectl ea undo` sends for ``agent`` with this request token (pure; as the
+    Argo CD ``undo`` action): a request the operator answers (undo.py), since the previous spec is
+    in a ControllerRevision. PluginError (exit 1) when the status shows nothing to go back to."""
+    name, status = agent["metadata"]["name"], read_status(agent.get("status"))
+    if status.active_color is None:
+        raise PluginError(f"{name} has not served any revision yet", 1)
+    if not undo.status_revision(status):
+        raise PluginError(f"{name} has no previous revision to go back to", 1)
+    return {"metadata": {"annotations": {ANNOTATION_UNDO: token}}}
 
 
-def _recorded_spec(apps: client.AppsV1Api, namespace: str, name: str, revision: str, deployment: Any) -> Any:
-    """The spec of ``revision``: from its ControllerRevision, else (a Deployment an operator before
-    ControllerRevisions made) from the Deployment's spec annotation."""
-    try:
-        found = apps.read_namespaced_controller_revision(controller_revision_name_for(name, revision), namespace)
-        record = read_controller_revision(apps.api_client.sanitize_for_serialization(found))
-        if record is not None:
-            return dict(record.spec)
-    except ApiException as error:
-        if error.status != 404:
-            raise PluginError(f"API error {error.status}: {error.reason}", EXIT_UNREACHABLE) from None
-    except (OSError, urllib3.exceptions.HTTPError) as error:
-        raise PluginError(f"cannot reach the API server: {error}", EXIT_UNREACHABLE) from None
-    meta = deployment.metadata if deployment is not None else None
-    text = ((meta.annotations if meta else None) or {}).get(ANNOTATION_SPEC)
-    try:
-        return decode_spec(text or "")
-    except ValueError:
-        raise PluginError(f"revision {revision} of {name} is not recorded; cannot undo", 1) from None
+def _undo_answer(namespace: str, name: str, token: str) -> tuple[str, str] | None:
+    """(reason, message) of the operator's Event answering undo request ``token``, if posted yet."""
+    selector = f"involvedObject.name={name},involvedObject.kind={KIND}"
+    events = _call(lambda: client.CoreV1Api().list_namespaced_event(namespace, field_selector=selector))
+    for event in events.items:
+        if event.reason in ("Undone", "UndoRefused") and f"undo request {token!r}" in (event.message or ""):
+            return event.reason, event.message
+    return None
 
 
 def cmd_undo(args: argparse.Namespace) -> int:
-    api, namespace, agent, status = _target(args)
-    if status.active_color is None:
-        raise PluginError(f"{args.name} has not served any revision yet", 1)
-    apps = client.AppsV1Api()
-    revision, deployment = _previous_revision(apps, namespace, args.name, status)
-    if revision is None:
-        raise PluginError(f"{args.name} has no previous revision to go back to", 1)
-    spec = _recorded_spec(apps, namespace, args.name, revision, deployment)
-    if spec == agent["spec"]:
-        raise PluginError(f"{args.name} already runs the previous spec", 1)
-    _patch(api, namespace, args.name, [{"op": "replace", "path": "/spec", "value": spec}])
-    print(f"{namespace}/{args.name}: spec set back to revision {revision}")
+    api, namespace, agent, _ = _target(args)
+    token = timefmt.compact(timefmt.now())
+    _patch(api, namespace, args.name, undo_patch(agent, token))
+    deadline = time.monotonic() + args.timeout
+    while (answer := _undo_answer(namespace, args.name, token)) is None:
+        if time.monotonic() > deadline:
+            raise PluginError(
+                f"asked the operator to undo {namespace}/{args.name} ({ANNOTATION_UNDO}: {token}); no answer "
+                f"within {args.timeout:g} s: is the operator running? `kubectl ea status {args.name}` shows when it acts",
+                EXIT_UNREACHABLE,
+            )
+        time.sleep(0.5)
+    reason, message = answer
+    if reason == "UndoRefused":
+        raise PluginError(message, 1)
+    print(f"{namespace}/{args.name}: {message.split(' (undo request')[0]}")
     print(
         "warning: the spec in the cluster now differs from Git; commit the same change, or Argo CD / Flux "
         "will put the newer spec back",
@@ -388,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
         action = commands.add_parser(verb, help=text)
         action.add_argument("name")
         action.set_defaults(func=func)
+        if verb == "undo":
+            action.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the operator's answer")
         actions.append(action)
     for sub in (get, status, *actions):  # kubectl users put -n after the verb
         sub.add_argument("-n", "--namespace", default=argparse.SUPPRESS)

@@ -253,10 +253,10 @@ def test_manual_promotion_with_the_argocd_action(crd_installed: Kube, stand: Sta
             "status": wait_step(crd_installed, ns, "Analysis"),
         }
         record_agent("manual-analysis", analysing)
-        assert enabled_actions(analysing) == {"promote", "abort"}
+        assert enabled_actions(analysing) == {"promote", "abort", "undo"}
         paused = wait_phase(crd_installed, ns, "hello-agent", "Paused")
         record_agent("manual-paused", paused)
-        assert enabled_actions(paused) == {"promote", "abort"}
+        assert enabled_actions(paused) == {"promote", "abort", "undo"}
         revision = paused["status"]["previewRevision"]
         # The action changes exactly what `kubectl ea promote` changes, and the operator promotes.
         assert run_argocd_action(crd_installed, ns, "promote") == {"spec": {"rollout": {"promote": revision}}}
@@ -264,7 +264,7 @@ def test_manual_promotion_with_the_argocd_action(crd_installed: Kube, stand: Sta
     record_agent("manual-promoted", done)
     assert (done["status"]["activeColor"], done["status"]["activeRevision"]) == ("green", revision)
     assert active_selector_colour(crd_installed, ns) == "green"
-    assert enabled_actions(done) == set()
+    assert enabled_actions(done) == {"undo"}
 
 
 def test_argocd_abort_and_retry_actions(crd_installed: Kube, stand: Stand, ns: str, tmp_path: Path) -> None:
@@ -280,7 +280,7 @@ def test_argocd_abort_and_retry_actions(crd_installed: Kube, stand: Stand, ns: s
         record_agent("manual-aborted", degraded)
         assert condition(degraded, "Degraded")["reason"] == "Aborted"
         assert active_selector_colour(crd_installed, ns) == "blue"
-        assert enabled_actions(degraded) == {"retry"}
+        assert enabled_actions(degraded) == {"retry", "undo"}
 
         retried = run_argocd_action(crd_installed, ns, "retry")
         assert set(retried["metadata"]["annotations"]) == {"agents.enterprise.io/abort", "agents.enterprise.io/retry"}
@@ -381,15 +381,73 @@ def test_undo_puts_the_previous_spec_back(crd_installed: Kube, stand: Stand, ns:
         )
         undone = kubectl_ea(crd_installed, "undo", "hello-agent", "-n", ns)
         assert undone.returncode == 0, undone.stderr
+        assert "spec set back to revision" in undone.stdout
         assert "differs from Git" in undone.stderr
         agent = get(crd_installed, ns, "ea", "hello-agent") or {}
-        assert agent["spec"]["image"] == V1
+        assert agent["spec"]["image"] == V1  # the operator answered before the plugin returned
+        assert "agents.enterprise.io/undo" not in agent["metadata"].get("annotations", {})
         done = wait_phase(crd_installed, ns, "hello-agent", "Ready")
     assert (done["status"]["image"], done["status"]["activeColor"]) == (V1, "blue")
     assert done["status"]["rollout"]["step"] == "Completed"
+    assert event_reasons(crd_installed, ns).count("Undone") == 1
     missing = kubectl_ea(crd_installed, "undo", "nope", "-n", ns)
     assert missing.returncode == 2
     assert 'EnterpriseAgent "nope" not found' in missing.stderr
+
+
+def test_the_argocd_undo_action_sets_the_spec_back_after_a_promotion(
+    crd_installed: Kube, stand: Stand, ns: str, tmp_path: Path
+) -> None:
+    start_v1(crd_installed, ns)
+    with preview_pods(crd_installed, stand, ns, tmp_path):
+        apply(crd_installed, agent_manifest(ns, image=V2, replicas=2, env=[{"name": "ONLY_IN_V2", "value": "1"}]))
+        wait_until(
+            lambda: (
+                rollout_of(crd_installed, ns).get("image") == V2
+                and rollout_of(crd_installed, ns).get("phase") == "Ready"
+            ),
+            what="v2 promoted",
+        )
+        promoted = get(crd_installed, ns, "ea", "hello-agent") or {}
+        assert enabled_actions(promoted) == {"undo"}
+        sent = run_argocd_action(crd_installed, ns, "undo")
+        assert list(sent["metadata"]["annotations"]) == ["agents.enterprise.io/undo"]
+        assert "spec" not in sent
+        # The operator answers with the spec of the revision before (its ControllerRevision's) and
+        # drops the request; the revision it puts back is rolled out blue-green like any other.
+        back = wait_until(
+            lambda: (a := get(crd_installed, ns, "ea", "hello-agent") or {})["spec"]["image"] == V1 and a,
+            what="the spec set back",
+        )
+        assert "env" not in back["spec"]  # replaced whole: no field of the newer spec survives
+        assert "agents.enterprise.io/undo" not in back["metadata"].get("annotations", {})
+        assert back["metadata"]["generation"] == promoted["metadata"]["generation"] + 1
+        done = wait_phase(crd_installed, ns, "hello-agent", "Ready")
+    assert (done["status"]["image"], done["status"]["activeColor"]) == (V1, "blue")
+
+
+def test_an_undo_request_with_nothing_to_go_back_to_is_dropped_with_a_warning(
+    crd_installed: Kube, stand: Stand, ns: str
+) -> None:
+    ready = start_v1(crd_installed, ns)
+    refused = kubectl_ea(crd_installed, "undo", "hello-agent", "-n", ns)
+    assert (refused.returncode, refused.stderr.strip()) == (
+        1,
+        "error: hello-agent has no previous revision to go back to",
+    )
+    # Asked for anyway (an annotation is anyone's to write): the operator drops it and says why.
+    crd_installed.kubectl("annotate", "ea", "hello-agent", "-n", ns, "agents.enterprise.io/undo=by-hand")
+    wait_until(lambda: "UndoRefused" in event_reasons(crd_installed, ns), what="the UndoRefused event")
+    after = wait_until(
+        lambda: (
+            "agents.enterprise.io/undo"
+            not in ((a := get(crd_installed, ns, "ea", "hello-agent") or {})["metadata"].get("annotations") or {})
+            and a
+        ),
+        what="the request dropped",
+    )
+    assert after["metadata"]["generation"] == ready["metadata"]["generation"]
+    assert after["spec"] == ready["spec"]
 
 
 def test_scaling_the_agent_while_it_awaits_approval_does_not_abort_the_rollout(

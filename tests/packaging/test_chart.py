@@ -199,7 +199,8 @@ def test_cluster_mode_grants_exactly_what_the_operator_uses() -> None:
     assert set(granted) == used_resources(service_monitors=False)
     assert granted == granted_verbs(service_monitors=False)
     assert granted[("", "secrets")] == {"get", "list", "watch", "create", "patch"}  # never delete
-    assert granted[("agents.enterprise.io", "enterpriseagents")] == {"get", "list", "watch"}  # read only
+    # Patched only to answer an undo request; never created, updated whole or deleted.
+    assert granted[("agents.enterprise.io", "enterpriseagents")] == {"get", "list", "watch", "patch"}
     assert granted[("", "events")] == {"create"}
     discovery = rules_by_resource(roles["eao-enterprise-agent-operator-discovery"]["rules"])
     assert discovery == {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},

@@ -21,7 +21,7 @@ import yaml
 from agent_operator import conditions as cond
 from agent_operator import timefmt
 from agent_operator.manifest import FieldError
-from agent_operator.plugin import PluginError, abort_patch, promote_patch, retry_patch
+from agent_operator.plugin import PluginError, abort_patch, promote_patch, retry_patch, undo_patch
 from agent_operator.reconcile import reconcile, stalled_plan
 from tests.gitops import (
     ACTIONS,
@@ -39,7 +39,7 @@ from tests.helpers import ROOT, observe, served
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 MOMENT = int(datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC).timestamp())  # the clock the scripts see
-ABORT, RETRY = "agents.enterprise.io/abort", "agents.enterprise.io/retry"
+ABORT, RETRY, UNDO = "agents.enterprise.io/abort", "agents.enterprise.io/retry", "agents.enterprise.io/undo"
 TOKEN = re.compile(r"^\d{8}T\d{6}\.\d{6}Z$")  # timefmt.compact, what `kubectl ea retry` writes
 
 
@@ -88,18 +88,26 @@ def _stalled() -> dict[str, Any]:
 # (name, agent, the actions Argo CD offers enabled). Recorded: manual-*; the rest say how they differ.
 AGENTS: list[tuple[str, Callable[[], dict[str, Any]], set[str]]] = [
     ("Ready, no rollout yet", lambda: recorded_agent("manual-ready"), set()),
-    ("Manual, analysing the preview", lambda: recorded_agent("manual-analysis"), {"promote", "abort"}),
-    ("Manual, Paused awaiting approval", lambda: recorded_agent("manual-paused"), {"promote", "abort"}),
-    ("Manual, promoted and completed", lambda: recorded_agent("manual-promoted"), set()),
-    ("aborted on request (Degraded)", lambda: recorded_agent("manual-aborted"), {"retry"}),
-    ("Manual, Preview (the analysis step put back)", _with_step("manual-analysis", "Preview"), {"promote", "abort"}),
-    ("Manual, Promoting", _with_step("manual-paused", "Promoting"), {"abort"}),
-    ("PostPromotion", _with_step("manual-promoted", "PostPromotion"), {"abort"}),
-    ("aborted by a failed analysis", _with_step("manual-aborted", "Aborted", abortReason="AnalysisFailed"), {"retry"}),
-    ("Auto, awaiting its promotion delay", _auto("manual-paused"), {"abort"}),
-    ("Auto, analysing", _auto("manual-analysis"), {"abort"}),
-    ("Paused, no annotations at all", _without_annotations("manual-paused"), {"promote", "abort"}),
-    ("aborted, no annotations at all", _without_annotations("manual-aborted"), {"retry"}),
+    ("Manual, analysing the preview", lambda: recorded_agent("manual-analysis"), {"promote", "abort", "undo"}),
+    ("Manual, Paused awaiting approval", lambda: recorded_agent("manual-paused"), {"promote", "abort", "undo"}),
+    ("Manual, promoted and completed", lambda: recorded_agent("manual-promoted"), {"undo"}),
+    ("aborted on request (Degraded)", lambda: recorded_agent("manual-aborted"), {"retry", "undo"}),
+    (
+        "Manual, Preview (the analysis step put back)",
+        _with_step("manual-analysis", "Preview"),
+        {"promote", "abort", "undo"},
+    ),
+    ("Manual, Promoting", _with_step("manual-paused", "Promoting"), {"abort", "undo"}),
+    ("PostPromotion", _with_step("manual-promoted", "PostPromotion"), {"abort", "undo"}),
+    (
+        "aborted by a failed analysis",
+        _with_step("manual-aborted", "Aborted", abortReason="AnalysisFailed"),
+        {"retry", "undo"},
+    ),
+    ("Auto, awaiting its promotion delay", _auto("manual-paused"), {"abort", "undo"}),
+    ("Auto, analysing", _auto("manual-analysis"), {"abort", "undo"}),
+    ("Paused, no annotations at all", _without_annotations("manual-paused"), {"promote", "abort", "undo"}),
+    ("aborted, no annotations at all", _without_annotations("manual-aborted"), {"retry", "undo"}),
     ("no status yet", _without_status, set()),
     ("created, children not ready (pure reconcile)", _created, set()),
     ("a missing Secret, Stalled (pure reconcile)", _stalled, set()),
@@ -113,7 +121,8 @@ def kubectl_ea_patch(verb: str, agent: dict[str, Any]) -> dict[str, Any]:
         return promote_patch(agent)
     if verb == "abort":
         return abort_patch(agent)
-    return retry_patch(agent, timefmt.compact(datetime.fromtimestamp(MOMENT, UTC)))
+    token = timefmt.compact(datetime.fromtimestamp(MOMENT, UTC))
+    return retry_patch(agent, token) if verb == "retry" else undo_patch(agent, token)
 
 
 def test_the_argocd_cm_patch_inlines_the_actions_unchanged() -> None:
@@ -130,7 +139,7 @@ def test_discovery_offers_the_actions_the_status_allows(
     name: str, agent: Callable[[], dict[str, Any]], enabled: set[str]
 ) -> None:
     offered = argocd_actions(agent())
-    assert set(offered) == set(ACTIONS), name  # every action is listed (greyed out when disabled); no undo
+    assert set(offered) == set(ACTIONS), name  # every action is listed (greyed out when disabled)
     assert {action for action, on in offered.items() if on} == enabled, name
 
 
@@ -200,3 +209,29 @@ def test_merge_patch_round_trips() -> None:
     patch = merge_patch(old, new)
     assert patch == {"a": 1.5, "b": {"c": [1], "d": None, "f": None}, "e": None, "g": True}
     assert apply_merge_patch(old, patch) == {"a": 1.5, "b": {"c": [1]}, "g": True}
+
+
+def test_undo_asks_the_operator_with_a_token_it_has_not_answered() -> None:
+    """The action cannot read the previous spec (a ControllerRevision): it only asks, with a token."""
+    promoted = recorded_agent("manual-promoted")
+    sent = argocd_action_patch(promoted, "undo", MOMENT)
+    assert sent == {"metadata": {"annotations": {UNDO: "20260304T050607.000000Z"}}}
+    assert "spec" not in sent  # the operator sets the spec back, from what it recorded
+
+
+@pytest.mark.parametrize(
+    ("agent", "refusal"),
+    [
+        (lambda: recorded_agent("manual-ready"), "has no previous revision to go back to"),
+        (_without_status, "has not served any revision yet"),
+    ],
+    ids=["first revision", "no status"],
+)
+def test_undo_with_nothing_to_go_back_to_is_refused_in_the_same_words(
+    agent: Callable[[], dict[str, Any]], refusal: str
+) -> None:
+    live = agent()
+    with pytest.raises(PluginError, match=refusal):
+        undo_patch(live, "t")
+    with pytest.raises(ActionRefusedError, match=refusal):
+        argocd_action(live, "undo", MOMENT)

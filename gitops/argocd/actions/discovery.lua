@@ -7,15 +7,20 @@
 --            AwaitingPromotion (phase Paused): approve it, before or after its analysis
 --   abort    a rollout is under way (Preview to PostPromotion)
 --   retry    the last rollout was aborted (on request, failed analysis or progress deadline)
---
--- There is no undo: `kubectl ea undo` reads the previous spec from a ControllerRevision, which an
--- action (it sees only this object) cannot; roll back in Git or with Argo CD's History and Rollback.
+--   undo     the agent has served a revision and the status names one to go back to: the serving
+--            one during or after a failed rollout, else the one before the last promotion (the
+--            operator finds its spec in a ControllerRevision and sets it back)
 
 local actions = {
   promote = { disabled = true, iconClass = "fa fa-fw fa-forward", displayName = "Promote the preview" },
   abort = { disabled = true, iconClass = "fa fa-fw fa-stop", displayName = "Abort the rollout" },
   retry = { disabled = true, iconClass = "fa fa-fw fa-redo", displayName = "Retry the aborted rollout" },
+  undo = { disabled = true, iconClass = "fa fa-fw fa-undo", displayName = "Set the spec back to the previous revision" },
 }
+
+local function present(value)
+  return value ~= nil and value ~= ""
+end
 
 local function one_of(value, list)
   for _, item in ipairs(list) do
@@ -39,5 +44,12 @@ if one_of(step, { "Preview", "Analysis", "AwaitingPromotion", "Promoting", "Post
 end
 if step == "Aborted" then
   actions.retry.disabled = false
+end
+local previous = (status.rollout or {}).previousRevision
+if present(status.previewRevision) then
+  previous = status.activeRevision
+end
+if present(status.activeColor) and present(previous) then
+  actions.undo.disabled = false
 end
 return actions

@@ -32,6 +32,8 @@ ANNOTATION_SPEC = f"{GROUP}/spec"
 # Requests from `kubectl ea abort|retry` (metadata, so they do not change the spec or generation).
 ANNOTATION_ABORT = f"{GROUP}/abort"
 ANNOTATION_RETRY = f"{GROUP}/retry"
+# Asks the operator to set the spec back to the previous revision (kubectl ea undo, Argo CD's undo).
+ANNOTATION_UNDO = f"{GROUP}/undo"
 
 Manifest = dict[str, Any]
 
