@@ -42,9 +42,10 @@ from agent_operator.render.common import (
     MANAGER,
     key_secret_name,
 )
+from agent_operator.render.history import controller_revision_name_for
 from agent_operator.render.keys import ANNOTATION_ROTATED_FOR, build_key_secret
 from agent_operator.render.references import Found, ObjectKey, Reference, referenced_objects
-from agent_operator.spec import KIND, EnterpriseAgent, Phase, read_status
+from agent_operator.spec import KIND, EnterpriseAgent, Phase, UndoResult, UndoStatus, read_status
 
 log = logging.getLogger("agent_operator")
 
@@ -593,11 +594,18 @@ class Controller:
     async def reconcile(self, key: AgentKey) -> str:
         """Observe, plan (pure), write the plan. The clock is read once, here."""
         record = self.records.get(key)
-        body = record.body if record is not None else None
+        body: Mapping[str, Any] | None = record.body if record is not None else None
         if record is None or body is None or body["metadata"].get("deletionTimestamp"):
             return "deleted"  # children go with the agent through their ownerReferences
-        if ANNOTATION_UNDO in (body["metadata"].get("annotations") or {}):
-            return await self._undo(key, body, record)  # the reconcile follows with the spec it writes
+        undo_answer: UndoStatus | None = None
+        token = (body["metadata"].get("annotations") or {}).get(ANNOTATION_UNDO)
+        before = read_status(body.get("status"))
+        if undo.pending(token, before) and before.observed_generation == body["metadata"].get("generation"):
+            # Decided on a status that has caught up with the spec; otherwise after the next write.
+            undone = await self._undo(key, body, record, str(token))
+            if undone is None:
+                return "conflict"
+            body, undo_answer = undone
         now = timefmt.now()
         uid = body["metadata"]["uid"]
         observed = core.Observed(
@@ -605,6 +613,7 @@ class Controller:
             admission=core.admit(body),
             children=_controlled(record.children, uid),
             endpoint_slices=list(record.endpoint_slices.values()),
+            undo=undo_answer,
         )
         agent = observed.admission.agent
         refs = referenced_objects(agent) if agent is not None else []
@@ -677,40 +686,39 @@ class Controller:
         self._after_plan(key, plan)
         return result
 
-    async def _undo(self, key: AgentKey, body: Mapping[str, Any], record: AgentRecord) -> str:
-        """Answers an undo request (undo.py) from the cache: the spec set back to the previous
-        revision, or the request dropped with a Warning Event that says why."""
+    async def _undo(
+        self, key: AgentKey, body: Mapping[str, Any], record: AgentRecord, token: str
+    ) -> tuple[Mapping[str, Any], UndoStatus] | None:
+        """Answers undo request ``token`` (undo.py): the agent as it is after the answer, and the
+        answer for its status; None when the agent changed under the decision (decided again)."""
         children = _controlled(record.children, body["metadata"]["uid"])
 
-        def find(kind: str, name: str) -> Mapping[str, Any] | None:
-            return children.get(("apps/v1", kind, name))
+        def find(revision: str) -> Mapping[str, Any] | None:
+            return children.get(("apps/v1", "ControllerRevision", controller_revision_name_for(key[1], revision)))
 
-        token = body["metadata"]["annotations"][ANNOTATION_UNDO]
-        answer = undo.decide(key[1], body.get("spec") or {}, read_status(body.get("status")), find)
-        version = body["metadata"]["resourceVersion"]
-        try:
-            await self._answer_undo(key, version, answer)
-        except KubeError as error:
-            if not (error.conflict or error.status in (400, 422)):
-                raise
-            current = await self.kube.get(AGENT.api_version, AGENT.kind, *key)
-            if current["metadata"].get("resourceVersion") != version or answer.spec is None:
-                self.observe_agent(None, current)
-                return "conflict"  # decided on a stale view: again, with the fresh agent
-            # The API server refuses the old spec itself (a stricter CRD since): say so, drop it.
-            answer = undo.Undo(revision=answer.revision, refused=f"revision {answer.revision}'s spec: {error}")
-            await self._answer_undo(key, version, answer)
-        if answer.refused is not None:
-            await self._event(body, "Warning", "UndoRefused", f"undo request {token!r}: {answer.refused}")
-            return "undo-refused"
-        message = f"spec set back to revision {answer.revision} (undo request {token!r}); it now differs from Git"
-        await self._event(body, "Normal", "Undone", message)
-        return "undone"
-
-    async def _answer_undo(self, key: AgentKey, version: str, answer: undo.Undo) -> None:
-        self._fence()
-        patched = await self.kube.patch_json(AGENT.api_version, AGENT.kind, *key, undo.answer_patch(version, answer))
-        self.observe_agent(None, patched)  # reconciled again with the spec it now has
+        decision = undo.decide(key[1], token, body.get("spec") or {}, read_status(body.get("status")), find)
+        answer = decision.answer
+        if decision.spec is not None:
+            self._fence()
+            operations = undo.spec_patch(body["metadata"]["resourceVersion"], decision.spec)
+            try:
+                patched = await self.kube.patch_json(AGENT.api_version, AGENT.kind, *key, operations)
+            except KubeError as error:
+                if error.conflict:
+                    self.observe_agent(None, await self.kube.get(AGENT.api_version, AGENT.kind, *key))
+                    return None
+                if error.status not in (400, 403, 422):
+                    raise
+                # Refused for good (a stricter CRD since, a webhook, RBAC): said once, in the status.
+                message = f"the API server refused the spec of revision {answer.revision}: {error}"
+                answer = answer.model_copy(update={"result": UndoResult.REFUSED, "message": message})
+            else:
+                self.observe_agent(None, patched)
+                body = record.body or body  # the agent as patched: the reconcile goes on with it
+        refused = answer.result == UndoResult.REFUSED
+        reason, type_ = ("UndoRefused", "Warning") if refused else ("Undone", "Normal")
+        await self._event(body, type_, reason, f"undo request {token!r}: {answer.message}")
+        return body, answer
 
     def _plan(
         self, observed: core.Observed, now: datetime, checks: list[rollout.Check] | None, record: AgentRecord

@@ -45,8 +45,8 @@ class Kind:
         return f"/apis/{self.api_version}" if self.group else f"/api/{self.api_version}"
 
 
-# The agent itself is written only to answer an undo request (the spec set back to the previous
-# revision and the request's annotation removed, in one JSON patch); otherwise only its status.
+# The agent itself is written only to answer an undo request (the previous revision's fields of
+# the spec put back, one JSON patch); otherwise only its status.
 AGENT = Kind(f"{GROUP}/{VERSION}", KIND, PLURAL, Role.AGENT, frozenset({"get", "list", "watch", "patch"}), watched=True)
 # The status subresource: server-side apply.
 AGENT_STATUS_VERBS = frozenset({"patch"})

@@ -31,7 +31,6 @@ from agent_operator.render.common import ANNOTATION_ABORT, ANNOTATION_RETRY, ANN
 from agent_operator.rollout import BEFORE_PROMOTION, PROMOTABLE, SEQUENCE
 from agent_operator.spec import (
     GROUP,
-    KIND,
     PLURAL,
     VERSION,
     AbortReason,
@@ -40,6 +39,7 @@ from agent_operator.spec import (
     PromotionMode,
     RolloutStatus,
     Step,
+    UndoResult,
     read_status,
 )
 
@@ -302,33 +302,27 @@ def undo_patch(agent: dict[str, Any], token: str) -> dict[str, Any]:
     return {"metadata": {"annotations": {ANNOTATION_UNDO: token}}}
 
 
-def _undo_answer(namespace: str, name: str, token: str) -> tuple[str, str] | None:
-    """(reason, message) of the operator's Event answering undo request ``token``, if posted yet."""
-    selector = f"involvedObject.name={name},involvedObject.kind={KIND}"
-    events = _call(lambda: client.CoreV1Api().list_namespaced_event(namespace, field_selector=selector))
-    for event in events.items:
-        if event.reason in ("Undone", "UndoRefused") and f"undo request {token!r}" in (event.message or ""):
-            return event.reason, event.message
-    return None
-
-
 def cmd_undo(args: argparse.Namespace) -> int:
     api, namespace, agent, _ = _target(args)
     token = timefmt.compact(timefmt.now())
-    _patch(api, namespace, args.name, undo_patch(agent, token))
+    body = undo_patch(agent, token)
+    # Only over the agent read: a request placed on a newer state (another undo, say) is refused.
+    body["metadata"]["resourceVersion"] = agent["metadata"]["resourceVersion"]
+    _patch(api, namespace, args.name, body)
     deadline = time.monotonic() + args.timeout
-    while (answer := _undo_answer(namespace, args.name, token)) is None:
+    while (answer := read_status(_fetch(api, namespace, args.name).get("status")).last_undo) is None or (
+        answer.request != token
+    ):
         if time.monotonic() > deadline:
             raise PluginError(
-                f"asked the operator to undo {namespace}/{args.name} ({ANNOTATION_UNDO}: {token}); no answer "
-                f"within {args.timeout:g} s: is the operator running? `kubectl ea status {args.name}` shows when it acts",
+                f"asked the operator to undo {namespace}/{args.name} ({ANNOTATION_UNDO}: {token}); no answer in "
+                f"status.lastUndo within {args.timeout:g} s: is the operator running?",
                 EXIT_UNREACHABLE,
             )
         time.sleep(0.5)
-    reason, message = answer
-    if reason == "UndoRefused":
-        raise PluginError(message, 1)
-    print(f"{namespace}/{args.name}: {message.split(' (undo request')[0]}")
+    if answer.result == UndoResult.REFUSED:
+        raise PluginError(answer.message or "the operator refused the undo", 1)
+    print(f"{namespace}/{args.name}: spec set back to revision {answer.revision}")
     print(
         "warning: the spec in the cluster now differs from Git; commit the same change, or Argo CD / Flux "
         "will put the newer spec back",

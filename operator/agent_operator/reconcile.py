@@ -62,6 +62,7 @@ from agent_operator.spec import (
     EnterpriseAgentStatus,
     Phase,
     Step,
+    UndoStatus,
     cut_message,
     parse_quantity,
     read_status,
@@ -105,7 +106,8 @@ def admit(body: Mapping[str, Any]) -> Admission:
 class Observed:
     """What the controller saw of one agent: the object, its children, their EndpointSlices, the
     Secrets and ConfigMaps its spec references as read (``references``, by kind and name; None for
-    one that is not there) and those it references that are missing, and the key Secret it ensured."""
+    one that is not there) and those it references that are missing, the key Secret it ensured,
+    and its answer to an undo request (undo.py) that the status is to record."""
 
     body: Mapping[str, Any]
     admission: Admission
@@ -114,6 +116,7 @@ class Observed:
     missing: Sequence[FieldError] = ()
     key_secret: Mapping[str, Any] | None = None
     references: Found = field(default_factory=dict)
+    undo: UndoStatus | None = None
 
     @property
     def metadata(self) -> Mapping[str, Any]:
@@ -133,7 +136,9 @@ class Observed:
 
     @property
     def status(self) -> EnterpriseAgentStatus:
-        return read_status(self.body.get("status"))
+        """The status as written, with the undo answer of this reconcile (kept by every plan)."""
+        status = read_status(self.body.get("status"))
+        return status if self.undo is None else status.model_copy(update={"last_undo": self.undo})
 
     @property
     def key_data(self) -> Mapping[str, str]:
@@ -287,9 +292,14 @@ def shared_state_missing(agent: EnterpriseAgent) -> str | None:
 # --- status ---------------------------------------------------------------------------------------
 
 
-def _events_for(old: Sequence[Condition], new: Sequence[Condition]) -> list[tuple[str, str, str]]:
+def _events_for(
+    old: Sequence[Condition], new: Sequence[Condition], *, never_served: bool
+) -> list[tuple[str, str, str]]:
     """An Event for every condition that changed status or reason; nothing when all is as before,
-    and nothing for a new agent that starts rolling out (its Available or Stalled Event follows)."""
+    and nothing for a new agent (``never_served``: no active revision yet) that rolls out and
+    becomes available: that is what its status says at once, and what GitOps tools read. One
+    write per agent fewer, which 1,000 agents created at once feel. Its warnings (Stalled,
+    SharedStateMissing, a failed rollout) still get one."""
     events: list[tuple[str, str, str]] = []
     for condition in new:
         if condition.type not in _OWN_TYPES:
@@ -302,10 +312,9 @@ def _events_for(old: Sequence[Condition], new: Sequence[Condition]) -> list[tupl
         if not holds and type_ != ConditionType.READY:
             continue  # a condition clearing is reported by the one that takes over
         if before is None and (type_ in _FIRST_ROLLOUT_TYPES or (type_ == ConditionType.READY and not holds)):
-            # A new agent rolling out and not ready yet is no news: its status says so at once
-            # (which GitOps tools read), and its Event comes when it is Available or stalls. One
-            # write per agent fewer, which 1,000 agents created at once feel.
-            continue
+            continue  # a new agent rolling out, not ready yet
+        if never_served and type_ == ConditionType.READY and holds:
+            continue  # a new agent available for the first time
         warning = type_ in _WARNING_TYPES or (type_ == ConditionType.READY and not holds)
         event = ("Warning" if warning else "Normal", condition.reason, condition.message)
         if event not in events:  # Reconciling and Progressing often move together: one Event
@@ -393,7 +402,7 @@ def _status(
             "conditions": conditions,
         }
     )
-    return status, _events_for(base.conditions, conditions)
+    return status, _events_for(base.conditions, conditions, never_served=base.active_revision is None)
 
 
 def stalled_plan(observed: Observed, errors: Sequence[FieldError], reason: str, now: datetime) -> Plan:

@@ -1461,6 +1461,22 @@ class RolloutStatus(StatusModel):
     message: RolloutMessage | None = None
 
 
+class UndoResult(StrEnum):
+    UNDONE = "Undone"
+    REFUSED = "Refused"
+
+
+class UndoStatus(StatusModel):
+    """The operator's answer to the last undo request (the agents.enterprise.io/undo annotation)."""
+
+    request: str = Field(
+        description="The undo annotation's value answered: each request is answered once.", max_length=128
+    )
+    result: UndoResult = Field(description=f"The answer: {_one_of(UndoResult)}.")
+    revision: str | None = Field(default=None, description="The revision whose spec was put back.", max_length=63)
+    message: RolloutMessage | None = None  # what the operator did, or why it could not
+
+
 class EnterpriseAgentStatus(StatusModel):
     """Observed state of an agent, written by the operator."""
 
@@ -1491,6 +1507,7 @@ class EnterpriseAgentStatus(StatusModel):
         ),
         max_length=128,
     )
+    last_undo: UndoStatus | None = Field(default=None, description="The answer to the last undo request.")
 
 
 def read_status(raw: Any) -> EnterpriseAgentStatus:

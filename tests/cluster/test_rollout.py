@@ -385,11 +385,26 @@ def test_undo_puts_the_previous_spec_back(crd_installed: Kube, stand: Stand, ns:
         assert "differs from Git" in undone.stderr
         agent = get(crd_installed, ns, "ea", "hello-agent") or {}
         assert agent["spec"]["image"] == V1  # the operator answered before the plugin returned
-        assert "agents.enterprise.io/undo" not in agent["metadata"].get("annotations", {})
+        token = agent["metadata"]["annotations"]["agents.enterprise.io/undo"]
+        assert agent["status"]["lastUndo"]["request"] == token
+        assert agent["status"]["lastUndo"]["result"] == "Undone"
         done = wait_phase(crd_installed, ns, "hello-agent", "Ready")
     assert (done["status"]["image"], done["status"]["activeColor"]) == (V1, "blue")
     assert done["status"]["rollout"]["step"] == "Completed"
     assert event_reasons(crd_installed, ns).count("Undone") == 1
+    # The request stays (as abort and retry do) and is answered once: a later reconcile with the same
+    # annotation (here for a scale) undoes nothing more, and refuses nothing either.
+    crd_installed.kubectl("patch", "ea", "hello-agent", "-n", ns, "--type=merge", "-p", '{"spec":{"replicas":3}}')
+    scaled = wait_until(
+        lambda: (a := get(crd_installed, ns, "ea", "hello-agent") or {})["status"].get("replicas") == 3 and a,
+        what="the scale reconciled",
+    )
+    assert scaled["spec"]["image"] == V1
+    assert scaled["status"]["lastUndo"]["request"] == token
+    assert (
+        event_reasons(crd_installed, ns).count("Undone"),
+        event_reasons(crd_installed, ns).count("UndoRefused"),
+    ) == (1, 0)
     missing = kubectl_ea(crd_installed, "undo", "nope", "-n", ns)
     assert missing.returncode == 2
     assert 'EnterpriseAgent "nope" not found' in missing.stderr
@@ -413,20 +428,21 @@ def test_the_argocd_undo_action_sets_the_spec_back_after_a_promotion(
         sent = run_argocd_action(crd_installed, ns, "undo")
         assert list(sent["metadata"]["annotations"]) == ["agents.enterprise.io/undo"]
         assert "spec" not in sent
-        # The operator answers with the spec of the revision before (its ControllerRevision's) and
-        # drops the request; the revision it puts back is rolled out blue-green like any other.
+        # The operator answers with the revision fields of the spec before (its ControllerRevision's)
+        # and records the answer; the revision it puts back is rolled out blue-green like any other.
         back = wait_until(
-            lambda: (a := get(crd_installed, ns, "ea", "hello-agent") or {})["spec"]["image"] == V1 and a,
-            what="the spec set back",
+            lambda: (a := get(crd_installed, ns, "ea", "hello-agent") or {}).get("status", {}).get("lastUndo") and a,
+            what="the answer in status.lastUndo",
         )
+        assert back["status"]["lastUndo"]["result"] == "Undone", back["status"]["lastUndo"]
+        assert back["spec"]["image"] == V1
         assert "env" not in back["spec"]  # replaced whole: no field of the newer spec survives
-        assert "agents.enterprise.io/undo" not in back["metadata"].get("annotations", {})
         assert back["metadata"]["generation"] == promoted["metadata"]["generation"] + 1
         done = wait_phase(crd_installed, ns, "hello-agent", "Ready")
     assert (done["status"]["image"], done["status"]["activeColor"]) == (V1, "blue")
 
 
-def test_an_undo_request_with_nothing_to_go_back_to_is_dropped_with_a_warning(
+def test_an_undo_request_with_nothing_to_go_back_to_is_answered_refused_once(
     crd_installed: Kube, stand: Stand, ns: str
 ) -> None:
     ready = start_v1(crd_installed, ns)
@@ -435,17 +451,18 @@ def test_an_undo_request_with_nothing_to_go_back_to_is_dropped_with_a_warning(
         1,
         "error: hello-agent has no previous revision to go back to",
     )
-    # Asked for anyway (an annotation is anyone's to write): the operator drops it and says why.
+    # Asked for anyway (an annotation is anyone's to write): the operator answers once, with why.
     crd_installed.kubectl("annotate", "ea", "hello-agent", "-n", ns, "agents.enterprise.io/undo=by-hand")
-    wait_until(lambda: "UndoRefused" in event_reasons(crd_installed, ns), what="the UndoRefused event")
     after = wait_until(
-        lambda: (
-            "agents.enterprise.io/undo"
-            not in ((a := get(crd_installed, ns, "ea", "hello-agent") or {})["metadata"].get("annotations") or {})
-            and a
-        ),
-        what="the request dropped",
+        lambda: (a := get(crd_installed, ns, "ea", "hello-agent") or {}).get("status", {}).get("lastUndo") and a,
+        what="the answer in status.lastUndo",
     )
+    assert after["status"]["lastUndo"] == {
+        "request": "by-hand",
+        "result": "Refused",
+        "message": "hello-agent has no previous revision to go back to",
+    }
+    assert event_reasons(crd_installed, ns).count("UndoRefused") == 1
     assert after["metadata"]["generation"] == ready["metadata"]["generation"]
     assert after["spec"] == ready["spec"]
 

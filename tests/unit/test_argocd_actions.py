@@ -125,8 +125,19 @@ def kubectl_ea_patch(verb: str, agent: dict[str, Any]) -> dict[str, Any]:
     return retry_patch(agent, token) if verb == "retry" else undo_patch(agent, token)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """Refuses a mapping with a key twice, as kustomize's kyaml and yamllint do (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        twice = sorted({str(key) for key in keys if keys.count(key) > 1})
+        if twice:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate keys {twice}", node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def test_the_argocd_cm_patch_inlines_the_actions_unchanged() -> None:
-    patch = yaml.safe_load((ROOT / "gitops" / "argocd" / "argocd-cm-patch.yaml").read_text())
+    patch = yaml.load((ROOT / "gitops" / "argocd" / "argocd-cm-patch.yaml").read_text(), Loader=_StrictLoader)  # noqa: S506
     inlined = yaml.safe_load(patch["data"]["resource.customizations.actions.agents.enterprise.io_EnterpriseAgent"])
     assert inlined["discovery.lua"] == DISCOVERY_LUA.read_text()
     definitions = {d["name"]: d["action.lua"] for d in inlined["definitions"]}

@@ -119,6 +119,22 @@ def test_children_read_back_from_the_api_server_are_not_written_again() -> None:
     assert [child_key(c) for c in second.apply] == []
 
 
+def test_an_agent_that_served_before_gets_events_when_it_loses_and_regains_its_pods() -> None:
+    memo = Memo()
+    first = plan(memo=memo)
+    children = {child_key(c): c for c in first.apply}
+    deployment_key = ("apps/v1", "Deployment", "hello-agent-blue")
+    served_by = {**children[deployment_key], "status": _deployment(first.revision or "", 1)["status"]}
+    ready = plan(first.status_body(), {**children, deployment_key: served_by}, memo=memo)
+    assert ready.events == []  # first available: said by the status alone
+    gone = {**children[deployment_key], "status": _deployment(first.revision or "", 0)["status"]}
+    lost = plan(ready.status_body(), {**children, deployment_key: gone}, LATER_TIME, memo)
+    assert lost.status.phase != Phase.READY
+    assert "Warning" in [kind for kind, _, _ in lost.events]
+    back = plan(lost.status_body(), {**children, deployment_key: served_by}, LATER_TIME, memo)
+    assert [(kind, reason) for kind, reason, _ in back.events] == [("Normal", "Available")]
+
+
 def test_plan_with_nothing_changed_writes_nothing_and_posts_nothing() -> None:
     memo = Memo()
     first = plan(memo=memo)
@@ -127,7 +143,7 @@ def test_plan_with_nothing_changed_writes_nothing_and_posts_nothing() -> None:
     children[deployment_key] = {**children[deployment_key], "status": _deployment(first.revision or "", 1)["status"]}
     ready = plan(children=children, memo=memo)
     assert ready.status.phase == Phase.READY
-    assert [(kind, reason) for kind, reason, _ in ready.events] == [("Normal", "Available")]
+    assert ready.events == []  # a new agent's first Available is in its status: no Event (issue 19)
     again = plan(ready.status_body(), children, LATER_TIME, memo)
     assert again.apply == []
     assert again.delete == []

@@ -1,5 +1,5 @@
-"""Which spec an undo request puts back (agent_operator.undo), from the objects the operator caches,
-and the one JSON patch that answers it. The operator's side end to end is in
+"""Which spec an undo request puts back (agent_operator.undo), from the ControllerRevisions the
+operator caches, and the guarded JSON patch that writes it. The operator's side end to end is in
 tests/cluster/test_rollout.py (kubectl ea undo, the Argo CD action, a refused request)."""
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ from typing import Any
 import pytest
 
 from agent_operator import undo
-from agent_operator.render.common import ANNOTATION_SPEC, LABEL_REVISION, encode_spec
 from agent_operator.render.history import build_controller_revision, first_render
-from agent_operator.spec import EnterpriseAgentStatus, read_status
+from agent_operator.spec import EnterpriseAgentStatus, UndoResult, read_status
 from tests.helpers import example_agent
 
 AGENT = example_agent("minimal")
@@ -30,94 +29,117 @@ def revision_object(revision: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     return build_controller_revision(AGENT, record)
 
 
-def deployment(revision: str | None, spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    meta: dict[str, Any] = {"labels": {LABEL_REVISION: revision} if revision else {}}
-    if spec is not None:
-        meta["annotations"] = {ANNOTATION_SPEC: encode_spec(spec)}
-    return {"metadata": meta}
-
-
-def cache(**objects: dict[str, Any]) -> undo.Lookup:
-    """Objects by name (any kind): ``hello-agent-blue`` a Deployment, ``hello-agent-r1`` a revision."""
-
-    def find(kind: str, name: str) -> Mapping[str, Any] | None:
-        found = objects.get(name.replace("-", "_"))
-        return found if found is not None and (kind == "Deployment") == ("revision" not in found) else None
-
-    return find
+def revisions(**objects: dict[str, Any]) -> undo.FindRevision:
+    """ControllerRevisions of the agent by revision, as the cache holds them."""
+    return objects.get
 
 
 PROMOTED = status(activeColor="green", activeRevision="r2", rollout={"step": "Completed", "previousRevision": "r1"})
 
 
-def test_after_a_promotion_the_other_colours_revision_comes_back_from_its_controller_revision() -> None:
-    found = cache(hello_agent_blue=deployment("r1"), hello_agent_r1=revision_object("r1", OLD_SPEC))
-    assert undo.decide("hello-agent", NEW_SPEC, PROMOTED, found) == undo.Undo(revision="r1", spec=OLD_SPEC)
+def decide(spec: Mapping[str, Any], state: EnterpriseAgentStatus, find: undo.FindRevision) -> undo.Undo:
+    return undo.decide("hello-agent", "t1", spec, state, find)
+
+
+def test_after_a_promotion_the_revision_before_comes_back_from_its_controller_revision() -> None:
+    answer = decide(NEW_SPEC, PROMOTED, revisions(r1=revision_object("r1", OLD_SPEC)))
+    assert answer.spec == OLD_SPEC
+    assert (answer.answer.request, answer.answer.result, answer.answer.revision) == ("t1", UndoResult.UNDONE, "r1")
 
 
 def test_during_a_rollout_the_serving_revision_comes_back() -> None:
     rolling = status(activeColor="blue", activeRevision="r1", previewRevision="r2", rollout={"step": "Analysis"})
-    found = cache(hello_agent_blue=deployment("r1"), hello_agent_r1=revision_object("r1", OLD_SPEC))
-    assert undo.decide("hello-agent", NEW_SPEC, rolling, found) == undo.Undo(revision="r1", spec=OLD_SPEC)
+    assert decide(NEW_SPEC, rolling, revisions(r1=revision_object("r1", OLD_SPEC))).spec == OLD_SPEC
 
 
-def test_the_deployments_label_wins_over_the_status_and_its_annotation_stands_in_for_a_lost_revision() -> None:
-    # The other colour ran r0 (a spec put back since, say); no ControllerRevision is left for it.
-    found = cache(hello_agent_blue=deployment("r0", OLD_SPEC))
-    assert undo.decide("hello-agent", NEW_SPEC, PROMOTED, found) == undo.Undo(revision="r0", spec=OLD_SPEC)
+def test_only_the_fields_that_make_a_revision_go_back() -> None:
+    """Replicas, autoscaling, rollout settings and the NetworkPolicy's allow-lists stay as they are now."""
+    now = {
+        **NEW_SPEC,
+        "replicas": 7,
+        "rollout": {"promotion": "Manual"},
+        "networkPolicy": {"allowedIngressNamespaces": ["web"], "allowedEgressHosts": ["new.example.com"]},
+    }
+    then = {**OLD_SPEC, "replicas": 2, "networkPolicy": {"allowedEgressHosts": ["old.example.com"]}}
+    restored = decide(now, PROMOTED, revisions(r1=revision_object("r1", then))).spec
+    assert restored is not None
+    assert restored["image"] == OLD_SPEC["image"]
+    assert (restored["replicas"], restored["rollout"]) == (7, {"promotion": "Manual"})
+    # allowedEgressHosts is enforced by the runtime: part of the revision; the ingress list is not.
+    assert restored["networkPolicy"] == {"allowedIngressNamespaces": ["web"], "allowedEgressHosts": ["old.example.com"]}
+
+
+def test_a_section_the_revision_did_not_have_goes_with_its_kept_fields() -> None:
+    now = {
+        **NEW_SPEC,
+        "model": {
+            "provider": "openai",
+            "baseUrl": "https://m.example/v1",
+            "model": "m",
+            "egressCIDRs": ["198.18.0.9/32"],
+        },
+    }
+    restored = decide(now, PROMOTED, revisions(r1=revision_object("r1", OLD_SPEC))).spec
+    assert restored is not None
+    assert "model" not in restored  # not a model section holding only egressCIDRs
 
 
 @pytest.mark.parametrize(
-    ("state", "found", "reason"),
+    ("state", "find", "reason"),
     [
-        (status(), cache(), "hello-agent has not served any revision yet"),
+        (status(), revisions(), "hello-agent has not served any revision yet"),
         (
             status(activeColor="blue", activeRevision="r1"),
-            cache(),
+            revisions(),
             "hello-agent has no previous revision to go back to",
         ),
-        (PROMOTED, cache(hello_agent_blue=deployment("r1")), "revision r1 of hello-agent is not recorded; cannot undo"),
+        (PROMOTED, revisions(), "revision r1 of hello-agent is not recorded (no ControllerRevision); cannot undo"),
         (
             PROMOTED,
-            cache(hello_agent_r1=revision_object("r1", NEW_SPEC)),
-            "hello-agent already runs the spec of revision r1",
+            revisions(r1=revision_object("r0", OLD_SPEC)),
+            "revision r1 of hello-agent is not recorded (no ControllerRevision); cannot undo",
         ),
+        (PROMOTED, revisions(r1=revision_object("r1", NEW_SPEC)), "hello-agent already runs the spec of revision r1"),
     ],
-    ids=["never served", "first revision", "not recorded", "already back"],
+    ids=["never served", "first revision", "not recorded", "another revision's record", "already back"],
 )
 def test_nothing_to_go_back_to_is_refused_with_the_reason(
-    state: EnterpriseAgentStatus, found: undo.Lookup, reason: str
+    state: EnterpriseAgentStatus, find: undo.FindRevision, reason: str
 ) -> None:
-    answer = undo.decide("hello-agent", NEW_SPEC, state, found)
-    assert (answer.spec, answer.refused) == (None, reason)
+    answer = decide(NEW_SPEC, state, find)
+    assert answer.spec is None
+    assert (answer.answer.result, answer.answer.message) == (UndoResult.REFUSED, reason)
 
 
-def test_the_answer_is_one_guarded_patch_that_replaces_the_spec_whole_and_drops_the_request() -> None:
-    body: dict[str, Any] = {"metadata": {"resourceVersion": "41", "annotations": {"agents.enterprise.io/undo": "t", "x": "y"}}}
+def test_each_token_is_answered_once() -> None:
+    answered = status(activeColor="blue", lastUndo={"request": "t1", "result": "Undone", "revision": "r1"})
+    assert not undo.pending("t1", answered)
+    assert undo.pending("t2", answered)
+    assert not undo.pending(None, answered)
+    assert not undo.pending("", status())
+    assert undo.pending("t1", status())
+
+
+def test_the_spec_is_replaced_whole_and_only_over_the_agent_decided_on() -> None:
+    body: dict[str, Any] = {"metadata": {"resourceVersion": "41", "annotations": {"agents.enterprise.io/undo": "t"}}}
     body["spec"] = {**NEW_SPEC, "env": [{"name": "ONLY_IN_NEW", "value": "1"}]}
-    ops = undo.answer_patch("41", undo.Undo(revision="r1", spec=OLD_SPEC))
+    ops = undo.spec_patch("41", OLD_SPEC)
     assert ops[0] == {"op": "replace", "path": "/metadata/resourceVersion", "value": "41"}  # 409 if it moved
     assert apply_json_patch(body, ops) == {
-        "metadata": {"resourceVersion": "41", "annotations": {"x": "y"}},
+        "metadata": {"resourceVersion": "41", "annotations": {"agents.enterprise.io/undo": "t"}},
         "spec": OLD_SPEC,  # no field of the newer spec survives, as a merge patch would let it
     }
-    refused = undo.answer_patch("41", undo.Undo(refused="nothing to go back to"))
-    assert apply_json_patch(body, refused)["spec"] == body["spec"]
-    assert "agents.enterprise.io/undo" not in apply_json_patch(body, refused)["metadata"]["annotations"]
 
 
 def apply_json_patch(document: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]:
-    """The RFC 6902 subset the answer uses (replace, remove), with RFC 6901 pointers."""
+    """The RFC 6902 subset the answer uses (replace), with RFC 6901 pointers."""
     result = copy.deepcopy(document)
     for op in ops:
         *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
         target = result
         for part in parents:
             target = target[part]
-        if op["op"] == "remove":
-            del target[last]
-        else:
-            assert op["op"] == "replace", op
-            assert last in target, op
-            target[last] = op["value"]
+        assert op["op"] == "replace", op
+        assert last in target, op
+        target[last] = op["value"]
     return result

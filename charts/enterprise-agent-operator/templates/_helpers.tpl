@@ -39,8 +39,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{/* The rules the operator needs on agents and their children; shared by the ClusterRole and the per-namespace Roles. */}}
 {{- define "eao.rules" -}}
 # EnterpriseAgents: read and watch them, write their status (server-side apply); patch one only
-# to answer an undo request (kubectl ea undo, the Argo CD action): its spec set back to the
-# previous revision and the request's annotation removed.
+# to answer an undo request (kubectl ea undo, the Argo CD action): the previous revision's fields
+# of its spec put back.
 - apiGroups: ["agents.enterprise.io"]
   resources: ["enterpriseagents"]
   verbs: ["get", "list", "watch", "patch"]

@@ -1,10 +1,10 @@
 -- Argo CD action `undo` for an EnterpriseAgent: what `kubectl ea undo` does. It sets
 -- agents.enterprise.io/undo to a new token (the current UTC time, as `retry` writes it). The
 -- previous revision's spec is in a ControllerRevision this action cannot read, so the operator
--- answers: it sets the spec back to that revision and removes the annotation in one write (Event
--- Undone), or removes the annotation with a Warning Event UndoRefused that says why. The spec then
--- differs from Git: with auto-sync and self-heal on, Argo CD puts the Git spec back; commit the
--- rollback to keep it.
+-- answers each token once, in status.lastUndo: Undone (the fields that make a revision set back
+-- to that revision's; replicas, autoscaling and the rollout settings stay) or Refused with the
+-- reason, and an Event. The spec then differs from Git: with auto-sync and self-heal on, Argo CD
+-- puts the Git spec back; commit the rollback to keep it.
 
 local function present(value)
   return value ~= nil and value ~= ""

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
+
+from pydantic import BaseModel
 
 from agent_operator.render.common import LABEL_REVISION, Manifest, metadata, stable_hash
 from agent_operator.render.keys import KeyVersions
 from agent_operator.render.runtime_config import build_runtime_config
 from agent_operator.render.workload import build_pod_template
-from agent_operator.spec import GROUP, Color, EnterpriseAgent
+from agent_operator.spec import GROUP, Color, EnterpriseAgent, EnterpriseAgentSpec
 
 # The spec's hash over the user's input, on the ControllerRevision; its name is the revision.
 ANNOTATION_SPEC_HASH = f"{GROUP}/spec-hash"
@@ -46,6 +48,45 @@ _NOT_REVISION_FIELDS: dict[str, Any] = {
     "state": {"postgres": {"egress": True}},
     "model": {"egress_cidrs": True},  # the NetworkPolicy's only
 }
+
+
+def with_revision_fields_of(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
+    """``current`` (a spec as the API holds it, JSON names) with every field that makes a revision
+    taken from ``recorded`` (an earlier revision's spec) and the rest kept: what undo writes, so
+    putting a revision back never reverts replicas, autoscaling or a tightened NetworkPolicy."""
+    return _merge_revision_fields(recorded, current, EnterpriseAgentSpec, _NOT_REVISION_FIELDS)
+
+
+def _merge_revision_fields(
+    recorded: Mapping[str, Any], current: Mapping[str, Any], model: type[BaseModel], kept: Mapping[str, Any]
+) -> dict[str, Any]:
+    merged = dict(recorded)
+    for name, inner in kept.items():
+        info = model.model_fields[name]
+        key = info.alias or name
+        if inner is True:
+            if key in current:
+                merged[key] = current[key]
+            else:
+                merged.pop(key, None)
+            continue
+        (inner_model,) = [t for t in (info.annotation, *get_args(info.annotation)) if _is_model(t)]
+        old, new = recorded.get(key), current.get(key)
+        if not isinstance(old, Mapping) and (type(None) in get_args(info.annotation) or not isinstance(new, Mapping)):
+            # An optional section the revision did not have (spec.model, spec.state.postgres): its
+            # kept fields (the NetworkPolicy's CIDRs) mean nothing without it.
+            merged.pop(key, None)
+            continue
+        merged[key] = _merge_revision_fields(
+            old if isinstance(old, Mapping) else {}, new if isinstance(new, Mapping) else {}, inner_model, inner
+        )
+        if not merged[key] and not isinstance(old, Mapping):
+            merged.pop(key)  # a section only the kept fields filled, now without them
+    return merged
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def revision_input(agent: EnterpriseAgent) -> dict[str, Any]:
