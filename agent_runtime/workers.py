@@ -9,7 +9,11 @@ worker with SIGKILL, waits until it is reaped and forks a fresh one in its place
 
 Workers fork from multiprocessing's fork server, preloaded with the operations, so a replacement
 costs a fork (milliseconds), not an interpreter start; never from the server process itself, whose
-threads make a plain fork unsafe. The fork server's socket lives in the temp dir (``/tmp`` in the pod,
+threads make a plain fork unsafe. With ``eager`` (an agent that serves a CPU-bound operation) they
+start with the server; otherwise with the first call that needs them (a large body to parse), so a
+pod whose operations never need them does without their memory (about 50 MiB of PSS for the fork
+server and two workers), and that first call pays their start (an interpreter and the preloaded
+modules: about a second here). The fork server's socket lives in the temp dir (``/tmp`` in the pod,
 the only writable place besides the data volume).
 """
 
@@ -102,17 +106,51 @@ class WorkerPool:
         self._workers: set[_Worker] = set()
         self._spawning: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._preload: list[str] | None = None  # set by start(); the workers fork on the first call
+        self._starting: asyncio.Task[None] | None = None
+        self._started = False
 
     @property
     def pids(self) -> set[int]:
         """The live workers' process ids."""
         return {worker.pid for worker in self._workers}
 
-    async def start(self, preload: Sequence[str] = ()) -> None:
-        """Forks the workers. ``preload``: modules the fork server imports before its first fork
-        (the ones the calls will need), read when it starts: once per process."""
-        _CONTEXT.set_forkserver_preload([*_PRELOAD, *preload])
-        await asyncio.gather(*(self._add() for _ in range(self.size)))
+    async def start(self, preload: Sequence[str] = (), *, eager: bool = True) -> None:
+        """Starts the workers now (``eager``) or with the first call. ``preload``: modules the fork
+        server imports before its first fork (the ones the calls will need)."""
+        self._preload = [*_PRELOAD, *preload]
+        if eager:
+            await self._ensure_started()
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+    async def _ensure_started(self) -> None:
+        """Starts the workers once, in a task of its own: concurrent first calls wait for the same
+        start, and a caller that stops waiting (its deadline) cannot leave a fork half done."""
+        if self._preload is None:
+            raise RuntimeError("the worker pool was not started")
+        if self._starting is None:
+            self._starting = asyncio.create_task(self._start_workers(self._preload), name="worker-pool-start")
+        starting = self._starting
+        try:
+            await asyncio.shield(starting)
+        except Exception:
+            if self._starting is starting:
+                self._starting = None  # the next call tries again
+            raise
+
+    async def _start_workers(self, preload: list[str]) -> None:
+        _CONTEXT.set_forkserver_preload(preload)
+        added = await asyncio.gather(*(self._add() for _ in range(self.size)), return_exceptions=True)
+        failed = [outcome for outcome in added if isinstance(outcome, BaseException)]
+        if len(failed) == len(added):
+            raise failed[0]
+        for error in failed:  # some forked: serve with them, and fork the rest in the background
+            log.error("could not fork a worker: %s", error)
+            self._respawn_later()
+        self._started = True
 
     @overload
     async def run(self, function: Callable[[A], Awaitable[T]], argument: A | Pickled) -> T: ...
@@ -132,6 +170,8 @@ class WorkerPool:
     async def _run(self, function: Callable[[A], Any], argument: A | Pickled, as_json: bool) -> Any:
         if self._closed:
             raise RuntimeError("the worker pool is closed")
+        if not self._started:
+            await self._ensure_started()
         call = _pickled_call((function, argument, as_json))
         worker = await self._idle.get()
         try:
@@ -162,6 +202,8 @@ class WorkerPool:
     async def close(self) -> None:
         """Stops every worker; in-flight calls have finished by now (the server waited for them)."""
         self._closed = True
+        if self._starting is not None:
+            await asyncio.gather(self._starting, return_exceptions=True)  # its forks end, then stop
         for task in self._spawning:
             task.cancel()
         await asyncio.gather(*self._spawning, return_exceptions=True)
@@ -197,11 +239,14 @@ class WorkerPool:
         worker.writer.close()
         if not self._closed:
             self.replaced += 1
-            task = asyncio.create_task(self._respawn(), name="worker-respawn")
-            self._spawning.add(task)
-            task.add_done_callback(self._spawning.discard)
+            self._respawn_later()
         # Reaped before the caller hears of the timeout: when the 504 goes out, the work is gone.
         await asyncio.shield(asyncio.to_thread(_reap, worker.process))
+
+    def _respawn_later(self) -> None:
+        task = asyncio.create_task(self._respawn(), name="worker-respawn")
+        self._spawning.add(task)
+        task.add_done_callback(self._spawning.discard)
 
     async def _respawn(self) -> None:
         for delay in (0.0, *_RESPAWN_BACKOFF_SECONDS):

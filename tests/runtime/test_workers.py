@@ -11,6 +11,7 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator
+from multiprocessing import forkserver
 from typing import Any
 
 import pytest
@@ -65,7 +66,7 @@ async def test_cpu_bound_operations_run_in_a_worker_and_the_others_on_the_loop(m
     client = await make_client(extra_operations=OPERATIONS)
     headers = await _headers(client)
     workers = client.app[WORKERS]
-    assert len(workers.pids) == workers.size >= 1
+    assert len(workers.pids) == workers.size >= 1  # started with the app: it serves CPU-bound operations
     spun = await client.post("/v1/operations/spin", json={"input": {"seconds": 0}}, headers=headers)
     assert (await spun.json())["result"]["pid"] in workers.pids
     on_the_loop = await client.post("/v1/operations/spin_on_the_loop", json={"input": {}}, headers=headers)
@@ -163,10 +164,58 @@ def test_a_cpu_bound_operation_needs_a_handler_a_worker_can_import() -> None:
 async def test_closing_the_app_stops_its_workers(make_client: AppFactory) -> None:
     client = await make_client()
     pids = client.app[WORKERS].pids
+    assert pids
     await client.close()
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+async def test_an_agent_without_cpu_bound_operations_starts_its_workers_with_the_first_large_body(
+    make_client: AppFactory,
+) -> None:
+    """Its pod does without the workers' memory until a body too large to parse on the loop comes."""
+    client = await make_client(operations=["ping"])
+    headers = await _headers(client)
+    workers = client.app[WORKERS]
+    small = await client.post("/v1/operations/ping", json={"input": {"n": 1}}, headers=headers)
+    assert small.status == 200
+    assert (workers.started, workers.pids) == (False, set())
+    large = {"input": {"rows": [{"a": i} for i in range(INLINE_BODY_BYTES // 8)]}}
+    answer = await client.post("/v1/operations/ping", json=large, headers=headers)
+    assert answer.status == 200, await answer.text()
+    assert workers.started
+    assert len(workers.pids) == workers.size >= 1
+
+
+async def test_first_calls_at_once_start_one_pool_and_a_deadline_during_the_start_leaks_no_worker(
+    make_client: AppFactory,
+) -> None:
+    client = await make_client(operations=["ping"], resilience={"operationTimeoutSeconds": 1})
+    headers = await _headers(client)
+    workers = client.app[WORKERS]
+    large = {"input": {"rows": [{"a": i} for i in range(INLINE_BODY_BYTES // 8)]}}
+    answers = await asyncio.gather(*(client.post("/v1/operations/ping", json=large, headers=headers) for _ in range(6)))
+    assert {answer.status for answer in answers} <= {200, 504}  # a slow start may cost the first ones
+    await workers.settled()
+    assert len(workers.pids) == workers.size
+    # Whatever the deadline cut short, the fork server has no worker the pool does not know of.
+    assert _fork_server_children() == workers.pids
+
+
+def _fork_server_children() -> set[int]:
+    """The live (not zombie) children of multiprocessing's fork server, read from /proc: workers."""
+    server = forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
+    found = set()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                state, parent = stat.read().rsplit(")", 1)[1].split()[:2]
+        except OSError:
+            continue  # gone meanwhile
+        if int(parent) == server and state != "Z":
+            found.add(int(entry))
+    return found
 
 
 async def test_a_body_sent_in_pieces_is_read_whole(make_client: AppFactory) -> None:
