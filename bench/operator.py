@@ -91,6 +91,8 @@ WRITE_KINDS = [
         "serviceaccounts",
         "poddisruptionbudgets",
         "networkpolicies",
+        "controllerrevisions",
+        "enterpriseagents",
         "enterpriseagents/status",
     )
 ] + [("post", "secrets"), ("post", "events"), ("delete", "configmaps"), ("delete", "deployments")]

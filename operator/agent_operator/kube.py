@@ -226,14 +226,18 @@ class Kube:
     async def list(
         self, api_version: str, kind: str, namespace: str | None = None, label_selector: str | None = None
     ) -> list[dict[str, Any]]:
-        """Every object of a kind (in one namespace, or all), with apiVersion and kind filled in."""
+        """Every object of a kind (in one namespace, or all), with apiVersion and kind filled in and
+        without managedFields: nobody reads them, they are often the largest part of an object,
+        and a relist holds every listed object at once beside the caches."""
         query = [("labelSelector", label_selector)] if label_selector else []
         items: list[dict[str, Any]] = []
         continue_token = None
         while True:
             page = query + ([("continue", continue_token)] if continue_token else []) + [("limit", "500")]
             result = await self._request("GET", object_path(api_version, kind, namespace), query=page)
-            items += [{"apiVersion": api_version, "kind": kind, **item} for item in result.get("items", [])]
+            for item in result.get("items", []):
+                metadata = {k: v for k, v in (item.get("metadata") or {}).items() if k != "managedFields"}
+                items.append({"apiVersion": api_version, "kind": kind, **item, "metadata": metadata})
             continue_token = (result.get("metadata") or {}).get("continue")
             if not continue_token:
                 return items
