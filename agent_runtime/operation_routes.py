@@ -571,7 +571,7 @@ async def _keep_alive(response: web.StreamResponse, relay: asyncio.Task[Any], le
 
 async def worker_pool(app: web.Application) -> AsyncIterator[None]:
     """The worker processes of CPU-bound operations: forked at start-up when the agent serves one
-    (else with the first large body, whose parse is theirs too), stopped at shutdown, once the
+    or generate_report (else with the first large body, whose parse is theirs too), stopped at shutdown, once the
     server has let the in-flight requests finish. The fork server preloads what they run."""
     handlers = {operation.handler.__module__ for operation in app[REGISTRY].operations.values() if operation.cpu_bound}
     # A handler's module may name heavier modules its work needs (analyze: numpy and pandas), which
@@ -579,7 +579,9 @@ async def worker_pool(app: web.Application) -> AsyncIterator[None]:
     modules = {operation.handler.__module__ for operation in app[REGISTRY].operations.values()}
     extra = {name for module in modules for name in getattr(sys.modules.get(module), "WORKER_PRELOAD", ())}
     preload = [__name__, "agent_runtime.operations.reports", *sorted(handlers | extra)]
-    await app[WORKERS].start(preload, eager=bool(handlers))
+    # Eager when an enabled operation runs there (CPU-bound, or generate_report's build, whose module
+    # names what the workers preload): its first call must not pay the fork server's start.
+    await app[WORKERS].start(preload, eager=bool(handlers or extra))
     yield
     await app[WORKERS].close()
 

@@ -133,13 +133,12 @@ class WorkerPool:
             raise RuntimeError("the worker pool was not started")
         if self._starting is None:
             self._starting = asyncio.create_task(self._start_workers(self._preload), name="worker-pool-start")
-        starting = self._starting
-        try:
-            await asyncio.shield(starting)
-        except Exception:
-            if self._starting is starting:
-                self._starting = None  # the next call tries again
-            raise
+            self._starting.add_done_callback(self._start_ended)
+        await asyncio.shield(self._starting)
+
+    def _start_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            self._starting = None  # the next call tries again, whether or not anyone still waited
 
     async def _start_workers(self, preload: list[str]) -> None:
         _CONTEXT.set_forkserver_preload(preload)

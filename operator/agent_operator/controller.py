@@ -145,6 +145,7 @@ class AgentRecord:
     # flight for one of them is older than the cache and must not rewind the state machine.
     superseded: deque[str] = field(default_factory=lambda: deque(maxlen=32))
     references: frozenset[RefKey] = frozenset()  # the Secrets and ConfigMaps its spec names
+    undo_event: tuple[str, str, str] | None = None  # the answer to an undo request, not posted yet
 
 
 class Controller:
@@ -597,10 +598,12 @@ class Controller:
         body: Mapping[str, Any] | None = record.body if record is not None else None
         if record is None or body is None or body["metadata"].get("deletionTimestamp"):
             return "deleted"  # children go with the agent through their ownerReferences
-        undo_answer: UndoStatus | None = None
-        token = (body["metadata"].get("annotations") or {}).get(ANNOTATION_UNDO)
-        before = read_status(body.get("status"))
-        if undo.pending(token, before) and before.observed_generation == body["metadata"].get("generation"):
+        annotations = body["metadata"].get("annotations") or {}
+        token, before = annotations.get(ANNOTATION_UNDO), read_status(body.get("status"))
+        undo_answer = undo.unrecorded_answer(token, before, annotations)
+        if undo.pending(token, before, annotations) and before.observed_generation == body["metadata"].get(
+            "generation"
+        ):
             # Decided on a status that has caught up with the spec; otherwise after the next write.
             undone = await self._undo(key, body, record, str(token))
             if undone is None:
@@ -700,7 +703,7 @@ class Controller:
         answer = decision.answer
         if decision.spec is not None:
             self._fence()
-            operations = undo.spec_patch(body["metadata"]["resourceVersion"], decision.spec)
+            operations = undo.spec_patch(body["metadata"]["resourceVersion"], decision)
             try:
                 patched = await self.kube.patch_json(AGENT.api_version, AGENT.kind, *key, operations)
             except KubeError as error:
@@ -717,7 +720,9 @@ class Controller:
                 body = record.body or body  # the agent as patched: the reconcile goes on with it
         refused = answer.result == UndoResult.REFUSED
         reason, type_ = ("UndoRefused", "Warning") if refused else ("Undone", "Normal")
-        await self._event(body, type_, reason, f"undo request {token!r}: {answer.message}")
+        # Posted with the status that records the answer (_finish): once, even when a reconcile
+        # that waits for a measurement decides the same request again before that.
+        record.undo_event = (type_, reason, f"undo request {answer.request!r}: {answer.message}")
         return body, answer
 
     def _plan(
@@ -843,6 +848,10 @@ class Controller:
                 # the freshest view. Otherwise the watch's is, and our write's event follows it.
                 record.body = _slim(updated)
                 self._touch(("agent", *key))
+        record = self.records.get(key)
+        if record is not None and record.undo_event is not None:
+            pending, record.undo_event = record.undo_event, None
+            await self._event(body, *pending)
         for type_, reason, message in plan.events:
             await self._event(body, type_, reason, message)
         phase = plan.status.phase

@@ -311,7 +311,7 @@ def cmd_undo(args: argparse.Namespace) -> int:
     _patch(api, namespace, args.name, body)
     deadline = time.monotonic() + args.timeout
     while (answer := read_status(_fetch(api, namespace, args.name).get("status")).last_undo) is None or (
-        answer.request != token
+        answer.request != undo.request_id(token)
     ):
         if time.monotonic() > deadline:
             raise PluginError(

@@ -6,7 +6,9 @@ the earlier spec, which lives in a ControllerRevision). The operator answers eac
 ``status.lastUndo``: Undone (the revision's fields of the spec set back, in one write guarded by
 the agent's resourceVersion) or Refused with the reason, plus an Event. The annotation stays, as
 the abort and retry annotations do: a token already answered is never acted on again, so a
-request committed to Git or re-applied by a sync does not undo twice.
+request committed to Git or re-applied by a sync does not undo twice. The spec write itself also
+records its token (annotation ``agents.enterprise.io/undone``), so a status write lost after it
+(a conflict, a crash, a step-down) cannot make the next reconcile undo once more.
 
 The revision to go back to is the status's (the operator's own record): during a rollout, or after
 one that failed, the serving one; otherwise the one before the last promotion. Its spec comes from
@@ -18,10 +20,12 @@ the pod template and nothing else.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agent_operator.render.common import ANNOTATION_UNDONE
 from agent_operator.render.history import read_controller_revision, with_revision_fields_of
 from agent_operator.spec import EnterpriseAgentStatus, UndoResult, UndoStatus
 
@@ -37,9 +41,34 @@ class Undo:
     answer: UndoStatus
 
 
-def pending(token: str | None, status: EnterpriseAgentStatus) -> bool:
-    """An undo token not answered yet."""
-    return bool(token) and (status.last_undo is None or status.last_undo.request != token)
+# The status keeps a request's token up to this length; a longer one (set by hand) by its digest.
+MAX_REQUEST_LENGTH = 128
+
+
+def request_id(token: str) -> str:
+    """How the status and the undone annotation name request ``token``."""
+    if len(token) <= MAX_REQUEST_LENGTH:
+        return token
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+
+
+def pending(token: Any, status: EnterpriseAgentStatus, annotations: Mapping[str, Any]) -> bool:
+    """An undo token not answered yet: neither in the status nor by a spec written back for it."""
+    if not isinstance(token, str) or not token:
+        return False
+    answered = {status.last_undo.request if status.last_undo is not None else None, annotations.get(ANNOTATION_UNDONE)}
+    return request_id(token) not in answered
+
+
+def unrecorded_answer(token: Any, status: EnterpriseAgentStatus, annotations: Mapping[str, Any]) -> UndoStatus | None:
+    """The answer to a request whose spec was written back but whose status write was lost: the
+    status must still say so (kubectl ea undo waits for it), without deciding again."""
+    if not isinstance(token, str) or not token or annotations.get(ANNOTATION_UNDONE) != request_id(token):
+        return None
+    if status.last_undo is not None and status.last_undo.request == request_id(token):
+        return None
+    message = "spec set back to the previous revision's"
+    return UndoStatus(request=request_id(token), result=UndoResult.UNDONE, message=message)
 
 
 def status_revision(status: EnterpriseAgentStatus) -> str | None:
@@ -54,8 +83,10 @@ def status_revision(status: EnterpriseAgentStatus) -> str | None:
 def decide(name: str, token: str, spec: Mapping[str, Any], status: EnterpriseAgentStatus, find: FindRevision) -> Undo:
     """The answer to undo request ``token`` for agent ``name``, whose spec is ``spec`` now."""
 
+    request = request_id(token)
+
     def refused(message: str, revision: str | None = None) -> Undo:
-        return Undo(None, UndoStatus(request=token, result=UndoResult.REFUSED, revision=revision, message=message))
+        return Undo(None, UndoStatus(request=request, result=UndoResult.REFUSED, revision=revision, message=message))
 
     if status.active_color is None:
         return refused(f"{name} has not served any revision yet")
@@ -70,14 +101,22 @@ def decide(name: str, token: str, spec: Mapping[str, Any], status: EnterpriseAge
     if restored == dict(spec):
         return refused(f"{name} already runs the spec of revision {revision}", revision)
     message = f"spec set back to revision {revision}; it now differs from Git"
-    return Undo(restored, UndoStatus(request=token, result=UndoResult.UNDONE, revision=revision, message=message))
+    return Undo(restored, UndoStatus(request=request, result=UndoResult.UNDONE, revision=revision, message=message))
 
 
-def spec_patch(resource_version: str, spec: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The JSON patch that puts ``spec`` back: only over the agent the decision was made on (the
+def spec_patch(resource_version: str, undo: Undo) -> list[dict[str, Any]]:
+    """The JSON patch that puts the spec back: only over the agent the decision was made on (the
     API server answers 409 to another resourceVersion), the spec replaced whole (a merge patch
-    would keep fields the restored spec does not have)."""
+    would keep fields the restored spec does not have), and the request marked as done in the same
+    write (the agent carries the undo annotation, so its annotations exist)."""
+    assert undo.spec is not None
     return [
         {"op": "replace", "path": "/metadata/resourceVersion", "value": resource_version},
-        {"op": "replace", "path": "/spec", "value": dict(spec)},
+        {"op": "add", "path": "/metadata/annotations/" + _pointer(ANNOTATION_UNDONE), "value": undo.answer.request},
+        {"op": "replace", "path": "/spec", "value": dict(undo.spec)},
     ]
+
+
+def _pointer(key: str) -> str:
+    """``key`` as one RFC 6901 JSON pointer segment."""
+    return key.replace("~", "~0").replace("/", "~1")

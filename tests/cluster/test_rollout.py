@@ -386,6 +386,7 @@ def test_undo_puts_the_previous_spec_back(crd_installed: Kube, stand: Stand, ns:
         agent = get(crd_installed, ns, "ea", "hello-agent") or {}
         assert agent["spec"]["image"] == V1  # the operator answered before the plugin returned
         token = agent["metadata"]["annotations"]["agents.enterprise.io/undo"]
+        assert agent["metadata"]["annotations"]["agents.enterprise.io/undone"] == token  # with the spec
         assert agent["status"]["lastUndo"]["request"] == token
         assert agent["status"]["lastUndo"]["result"] == "Undone"
         done = wait_phase(crd_installed, ns, "hello-agent", "Ready")

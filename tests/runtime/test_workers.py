@@ -9,9 +9,11 @@ import contextlib
 import gc
 import json
 import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from multiprocessing import forkserver
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 import pytest
@@ -19,6 +21,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from agent_contract.config import Permission, SecurityLevel
+from agent_runtime import workers as workers_module
 from agent_runtime.api import MAX_BODY_BYTES
 from agent_runtime.operation_routes import INLINE_BODY_BYTES
 from agent_runtime.operations import Operation
@@ -189,18 +192,31 @@ async def test_an_agent_without_cpu_bound_operations_starts_its_workers_with_the
 
 
 async def test_first_calls_at_once_start_one_pool_and_a_deadline_during_the_start_leaks_no_worker(
-    make_client: AppFactory,
+    make_client: AppFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = await make_client(operations=["ping"], resilience={"operationTimeoutSeconds": 1})
     headers = await _headers(client)
     workers = client.app[WORKERS]
+    fork = workers_module._fork
+
+    def slow_fork(connection: socket.socket) -> BaseProcess:
+        time.sleep(1.5)  # a start slower than the callers' deadline, as on a loaded node
+        return fork(connection)
+
+    monkeypatch.setattr(workers_module, "_fork", slow_fork)
     large = {"input": {"rows": [{"a": i} for i in range(INLINE_BODY_BYTES // 8)]}}
     answers = await asyncio.gather(*(client.post("/v1/operations/ping", json=large, headers=headers) for _ in range(6)))
-    assert {answer.status for answer in answers} <= {200, 504}  # a slow start may cost the first ones
+    assert [answer.status for answer in answers] == [504] * 6  # every caller's deadline passed during the start
     await workers.settled()
+    deadline = time.monotonic() + 30
+    while not workers.started:  # the start went on without them
+        assert time.monotonic() < deadline, "the pool never finished starting"
+        await asyncio.sleep(0.05)
     assert len(workers.pids) == workers.size
-    # Whatever the deadline cut short, the fork server has no worker the pool does not know of.
+    # Whatever the deadlines cut short, the fork server has no worker the pool does not know of.
     assert _fork_server_children() == workers.pids
+    again = await client.post("/v1/operations/ping", json=large, headers=headers)
+    assert again.status == 200
 
 
 def _fork_server_children() -> set[int]:

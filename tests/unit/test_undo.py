@@ -113,33 +113,59 @@ def test_nothing_to_go_back_to_is_refused_with_the_reason(
 
 def test_each_token_is_answered_once() -> None:
     answered = status(activeColor="blue", lastUndo={"request": "t1", "result": "Undone", "revision": "r1"})
-    assert not undo.pending("t1", answered)
-    assert undo.pending("t2", answered)
-    assert not undo.pending(None, answered)
-    assert not undo.pending("", status())
-    assert undo.pending("t1", status())
+    assert not undo.pending("t1", answered, {})
+    assert undo.pending("t2", answered, {})
+    assert not undo.pending(None, answered, {})
+    assert not undo.pending("", status(), {})
+    assert not undo.pending(["not", "a", "string"], status(), {})
+    assert undo.pending("t1", status(), {})
 
 
-def test_the_spec_is_replaced_whole_and_only_over_the_agent_decided_on() -> None:
-    body: dict[str, Any] = {"metadata": {"resourceVersion": "41", "annotations": {"agents.enterprise.io/undo": "t"}}}
+def test_a_spec_written_back_whose_status_write_was_lost_is_not_undone_again_but_recorded() -> None:
+    """The spec patch marks its request (agents.enterprise.io/undone); the status may lag behind it."""
+    lagging = status(activeColor="blue", activeRevision="r1", previewRevision="r2", rollout={"step": "Preview"})
+    marked = {"agents.enterprise.io/undone": "t1"}
+    assert not undo.pending("t1", lagging, marked)
+    late = undo.unrecorded_answer("t1", lagging, marked)
+    assert late is not None
+    assert (late.request, late.result) == ("t1", UndoResult.UNDONE)
+    recorded = lagging.model_copy(update={"last_undo": late})
+    assert undo.unrecorded_answer("t1", recorded, marked) is None
+    assert undo.unrecorded_answer("t2", lagging, marked) is None  # another request: decided as usual
+
+
+def test_a_token_longer_than_the_status_keeps_is_answered_by_its_digest() -> None:
+    token = "x" * 5000  # an annotation set by hand
+    answer = undo.decide("hello-agent", token, NEW_SPEC, status(), revisions()).answer
+    assert answer.request == undo.request_id(token)
+    assert answer.request.startswith("sha256:")
+    assert len(answer.request) <= undo.MAX_REQUEST_LENGTH
+    assert not undo.pending(token, status(lastUndo=answer.model_dump(by_alias=True, mode="json")), {})
+
+
+def test_the_spec_is_replaced_whole_only_over_the_agent_decided_on_and_marks_its_request() -> None:
+    body: dict[str, Any] = {"metadata": {"resourceVersion": "41", "annotations": {"agents.enterprise.io/undo": "t1"}}}
     body["spec"] = {**NEW_SPEC, "env": [{"name": "ONLY_IN_NEW", "value": "1"}]}
-    ops = undo.spec_patch("41", OLD_SPEC)
+    ops = undo.spec_patch("41", decide(body["spec"], PROMOTED, revisions(r1=revision_object("r1", OLD_SPEC))))
     assert ops[0] == {"op": "replace", "path": "/metadata/resourceVersion", "value": "41"}  # 409 if it moved
     assert apply_json_patch(body, ops) == {
-        "metadata": {"resourceVersion": "41", "annotations": {"agents.enterprise.io/undo": "t"}},
+        "metadata": {
+            "resourceVersion": "41",
+            "annotations": {"agents.enterprise.io/undo": "t1", "agents.enterprise.io/undone": "t1"},
+        },
         "spec": OLD_SPEC,  # no field of the newer spec survives, as a merge patch would let it
     }
 
 
 def apply_json_patch(document: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]:
-    """The RFC 6902 subset the answer uses (replace), with RFC 6901 pointers."""
+    """The RFC 6902 subset the answer uses (replace, add to an object), with RFC 6901 pointers."""
     result = copy.deepcopy(document)
     for op in ops:
         *parents, last = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
         target = result
         for part in parents:
             target = target[part]
-        assert op["op"] == "replace", op
-        assert last in target, op
+        assert op["op"] in ("replace", "add"), op
+        assert op["op"] == "add" or last in target, op
         target[last] = op["value"]
     return result

@@ -34,6 +34,9 @@ ANNOTATION_ABORT = f"{GROUP}/abort"
 ANNOTATION_RETRY = f"{GROUP}/retry"
 # Asks the operator to set the spec back to the previous revision (kubectl ea undo, Argo CD's undo).
 ANNOTATION_UNDO = f"{GROUP}/undo"
+# The undo request whose spec the operator wrote back, set in the same write as the spec: a request
+# whose answer never reached the status is not acted on twice.
+ANNOTATION_UNDONE = f"{GROUP}/undone"
 
 Manifest = dict[str, Any]
 
