@@ -13,7 +13,7 @@ records its token (annotation ``agents.enterprise.io/undone``), so a status writ
 The revision to go back to is the status's (the operator's own record): during a rollout, or after
 one that failed, the serving one; otherwise the one before the last promotion. Its spec comes from
 its ControllerRevision only (the operator's record of what the revision was). Only the fields that
-make a revision are put back (history.revision_fields): replicas, autoscaling, the rollout
+make a revision are put back (history.with_revision_fields_of): replicas, autoscaling, the rollout
 settings and the NetworkPolicy's allow-lists stay as they are now, as Argo Rollouts' undo restores
 the pod template and nothing else.
 """
