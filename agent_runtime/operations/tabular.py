@@ -14,6 +14,7 @@ import io
 import math
 import re
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -126,11 +127,21 @@ def _read_csv(data: bytes, **options: Any) -> pd.DataFrame:
 MAX_HEADER_FIELDS = 10_000
 
 
+def _lines(text: str) -> Iterator[str]:
+    """The text's lines, each with its line break, made one at a time as they are read: the header
+    needs only the first few (io.StringIO would copy the whole text first, 0.2 s for 70 MB)."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start) + 1 or len(text)
+        yield text[start:end]
+        start = end
+
+
 def _header_width(text: str) -> int:
     """The fields of the header record (the first line that is not blank), by the csv module,
     which reads one record and stops: quoted line breaks included, nothing else made."""
     try:
-        for row in csv.reader(io.StringIO(text)):
+        for row in csv.reader(_lines(text)):
             if len(row) > 1 or any(cell.strip() for cell in row):
                 return len(row)
     except csv.Error as error:  # a header field beyond the csv module's 128 KiB

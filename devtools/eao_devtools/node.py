@@ -299,7 +299,7 @@ state = "{CONTAINERD_RUN / "state"}"
         if not leftovers:
             self.release_disk()
             self.snapshot_file.unlink()
-            if self._claim() == {"state_dir": str(self.state_dir)}:
+            if RealNode._claim() == {"state_dir": str(self.state_dir)}:
                 shutil.rmtree(HOST_CLAIM.parent)  # the claim and its record: the host is free
         return problems + leftovers
 
@@ -317,7 +317,8 @@ state = "{CONTAINERD_RUN / "state"}"
 
     # -- one node per host -------------------------------------------------------------------------
 
-    def _claim(self) -> dict[str, str] | None:
+    @staticmethod
+    def _claim() -> dict[str, str] | None:
         try:
             claim = json.loads(HOST_CLAIM.read_text())
         except (FileNotFoundError, ValueError):
@@ -328,17 +329,7 @@ state = "{CONTAINERD_RUN / "state"}"
         """Takes the host for this node and records it as it is, first putting back what a node
         killed without `down` (a killed session, a killed CI job) left: otherwise its chains, ipsets
         and bridge would be recorded as the host's own and this node's `down` could not restore."""
-        claim = self._claim()
-        if claim is not None and claim["state_dir"] != str(self.state_dir):
-            other = RealNode(Path(claim["state_dir"]))
-            if other.is_running():
-                raise NodeError(
-                    f"another real node runs on this host from {other.state_dir}; stop it first "
-                    f"(eao-dev cluster down --state-dir {other.state_dir.parent})"
-                )
-            problems = other.recover()
-            if problems:
-                raise NodeError("cannot put back what a killed real node left: " + "; ".join(problems))
+        put_back_abandoned_node(keep=self.state_dir)
         if not self.snapshot_file.exists():  # a second `up` keeps the first, pristine record
             HostSnapshot.capture().save(self.snapshot_file)
         HOST_CLAIM.parent.mkdir(parents=True, exist_ok=True)
@@ -370,3 +361,21 @@ state = "{CONTAINERD_RUN / "state"}"
             self.release_disk()
             self.snapshot_file.unlink(missing_ok=True)  # its own `down` has nothing left to undo
         return problems
+
+
+def put_back_abandoned_node(keep: Path | None = None) -> None:
+    """Puts the host back from what a real node killed without `down` left (a killed session or CI
+    job), so that whoever records the host next records it clean. A node still running is never
+    taken over: that raises. ``keep`` is the caller's own node, which is not abandoned."""
+    claim = RealNode._claim()
+    if claim is None or (keep is not None and claim["state_dir"] == str(keep)):
+        return
+    other = RealNode(Path(claim["state_dir"]))
+    if other.is_running():
+        raise NodeError(
+            f"another real node runs on this host from {other.state_dir}; stop it first "
+            f"(eao-dev cluster down --state-dir {other.state_dir.parent})"
+        )
+    problems = other.recover()
+    if problems:
+        raise NodeError("cannot put back what a killed real node left: " + "; ".join(problems))

@@ -15,7 +15,16 @@ import pytest
 
 from eao_devtools.cluster import Cluster, ClusterError
 from eao_devtools.hoststate import HostSnapshot
-from eao_devtools.node import BRIDGE, CONTAINERD_SOCKET, HOST_CLAIM, K8S_NAMESPACE, NODE_NAME, PAUSE_IMAGE, POD_CIDR
+from eao_devtools.node import (
+    BRIDGE,
+    CONTAINERD_SOCKET,
+    HOST_CLAIM,
+    K8S_NAMESPACE,
+    NODE_NAME,
+    PAUSE_IMAGE,
+    POD_CIDR,
+    put_back_abandoned_node,
+)
 
 pytestmark = [
     pytest.mark.cluster,
@@ -34,6 +43,7 @@ POD = {
 
 
 def test_a_pod_really_runs_and_down_leaves_nothing_behind(tmp_path: Path) -> None:
+    put_back_abandoned_node()  # a killed earlier run's node is not this host's own state
     before = HostSnapshot.capture()
     cluster = Cluster(tmp_path / "real")
     cluster.up(real_node=True)
@@ -87,6 +97,7 @@ def _alive(pid: int) -> bool:
 def test_a_node_killed_without_down_is_put_back_by_the_next_and_a_running_one_is_not_taken(tmp_path: Path) -> None:
     """What a killed session or CI job leaves (chains, ipsets, the bridge, running containers)
     must not become the next node's idea of a clean host."""
+    put_back_abandoned_node()  # a killed earlier run's node is not this host's own state
     before = HostSnapshot.capture()
     first, second = Cluster(tmp_path / "first"), Cluster(tmp_path / "second")
     first.up(real_node=True)

@@ -20,6 +20,7 @@ import pytest
 
 from eao_devtools.cluster import Cluster, ensure_binaries
 from eao_devtools.hoststate import HostSnapshot
+from eao_devtools.node import put_back_abandoned_node
 from eao_devtools.testkit.kube import Kube
 from tests.cluster.agents import wait_until
 from tests.packaging.chart import CHART, helm
@@ -31,6 +32,7 @@ requires_root = pytest.mark.skipif(os.geteuid() != 0, reason="a real node needs 
 
 @pytest.fixture(scope="module")
 def real_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
+    put_back_abandoned_node()  # a killed earlier run's node is not this host's own state
     before = HostSnapshot.capture()
     cluster = Cluster(tmp_path_factory.mktemp("real-node"))
     cluster.up(real_node=True)
