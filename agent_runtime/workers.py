@@ -299,8 +299,9 @@ def _serve(connection: socket.socket) -> None:
             connection.sendall(reply)
 
 
-def _receive(connection: socket.socket, size: int) -> bytes | None:
-    """Exactly ``size`` bytes, or None at the end of input."""
+def _receive(connection: socket.socket, size: int) -> bytearray | None:
+    """Exactly ``size`` bytes, or None at the end of input. The buffer itself, not a bytes copy of
+    it: a call's argument can be tens of megabytes, and pickle reads a bytearray as well."""
     buffer = bytearray(size)
     view = memoryview(buffer)
     received = 0
@@ -309,10 +310,10 @@ def _receive(connection: socket.socket, size: int) -> bytes | None:
         if count == 0:
             return None
         received += count
-    return bytes(buffer)
+    return buffer
 
 
-def _call(loop: asyncio.AbstractEventLoop, call: bytes) -> bytes:
+def _call(loop: asyncio.AbstractEventLoop, call: bytearray) -> bytes:
     try:
         function, argument, as_json = pickle.loads(call)  # noqa: S301 - written by the server that forked us
         result = function(argument)

@@ -130,6 +130,11 @@ def test_the_operator_runs_from_its_image_as_10001_without_pip_or_compiler(chart
     assert len(running) == 2
     pod = running[0]
     assert pod["status"]["containerStatuses"][0]["image"].endswith(image_references()["operator"])
+    assert_hardened_image(kube, OPERATOR_NAMESPACE, pod["metadata"]["name"])
+
+
+def assert_hardened_image(kube: Kube, namespace: str, pod: str) -> None:
+    """What images/Dockerfile promises, checked inside the running container of the built image."""
     probe = (
         "import os, shutil, importlib.util as u, sys; "
         "print(json.dumps({'uid': os.getuid(), 'gid': os.getgid(), 'exe': sys.executable,"
@@ -137,7 +142,7 @@ def test_the_operator_runs_from_its_image_as_10001_without_pip_or_compiler(chart
         " 'tools': [t for t in ('pip', 'pip3', 'gcc', 'cc', 'make', 'apt-get') if shutil.which(t)],"
         " 'root_writable': os.access('/', os.W_OK)}))"
     )
-    result = exec_python(kube, OPERATOR_NAMESPACE, pod["metadata"]["name"], "import json; " + probe)
+    result = exec_python(kube, namespace, pod, "import json; " + probe)
     assert result.returncode == 0, result.stderr
     facts = json.loads(result.stdout)
     assert (facts["uid"], facts["gid"]) == (10001, 10001)
@@ -178,6 +183,8 @@ def test_the_minimal_example_runs_as_it_is(chart_operator: Kube) -> None:
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"  # Ready came from a real probe
     assert {c["type"]: c["status"] for c in pod["status"]["conditions"]}["Ready"] == "True"
     assert restarts(pod) == 0
+    assert pod["status"]["containerStatuses"][0]["image"].endswith(image_references()["runtime"])
+    assert_hardened_image(kube, "default", pod["metadata"]["name"])  # the runtime's image, as the operator's
     # The keys volume is a real Secret volume (..data, a timestamped folder): the runtime read it.
     ready = readyz(kube, "default", pod["metadata"]["name"])
     assert ready["checks"]["keys"]["ok"] is True

@@ -269,3 +269,45 @@ async def test_json_nested_too_deep_is_invalid_json_not_a_server_error(make_clie
     for depth in (10_000, INLINE_BODY_BYTES + 1):  # parsed on the loop, and in a worker
         response = await client.post("/v1/operations/ping", data=b"[" * depth, headers=headers)
         assert (response.status, (await response.json())["code"]) == (400, "invalid_json")
+
+
+async def test_a_large_body_is_still_held_for_approval_and_checked_for_consent(make_client: AppFactory) -> None:
+    """A large CPU-bound body goes to one worker for its parsing and its run, unless the loop needs
+    it: an input to hold for approval (SOX), a subject's consent to check (GDPR)."""
+    rows = [{"amount": i % 100} for i in range(INLINE_BODY_BYTES // 8)]
+    large = {"input": {"data": rows}}
+    assert len(json.dumps(large)) > INLINE_BODY_BYTES
+    plain = await make_client(operations=["analyze_data"])
+    ran = await plain.post("/v1/operations/analyze_data", json=large, headers=await _headers(plain))
+    answer = await ran.json()
+    assert ran.status == 200, answer
+    assert answer["result"]["columns"]["amount"]["count"] == len(rows)
+    assert (answer["actor"], answer["request_id"]) == ("ada", ran.headers["X-Request-ID"])
+
+    sox = await make_client(
+        operations=["analyze_data"], compliance={"frameworks": ["SOX"], "financialOperations": ["analyze_data"]}
+    )
+    held = await sox.post("/v1/operations/analyze_data", json=large, headers=await _headers(sox, "otto"))
+    assert (held.status, (await held.json())["status"]) == (202, "pending_approval")
+    checker = await _headers(sox)
+    (pending,) = (await (await sox.get("/v1/approvals", headers=checker)).json())["pending"]
+    approved = await sox.post(f"/v1/approvals/{pending['id']}", json={"decision": "approve"}, headers=checker)
+    assert (await approved.json())["result"]["columns"]["amount"]["count"] == len(rows)  # the input was kept whole
+
+    gdpr = await make_client(
+        securityLevel="confidential", operations=["process_document"], compliance={"frameworks": ["GDPR"]}
+    )
+    document = {"input": {"content": "mail jane@example.com " * 5000, "format": "text"}}
+    assert len(json.dumps(document)) > INLINE_BODY_BYTES
+    operator = await _headers(gdpr, "otto")
+    unnamed = await gdpr.post("/v1/operations/process_document", json=document, headers=operator)
+    assert (unnamed.status, (await unnamed.json())["message"]) == (
+        400,
+        "subject: a string of 1 to 128 bytes is required",
+    )
+    refused = await gdpr.post(
+        "/v1/operations/process_document",
+        json={**document, "subject": "jane@example.com", "purpose": "support"},
+        headers=operator,
+    )
+    assert (refused.status, (await refused.json())["code"]) == (403, "consent_required")
