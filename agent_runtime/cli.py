@@ -47,10 +47,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _freeze_startup_heap(_app: object) -> None:
-    """Moves everything made by imports and start-up out of the cyclic collector's sight: a full
-    collection otherwise walks those few hundred thousand objects (pydantic, OpenTelemetry, aiohttp)
-    on every request's garbage, which measured 20 to 30 ms at the p99 with every request traced
-    (about 5 ms frozen). aiohttp runs this after the cleanup contexts' start-up halves."""
+    """Moves everything made by imports and start-up out of the cyclic collector's sight: each full
+    collection otherwise walks those 72,000 or so objects (pydantic, OpenTelemetry, aiohttp), which
+    measured 20 to 30 ms at the p99 with every request traced (about 5 ms frozen). aiohttp runs
+    this after the cleanup contexts' start-up halves."""
     import gc
 
     gc.collect()
