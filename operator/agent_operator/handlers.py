@@ -13,7 +13,7 @@ import kopf
 
 from agent_operator.controller import Controller
 from agent_operator.kinds import AGENT, WATCHED_BY_LABEL, Kind
-from agent_operator.kube import in_cluster_connection
+from agent_operator.kube import login
 from agent_operator.render.common import LABEL_MANAGED_BY, MANAGER
 from agent_operator.spec import GROUP
 
@@ -22,8 +22,8 @@ def build_registry(controller: Controller) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        return in_cluster_connection() or kopf.login_with_kubeconfig(**kwargs)
+    def kopf_login(**_: Any) -> kopf.ConnectionInfo:
+        return login()
 
     # async handlers run on the event loop; sync ones would run in kopf's thread pool, where the
     # controller's caches and asyncio queue must not be touched.

@@ -7,9 +7,9 @@ in ``api_writes_total`` so a resync that should be a no-op can be shown to be on
 from __future__ import annotations
 
 import builtins
-import copy
 import json
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
@@ -17,8 +17,6 @@ from typing import Any
 
 import aiohttp
 import kopf
-from kubernetes_asyncio import client, config
-from kubernetes_asyncio.client.exceptions import ApiException
 
 from agent_operator import metrics, timefmt
 from agent_operator.kinds import kind_of
@@ -31,6 +29,9 @@ SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 # informers ask for it: a Secret's data never crosses the wire, however large.
 METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
 METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+REQUEST_CONNECTIONS = 32
+REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=60)
+CREDENTIALS_SECONDS = 60.0
 
 
 class KubeError(Exception):
@@ -101,40 +102,63 @@ def in_cluster_connection() -> kopf.ConnectionInfo | None:
     )
 
 
-class Kube:
-    """A thin async client: apply, create, delete, get, status and events, nothing more."""
+def login(**_: Any) -> kopf.ConnectionInfo:
+    """The credentials both kopf's watches and ``Kube`` use: the ServiceAccount's in a pod, else
+    the kubeconfig's (KUBECONFIG, else ~/.kube/config) as kopf reads it. One reader for both, so
+    the operator's requests and its watches can never run as two different identities."""
+    info = in_cluster_connection() or kopf.login_with_kubeconfig(settings=kopf.OperatorSettings())
+    if info is None:
+        raise KubeError(0, "no credentials", "not in a pod, and no KUBECONFIG or ~/.kube/config")
+    return info
 
-    def __init__(self, api: client.ApiClient, stream_api: client.ApiClient | None = None) -> None:
-        self.api = api
+
+class Kube:
+    """A thin async client on aiohttp: apply, create, delete, get, status and events, nothing more.
+
+    Not the generated Kubernetes client: its models are never used here (every body is a plain
+    dict), and importing it costs the operator tens of MiB at rest."""
+
+    def __init__(self, connect: Callable[[], kopf.ConnectionInfo] = login) -> None:
+        self._connect = connect
+        info = connect()
+        self.server = info.server.rstrip("/")
+        self._authorization = info.as_http_headers()
+        self._authorized_at = time.monotonic()
+        ssl_context = info.as_ssl_context()
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=REQUEST_CONNECTIONS, ssl=ssl_context),
+            proxy=info.proxy_url,
+            trust_env=info.trust_env,
+        )
         # Watches hold their connection for minutes: on their own pool, so that however many
         # namespaces are watched, requests never wait for a connection a watch holds.
-        self.stream_api = stream_api if stream_api is not None else api
+        self.stream_session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ssl=ssl_context), proxy=info.proxy_url, trust_env=info.trust_env
+        )
         self.identify(None)
 
     def identify(self, identity: str | None) -> None:
-        agent = f"{USER_AGENT} ({identity})" if identity else USER_AGENT
-        self.api.user_agent = agent
-        self.stream_api.user_agent = agent
+        self.user_agent = f"{USER_AGENT} ({identity})" if identity else USER_AGENT
 
     @classmethod
-    async def connect(cls, kubeconfig: str | None = None) -> Kube:
+    async def connect(cls) -> Kube:
         """In-cluster credentials when running in a pod, else the kubeconfig (KUBECONFIG)."""
-        configuration = client.Configuration()
-        if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-        else:
-            await config.load_kube_config(
-                config_file=kubeconfig or os.environ.get("KUBECONFIG"), client_configuration=configuration
-            )
-        configuration.connection_pool_maxsize = 32
-        streams = copy.deepcopy(configuration)
-        streams.connection_pool_maxsize = 0  # no limit: one connection per watch
-        return cls(client.ApiClient(configuration), client.ApiClient(streams))
+        return cls()
 
     async def close(self) -> None:
-        await self.api.close()
-        if self.stream_api is not self.api:
-            await self.stream_api.close()
+        await self.session.close()
+        await self.stream_session.close()
+
+    def _headers(self, content_type: str | None, accept: str, refresh: bool = False) -> dict[str, str]:
+        # The credentials are read again now and then, as client-go re-reads a projected
+        # ServiceAccount token the kubelet rotates, and at once after a 401.
+        if refresh or time.monotonic() - self._authorized_at > CREDENTIALS_SECONDS:
+            self._authorization = self._connect().as_http_headers()
+            self._authorized_at = time.monotonic()
+        headers = {**self._authorization, "Accept": accept, "User-Agent": self.user_agent}
+        if content_type:
+            headers["Content-Type"] = content_type
+        return headers
 
     async def _request(
         self,
@@ -154,26 +178,26 @@ class Kube:
     async def _send(
         self, method: str, path: str, body: Any, query: list[tuple[str, str]] | None, content_type: str, accept: str
     ) -> dict[str, Any]:
-        try:
-            response = await self.api.call_api(
-                path,
-                method,
-                query_params=query or [],
-                header_params={"Content-Type": content_type, "Accept": accept},
-                body=body,
-                auth_settings=["BearerToken"],
-                _preload_content=False,
-                _request_timeout=aiohttp.ClientTimeout(total=60),
-            )
-        except ApiException as error:
-            body = error.body.decode() if isinstance(error.body, bytes) else str(error.body or "")
-            raise KubeError(error.status or 0, error.reason or "error", body) from None
-        except (aiohttp.ClientError, TimeoutError) as error:
-            raise KubeError(0, type(error).__name__, str(error)) from None
-        data = await response.read()
-        if not 200 <= response.status <= 299:  # with _preload_content=False the client does not raise
-            raise KubeError(response.status, response.reason or "error", data.decode(errors="replace"))
-        result: dict[str, Any] = json.loads(data) if data else {}
+        data = None if body is None else json.dumps(body).encode()
+        for refresh in (False, True):
+            try:
+                async with self.session.request(
+                    method,
+                    self.server + path,
+                    params=query or [],
+                    data=data,
+                    headers=self._headers(content_type if data is not None else None, accept, refresh),
+                    timeout=REQUEST_TIMEOUT,
+                ) as response:
+                    content = await response.read()
+                    status, reason = response.status, response.reason
+            except (aiohttp.ClientError, TimeoutError) as error:
+                raise KubeError(0, type(error).__name__, str(error)) from None
+            if status != 401 or refresh:
+                break
+        if not 200 <= status <= 299:
+            raise KubeError(status, reason or "error", content.decode(errors="replace"))
+        result: dict[str, Any] = json.loads(content) if content else {}
         return result
 
     async def apply(self, manifest: Mapping[str, Any], force: bool = True) -> dict[str, Any]:
@@ -283,18 +307,12 @@ class Kube:
             ("timeoutSeconds", str(timeout_seconds)),
         ]
         try:
-            response = await self.stream_api.call_api(
-                object_path(api_version, kind, namespace),
-                "GET",
-                query_params=query,
-                header_params={"Accept": METADATA},
-                auth_settings=["BearerToken"],
-                _preload_content=False,
-                _request_timeout=aiohttp.ClientTimeout(total=timeout_seconds + 30, sock_connect=30),
+            response = await self.stream_session.get(
+                self.server + object_path(api_version, kind, namespace),
+                params=query,
+                headers=self._headers(None, METADATA),
+                timeout=aiohttp.ClientTimeout(total=timeout_seconds + 30, sock_connect=30),
             )
-        except ApiException as error:
-            body = error.body.decode() if isinstance(error.body, bytes) else str(error.body or "")
-            raise KubeError(error.status or 0, error.reason or "error", body) from None
         except (aiohttp.ClientError, TimeoutError) as error:
             raise KubeError(0, type(error).__name__, str(error)) from None
         try:
