@@ -4,6 +4,7 @@ server on loopback records what arrives and answers as kube-apiserver would."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -142,7 +143,7 @@ def test_without_a_pod_or_a_kubeconfig_the_error_says_so(monkeypatch: pytest.Mon
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.delenv("KUBECONFIG", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    with pytest.raises(KubeError, match="no KUBECONFIG or ~/.kube/config"):
+    with pytest.raises(KubeError, match=re.escape("no KUBECONFIG or ~/.kube/config")):
         kube.login()
 
 
