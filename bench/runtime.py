@@ -10,8 +10,9 @@
     .venv/bin/python -m bench.runtime [--seconds 10] [--connections 16 64 256] [--profile flame.svg]
 
 Needs wrk (Debian package `wrk`; `make bench-runtime` installs it). With --profile, py-spy (bench
-extra) samples the first server of the table, without pausing it, while wrk loads it, and writes a
-flame graph (SVG; `--profile flame.txt` writes collapsed stacks to grep instead). Also printed: the
+extra) samples the first server of the table while wrk loads it, pausing it for each sample (which slows
+that row), and writes a flame graph by thread (SVG; `--profile flame.txt` writes collapsed stacks to
+grep instead). Also printed: the
 runtime's RSS at rest (after start-up and one login), its peak (a login's argon2 hash takes 64 MiB for
 a moment), and the PSS of it with its fork server and CPU workers under load: the pod's memory.
 """
@@ -177,7 +178,10 @@ def load(
         if profile:
             raw = args.profile.suffix != ".svg"
             spy = subprocess.Popen(
-                [str(BIN / "py-spy"), "record", "--nonblocking", "--rate", "250", "--duration", str(args.seconds + 2),
+                # Pausing the process for each sample: without it, py-spy kept samples for 31 % of the run
+                # of a loop thread that used 80 % of a core (measured), and the profile was mostly the
+                # audit writer thread waiting on fsync.
+                [str(BIN / "py-spy"), "record", "--threads", "--rate", "200", "--duration", str(args.seconds + 2),
                  "--pid", str(process.pid), "--output", str(args.profile), "--format", "raw" if raw else "flamegraph"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip

@@ -58,6 +58,10 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.posting.enabled = False  # the controller posts its own Events, on transitions only
     settings.peering.standalone = True  # leader election is ours (Lease), not kopf peering
     settings.persistence.finalizer = f"{GROUP}/kopf-finalizer"  # unused: no handler needs one
+    # kopf's per-object worker holds the object's last event (the whole body, managedFields and
+    # all) until it has idled this long; our handler has copied what it needs at once, so a
+    # rollout of many agents need not hold seconds' worth of bodies (kopf's default is 5 s).
+    settings.queueing.idle_timeout = 0.5
     # The API server filters the children's watches and lists by our label: without it every
     # Secret, ConfigMap and EndpointSlice in the cluster would stream through (and be parsed on)
     # the loop that renews the Lease, only to be dropped by the handler's label filter.
