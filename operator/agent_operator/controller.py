@@ -891,8 +891,12 @@ def _settled(plan: core.Plan) -> bool:
 def _slim(obj: Mapping[str, Any]) -> dict[str, Any]:
     """A cached copy without managedFields, which the reconcile never reads and which is often
     the largest part of an object, and with its strings shared (see ``_shared``)."""
-    shared: dict[str, Any] = _shared({k: v for k, v in obj.items() if k != "metadata"})
-    shared["metadata"] = _shared({k: v for k, v in obj["metadata"].items() if k != "managedFields"})
+    metadata = {k: v for k, v in obj["metadata"].items() if k != "managedFields"}
+    try:
+        shared: dict[str, Any] = _shared({k: v for k, v in obj.items() if k != "metadata"})
+        shared["metadata"] = _shared(metadata)
+    except RecursionError:  # nested deeper than the interning goes (spec.affinity takes any JSON)
+        return {**obj, "metadata": metadata}
     return shared
 
 
@@ -904,10 +908,10 @@ def _shared(value: Any) -> Any:
     object a string of its own, and a thousand agents' children repeat the same few hundred keys
     and values: shared, a rendered agent's children take half the memory (46 KiB parsed, 22.5 interned)."""
     if isinstance(value, dict):
-        return {sys.intern(k): _shared(v) for k, v in value.items()}
+        return {(sys.intern(k) if type(k) is str else k): _shared(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_shared(v) for v in value]
-    if isinstance(value, str) and len(value) <= SHARED_STRING_MAX:
+    if type(value) is str and len(value) <= SHARED_STRING_MAX:  # sys.intern takes no str subclass
         return sys.intern(value)
     return value
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import logging
 import os
 import time
 import uuid
@@ -23,6 +24,7 @@ from agent_operator.kinds import kind_of
 from agent_operator.render.common import MANAGER
 from agent_operator.spec import GROUP, KIND, PLURAL, VERSION
 
+log = logging.getLogger("agent_operator")
 USER_AGENT = f"{MANAGER}/0.1.0"
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 # Metadata only (name, namespace, resourceVersion, labels, annotations), as client-go's metadata
@@ -32,6 +34,7 @@ METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 REQUEST_CONNECTIONS = 32
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=60)
 CREDENTIALS_SECONDS = 60.0
+CREDENTIALS_RETRY_SECONDS = 5.0
 
 
 class KubeError(Exception):
@@ -150,15 +153,30 @@ class Kube:
         await self.stream_session.close()
 
     def _headers(self, content_type: str | None, accept: str, refresh: bool = False) -> dict[str, str]:
-        # The credentials are read again now and then, as client-go re-reads a projected
-        # ServiceAccount token the kubelet rotates, and at once after a 401.
         if refresh or time.monotonic() - self._authorized_at > CREDENTIALS_SECONDS:
-            self._authorization = self._connect().as_http_headers()
-            self._authorized_at = time.monotonic()
+            self._reauthorize()
         headers = {**self._authorization, "Accept": accept, "User-Agent": self.user_agent}
         if content_type:
             headers["Content-Type"] = content_type
         return headers
+
+    def _reauthorize(self) -> None:
+        """Reads the credentials again, as client-go re-reads a projected ServiceAccount token the
+        kubelet rotates: now and then, and at once after a 401. A read that fails (a kubeconfig
+        being rewritten, a token file being swapped) keeps the credentials in use and is tried
+        again shortly; so are credentials for another API server (a kubeconfig's context
+        switched): requests and watches must not go to two clusters, nor a token to the wrong one."""
+        self._authorized_at = time.monotonic() - CREDENTIALS_SECONDS + CREDENTIALS_RETRY_SECONDS
+        try:
+            info = self._connect()
+        except Exception as error:  # whatever the reader raises, requests go on with what they had
+            log.warning("could not read the API credentials again, still using the previous ones: %s", error)
+            return
+        if info.server.rstrip("/") != self.server:
+            log.warning("the credentials now name API server %s, not %s: not switching", info.server, self.server)
+            return
+        self._authorization = info.as_http_headers()
+        self._authorized_at = time.monotonic()
 
     async def _request(
         self,

@@ -8,10 +8,11 @@ import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import kopf
 import pytest
+import yaml
 from aiohttp import web
 
 from agent_operator import kube
@@ -114,6 +115,37 @@ async def test_a_rotated_token_is_read_again_after_a_401_and_the_request_retried
     assert found["served"] is True
     assert refused.value.status == 401  # one retry with fresh credentials, then the error, not a loop
     assert len(server.seen) == 4
+
+
+async def test_credentials_that_cannot_be_read_again_or_name_another_server_are_not_switched_to(
+    api_server: tuple[FakeApiServer, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A kubeconfig being rewritten (the reader raises) or switched to another cluster's context:
+    requests go on with the credentials in use, to the server in use, and say so in the log."""
+    server, url = api_server
+    answers: list[Any] = [kopf.ConnectionInfo(server=url, scheme="Bearer", token="token-1")]
+
+    def connect() -> kopf.ConnectionInfo:
+        answer = answers.pop(0) if len(answers) > 1 else answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return cast(kopf.ConnectionInfo, answer)
+
+    client = Kube(connect)
+    answers[:] = [
+        yaml.YAMLError("the kubeconfig is half written"),
+        kopf.ConnectionInfo(server="https://other-cluster.example:6443", scheme="Bearer", token="other-token"),
+    ]
+    try:
+        client._reauthorize()  # what a 401 or the minute's refresh does
+        client._reauthorize()
+        found = await client.get("v1", "ConfigMap", "team", "settings")
+    finally:
+        await client.close()
+    assert found["served"] is True
+    assert [r["headers"]["Authorization"] for r in server.seen] == ["Bearer token-1"]
+    assert "the kubeconfig is half written" in caplog.text
+    assert "other-cluster.example" in caplog.text
 
 
 async def test_a_refusal_keeps_the_api_servers_status_and_message(api_server: tuple[FakeApiServer, str]) -> None:
