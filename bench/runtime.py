@@ -10,11 +10,12 @@
     .venv/bin/python -m bench.runtime [--seconds 10] [--connections 16 64 256] [--profile flame.svg]
 
 Needs wrk (Debian package `wrk`; `make bench-runtime` installs it). With --profile, py-spy (bench
-extra) samples the first server of the table while wrk loads it, pausing it for each sample (which slows
-that row), and writes a flame graph by thread (SVG; `--profile flame.txt` writes collapsed stacks to
-grep instead). Also printed: the
-runtime's RSS at rest (after start-up and one login), its peak (a login's argon2 hash takes 64 MiB for
-a moment), and the PSS of it with its fork server and CPU workers under load: the pod's memory.
+extra) samples the first server of the table while wrk loads it, pausing it for each sample (which
+slows that row), and writes a flame graph by thread (SVG; `--profile flame.txt` writes collapsed
+stacks to grep instead). Also printed: our CPU per request split between the event loop's thread and
+the others, the runtime's RSS at rest (after start-up and one login), its peak (a login's argon2
+hash takes 64 MiB for a moment), and the PSS of it with its fork server and CPU workers under load:
+the pod's memory.
 """
 
 from __future__ import annotations
@@ -149,21 +150,31 @@ def _tree_pss_mib(pid: int) -> float:
     return total / 1024
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User and system CPU time of a process, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _cpu_seconds(pid: int, task: int | None = None) -> tuple[float, float]:
+    """User and system CPU time of a process, all its threads (or of one of its threads)."""
+    stat = Path(f"/proc/{pid}/stat" if task is None else f"/proc/{pid}/task/{task}/stat")
+    fields = stat.read_text().rpartition(")")[2].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 class Row:
     """One server at one connection count. ``cpu_us``: the server's CPU time per request, which
-    a busy machine changes far less than req/s (wrk and other processes take turns on the cores)."""
+    a busy machine changes far less than req/s (wrk and other processes take turns on the cores);
+    ``loop_us``: the (user, system) part of it spent by the main thread, which runs the event loop."""
 
     def __init__(
-        self, wrk: dict[str, float], cpu_seconds: float, rest_mib: float, peak_mib: float, pod_mib: float
+        self,
+        wrk: dict[str, float],
+        cpu_seconds: float,
+        loop_seconds: tuple[float, float],
+        rest_mib: float,
+        peak_mib: float,
+        pod_mib: float,
     ) -> None:
         self.rps, self.p50, self.p99 = wrk["rps"], wrk["p50"], wrk["p99"]
         self.cpu_us = cpu_seconds / wrk["requests"] * 1e6
+        self.loop_us = (loop_seconds[0] / wrk["requests"] * 1e6, loop_seconds[1] / wrk["requests"] * 1e6)
         self.rest_mib, self.peak_mib, self.pod_mib = rest_mib, peak_mib, pod_mib
 
 
@@ -186,10 +197,17 @@ def load(
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
             profile = False
-        cpu_before = _cpu_seconds(process.pid)
+        cpu_before, loop_before = _cpu_seconds(process.pid), _cpu_seconds(process.pid, process.pid)
         wrk = run_wrk(port, bearer, args.seconds, connections, workdir)
-        cpu = _cpu_seconds(process.pid) - cpu_before
-        rows[connections] = Row(wrk, cpu, rest, _status_kib(process.pid, "VmHWM") / 1024, _tree_pss_mib(process.pid))
+        cpu_after, loop_after = _cpu_seconds(process.pid), _cpu_seconds(process.pid, process.pid)
+        rows[connections] = Row(
+            wrk,
+            sum(cpu_after) - sum(cpu_before),
+            (loop_after[0] - loop_before[0], loop_after[1] - loop_before[1]),
+            rest,
+            _status_kib(process.pid, "VmHWM") / 1024,
+            _tree_pss_mib(process.pid),
+        )
         if spy is not None:
             spy.wait()
     return rows
@@ -289,6 +307,10 @@ def report(results: dict[str, dict[int, Row]], args: argparse.Namespace) -> None
     print(
         f"  CPU per request           ours {ours.cpu_us:.0f} us, FastAPI hello {fastapi.cpu_us:.0f} us,"
         f" bare {bare.cpu_us:.0f} us (ours / FastAPI in CPU: {fastapi.cpu_us / ours.cpu_us:.2f}x)"
+    )
+    print(
+        f"  ours' event-loop thread   {ours.loop_us[0]:.0f} us user + {ours.loop_us[1]:.0f} us system a request;"
+        f" its other threads (mostly the audit writer) {ours.cpu_us - sum(ours.loop_us):.0f} us"
     )
     print(
         f"  ours peak RSS             {max(row.peak_mib for row in results[OURS].values()):5.0f} MiB, with its fork"

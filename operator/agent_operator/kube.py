@@ -105,7 +105,7 @@ def in_cluster_connection() -> kopf.ConnectionInfo | None:
     )
 
 
-def login(**_: Any) -> kopf.ConnectionInfo:
+def login() -> kopf.ConnectionInfo:
     """The credentials both kopf's watches and ``Kube`` use: the ServiceAccount's in a pod, else
     the kubeconfig's (KUBECONFIG, else ~/.kube/config) as kopf reads it. One reader for both, so
     the operator's requests and its watches can never run as two different identities."""
