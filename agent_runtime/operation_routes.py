@@ -18,7 +18,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
-import orjson
 from aiohttp import web
 from opentelemetry import trace
 from pydantic import BaseModel, ValidationError
@@ -56,7 +55,7 @@ from agent_runtime.state import (
     TRACER,
     WORKERS,
 )
-from agent_runtime.workers import Pickled
+from agent_runtime.workers import Pickled, json_bytes
 
 T = TypeVar("T")
 log = logging.getLogger("agent_runtime")
@@ -242,15 +241,6 @@ class EncodedResult:
 
 
 Result = dict[str, Any] | EncodedResult
-
-
-def json_bytes(value: Any) -> bytes:
-    """A JSON answer's body: orjson on the hot path (a tenth of json's cost), json for what orjson
-    refuses (an int beyond 64 bits, a key that is not a string)."""
-    try:
-        return orjson.dumps(value)
-    except orjson.JSONEncodeError:
-        return json.dumps(value).encode()
 
 
 def operation_response(request: web.Request, name: str, result: Result, actor: str) -> web.Response:

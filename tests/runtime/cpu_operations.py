@@ -4,6 +4,7 @@ run them (a CPU-bound handler travels by reference)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from typing import Any
@@ -25,6 +26,20 @@ async def crash(payload: dict[str, Any]) -> dict[str, Any]:
 
 async def refuse(payload: dict[str, Any]) -> dict[str, Any]:
     raise InputError("nothing to work with")
+
+
+def same(value: Any) -> Any:
+    return value
+
+
+def echo(value: dict[str, Any]) -> dict[str, Any]:
+    """The value as the worker received it, with what it found in it."""
+    return {
+        "value": value,
+        "blob_type": type(value["blob"]).__name__,
+        "blob_sha256": hashlib.sha256(value["blob"]).hexdigest(),
+        "pid": os.getpid(),
+    }
 
 
 def _operation(name: str, handler: Any, cpu_bound: bool = True) -> Operation:

@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hashlib
 import json
 import os
+import pickle
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -27,7 +29,7 @@ from agent_runtime.operation_routes import INLINE_BODY_BYTES
 from agent_runtime.operations import Operation
 from agent_runtime.state import WORKERS
 from tests.runtime.conftest import AppFactory, login
-from tests.runtime.cpu_operations import OPERATIONS
+from tests.runtime.cpu_operations import OPERATIONS, echo, same
 
 Client = TestClient[web.Request, web.Application]
 
@@ -311,3 +313,37 @@ async def test_a_large_body_is_still_held_for_approval_and_checked_for_consent(m
         headers=operator,
     )
     assert (refused.status, (await refused.json())["code"]) == (403, "consent_required")
+
+
+async def test_large_values_cross_to_a_worker_and_back_whole() -> None:
+    """Bytes of BULK_BYTES or more travel beside a call's pickle, not inside it (no copy on the
+    way): they must still arrive whole, where they were in the value, both ways."""
+    pool = workers_module.WorkerPool(1)
+    await pool.start(preload=["tests.runtime.cpu_operations"])
+    try:
+        blob = os.urandom(3 * 2**20 + 7)
+        inner = os.urandom(workers_module.BULK_BYTES)
+        value = {
+            "blob": blob,
+            "pickled": workers_module.Pickled(pickle.dumps(inner)),  # a Pickled's bytes are bulk too
+            "small": b"just under" * 10,
+            "text": "\u00e9t\u00e9 " * 2**18,
+            "nested": [blob[:100], (blob, blob)],  # the same bytes twice: sent twice, both arrive
+        }
+        back = await pool.run(echo, value)
+        assert back["pid"] in pool.pids
+        assert (back["blob_type"], back["blob_sha256"]) == ("bytearray", hashlib.sha256(blob).hexdigest())
+        returned = back["value"]
+        assert bytes(returned["blob"]) == blob
+        assert bytes(returned["pickled"]) == inner
+        assert returned["small"] == value["small"]
+        assert type(returned["small"]) is bytes  # under the threshold: inside the pickle
+        assert returned["text"] == value["text"]
+        assert [bytes(returned["nested"][0]), *map(bytes, returned["nested"][1])] == [blob[:100], blob, blob]
+
+        rows = [{"row": i, "text": "x" * 50} for i in range(20_000)]  # an answer of about 1.2 MB
+        encoded = await pool.run_json(same, rows)
+        assert len(encoded) > workers_module.BULK_BYTES
+        assert json.loads(encoded) == rows
+    finally:
+        await pool.close()
