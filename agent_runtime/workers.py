@@ -101,6 +101,11 @@ class _FramePickler(pickle.Pickler):
             return len(self.bulk) - 1
         return None
 
+
+class _CallPickler(_FramePickler):
+    """A call's pickler: a Pickled in it reaches the worker as the value it holds. (A reply's
+    Pickled stays one: the server holds its bytes and never looks inside.)"""
+
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, Pickled):
             return pickle.loads, (obj.data,)  # unpickled over there as the value it holds
@@ -116,10 +121,10 @@ class _FrameUnpickler(pickle.Unpickler):
         return self.bulk[int(pid)]
 
 
-def _frame(value: Any) -> tuple[bytes, list[bytes | bytearray]]:
+def _frame(value: Any, pickler_class: type[_FramePickler] = _FramePickler) -> tuple[bytes, list[bytes | bytearray]]:
     """The header and pickle of a frame, as one piece, and its bulk buffers."""
     buffer = io.BytesIO()
-    pickler = _FramePickler(buffer)
+    pickler = pickler_class(buffer)
     pickler.dump(value)
     data = buffer.getvalue()
     lengths = b"".join(_LENGTH.pack(len(bulk)) for bulk in pickler.bulk)
@@ -213,7 +218,7 @@ class WorkerPool:
             raise RuntimeError("the worker pool is closed")
         if not self._started:
             await self._ensure_started()
-        head, bulk = _frame((function, argument, as_json))
+        head, bulk = _frame((function, argument, as_json), _CallPickler)
         worker = await self._idle.get()
         loop = asyncio.get_running_loop()
         try:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import time
 from typing import Any
 
 from agent_runtime.operations import InputError, Operation, Permission, SecurityLevel
+from agent_runtime.workers import Pickled
 
 
 async def spin(payload: dict[str, Any]) -> dict[str, Any]:
@@ -30,6 +32,11 @@ async def refuse(payload: dict[str, Any]) -> dict[str, Any]:
 
 def same(value: Any) -> Any:
     return value
+
+
+def kept_pickled(value: Any) -> Pickled:
+    """The value as parsed_body hands a CPU-bound input back: pickled, for the server to hold."""
+    return Pickled(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def echo(value: dict[str, Any]) -> dict[str, Any]:

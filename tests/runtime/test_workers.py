@@ -29,7 +29,7 @@ from agent_runtime.operation_routes import INLINE_BODY_BYTES
 from agent_runtime.operations import Operation
 from agent_runtime.state import WORKERS
 from tests.runtime.conftest import AppFactory, login
-from tests.runtime.cpu_operations import OPERATIONS, echo, same
+from tests.runtime.cpu_operations import OPERATIONS, echo, kept_pickled, same
 
 Client = TestClient[web.Request, web.Application]
 
@@ -340,6 +340,12 @@ async def test_large_values_cross_to_a_worker_and_back_whole() -> None:
         assert type(returned["small"]) is bytes  # under the threshold: inside the pickle
         assert returned["text"] == value["text"]
         assert [bytes(returned["nested"][0]), *map(bytes, returned["nested"][1])] == [blob[:100], blob, blob]
+
+        # A Pickled in a reply stays one: the server holds its bytes and never looks inside.
+        held = await pool.run(kept_pickled, blob)
+        assert isinstance(held, workers_module.Pickled)
+        assert bytes(pickle.loads(held.data)) == blob  # noqa: S301 - made by our own worker
+        assert bytes(await pool.run(same, held)) == blob  # and sent on, it reaches a worker as its value
 
         rows = [{"row": i, "text": "x" * 50} for i in range(20_000)]  # an answer of about 1.2 MB
         encoded = await pool.run_json(same, rows)
