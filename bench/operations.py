@@ -482,8 +482,9 @@ def bench_analyze(workdir: Path, rows_list: list[int], blank_share: float, profi
         path = workdir / f"data-{rows}.csv"
         path.write_bytes(data)
         lifted = rows > analyze_module.MAX_ROWS or len(data) > 20_000_000
-        # The median of a few runs where they are short (a shared machine's noise is tens of ms).
-        repeat = ["--repeat", str(max(1, min(5, 1_000_000 // rows)))]
+        # The median of a few runs: five where they are short (a shared machine's noise is tens of
+        # ms), three at a million rows (a page fault's cost on this VM varies threefold between runs).
+        repeat = ["--repeat", str(max(3, min(5, 1_000_000 // rows)))]
         ours, our_result = run_child(workdir, "analyze-ours", path, *repeat, *(["--lifted"] if lifted else []))
         theirs, their_result = run_child(workdir, "analyze-pandas", path, *repeat)
         referee = Referee(data)
@@ -493,8 +494,8 @@ def bench_analyze(workdir: Path, rows_list: list[int], blank_share: float, profi
         del referee
         results.append((rows, len(data), lifted, ours, theirs, compared, mismatches, notes, means, our_result))
     print(
-        f"\nanalyze_data vs pandas (8 columns, {blank_share:.0%} of one column blank), the median of up to 5 runs"
-        f" (one at 1M rows), niceness {NICENESS}, {os.cpu_count()} cores"
+        f"\nanalyze_data vs pandas (8 columns, {blank_share:.0%} of one column blank), the median of 3 to 5 runs"
+        f" (3 at 1M rows), niceness {NICENESS}, {os.cpu_count()} cores"
     )
     print(
         f"{'rows':>10}{'CSV MB':>8}  {'limits':9}{'ours s':>9}{'pandas s':>10}{'ratio':>8}"
