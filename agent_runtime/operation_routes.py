@@ -55,7 +55,7 @@ from agent_runtime.state import (
     TRACER,
     WORKERS,
 )
-from agent_runtime.workers import Pickled, json_bytes
+from agent_runtime.workers import Pickled, bulk, json_bytes
 
 T = TypeVar("T")
 log = logging.getLogger("agent_runtime")
@@ -153,7 +153,7 @@ async def operation_input(request: web.Request, operation: Operation, raw: bytes
     compliance = request.app[CONFIG].compliance
     # The input itself comes back only when it is to be stored for an approval (SOX).
     keep = ComplianceFramework.SOX in compliance.frameworks and operation.name in compliance.financial_operations
-    job = (raw, operation.input_model, keep, operation.cpu_bound)
+    job = (bulk(raw), operation.input_model, keep, operation.cpu_bound)  # its bytes beside the call: no copy
     return await _limited(request, operation, {}, lambda: request.app[WORKERS].run(parsed_body, job))
 
 
@@ -375,7 +375,7 @@ async def _call(app: web.Application, operation: Operation, argument: Any) -> Re
     """CPU-bound handlers run off the loop, so that neither probes nor other requests wait for them
     and their deadline can stop them; the rest (ping, plugins awaiting I/O) run on it, at no cost."""
     if isinstance(argument, UnparsedInput):
-        job = (operation.handler, argument.raw, argument.model)
+        job = (operation.handler, bulk(argument.raw), argument.model)
         return EncodedResult(await app[WORKERS].run_json(parsed_and_run, job))
     if operation.cpu_bound:
         return EncodedResult(await app[WORKERS].run_json(operation.handler, argument))

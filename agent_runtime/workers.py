@@ -33,23 +33,20 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable, Sequence
 from multiprocessing.process import BaseProcess
-from typing import Any, TypeVar, overload
+from typing import Any, SupportsIndex, TypeVar, cast, overload
 
 import orjson
 
 log = logging.getLogger("agent_runtime.workers")
 
 T = TypeVar("T")
+B = TypeVar("B", bytes, bytearray)
 A = TypeVar("A")
 
 # A frame, either way: a header (the pickle's length and how many bulk buffers follow, then each
-# one's length), the pickle (the call one way, the reply the other), then the bulk buffers: bytes
-# of BULK_BYTES or more (a 70 MB body, an encoded answer) sent beside the pickle, not inside it, so
-# that neither side copies them on the way (pickling, the transport's buffer and unpickling made
-# three copies of a 70 MB body, 0.1 to 0.2 s). They arrive as bytearrays.
+# one's length), the pickle (the call one way, the reply the other), then the bulk buffers (see _Bulk).
 _HEADER = struct.Struct("!QI")
 _LENGTH = struct.Struct("!Q")
-BULK_BYTES = 64 * 1024
 # The fork server imports the program's main script once, so that no worker imports it again (as
 # multiprocessing requires, the main script must do nothing when imported: the __main__ idiom).
 _PRELOAD = ("__main__", __name__)
@@ -78,6 +75,39 @@ class WorkerCrashedError(RuntimeError):
     """The worker process died during the call (out of memory, killed by someone else)."""
 
 
+class _Bulk:
+    """Bytes that cross to a worker (or back) beside the frame's pickle, not inside it: written
+    from where they are and read into the buffer the other side keeps, so neither side copies them
+    (a 70 MB body was copied three times on the way: the pickle, a stream's buffer, the unpickling).
+    The other side gets the bytes themselves, as a bytearray; bytes not wrapped stay in the pickle,
+    so nothing else changes type on the way."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
+        # A PickleBuffer goes out of band under protocol 5 with a buffer_callback (no Python is
+        # called per object); while it lives, a bytearray under it cannot be resized.
+        return _unbulk, (pickle.PickleBuffer(self.data),)
+
+
+def bulk(data: B) -> B:
+    """``data``, to cross to a worker beside the call's pickle (see _Bulk). Typed as the bytes
+    themselves, which is what the worker's function gets (as a bytearray); only for a value sent
+    to a worker, never for one used in this process."""
+    return cast(B, _Bulk(data))
+
+
+def _unbulk(data: Any) -> bytes | bytearray:
+    """_Bulk's bytes as they arrive: the bytearray received (which the unpickler hands over as a
+    read-only view of it), or bytes where the pickle held them in band."""
+    if isinstance(data, memoryview):
+        return data.obj if isinstance(data.obj, bytes | bytearray) else data.tobytes()
+    return data if isinstance(data, bytes | bytearray) else bytes(data)
+
+
 class Pickled:
     """A value kept as its pickle, made by a worker: the server holds it and sends it on as bytes,
     and a worker given a call holding it (anywhere in the argument) gets the value itself. So a
@@ -85,54 +115,43 @@ class Pickled:
 
     __slots__ = ("data",)
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes | bytearray) -> None:
         self.data = data
 
-
-class _FramePickler(pickle.Pickler):
-    def __init__(self, file: io.BytesIO) -> None:
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self.bulk: list[bytes | bytearray] = []
-
-    def persistent_id(self, obj: Any) -> int | None:
-        # Called for every object, bytes included (reducer_override is not): a large one goes as bulk.
-        if type(obj) in (bytes, bytearray) and len(obj) >= BULK_BYTES:
-            self.bulk.append(obj)
-            return len(self.bulk) - 1
-        return None
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
+        return Pickled, (_Bulk(self.data),)  # its bytes beside the pickle, both ways
 
 
-class _CallPickler(_FramePickler):
+class _CallPickler(pickle.Pickler):
     """A call's pickler: a Pickled in it reaches the worker as the value it holds. (A reply's
     Pickled stays one: the server holds its bytes and never looks inside.)"""
 
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, Pickled):
-            return pickle.loads, (obj.data,)  # unpickled over there as the value it holds
+            return pickle.loads, (_Bulk(obj.data),)  # unpickled over there as the value it holds
         return NotImplemented
 
 
-class _FrameUnpickler(pickle.Unpickler):
-    def __init__(self, data: bytearray, bulk: list[bytearray]) -> None:
-        super().__init__(io.BytesIO(data))
-        self.bulk = bulk
-
-    def persistent_load(self, pid: Any) -> bytearray:
-        return self.bulk[int(pid)]
+# At most this many bulk buffers in a frame: a header announcing more is out of step, not a call.
+_MAX_BULK = 64
 
 
-def _frame(value: Any, pickler_class: type[_FramePickler] = _FramePickler) -> tuple[bytes, list[bytes | bytearray]]:
-    """The header and pickle of a frame, as one piece, and its bulk buffers."""
+def _frame(value: Any, pickler_class: type[pickle.Pickler] = pickle.Pickler) -> list[Any]:
+    """A frame's pieces, to send in order: its header and pickle as one piece, then its bulk
+    buffers (the PickleBuffers of the _Bulk values in it)."""
     buffer = io.BytesIO()
-    pickler = pickler_class(buffer)
-    pickler.dump(value)
+    bulk: list[pickle.PickleBuffer] = []
+    pickler_class(buffer, protocol=5, buffer_callback=bulk.append).dump(value)
+    if len(bulk) > _MAX_BULK:
+        raise ValueError(f"a call or reply holds {len(bulk)} bulk values, more than {_MAX_BULK}")
     data = buffer.getvalue()
-    lengths = b"".join(_LENGTH.pack(len(bulk)) for bulk in pickler.bulk)
-    return _HEADER.pack(len(data), len(pickler.bulk)) + lengths + data, pickler.bulk
+    views = [piece.raw() for piece in bulk]  # flat byte views (what a socket's send takes)
+    lengths = b"".join(_LENGTH.pack(view.nbytes) for view in views)
+    return [_HEADER.pack(len(data), len(views)) + lengths + data, *views]
 
 
 def _unframe(data: bytearray, bulk: list[bytearray]) -> Any:
-    return _FrameUnpickler(data, bulk).load()
+    return pickle.loads(data, buffers=bulk)  # noqa: S301 - written by our own worker or server
 
 
 class _Worker:
@@ -218,11 +237,11 @@ class WorkerPool:
             raise RuntimeError("the worker pool is closed")
         if not self._started:
             await self._ensure_started()
-        head, bulk = _frame((function, argument, as_json), _CallPickler)
+        pieces = _frame((function, argument, as_json), _CallPickler)
         worker = await self._idle.get()
         loop = asyncio.get_running_loop()
         try:
-            for piece in (head, *bulk):  # sent from where they are: no copy (a stream writer would make one)
+            for piece in pieces:  # sent from where they are: no copy (a stream writer would make one)
                 await loop.sock_sendall(worker.connection, piece)
             reply = await _receive_frame_async(loop, worker.connection)
         except BaseException as error:
@@ -340,8 +359,7 @@ def _serve(connection: socket.socket) -> None:
                 call = _receive_frame(connection)
             except EOFError:  # the server closed the socket: the pool is closing
                 return
-            head, bulk = _call(loop, call)
-            for piece in (head, *bulk):
+            for piece in _call(loop, call):
                 connection.sendall(piece)
 
 
@@ -351,6 +369,8 @@ def _serve(connection: socket.socket) -> None:
 def _receive_frame(connection: socket.socket) -> tuple[bytearray, list[bytearray]]:
     """A frame from a blocking socket (the worker's side); EOFError at the end of input."""
     size, count = _HEADER.unpack(_receive(connection, _HEADER.size))
+    if count > _MAX_BULK:
+        raise ConnectionError(f"a frame header announces {count} bulk buffers: out of step")
     lengths = _receive(connection, _LENGTH.size * count)
     data = _receive(connection, size)
     bulk = [_receive(connection, length) for (length,) in _LENGTH.iter_unpack(lengths)]
@@ -362,6 +382,8 @@ async def _receive_frame_async(
 ) -> tuple[bytearray, list[bytearray]]:
     """A frame from a non-blocking socket (the server's side), without blocking the loop."""
     size, count = _HEADER.unpack(await _receive_async(loop, connection, _HEADER.size))
+    if count > _MAX_BULK:
+        raise ConnectionError(f"a frame header announces {count} bulk buffers: out of step")
     lengths = await _receive_async(loop, connection, _LENGTH.size * count)
     data = await _receive_async(loop, connection, size)
     bulk = [await _receive_async(loop, connection, length) for (length,) in _LENGTH.iter_unpack(lengths)]
@@ -397,9 +419,7 @@ async def _receive_async(loop: asyncio.AbstractEventLoop, connection: socket.soc
 # --- in the worker process, again --------------------------------------------------------------
 
 
-def _call(
-    loop: asyncio.AbstractEventLoop, call: tuple[bytearray, list[bytearray]]
-) -> tuple[bytes, list[bytes | bytearray]]:
+def _call(loop: asyncio.AbstractEventLoop, call: tuple[bytearray, list[bytearray]]) -> list[Any]:
     """The reply frame to a call frame."""
     try:
         function, argument, as_json = _unframe(*call)
@@ -407,13 +427,13 @@ def _call(
         if inspect.isawaitable(result):
             result = loop.run_until_complete(result)
         if as_json:
-            result = json_bytes(result)
+            result = _Bulk(json_bytes(result))  # an answer can be megabytes: beside the pickle
         return _frame((True, result))
     except Exception as error:
         return _error_reply(error)
 
 
-def _error_reply(error: Exception) -> tuple[bytes, list[bytes | bytearray]]:
+def _error_reply(error: Exception) -> list[Any]:
     """The exception itself when it survives the trip (InputError becomes a 422 over there), else
     a RuntimeError naming it."""
     with contextlib.suppress(Exception):

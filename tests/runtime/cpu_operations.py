@@ -43,7 +43,7 @@ def echo(value: dict[str, Any]) -> dict[str, Any]:
     """The value as the worker received it, with what it found in it."""
     return {
         "value": value,
-        "blob_type": type(value["blob"]).__name__,
+        "types": {key: type(item).__name__ for key, item in value.items()},
         "blob_sha256": hashlib.sha256(value["blob"]).hexdigest(),
         "pid": os.getpid(),
     }

@@ -316,40 +316,44 @@ async def test_a_large_body_is_still_held_for_approval_and_checked_for_consent(m
 
 
 async def test_large_values_cross_to_a_worker_and_back_whole() -> None:
-    """Bytes of BULK_BYTES or more travel beside a call's pickle, not inside it (no copy on the
-    way): they must still arrive whole, where they were in the value, both ways."""
+    """Bytes wrapped with bulk() travel beside a call's pickle, not inside it (no copy on the way),
+    as do a Pickled's bytes and an encoded answer: they must still arrive whole, where they were in
+    the value, both ways. Bytes not wrapped stay bytes (a plugin's model may hold some)."""
     pool = workers_module.WorkerPool(1)
     await pool.start(preload=["tests.runtime.cpu_operations"])
     try:
         blob = os.urandom(3 * 2**20 + 7)
-        inner = os.urandom(workers_module.BULK_BYTES)
+        inner = os.urandom(2**20)
         value = {
-            "blob": blob,
-            "pickled": workers_module.Pickled(pickle.dumps(inner)),  # a Pickled's bytes are bulk too
-            "small": b"just under" * 10,
+            "blob": workers_module.bulk(blob),
+            "plain": blob,  # not wrapped: inside the pickle, and bytes on arrival
+            "pickled": workers_module.Pickled(pickle.dumps(inner)),  # unpickled over there
             "text": "\u00e9t\u00e9 " * 2**18,
-            "nested": [blob[:100], (blob, blob)],  # the same bytes twice: sent twice, both arrive
+            "nested": [blob[:100], (workers_module.bulk(blob), workers_module.bulk(bytearray(blob[:5])))],
         }
         back = await pool.run(echo, value)
         assert back["pid"] in pool.pids
-        assert (back["blob_type"], back["blob_sha256"]) == ("bytearray", hashlib.sha256(blob).hexdigest())
+        assert back["types"] == {
+            "blob": "bytearray",
+            "plain": "bytes",
+            "pickled": "bytes",
+            "text": "str",
+            "nested": "list",
+        }
+        assert back["blob_sha256"] == hashlib.sha256(blob).hexdigest()
         returned = back["value"]
-        assert bytes(returned["blob"]) == blob
-        assert bytes(returned["pickled"]) == inner
-        assert returned["small"] == value["small"]
-        assert type(returned["small"]) is bytes  # under the threshold: inside the pickle
+        assert (bytes(returned["blob"]), returned["plain"], returned["pickled"]) == (blob, blob, inner)
         assert returned["text"] == value["text"]
-        assert [bytes(returned["nested"][0]), *map(bytes, returned["nested"][1])] == [blob[:100], blob, blob]
+        assert [returned["nested"][0], *map(bytes, returned["nested"][1])] == [blob[:100], blob, blob[:5]]
 
         # A Pickled in a reply stays one: the server holds its bytes and never looks inside.
         held = await pool.run(kept_pickled, blob)
         assert isinstance(held, workers_module.Pickled)
-        assert bytes(pickle.loads(held.data)) == blob  # noqa: S301 - made by our own worker
-        assert bytes(await pool.run(same, held)) == blob  # and sent on, it reaches a worker as its value
+        assert pickle.loads(held.data) == blob  # noqa: S301 - made by our own worker
+        assert await pool.run(same, held) == blob  # and sent on, it reaches a worker as its value
 
         rows = [{"row": i, "text": "x" * 50} for i in range(20_000)]  # an answer of about 1.2 MB
         encoded = await pool.run_json(same, rows)
-        assert len(encoded) > workers_module.BULK_BYTES
         assert json.loads(encoded) == rows
     finally:
         await pool.close()
