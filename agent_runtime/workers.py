@@ -47,6 +47,7 @@ A = TypeVar("A")
 # one's length), the pickle (the call one way, the reply the other), then the bulk buffers (see _Bulk).
 _HEADER = struct.Struct("!QI")
 _LENGTH = struct.Struct("!Q")
+_YIELD_BYTES = 4 * 1024 * 1024  # the loop gives way at least this often while reading a reply
 # The fork server imports the program's main script once, so that no worker imports it again (as
 # multiprocessing requires, the main script must do nothing when imported: the __main__ idiom).
 _PRELOAD = ("__main__", __name__)
@@ -407,12 +408,17 @@ def _receive(connection: socket.socket, size: int) -> bytearray:
 async def _receive_async(loop: asyncio.AbstractEventLoop, connection: socket.socket, size: int) -> bytearray:
     buffer = bytearray(size)
     view = memoryview(buffer)
-    received = 0
+    received = yielded = 0
     while received < size:
         count = await loop.sock_recv_into(connection, view[received:])
         if count == 0:
             raise EOFError
         received += count
+        if received - yielded >= _YIELD_BYTES:
+            # asyncio's sock_recv_into returns at once when data is waiting, without giving way:
+            # a fast worker's large reply would otherwise be read with the loop held throughout.
+            yielded = received
+            await asyncio.sleep(0)
     return buffer
 
 
