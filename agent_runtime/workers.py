@@ -90,7 +90,10 @@ class _Bulk:
 
     def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
         # A PickleBuffer goes out of band under protocol 5 with a buffer_callback (no Python is
-        # called per object); while it lives, a bytearray under it cannot be resized.
+        # called per object); while it lives, a bytearray under it cannot be resized. Under an
+        # older protocol (copy and deepcopy ask for 4) the bytes are plain arguments.
+        if int(protocol) < 5:
+            return _unbulk, (self.data,)
         return _unbulk, (pickle.PickleBuffer(self.data),)
 
 
@@ -120,6 +123,8 @@ class Pickled:
         self.data = data
 
     def __reduce_ex__(self, protocol: SupportsIndex) -> tuple[Any, ...]:
+        if int(protocol) < 5:  # copy and deepcopy
+            return Pickled, (self.data,)
         return Pickled, (_Bulk(self.data),)  # its bytes beside the pickle, both ways
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import gc
 import hashlib
 import json
@@ -351,6 +352,9 @@ async def test_large_values_cross_to_a_worker_and_back_whole() -> None:
         assert isinstance(held, workers_module.Pickled)
         assert pickle.loads(held.data) == blob  # noqa: S301 - made by our own worker
         assert await pool.run(same, held) == blob  # and sent on, it reaches a worker as its value
+        for copied in (copy.copy(held), copy.deepcopy(held), pickle.loads(pickle.dumps(held))):  # noqa: S301
+            assert isinstance(copied, workers_module.Pickled)
+            assert pickle.loads(copied.data) == blob  # noqa: S301 - made by our own worker
 
         rows = [{"row": i, "text": "x" * 50} for i in range(20_000)]  # an answer of about 1.2 MB
         encoded = await pool.run_json(same, rows)
