@@ -765,13 +765,11 @@ class Controller:
         that the garbage collector has not removed yet. Server-side apply would take them over, and
         the garbage collector would delete them with the agent; we refuse instead, as a Deployment
         controller does not adopt a ReplicaSet it does not control. Only names the cache does not
-        hold are looked up, metadata only, in the API server's watch cache: about half the
-        operator's requests for a new agent, and no quorum read of etcd each. A GET from etcd was
-        no guarantee either: an object made between it and the apply is taken over just the same."""
+        hold are looked up."""
         mine = [m for m in manifests if core.child_key(m) not in children]
         found = await asyncio.gather(
             *(
-                self.kube.find_metadata(m["apiVersion"], m["kind"], m["metadata"]["namespace"], m["metadata"]["name"])
+                self.kube.find(m["apiVersion"], m["kind"], m["metadata"]["namespace"], m["metadata"]["name"])
                 for m in mine
             )
         )

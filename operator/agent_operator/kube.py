@@ -359,23 +359,6 @@ class Kube:
                 return None
             raise
 
-    async def find_metadata(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        """The object's metadata (with its apiVersion and kind), or None when it does not exist,
-        from the API server's watch cache (resourceVersion=0): no quorum read of etcd, and neither
-        spec nor data on the wire. It can be a moment behind etcd, as any informer's cache is."""
-        try:
-            found = await self._request(
-                "GET",
-                object_path(api_version, kind, namespace, name),
-                query=[("resourceVersion", "0")],
-                accept=METADATA,
-            )
-        except KubeError as error:
-            if error.not_found:
-                return None
-            raise
-        return {"apiVersion": api_version, "kind": kind, "metadata": found.get("metadata") or {}}
-
     async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
         try:
             await self._request(
