@@ -107,9 +107,7 @@ def bulk(data: B) -> B:
 def _unbulk(data: Any) -> bytes | bytearray:
     """_Bulk's bytes as they arrive: the bytearray received (which the unpickler hands over as a
     read-only view of it), or bytes where the pickle held them in band."""
-    if isinstance(data, memoryview):
-        return data.obj if isinstance(data.obj, bytes | bytearray) else data.tobytes()
-    return data if isinstance(data, bytes | bytearray) else bytes(data)
+    return cast(bytes | bytearray, data.obj if isinstance(data, memoryview) else data)
 
 
 class Pickled:
