@@ -36,6 +36,22 @@ from agent_operator.spec import AnalysisResult, AnalysisSpec, CheckName, Enterpr
 # about the agent's health: always cheap 200s, they would dilute a colour's error rate and p95.
 PROBE_ROUTES = frozenset({"/healthz", "/readyz", "/metrics", AGENT_CARD_PATH, "/openapi.json"})
 REQUEST_TIMEOUT_SECONDS = 5.0
+# No answer at all (refused, reset, timed out, no such name) measures nothing: a pod that has just
+# become ready is in its Service's endpoints before every node's kube-proxy (and NetworkPolicy
+# controller) has programmed the path to it, which takes seconds on a busy node. Such a check stays
+# Pending and is measured again until the progress deadline, as Argo Rollouts counts a measurement
+# error apart from a failure; an answer that is wrong (not 200, not parseable) fails at once.
+UNREACHABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError)
+
+
+def _described(error: BaseException) -> str:
+    """An exception as a message: its text, or its type when it has none (a timeout)."""
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def unmeasured(name: CheckName, what: str, error: BaseException) -> Check:
+    return Check(name, AnalysisResult.PENDING, f"{what}: {_described(error)}; measured again")
 
 
 @dataclass(frozen=True)
@@ -255,8 +271,10 @@ async def _readyz(session: aiohttp.ClientSession, target: Target) -> Check:
                 AnalysisResult.PASSED if passed else AnalysisResult.FAILED,
                 f"{response.status} {body}",
             )
-    except (aiohttp.ClientError, TimeoutError, ValueError) as error:  # ValueError: a body that is not text
-        return Check(CheckName.READYZ, AnalysisResult.FAILED, f"unreachable: {error or type(error).__name__}")
+    except UNREACHABLE as error:
+        return unmeasured(CheckName.READYZ, "unreachable", error)
+    except (aiohttp.ClientError, ValueError) as error:  # a malformed answer, a body that is not text
+        return Check(CheckName.READYZ, AnalysisResult.FAILED, f"unreadable answer: {_described(error)}")
 
 
 async def _metrics(session: aiohttp.ClientSession, target: Target, analysis: AnalysisSpec) -> list[Check]:
@@ -269,8 +287,10 @@ async def _metrics(session: aiohttp.ClientSession, target: Target, analysis: Ana
         return [Check(name, AnalysisResult.FAILED, "no pod to scrape") for name in names]
     try:
         preview = await _scrape_all(session, target.pod_urls)
-    except (aiohttp.ClientError, TimeoutError, ValueError) as error:
-        message = f"cannot read /metrics: {error or type(error).__name__}"
+    except UNREACHABLE as error:
+        return [unmeasured(name, "cannot reach /metrics", error) for name in names]
+    except (aiohttp.ClientError, ValueError) as error:  # not 200, malformed, not the exposition format
+        message = f"cannot read /metrics: {_described(error)}"
         return [Check(name, AnalysisResult.FAILED, message) for name in names]
     checks = judge_metrics(preview, analysis)
     if baseline is not None and max_ratio is not None:
@@ -297,10 +317,12 @@ async def _tokens(
         if not isinstance(error, (aiohttp.ClientError, TimeoutError, ValueError)):
             raise error
     if not read:
+        if all(isinstance(error, UNREACHABLE) for error in errors):
+            return unmeasured(CheckName.TOKENS_PER_REQUEST, "cannot reach the stable colour's /metrics", errors[0])
         return Check(
             CheckName.TOKENS_PER_REQUEST,
             AnalysisResult.FAILED,
-            f"cannot read the stable colour's /metrics: {errors[0] or type(errors[0]).__name__}",
+            f"cannot read the stable colour's /metrics: {_described(errors[0])}",
         )
     check = judge_tokens(preview, sum(read, Traffic()), max_ratio)
     if errors:
@@ -359,5 +381,7 @@ async def _smoke(
                 AnalysisResult.PASSED if passed else AnalysisResult.FAILED,
                 f"{smoke.operation}: {response.status} {body}",
             )
-    except (aiohttp.ClientError, TimeoutError, ValueError) as error:  # ValueError: a body that is not text
-        return Check(CheckName.SMOKE, AnalysisResult.FAILED, f"{smoke.operation}: {error or type(error).__name__}")
+    except UNREACHABLE as error:
+        return unmeasured(CheckName.SMOKE, f"{smoke.operation}: unreachable", error)
+    except (aiohttp.ClientError, ValueError) as error:  # a malformed answer, a body that is not text
+        return Check(CheckName.SMOKE, AnalysisResult.FAILED, f"{smoke.operation}: {_described(error)}")

@@ -48,7 +48,8 @@ BEFORE_PROMOTION = (Step.PREVIEW, Step.ANALYSIS, Step.AWAITING_PROMOTION, Step.P
 PROMOTABLE = (Step.PREVIEW, Step.ANALYSIS, Step.AWAITING_PROMOTION)
 # The sequence a successful rollout walks, for progress displays.
 SEQUENCE = (*BEFORE_PROMOTION, Step.POST_PROMOTION, Step.COMPLETED)
-# How often a requested check that came back Skipped is measured again while the analysis waits.
+# How often a check without a result is measured again while the analysis waits: a requested one that
+# came back Skipped, or one left Pending because the pods could not be reached (analysis.UNREACHABLE).
 REMEASURE_SECONDS = 10.0
 
 Outcome = Literal["promoted", "aborted", "analysis_failed", "deadline_exceeded", "rolled_back"]
@@ -371,8 +372,9 @@ Verdict = Literal["passed", "failed", "not_run"]
 
 def _judge(i: RolloutInput, first: Check) -> tuple[list[Check], Verdict]:
     """The checks measured for this decision, and their verdict. A Skipped check that the spec asked
-    for (or one it asked for that was not measured at all) is no pass: the verdict is "not_run",
-    and the step measures again until its deadline. A Skipped check it did not ask for is fine."""
+    for (or one it asked for that was not measured at all), or a Pending one (no answer from the
+    pods), is no pass: the verdict is "not_run", and the step measures again until its deadline. A
+    Skipped check it did not ask for is fine."""
     checks = [first, *(i.checks or [])]
     measured = {c.name for c in checks}
     requested = requested_checks(i.rollout)
@@ -385,7 +387,7 @@ def _judge(i: RolloutInput, first: Check) -> tuple[list[Check], Verdict]:
 
 
 def _not_run(checks: Sequence[Check | AnalysisCheck], requested: frozenset[CheckName]) -> list[str]:
-    """The requested checks that did not pass without failing, each named with what it said."""
+    """The checks without a result (Pending, or Skipped though requested), each named with what it said."""
     return [
         f"{c.name}: {c.result}" + (f" ({c.message})" if c.message else "")
         for c in checks
@@ -475,7 +477,7 @@ def _analysis(i: RolloutInput, active: Color, roll: RolloutStatus) -> Decision:
             roll,
             reason=Reason.ANALYSING,
             message=(
-                f"analysis of revision {i.revision} cannot pass yet, a requested check did not run: "
+                f"analysis of revision {i.revision} cannot pass yet, a check has no result: "
                 f"{'; '.join(_not_run(checks, requested_checks(i.rollout)))}; measuring again until {rfc3339(deadline)}"
             ),
             requeue_after=min(REMEASURE_SECONDS, _seconds_until(deadline, i.now)),
@@ -484,12 +486,13 @@ def _analysis(i: RolloutInput, active: Color, roll: RolloutStatus) -> Decision:
 
 
 def _analysis_deadline(i: RolloutInput, active: Color, roll: RolloutStatus) -> Decision:
-    """The analysis did not pass by the progress deadline. When a requested check had not run
-    (Skipped), that is an analysis failure, and the message names it."""
+    """The analysis did not pass by the progress deadline. When a check had no result (a requested
+    one Skipped, or one whose pods never answered), that is an analysis failure, and the message
+    names it."""
     not_run = _not_run(roll.analysis, requested_checks(i.rollout))
     if not_run:
         message = (
-            f"analysis of revision {i.revision} failed: a check spec.rollout.analysis asks for did not run "
+            f"analysis of revision {i.revision} failed: a check had no result "
             f"by the deadline ({i.rollout.progress_deadline_seconds} s): {'; '.join(not_run)}"
         )
         return _abort(i, active, roll, AbortReason.ANALYSIS_FAILED, message)
@@ -661,7 +664,7 @@ def _post_promotion(i: RolloutInput, active: Color, roll: RolloutStatus) -> Deci
                 keep,
                 rollout=waiting,
                 message=(
-                    f"post-promotion check cannot pass yet, a requested check did not run: {not_run}; "
+                    f"post-promotion check cannot pass yet, a check has no result: {not_run}; "
                     f"measuring again until {rfc3339(until)}"
                 ),
                 requeue_after=min(REMEASURE_SECONDS, _seconds_until(until, i.now)),
@@ -671,7 +674,7 @@ def _post_promotion(i: RolloutInput, active: Color, roll: RolloutStatus) -> Deci
             active,
             waiting,
             AbortReason.ANALYSIS_FAILED,
-            f"post-promotion check failed: a check spec.rollout.analysis asks for did not run in {deadline}: {not_run}",
+            f"post-promotion check failed: a check had no result in {deadline}: {not_run}",
         )
     message = f"revision {promoted} promoted; {old.value} scaled down"
     roll = roll.model_copy(update={"step": Step.COMPLETED, "message": message, "waiting_since": None})

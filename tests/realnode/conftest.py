@@ -12,7 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,38 @@ def chart_operator(real_cluster: Kube) -> Kube:
     )  # fmt: skip
     assert install.returncode == 0, install.stderr
     return real_cluster
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed real-node test carries what a person would look at next: the agents' status, the
+    events and pods of the namespaces, and the operator pods' logs (a flake seen once in CI is
+    otherwise gone with its cluster)."""
+    report = yield
+    kube = getattr(item, "funcargs", {}).get("chart_operator")
+    if report.when == "call" and report.failed and isinstance(kube, Kube):
+        report.sections.append(("real-node diagnostics", cluster_diagnostics(kube)))
+    return report
+
+
+def cluster_diagnostics(kube: Kube) -> str:
+    def run(*args: str) -> str:
+        try:
+            result = kube.kubectl(*args, check=False, timeout=30)
+        except subprocess.TimeoutExpired:
+            return f"kubectl {' '.join(args)}: timed out\n"
+        return f"$ kubectl {' '.join(args)}\n{result.stdout}{result.stderr}\n"
+
+    parts = [
+        run("get", "enterpriseagents", "-A", "-o", "yaml"),
+        run("get", "pods,deployments,replicasets", "-A", "-o", "wide"),
+        run("get", "events", "-A", "--sort-by=.lastTimestamp"),
+    ]
+    for pod in pods(kube, OPERATOR_NAMESPACE, "app.kubernetes.io/name=enterprise-agent-operator"):
+        parts.append(run("logs", "-n", OPERATOR_NAMESPACE, pod["metadata"]["name"], "--tail=400"))
+    return "".join(parts)
 
 
 def pods(kube: Kube, namespace: str, selector: str) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ on loopback that serve the runtime's token metrics."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import urllib.error
@@ -99,11 +100,45 @@ async def test_a_token_signed_with_other_keys_is_refused_by_the_runtime(tmp_path
     assert next(c for c in checks if c.name == "smoke").result == AnalysisResult.FAILED
 
 
-async def test_an_unreachable_runtime_fails_readyz_and_metrics() -> None:
-    agent = _agent()
-    checks = await HttpAnalysis(f"http://127.0.0.1:{free_port()}").measure(agent, "svc", [], None)
-    assert _results(checks) == {"readyz": "Failed", "errorRate": "Failed", "latency": "Failed"}
-    assert "unreachable" in checks[0].message
+async def test_a_runtime_that_does_not_answer_measures_nothing_and_a_wrong_answer_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No answer (refused, silent) leaves the checks Pending, to be measured again: a pod just in its
+    Service's endpoints may not be reachable yet. An answer that is not HTTP fails."""
+    agent = _agent(smoke={"operation": "ping"})
+    files = _secret_data(new_key_files(agent.spec.security.signing_algorithm))
+    refused = await HttpAnalysis(f"http://127.0.0.1:{free_port()}").measure(agent, "svc", [], files)
+    assert _results(refused) == {"readyz": "Pending", "errorRate": "Pending", "latency": "Pending", "smoke": "Pending"}
+    assert refused[0].message.startswith("unreachable: ClientConnectorError")
+    assert refused[0].message.endswith("; measured again")
+
+    measured = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        await measured.wait()  # no answer while the analysis measures
+        writer.close()
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    monkeypatch.setattr("agent_operator.analysis.REQUEST_TIMEOUT_SECONDS", 0.3)
+    for handler, expected in ((silent, "Pending"), (garbage, "Failed")):
+        server = await asyncio.start_server(handler, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            checks = await HttpAnalysis(f"http://127.0.0.1:{port}").measure(_agent(), "svc", [], None)
+        finally:
+            measured.set()
+            server.close()
+            await server.wait_closed()
+        readyz = checks[0]
+        assert (readyz.name, readyz.result.value) == ("readyz", expected), readyz
+        assert _results(checks)["errorRate"] == expected
+    assert "unreadable answer" in readyz.message
 
 
 async def test_outside_a_cluster_without_a_base_url_checks_are_skipped_not_passed() -> None:
@@ -177,7 +212,7 @@ async def test_a_preview_spending_more_tokens_per_call_than_allowed_fails(aiohtt
     assert _results(failed)["errorRate"] == "Passed"  # only the budget check fails
 
 
-async def test_tokens_per_request_without_chat_traffic_passes_and_an_unreadable_stable_colour_fails(
+async def test_tokens_per_request_without_chat_traffic_passes_and_an_unreachable_stable_colour_measures_nothing(
     aiohttp_server: Serve,
 ) -> None:
     agent = _agent(maxTokensPerRequestRatio=1)
@@ -188,8 +223,8 @@ async def test_tokens_per_request_without_chat_traffic_passes_and_an_unreadable_
     gone = f"http://127.0.0.1:{free_port()}"
     checks = await HttpAnalysis().check(agent, Target(idle, (idle,), (gone,)), None)
     tokens = next(c for c in checks if c.name == "tokensPerRequest")
-    assert tokens.result == AnalysisResult.FAILED
-    assert tokens.message.startswith("cannot read the stable colour's /metrics")
+    assert tokens.result == AnalysisResult.PENDING  # measured again: the stable pods may answer next time
+    assert tokens.message.startswith("cannot reach the stable colour's /metrics: ClientConnectorError")
     # A stable pod that cannot be read (scaled down or evicted as it was scraped) is left out: the
     # others are the yardstick, and the message says one was missing.
     stable = await _url(aiohttp_server, _pod((800, 200)))

@@ -28,6 +28,11 @@ SMOKE_SKIPPED = [
     Check(CheckName.LATENCY, AnalysisResult.PASSED),
     Check(CheckName.SMOKE, AnalysisResult.SKIPPED, OIDC),
 ]
+UNREACHABLE = "unreachable: TimeoutError; measured again"
+UNANSWERED = [
+    Check(CheckName.READYZ, AnalysisResult.PENDING, UNREACHABLE),
+    Check(CheckName.ERROR_RATE, AnalysisResult.PASSED),
+]
 SMOKE_PASSED = [*PASS, Check(CheckName.LATENCY, AnalysisResult.PASSED), Check(CheckName.SMOKE, AnalysisResult.PASSED)]
 
 
@@ -274,6 +279,25 @@ CASES = [
     Case("a requested check still Skipped past the deadline after promotion switches traffic back",
          promoted(waitingSince=at(95)), {GREEN: up(NEW), BLUE: up(OLD)}, now=695, spec=SMOKE, checks=SMOKE_SKIPPED,
          step="Aborted", active=BLUE, reason="AnalysisFailed", degraded=True, outcome="analysis_failed"),
+    # --- checks the pods did not answer (a new endpoint not yet programmed on the node) ---
+    Case("a check the preview did not answer is no failure: the analysis measures again", rolling(Step.ANALYSIS),
+         {BLUE: up(OLD), GREEN: up(NEW)}, now=40, preview_endpoints=3, checks=UNANSWERED, step="Analysis",
+         preview=GREEN, reason="Analysing", requeue=10),
+    Case("the preview answering on a later measurement promotes", rolling(Step.ANALYSIS),
+         {BLUE: up(OLD), GREEN: up(NEW)}, now=50, preview_endpoints=3, checks=PASS,
+         step="PostPromotion", active=GREEN, active_revision=NEW),
+    Case("still no answer at the progress deadline: the analysis fails",
+         rolling(Step.ANALYSIS, analysis=[{"name": "readyz", "result": "Pending", "message": UNREACHABLE}]),
+         {BLUE: up(OLD), GREEN: up(NEW)}, now=600, preview_endpoints=3, checks=UNANSWERED,
+         step="Aborted", reason="AnalysisFailed", degraded=True, outcome="analysis_failed",
+         layouts=((BLUE, 3, False), (GREEN, 0, True))),
+    Case("no answer after promotion is measured again, traffic stays", promoted(),
+         {GREEN: up(NEW), BLUE: up(OLD)}, now=95, checks=UNANSWERED, step="PostPromotion",
+         active=GREEN, layouts=((GREEN, 3, True), (BLUE, 3, False)), active_revision=NEW, requeue=10,
+         waiting_since=at(95)),
+    Case("no answer past the deadline after promotion switches traffic back",
+         promoted(waitingSince=at(95)), {GREEN: up(NEW), BLUE: up(OLD)}, now=695, checks=UNANSWERED,
+         step="Aborted", active=BLUE, reason="AnalysisFailed", degraded=True, outcome="analysis_failed"),
     # --- spec changes mid-rollout ---
     Case("spec back to the stable revision cancels the preview", rolling(Step.ANALYSIS),
          {BLUE: up(OLD), GREEN: up(NEW)}, now=20, revision=OLD, step=None, layouts=((BLUE, 3, True), (GREEN, 0, False)),
@@ -421,6 +445,17 @@ def test_a_requested_check_still_skipped_at_the_deadline_is_named() -> None:
     after = next(c for c in CASES if c.name.startswith("a requested check still Skipped past the deadline")).run()
     assert "post-promotion check failed" in after.message
     assert "smoke: Skipped" in after.message
+
+
+def test_a_check_without_an_answer_is_named_while_measured_again_and_at_the_deadline() -> None:
+    measuring = next(c for c in CASES if c.name.startswith("a check the preview did not answer")).run()
+    assert measuring.rollout is not None
+    assert {a.name: a.result for a in measuring.rollout.analysis}[CheckName.READYZ] == "Pending"
+    assert f"a check has no result: readyz: Pending ({UNREACHABLE})" in measuring.message
+    failed = next(c for c in CASES if c.name.startswith("still no answer at the progress deadline")).run()
+    assert f"a check had no result by the deadline (600 s): readyz: Pending ({UNREACHABLE})" in failed.message
+    after = next(c for c in CASES if c.name.startswith("no answer past the deadline after promotion")).run()
+    assert "post-promotion check failed: a check had no result" in after.message
 
 
 def _step(decision: Decision) -> str | None:
