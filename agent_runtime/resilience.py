@@ -152,32 +152,24 @@ class OverloadedError(RuntimeError):
 class Bulkhead:
     """At most ``limit`` calls at once; at most ``queue_limit`` more may wait; beyond that, shed."""
 
-    def __init__(self, limit: int, queue_limit: int, on_change: Callable[[int, int], None] | None = None) -> None:
+    def __init__(self, limit: int, queue_limit: int) -> None:
         self.limit = limit
         self.queue_limit = queue_limit
-        self.on_change = on_change
         self._semaphore = asyncio.Semaphore(limit)
-        self.in_use = 0
+        self.in_use = 0  # read by the gauges when scraped, not pushed to them on every call
         self.waiting = 0
-
-    def _report(self) -> None:
-        if self.on_change is not None:
-            self.on_change(self.in_use, self.waiting)
 
     async def run(self, function: Callable[[], Awaitable[T]]) -> T:
         if self.in_use >= self.limit and self.waiting >= self.queue_limit:
             raise OverloadedError(f"{self.in_use} running and {self.waiting} waiting")
         self.waiting += 1
-        self._report()
         try:
             await self._semaphore.acquire()
         finally:
             self.waiting -= 1
         self.in_use += 1
-        self._report()
         try:
             return await function()
         finally:
             self.in_use -= 1
             self._semaphore.release()
-            self._report()

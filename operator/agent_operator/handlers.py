@@ -6,7 +6,7 @@ controller's, level-based, the same for every trigger.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import kopf
@@ -58,6 +58,7 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.posting.enabled = False  # the controller posts its own Events, on transitions only
     settings.peering.standalone = True  # leader election is ours (Lease), not kopf peering
     settings.persistence.finalizer = f"{GROUP}/kopf-finalizer"  # unused: no handler needs one
+    settings.persistence.diffbase_storage = NoDiffBase()
     # kopf's per-object worker holds the object's last event (the whole body, managedFields and
     # all) until it has idled this long; our handler has copied what it needs at once, so a
     # rollout of many agents need not hold seconds' worth of bodies (kopf's default is 5 s).
@@ -67,6 +68,22 @@ def configure(settings: kopf.OperatorSettings) -> None:
     # the loop that renews the Lease, only to be dropped by the handler's label filter.
     for kind in WATCHED_BY_LABEL:
         settings.watching.label_selectors[_same_resource(kind)] = f"{LABEL_MANAGED_BY}={MANAGER}"
+
+
+class NoDiffBase(kopf.DiffBaseStorage):
+    """Our handlers are event handlers: nothing compares an object with its last handled state.
+    kopf still builds that state (a deep copy of the body, then a diff with the stored one) for
+    every event of every watched object unless the storage says it is empty: 14 % of the
+    operator's CPU at 1,000 agents (py-spy, bench/operator.py). Nothing is stored on objects."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Iterable[kopf.FieldSpec] | None = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
+        return None  # called only after change-detecting handlers (on.create, on.update): none here
 
 
 def _same_resource(kind: Kind) -> Callable[[kopf.Resource], bool]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent_contract.config import DEFAULT_CLEARANCES, DEFAULT_ROLES, Permission, SecurityLevel
+from agent_contract.config import DEFAULT_CLEARANCES, DEFAULT_ROLES, Permission, RuntimeConfig, SecurityLevel
+from agent_runtime.security.rbac import MAX_REMEMBERED_DECISIONS, Authorizer, Principal
 from tests.runtime.conftest import ROLE_USERS, AppFactory, login
 
 
@@ -72,3 +73,14 @@ async def test_unknown_operation_and_bad_bodies(make_client: AppFactory) -> None
     assert (bad_input.status, (await bad_input.json())["code"]) == (400, "invalid_field")
     huge = await client.post("/v1/operations/ping", data=b"x" * (2 * 1024 * 1024), headers=auth)
     assert huge.status == 413
+
+
+def test_remembered_decisions_follow_the_roles_and_stay_bounded() -> None:
+    """Decisions are remembered per (roles, permission, level): an OIDC issuer sending endless role
+    combinations must neither grow that memory without end nor get another combination's answer."""
+    authorizer = Authorizer(RuntimeConfig.model_validate({"agentName": "rbac"}))
+    for index in range(3 * MAX_REMEMBERED_DECISIONS):
+        roles = (f"unknown-{index}",) if index % 2 else (f"unknown-{index}", "admin")
+        decision = authorizer.decide(Principal("someone", roles), Permission.EXECUTE, SecurityLevel.INTERNAL)
+        assert decision.allowed == (index % 2 == 0), roles
+        assert len(authorizer._decisions) <= MAX_REMEMBERED_DECISIONS

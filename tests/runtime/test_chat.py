@@ -778,6 +778,7 @@ async def test_a_client_that_stops_reading_loses_its_stream_and_its_bulkhead_pla
     async with aiohttp.ClientSession() as own:  # its own connection, apart from the test client's pool
         stream = await own.post(client.make_url(CHAT), json=_ask(), headers={**headers, **SSE})
         assert await anext(_events(stream)) == ("message", {"delta": "you"})
+        assert not await _bulkhead_free(client)  # the gauge, read when scraped, shows the place held
         assert client.server.runner is not None
         server = client.server.runner.server
         assert server is not None
