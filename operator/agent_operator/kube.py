@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import kopf
+import orjson
 
 from agent_operator import metrics, timefmt
 from agent_operator.kinds import kind_of
@@ -196,7 +197,9 @@ class Kube:
     async def _send(
         self, method: str, path: str, body: Any, query: list[tuple[str, str]] | None, content_type: str, accept: str
     ) -> dict[str, Any]:
-        data = None if body is None else json.dumps(body).encode()
+        # orjson: what the API server sends and takes holds no integer beyond 64 bits (it decodes
+        # JSON into int64 or float64), and the standard library's was 3 % of the operator's CPU.
+        data = None if body is None else orjson.dumps(body)
         for refresh in (False, True):
             try:
                 async with self.session.request(
@@ -215,7 +218,7 @@ class Kube:
                 break
         if not 200 <= status <= 299:
             raise KubeError(status, reason or "error", content.decode(errors="replace"))
-        result: dict[str, Any] = json.loads(content) if content else {}
+        result: dict[str, Any] = orjson.loads(content) if content else {}
         return result
 
     async def apply(self, manifest: Mapping[str, Any], force: bool = True) -> dict[str, Any]:
@@ -344,7 +347,7 @@ class Kube:
                 *lines, buffer = buffer.split(b"\n")
                 for line in lines:
                     if line.strip():
-                        yield _watch_event(json.loads(line))
+                        yield _watch_event(orjson.loads(line))
         except (aiohttp.ClientError, TimeoutError, ValueError) as error:
             raise KubeError(0, type(error).__name__, str(error)) from None
         finally:
