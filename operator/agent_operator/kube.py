@@ -199,7 +199,8 @@ class Kube:
     ) -> dict[str, Any]:
         # orjson: what the API server sends and takes holds no integer beyond 64 bits (it decodes
         # JSON into int64 or float64), and the standard library's was 3 % of the operator's CPU.
-        data = None if body is None else orjson.dumps(body)
+        # Keys that are not plain str (a StrEnum) are written as json.dumps wrote them, not refused.
+        data = None if body is None else orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS)
         for refresh in (False, True):
             try:
                 async with self.session.request(
