@@ -35,23 +35,37 @@ from agent_operator.spec import AnalysisResult, AnalysisSpec, CheckName, Enterpr
 # Requests made by probes, scrapers and discovery (the A2A card, the API document) say nothing
 # about the agent's health: always cheap 200s, they would dilute a colour's error rate and p95.
 PROBE_ROUTES = frozenset({"/healthz", "/readyz", "/metrics", AGENT_CARD_PATH, "/openapi.json"})
+# Each of connecting and reading may take this long; a whole answer twice as long.
 REQUEST_TIMEOUT_SECONDS = 5.0
-# No answer at all (refused, reset, timed out, no such name) measures nothing: a pod that has just
-# become ready is in its Service's endpoints before every node's kube-proxy (and NetworkPolicy
-# controller) has programmed the path to it, which takes seconds on a busy node. Such a check stays
-# Pending and is measured again until the progress deadline, as Argo Rollouts counts a measurement
-# error apart from a failure; an answer that is wrong (not 200, not parseable) fails at once.
-UNREACHABLE = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError)
+# No connection at all (refused, no connection within the timeout, a name not resolved) measures
+# nothing: a pod that has just become ready is in its Service's endpoints before every node's
+# kube-proxy (and NetworkPolicy controller) has programmed the path to it, which takes seconds on a
+# busy node. Such a check stays Pending and is measured again, as Argo Rollouts counts a measurement
+# error apart from a failure (rollout.MAX_UNANSWERED_MEASUREMENTS bounds how often). A connection
+# that was made and then gave no answer, a broken one or a wrong one (not 200, not parseable,
+# dropped, cut short) fails at once: that is the pod's doing.
+UNREACHABLE = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+MESSAGE_CHARS = 300  # of an error's text in a check's message: a pod's answer may be long
 
 
 def _described(error: BaseException) -> str:
-    """An exception as a message: its text, or its type when it has none (a timeout)."""
-    text = str(error)
+    """An exception as a message: its text (cut), or what it means when it has none (a timeout)."""
+    text = str(error)[:MESSAGE_CHARS]
+    if not text and isinstance(error, TimeoutError):
+        return "no complete answer in time"
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def unmeasured(name: CheckName, what: str, error: BaseException) -> Check:
     return Check(name, AnalysisResult.PENDING, f"{what}: {_described(error)}; measured again")
+
+
+def _timeout(whole: float, read: float) -> aiohttp.ClientTimeout:
+    """Connecting bounded apart from reading, so that a connection never made (ConnectionTimeoutError:
+    unreachable) is told from an answer that never came (a failure)."""
+    return aiohttp.ClientTimeout(
+        total=whole, sock_connect=min(REQUEST_TIMEOUT_SECONDS, whole), sock_read=min(read, whole)
+    )
 
 
 @dataclass(frozen=True)
@@ -109,6 +123,8 @@ def parse_traffic(text: str) -> Traffic:
                 if labels.get("status", "").startswith("5"):
                     errors += sample.value
             elif sample.name == "agent_http_request_duration_seconds_bucket":
+                if "le" not in labels:
+                    raise ValueError("agent_http_request_duration_seconds_bucket: a sample without its le label")
                 bound = float(labels["le"])
                 buckets[bound] = buckets.get(bound, 0.0) + sample.value
             elif sample.name in (_TOKENS_SUM, _TOKENS_COUNT) and _is_chat(labels):
@@ -245,10 +261,16 @@ class HttpAnalysis:
     async def check(self, agent: EnterpriseAgent, target: Target, key_data: Mapping[str, str] | None) -> list[Check]:
         """The checks against ``target``, in the order status records them."""
         analysis = agent.spec.rollout.analysis
-        timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_SECONDS)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            checks = [await _readyz(session, target), *await _metrics(session, target, analysis)]
-            if analysis.smoke is not None:
+        async with aiohttp.ClientSession(
+            timeout=_timeout(2 * REQUEST_TIMEOUT_SECONDS, read=REQUEST_TIMEOUT_SECONDS)
+        ) as session:
+            readyz = await _readyz(session, target)
+            checks = [readyz, *await _metrics(session, target, analysis)]
+            if analysis.smoke is not None and readyz.result == AnalysisResult.PENDING:
+                # The smoke call may not be idempotent (a model's tokens): not sent where nothing answers.
+                why = "not called: the Service did not answer /readyz; measured again"
+                checks.append(Check(CheckName.SMOKE, AnalysisResult.PENDING, why))
+            elif analysis.smoke is not None:
                 checks.append(await _smoke(session, target, agent, key_data))
         return checks
 
@@ -273,8 +295,8 @@ async def _readyz(session: aiohttp.ClientSession, target: Target) -> Check:
             )
     except UNREACHABLE as error:
         return unmeasured(CheckName.READYZ, "unreachable", error)
-    except (aiohttp.ClientError, ValueError) as error:  # a malformed answer, a body that is not text
-        return Check(CheckName.READYZ, AnalysisResult.FAILED, f"unreadable answer: {_described(error)}")
+    except (aiohttp.ClientError, TimeoutError, ValueError) as error:  # no answer, a broken or malformed one
+        return Check(CheckName.READYZ, AnalysisResult.FAILED, f"no usable answer: {_described(error)}")
 
 
 async def _metrics(session: aiohttp.ClientSession, target: Target, analysis: AnalysisSpec) -> list[Check]:
@@ -285,16 +307,23 @@ async def _metrics(session: aiohttp.ClientSession, target: Target, analysis: Ana
     names = [CheckName.ERROR_RATE, CheckName.LATENCY] + ([CheckName.TOKENS_PER_REQUEST] if compare else [])
     if not target.pod_urls:
         return [Check(name, AnalysisResult.FAILED, "no pod to scrape") for name in names]
-    try:
-        preview = await _scrape_all(session, target.pod_urls)
-    except UNREACHABLE as error:
-        return [unmeasured(name, "cannot reach /metrics", error) for name in names]
-    except (aiohttp.ClientError, ValueError) as error:  # not 200, malformed, not the exposition format
-        message = f"cannot read /metrics: {_described(error)}"
+    read, errors = await _scrape_each(session, target.pod_urls)
+    wrong = [error for error in errors if not isinstance(error, UNREACHABLE)]
+    if wrong:  # not 200, malformed, not the exposition format, no answer on a connection made
+        message = f"cannot read /metrics: {_described(wrong[0])}"
         return [Check(name, AnalysisResult.FAILED, message) for name in names]
-    checks = judge_metrics(preview, analysis)
+    if not read:
+        return [unmeasured(name, "cannot reach /metrics", errors[0]) for name in names]
+    checks = judge_metrics(sum(read, Traffic()), analysis)
     if baseline is not None and max_ratio is not None:
-        checks.append(await _tokens(session, preview, baseline, max_ratio))
+        checks.append(await _tokens(session, sum(read, Traffic()), baseline, max_ratio))
+    if errors:
+        # What the pods that answered show fails as it is; a pass is no pass until every pod answered.
+        missing = f"{len(errors)} of {len(target.pod_urls)} pods did not answer ({_described(errors[0])})"
+        checks = [
+            c if c.result == AnalysisResult.FAILED else Check(c.name, AnalysisResult.PENDING, f"{c.message}; {missing}")
+            for c in checks
+        ]
     return checks
 
 
@@ -309,20 +338,17 @@ async def _tokens(
         )
     # The stable colour is only the yardstick: a pod of it that cannot be read (scaled down or
     # evicted as it was scraped) is left out, not held against the preview. Only when none answers
-    # is nothing known to compare with, and the check fails as an unreadable preview does.
-    parts = await asyncio.gather(*(_scrape(session, url) for url in baseline_urls), return_exceptions=True)
-    read = [part for part in parts if isinstance(part, Traffic)]
-    errors = [part for part in parts if not isinstance(part, Traffic)]
-    for error in errors:
-        if not isinstance(error, (aiohttp.ClientError, TimeoutError, ValueError)):
-            raise error
+    # is nothing known to compare with: Pending when none could be reached, as for the preview,
+    # and failed when one answered wrongly.
+    read, errors = await _scrape_each(session, baseline_urls)
     if not read:
-        if all(isinstance(error, UNREACHABLE) for error in errors):
+        wrong = [error for error in errors if not isinstance(error, UNREACHABLE)]
+        if not wrong:
             return unmeasured(CheckName.TOKENS_PER_REQUEST, "cannot reach the stable colour's /metrics", errors[0])
         return Check(
             CheckName.TOKENS_PER_REQUEST,
             AnalysisResult.FAILED,
-            f"cannot read the stable colour's /metrics: {_described(errors[0])}",
+            f"cannot read the stable colour's /metrics: {_described(wrong[0])}",
         )
     check = judge_tokens(preview, sum(read, Traffic()), max_ratio)
     if errors:
@@ -338,12 +364,19 @@ async def _scrape(session: aiohttp.ClientSession, url: str) -> Traffic:
         return parse_traffic(await response.text())
 
 
-async def _scrape_all(session: aiohttp.ClientSession, urls: Sequence[str]) -> Traffic:
-    """The pods' /metrics added up; raises on the first that cannot be read or parsed."""
-    total = Traffic()
-    for part in await asyncio.gather(*(_scrape(session, url) for url in urls)):
-        total = total + part
-    return total
+async def _scrape_each(session: aiohttp.ClientSession, urls: Sequence[str]) -> tuple[list[Traffic], list[Exception]]:
+    """Each pod's /metrics: those read, and the errors of those that could not be read or parsed."""
+    parts = await asyncio.gather(*(_scrape(session, url) for url in urls), return_exceptions=True)
+    read: list[Traffic] = []
+    errors: list[Exception] = []
+    for part in parts:
+        if isinstance(part, Traffic):
+            read.append(part)
+        elif isinstance(part, (aiohttp.ClientError, TimeoutError, ValueError)):
+            errors.append(part)
+        else:
+            raise part  # a bug, or cancelled: not a measurement
+    return read, errors
 
 
 def operator_token(agent: EnterpriseAgent, key_data: Mapping[str, str]) -> str:
@@ -369,7 +402,7 @@ async def _smoke(
     except (KeyError, ValueError) as error:
         return Check(CheckName.SMOKE, AnalysisResult.FAILED, f"cannot sign a token: {error}")
     url = f"{target.service_url}/v1/operations/{smoke.operation}"
-    timeout = aiohttp.ClientTimeout(total=smoke.timeout_seconds)
+    timeout = _timeout(smoke.timeout_seconds, read=smoke.timeout_seconds)
     try:
         async with session.post(
             url, json=smoke.payload, headers={"Authorization": f"Bearer {token}"}, timeout=timeout
@@ -383,5 +416,11 @@ async def _smoke(
             )
     except UNREACHABLE as error:
         return unmeasured(CheckName.SMOKE, f"{smoke.operation}: unreachable", error)
-    except (aiohttp.ClientError, ValueError) as error:  # a malformed answer, a body that is not text
+    except TimeoutError:  # connected, but no whole answer in time: the operation's doing
+        return Check(
+            CheckName.SMOKE,
+            AnalysisResult.FAILED,
+            f"{smoke.operation}: no answer within {smoke.timeout_seconds:g} s (smoke.timeoutSeconds)",
+        )
+    except (aiohttp.ClientError, ValueError) as error:  # a broken or malformed answer, a body that is not text
         return Check(CheckName.SMOKE, AnalysisResult.FAILED, f"{smoke.operation}: {_described(error)}")

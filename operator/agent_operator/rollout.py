@@ -15,9 +15,10 @@ No I/O here: the HTTP checks are measured by the controller when a decision asks
 Faults are waited out, as Argo Rollouts does, not failed at once: a change of spec.replicas (the
 HPA writes the agent's scale subresource) scales the preview and both colours to the new count and
 the step waits for them; a pod that is briefly unready (evicted during a node drain) is waited for
-too. Only readiness missing for longer than spec.rollout.progressDeadlineSeconds
-(``status.rollout.waitingSince``), a failed check, or a requested check that could not run by the
-deadline ends a rollout.
+too, and so is a check a pod did not answer (Pending) for up to MAX_UNANSWERED_MEASUREMENTS
+measurements in a row. Only readiness missing for longer than spec.rollout.progressDeadlineSeconds
+(``status.rollout.waitingSince``), a failed check, a pod that did not answer more often than that, or
+a requested check that could not run by the deadline ends a rollout.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ SEQUENCE = (*BEFORE_PROMOTION, Step.POST_PROMOTION, Step.COMPLETED)
 # How often a check without a result is measured again while the analysis waits: a requested one that
 # came back Skipped, or one left Pending because the pods could not be reached (analysis.UNREACHABLE).
 REMEASURE_SECONDS = 10.0
+# Consecutive measurements with a pod that did not answer that are waited out (Argo Rollouts' default
+# consecutiveErrorLimit): a pod just in its Service's endpoints can be unreachable for a few seconds
+# while the node programs the path to it, not for a minute. One more fails the analysis.
+MAX_UNANSWERED_MEASUREMENTS = 4
 
 Outcome = Literal["promoted", "aborted", "analysis_failed", "deadline_exceeded", "rolled_back"]
 
@@ -397,6 +402,23 @@ def _not_run(checks: Sequence[Check | AnalysisCheck], requested: frozenset[Check
     ]
 
 
+def _counted(roll: RolloutStatus, checks: Sequence[Check]) -> RolloutStatus:
+    """The status with this measurement counted: one more in a row with a check a pod did not
+    answer (Pending), or the count cleared."""
+    unanswered = any(c.result == AnalysisResult.PENDING for c in checks)
+    count = (roll.unanswered_measurements or 0) + 1 if unanswered else None
+    return roll if count == roll.unanswered_measurements else roll.model_copy(update={"unanswered_measurements": count})
+
+
+def _unanswered_too_often(roll: RolloutStatus, checks: Sequence[Check]) -> str | None:
+    """What to fail with when pods went unanswered in more measurements in a row than are waited out."""
+    count = roll.unanswered_measurements or 0
+    if count <= MAX_UNANSWERED_MEASUREMENTS:
+        return None
+    pending = "; ".join(f"{c.name}: {c.message}" for c in checks if c.result == AnalysisResult.PENDING)
+    return f"no answer in {count} measurements in a row ({MAX_UNANSWERED_MEASUREMENTS} are waited out): {pending}"
+
+
 def _failed(checks: Sequence[Check]) -> str:
     return "; ".join(f"{c.name}: {c.message}" for c in checks if c.result == AnalysisResult.FAILED)
 
@@ -459,7 +481,7 @@ def _analysis(i: RolloutInput, active: Color, roll: RolloutStatus) -> Decision:
     if i.checks is None:
         return _in_rollout(i, active, roll, reason=Reason.ANALYSING, message="measuring", measure="preview")
     checks, verdict = _judge(i, endpoints)
-    roll = roll.model_copy(update={"analysis": [c.as_status(rfc3339_micro(i.now)) for c in checks]})
+    roll = _counted(roll.model_copy(update={"analysis": [c.as_status(rfc3339_micro(i.now)) for c in checks]}), checks)
     if verdict == "failed":
         return _abort(
             i,
@@ -469,6 +491,10 @@ def _analysis(i: RolloutInput, active: Color, roll: RolloutStatus) -> Decision:
             f"analysis of revision {i.revision} failed: {_failed(checks)}",
         )
     if verdict == "not_run":
+        if unanswered := _unanswered_too_often(roll, checks):
+            return _abort(
+                i, active, roll, AbortReason.ANALYSIS_FAILED, f"analysis of revision {i.revision} failed: {unanswered}"
+            )
         if i.now >= deadline:
             return _analysis_deadline(i, active, roll)
         return _in_rollout(
@@ -651,11 +677,13 @@ def _post_promotion(i: RolloutInput, active: Color, roll: RolloutStatus) -> Deci
     if i.checks is None:
         return replace(keep, message="post-promotion check: measuring", measure="active")
     checks, verdict = _judge(i, endpoints)
-    roll = roll.model_copy(update={"analysis": [c.as_status(now) for c in checks]})
+    roll = _counted(roll.model_copy(update={"analysis": [c.as_status(now) for c in checks]}), checks)
     if verdict == "failed":
         return _switch_back(
             i, active, roll, AbortReason.ANALYSIS_FAILED, f"post-promotion check failed: {_failed(checks)}"
         )
+    if verdict == "not_run" and (unanswered := _unanswered_too_often(roll, checks)):
+        return _switch_back(i, active, roll, AbortReason.ANALYSIS_FAILED, f"post-promotion check failed: {unanswered}")
     if verdict == "not_run":
         not_run = "; ".join(_not_run(checks, requested_checks(i.rollout)))
         waiting, until = _waiting_clock(i, roll)

@@ -1458,6 +1458,16 @@ class RolloutStatus(StatusModel):
         ),
         max_length=64,
     )
+    unanswered_measurements: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description=(
+            "Consecutive measurements in which a pod did not answer (a check left Pending: connection"
+            " refused, no connection within 5 s); cleared by one every pod answered. More than 4 fail"
+            " the analysis, as Argo Rollouts' consecutiveErrorLimit does."
+        ),
+    )
     message: RolloutMessage | None = None
 
 

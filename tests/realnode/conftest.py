@@ -64,7 +64,11 @@ def pytest_runtest_makereport(
     report = yield
     kube = getattr(item, "funcargs", {}).get("chart_operator")
     if report.when == "call" and report.failed and isinstance(kube, Kube):
-        report.sections.append(("real-node diagnostics", cluster_diagnostics(kube)))
+        try:
+            diagnostics = cluster_diagnostics(kube)
+        except Exception as error:  # a broken cluster must not turn the failure into an INTERNALERROR
+            diagnostics = f"could not gather them: {error!r}"
+        report.sections.append(("real-node diagnostics", diagnostics))
     return report
 
 

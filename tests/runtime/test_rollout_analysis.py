@@ -100,18 +100,21 @@ async def test_a_token_signed_with_other_keys_is_refused_by_the_runtime(tmp_path
     assert next(c for c in checks if c.name == "smoke").result == AnalysisResult.FAILED
 
 
-async def test_a_runtime_that_does_not_answer_measures_nothing_and_a_wrong_answer_fails(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """No answer (refused, silent) leaves the checks Pending, to be measured again: a pod just in its
-    Service's endpoints may not be reachable yet. An answer that is not HTTP fails."""
+async def test_a_runtime_that_cannot_be_reached_measures_nothing_and_no_smoke_call_is_sent() -> None:
+    """No connection (refused) leaves the checks Pending, to be measured again: a pod just in its
+    Service's endpoints may not be reachable yet. The smoke call is not sent where nothing answers."""
     agent = _agent(smoke={"operation": "ping"})
     files = _secret_data(new_key_files(agent.spec.security.signing_algorithm))
     refused = await HttpAnalysis(f"http://127.0.0.1:{free_port()}").measure(agent, "svc", [], files)
     assert _results(refused) == {"readyz": "Pending", "errorRate": "Pending", "latency": "Pending", "smoke": "Pending"}
     assert refused[0].message.startswith("unreachable: ClientConnectorError")
     assert refused[0].message.endswith("; measured again")
+    assert refused[-1].message.startswith("not called: the Service did not answer /readyz")
 
+
+async def test_a_connection_that_gives_no_answer_or_a_broken_one_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connected, then silence, bytes that are not HTTP, or a body cut short: the pod's doing, a
+    failure at once (not Pending)."""
     measured = asyncio.Event()
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -125,8 +128,15 @@ async def test_a_runtime_that_does_not_answer_measures_nothing_and_a_wrong_answe
         await writer.drain()
         writer.close()
 
-    monkeypatch.setattr("agent_operator.analysis.REQUEST_TIMEOUT_SECONDS", 0.3)
-    for handler, expected in ((silent, "Pending"), (garbage, "Failed")):
+    async def cut_short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nContent-Type: text/plain\r\n\r\nonly this")
+        await writer.drain()
+        writer.close()
+
+    monkeypatch.setattr("agent_operator.analysis.REQUEST_TIMEOUT_SECONDS", 1.0)
+    said = {}
+    for handler in (silent, garbage, cut_short):
         server = await asyncio.start_server(handler, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         try:
@@ -135,10 +145,11 @@ async def test_a_runtime_that_does_not_answer_measures_nothing_and_a_wrong_answe
             measured.set()
             server.close()
             await server.wait_closed()
-        readyz = checks[0]
-        assert (readyz.name, readyz.result.value) == ("readyz", expected), readyz
-        assert _results(checks)["errorRate"] == expected
-    assert "unreadable answer" in readyz.message
+        assert _results(checks) == {"readyz": "Failed", "errorRate": "Failed", "latency": "Failed"}, checks
+        said[handler.__name__] = checks[0].message
+    assert said["silent"] == "no usable answer: SocketTimeoutError: Timeout on reading data from socket"
+    assert said["garbage"].startswith("no usable answer: ClientResponseError")
+    assert said["cut_short"].startswith("no usable answer: ClientPayloadError")
 
 
 async def test_outside_a_cluster_without_a_base_url_checks_are_skipped_not_passed() -> None:
@@ -210,6 +221,36 @@ async def test_a_preview_spending_more_tokens_per_call_than_allowed_fails(aiohtt
     assert tokens.result == AnalysisResult.FAILED
     assert "ratio 2.50 (limit 1.5)" in tokens.message
     assert _results(failed)["errorRate"] == "Passed"  # only the budget check fails
+
+
+def _failing_pod(failed: int) -> web.Application:
+    """A pod whose /metrics shows ``failed`` operation requests answered 500."""
+    registry = CollectorRegistry()
+    requests = Counter("agent_http_requests", "Requests.", ["method", "route", "status"], registry=registry)
+    requests.labels("POST", "/v1/operations/{name}", "500").inc(failed)
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+async def test_a_pod_that_cannot_be_reached_hides_no_failure_of_the_others(aiohttp_server: Serve) -> None:
+    """Of several pods, one unreachable: what the others show fails as it is; their passes wait for
+    the missing pod (Pending), since its requests may be the failing ones."""
+    agent = _agent()
+    healthy = await _url(aiohttp_server, _pod((10, 10)))
+    failing = await _url(aiohttp_server, _failing_pod(100))
+    gone = f"http://127.0.0.1:{free_port()}"
+    checks = await HttpAnalysis().check(agent, Target(healthy, (failing, gone)), None)
+    error_rate = next(c for c in checks if c.name == "errorRate")
+    assert error_rate.result == AnalysisResult.FAILED, error_rate
+    assert "100.00% of 100 requests failed" in error_rate.message
+    checks = await HttpAnalysis().check(agent, Target(healthy, (healthy, gone)), None)
+    assert _results(checks) == {"readyz": "Passed", "errorRate": "Pending", "latency": "Pending"}
+    assert "1 of 2 pods did not answer (ClientConnectorError" in checks[1].message
 
 
 async def test_tokens_per_request_without_chat_traffic_passes_and_an_unreachable_stable_colour_measures_nothing(

@@ -283,9 +283,21 @@ CASES = [
     Case("a check the preview did not answer is no failure: the analysis measures again", rolling(Step.ANALYSIS),
          {BLUE: up(OLD), GREEN: up(NEW)}, now=40, preview_endpoints=3, checks=UNANSWERED, step="Analysis",
          preview=GREEN, reason="Analysing", requeue=10),
-    Case("the preview answering on a later measurement promotes", rolling(Step.ANALYSIS),
-         {BLUE: up(OLD), GREEN: up(NEW)}, now=50, preview_endpoints=3, checks=PASS,
+    Case("an answer after some without clears the count and promotes", rolling(Step.ANALYSIS, unansweredMeasurements=3),
+         {BLUE: up(OLD), GREEN: up(NEW)}, now=80, preview_endpoints=3, checks=PASS,
          step="PostPromotion", active=GREEN, active_revision=NEW),
+    Case("a fifth measurement in a row without an answer fails the analysis",
+         rolling(Step.ANALYSIS, unansweredMeasurements=4), {BLUE: up(OLD), GREEN: up(NEW)}, now=100,
+         preview_endpoints=3, checks=UNANSWERED, step="Aborted", reason="AnalysisFailed", degraded=True,
+         outcome="analysis_failed", layouts=((BLUE, 3, False), (GREEN, 0, True))),
+    Case("a failed check beside one without an answer fails at once", rolling(Step.ANALYSIS),
+         {BLUE: up(OLD), GREEN: up(NEW)}, now=40, preview_endpoints=3,
+         checks=[*UNANSWERED, Check(CheckName.LATENCY, AnalysisResult.FAILED, "p95 9 s")], step="Aborted",
+         reason="AnalysisFailed", degraded=True, outcome="analysis_failed", layouts=((BLUE, 3, False), (GREEN, 0, True))),
+    Case("the fifth measurement in a row without an answer after promotion switches traffic back",
+         promoted(unansweredMeasurements=4, waitingSince=at(95)), {GREEN: up(NEW), BLUE: up(OLD)}, now=140,
+         checks=UNANSWERED, step="Aborted", active=BLUE, reason="AnalysisFailed", degraded=True,
+         outcome="analysis_failed"),
     Case("still no answer at the progress deadline: the analysis fails",
          rolling(Step.ANALYSIS, analysis=[{"name": "readyz", "result": "Pending", "message": UNREACHABLE}]),
          {BLUE: up(OLD), GREEN: up(NEW)}, now=600, preview_endpoints=3, checks=UNANSWERED,
@@ -456,6 +468,24 @@ def test_a_check_without_an_answer_is_named_while_measured_again_and_at_the_dead
     assert f"a check had no result by the deadline (600 s): readyz: Pending ({UNREACHABLE})" in failed.message
     after = next(c for c in CASES if c.name.startswith("no answer past the deadline after promotion")).run()
     assert "post-promotion check failed: a check had no result" in after.message
+
+
+def test_measurements_without_an_answer_are_counted_and_at_most_four_in_a_row_waited_out() -> None:
+    first = next(c for c in CASES if c.name.startswith("a check the preview did not answer")).run()
+    assert first.rollout is not None
+    assert first.rollout.unanswered_measurements == 1
+    again = replace(next(c for c in CASES if c.name.startswith("a check the preview did not answer")),
+                    status=rolling(Step.ANALYSIS, unansweredMeasurements=3)).run()  # fmt: skip
+    assert again.rollout is not None
+    assert again.rollout.unanswered_measurements == 4
+    assert _step(again) == "Analysis"  # the fourth is still waited out
+    answered = next(c for c in CASES if c.name.startswith("an answer after some without clears")).run()
+    assert answered.rollout is not None
+    assert answered.rollout.unanswered_measurements is None
+    fifth = next(c for c in CASES if c.name.startswith("a fifth measurement in a row without an answer")).run()
+    assert f"no answer in 5 measurements in a row (4 are waited out): readyz: {UNREACHABLE}" in fifth.message
+    after = next(c for c in CASES if c.name.startswith("the fifth measurement in a row without an answer after")).run()
+    assert after.message.startswith("post-promotion check failed: no answer in 5 measurements in a row")
 
 
 def _step(decision: Decision) -> str | None:
