@@ -15,10 +15,11 @@ No I/O here: the HTTP checks are measured by the controller when a decision asks
 Faults are waited out, as Argo Rollouts does, not failed at once: a change of spec.replicas (the
 HPA writes the agent's scale subresource) scales the preview and both colours to the new count and
 the step waits for them; a pod that is briefly unready (evicted during a node drain) is waited for
-too, and so is a check a pod did not answer (Pending) for up to MAX_UNANSWERED_MEASUREMENTS
-measurements in a row. Only readiness missing for longer than spec.rollout.progressDeadlineSeconds
-(``status.rollout.waitingSince``), a failed check, a pod that did not answer more often than that, or
-a requested check that could not run by the deadline ends a rollout.
+too, and so is a preview pod that did not answer a check (Pending) for up to
+MAX_UNANSWERED_MEASUREMENTS measurements in a row. Only readiness missing for longer than
+spec.rollout.progressDeadlineSeconds (``status.rollout.waitingSince``), a failed check, a preview
+that did not answer more often than that (after promotion: once), or a requested check that could
+not run by the deadline ends a rollout.
 """
 
 from __future__ import annotations
@@ -410,13 +411,20 @@ def _counted(roll: RolloutStatus, checks: Sequence[Check]) -> RolloutStatus:
     return roll if count == roll.unanswered_measurements else roll.model_copy(update={"unanswered_measurements": count})
 
 
+def _unanswered(checks: Sequence[Check]) -> str:
+    """The checks a pod did not answer (Pending), each named with what it said; empty when none."""
+    return "; ".join(f"{c.name}: {c.message}" for c in checks if c.result == AnalysisResult.PENDING)
+
+
 def _unanswered_too_often(roll: RolloutStatus, checks: Sequence[Check]) -> str | None:
     """What to fail with when pods went unanswered in more measurements in a row than are waited out."""
     count = roll.unanswered_measurements or 0
     if count <= MAX_UNANSWERED_MEASUREMENTS:
         return None
-    pending = "; ".join(f"{c.name}: {c.message}" for c in checks if c.result == AnalysisResult.PENDING)
-    return f"no answer in {count} measurements in a row ({MAX_UNANSWERED_MEASUREMENTS} are waited out): {pending}"
+    return (
+        f"no answer in {count} measurements in a row ({MAX_UNANSWERED_MEASUREMENTS} are waited out): "
+        f"{_unanswered(checks)}"
+    )
 
 
 def _failed(checks: Sequence[Check]) -> str:
@@ -677,13 +685,16 @@ def _post_promotion(i: RolloutInput, active: Color, roll: RolloutStatus) -> Deci
     if i.checks is None:
         return replace(keep, message="post-promotion check: measuring", measure="active")
     checks, verdict = _judge(i, endpoints)
-    roll = _counted(roll.model_copy(update={"analysis": [c.as_status(now) for c in checks]}), checks)
+    roll = roll.model_copy(update={"analysis": [c.as_status(now) for c in checks]})
     if verdict == "failed":
         return _switch_back(
             i, active, roll, AbortReason.ANALYSIS_FAILED, f"post-promotion check failed: {_failed(checks)}"
         )
-    if verdict == "not_run" and (unanswered := _unanswered_too_often(roll, checks)):
-        return _switch_back(i, active, roll, AbortReason.ANALYSIS_FAILED, f"post-promotion check failed: {unanswered}")
+    if unanswered := _unanswered(checks):
+        # These pods answered the analysis before promotion, so the path to them was programmed
+        # then: no answer now is theirs (a crash, a hang), not the network's lag. Traffic goes back.
+        message = f"post-promotion check failed: no answer from pods that answered the analysis: {unanswered}"
+        return _switch_back(i, active, roll, AbortReason.ANALYSIS_FAILED, message)
     if verdict == "not_run":
         not_run = "; ".join(_not_run(checks, requested_checks(i.rollout)))
         waiting, until = _waiting_clock(i, roll)

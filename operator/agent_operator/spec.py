@@ -1463,9 +1463,9 @@ class RolloutStatus(StatusModel):
         ge=1,
         le=1000,
         description=(
-            "Consecutive measurements in which a pod did not answer (a check left Pending: connection"
-            " refused, no connection within 5 s); cleared by one every pod answered. More than 4 fail"
-            " the analysis, as Argo Rollouts' consecutiveErrorLimit does."
+            "Consecutive measurements of the preview in which a pod did not answer (a check left Pending:"
+            " connection refused, no connection within 5 s); cleared by one every pod answered. More than"
+            " 4 fail the analysis, as Argo Rollouts' consecutiveErrorLimit does."
         ),
     )
     message: RolloutMessage | None = None
