@@ -314,9 +314,10 @@ async def _metrics(session: aiohttp.ClientSession, target: Target, analysis: Ana
         return [Check(name, AnalysisResult.FAILED, message) for name in names]
     if not read:
         return [unmeasured(name, "cannot reach /metrics", errors[0]) for name in names]
-    checks = judge_metrics(sum(read, Traffic()), analysis)
+    preview = sum(read, Traffic())
+    checks = judge_metrics(preview, analysis)
     if baseline is not None and max_ratio is not None:
-        checks.append(await _tokens(session, sum(read, Traffic()), baseline, max_ratio))
+        checks.append(await _tokens(session, preview, baseline, max_ratio))
     if errors:
         # What the pods that answered show fails as it is; a pass is no pass until every pod answered.
         missing = f"{len(errors)} of {len(target.pod_urls)} pods did not answer ({_described(errors[0])})"
