@@ -128,6 +128,8 @@ class ControllerSettings:
     backoff_base_seconds: float = 1.0
     backoff_max_seconds: float = 300.0
     child_event_delay_seconds: float = 1.0
+    # How soon a write refused for the API server's discovery lag (``discovery_lag``) is retried.
+    discovery_retry_seconds: float = 2.0
     # Where the rollout analysis sends its HTTP checks (None: Service DNS and pod IPs in-cluster).
     analysis_base_url: str | None = None
 
@@ -147,6 +149,7 @@ class AgentRecord:
     superseded: deque[str] = field(default_factory=lambda: deque(maxlen=32))
     references: frozenset[RefKey] = frozenset()  # the Secrets and ConfigMaps its spec names
     undo_event: tuple[str, str, str] | None = None  # the answer to an undo request, not posted yet
+    discovery_waits: int = 0  # writes in a row refused for the API server's discovery lag
 
 
 class Controller:
@@ -593,6 +596,27 @@ class Controller:
         ceiling = min(self.settings.backoff_max_seconds, self.settings.backoff_base_seconds * 2**record.failures)
         self.queue.add_after(key, random.uniform(ceiling / 2, ceiling))  # noqa: S311 - jitter, not crypto
 
+    async def _wait_for_discovery(
+        self, key: AgentKey, body: Mapping[str, Any], observed: core.Observed, now: datetime, error: KubeError
+    ) -> str | None:
+        """Waits out the API server's discovery lag (``discovery_lag``): the agent is looked at again
+        in a few seconds, without Stalled and without backoff. None when the refusal is another one,
+        or has outlasted several of the API server's refreshes: it is then reported as any 403 is."""
+        record = self.records.get(key)
+        if record is None or not discovery_lag(error) or record.discovery_waits >= DISCOVERY_WAITS:
+            return None
+        record.discovery_waits += 1
+        log.info("%s/%s: the API server does not map %s yet (a new CRD); retrying: %s", *key, AGENT.kind, error)
+        self.queue.add_after(key, self.settings.discovery_retry_seconds)
+        message = (
+            f"waiting for the API server to recognise kind {AGENT.kind} in ownerReferences"
+            f" (its CRD was installed moments ago): {error}"
+        )
+        plan = core.waiting_plan(observed, message, now)
+        if plan.status != observed.status:
+            await self._finish(body, plan, key)
+        return "waiting"
+
     # --- one reconcile ----------------------------------------------------------------------------
 
     async def reconcile(self, key: AgentKey) -> str:
@@ -645,6 +669,9 @@ class Controller:
                 except KubeError as error:
                     if error.status != 403:
                         raise
+                    waiting = await self._wait_for_discovery(key, body, observed, now, error)
+                    if waiting is not None:
+                        return waiting
                     self._retry_later(key)  # as for any child refused for a reason outside the spec
                     refused = [FieldError("spec", f"Secret {key_secret_name(agent)}: {error}")]
                     return await self._finish(body, core.stalled_plan(observed, refused, Reason.FORBIDDEN, now), key)
@@ -672,6 +699,9 @@ class Controller:
                 raise failure
         if failures:
             first = cast(RefusedError, failures[0])
+            waiting = await self._wait_for_discovery(key, body, observed, now, first.error)
+            if waiting is not None:
+                return waiting
             if first.error.status in (400, 403, 404, 422):
                 # Refused for what the spec produced (400, 422) or for something outside it: a quota,
                 # an admission webhook or policy, RBAC, a terminating namespace (403). Any of those may
@@ -680,6 +710,7 @@ class Controller:
                 reason = Reason.FORBIDDEN if first.error.status == 403 else Reason.APPLY_FAILED
                 return await self._finish(body, core.stalled_plan(observed, [first.field_error()], reason, now), key)
             raise first.error
+        record.discovery_waits = 0
         for api_version, kind, name in plan.delete:
             self._fence()
             await self.kube.delete(api_version, kind, body["metadata"]["namespace"], name)
@@ -877,6 +908,18 @@ class Controller:
             await self.kube.post_event(body, type_, reason, message, COMPONENT)
         except KubeError as error:  # an Event is best effort: never fail a reconcile over it
             log.warning("could not post event %s on %s: %s", reason, body["metadata"]["name"], error)
+
+
+# The API server's OwnerReferencesPermissionEnforcement admission maps an ownerReference's kind with
+# a discovery cache it refreshes every 30 s: for up to that long after a CRD is installed, a child
+# owned by one of its objects is refused 403 "cannot find RESTMapping". Three refreshes' worth of
+# retries (every ``discovery_retry_seconds``) before it is taken for a refusal that stays.
+DISCOVERY_WAITS = 45
+
+
+def discovery_lag(error: KubeError) -> bool:
+    """A write refused only because the API server's discovery has not caught up with a new CRD."""
+    return error.status == 403 and "cannot find RESTMapping" in str(error)
 
 
 def _settled(plan: core.Plan) -> bool:

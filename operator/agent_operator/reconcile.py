@@ -407,7 +407,19 @@ def _status(
 
 def stalled_plan(observed: Observed, errors: Sequence[FieldError], reason: str, now: datetime) -> Plan:
     """Bad input: no child is touched (the last good rollout keeps serving); status says why."""
-    message = "; ".join(str(error) for error in errors)
+    return _untouched_plan(observed, reason, "; ".join(str(error) for error in errors), now, stalled=True)
+
+
+def waiting_plan(observed: Observed, message: str, now: datetime) -> Plan:
+    """A write refused for a moment by the API server itself, not for the spec: nothing is touched.
+    An agent with no status yet says it is being created (kstatus would read an agent without
+    status as Current); one with a status keeps it, so a Ready agent is not shown otherwise."""
+    if observed.status.conditions:
+        return Plan(status=observed.status)
+    return _untouched_plan(observed, Reason.CREATING, message, now, stalled=False)
+
+
+def _untouched_plan(observed: Observed, reason: str, message: str, now: datetime, *, stalled: bool) -> Plan:
     status, events = _status(
         observed.status,
         observed.admission.agent,
@@ -416,9 +428,9 @@ def stalled_plan(observed: Observed, errors: Sequence[FieldError], reason: str, 
         ready=False,
         reason=reason,
         message=message,
-        stalled=True,
+        stalled=stalled,
     )
-    return Plan(status=status, events=events, stalled=True)
+    return Plan(status=status, events=events, stalled=stalled)
 
 
 # --- what the rollout sees -------------------------------------------------------------------------

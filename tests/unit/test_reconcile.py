@@ -14,7 +14,7 @@ from agent_operator import conditions as cond
 from agent_operator.controller import Controller, ControllerSettings, WorkQueue
 from agent_operator.kube import Kube
 from agent_operator.manifest import FieldError
-from agent_operator.reconcile import Memo, Plan, child_key, is_subset, reconcile, stalled_plan
+from agent_operator.reconcile import Memo, Plan, child_key, is_subset, reconcile, stalled_plan, waiting_plan
 from agent_operator.render.common import LABEL_INSTANCE, LABEL_REVISION
 from agent_operator.spec import ConditionType, Phase
 from tests.helpers import observe, rolled_out, served
@@ -224,6 +224,23 @@ def test_stalled_plan_touches_no_child_and_warns_once() -> None:
     )
     assert again.events == []
     assert again.status == first.status
+
+
+def test_waiting_on_the_api_server_says_creating_on_a_new_agent_and_keeps_any_status_it_has() -> None:
+    message = "waiting for the API server to recognise kind EnterpriseAgent"
+    new = waiting_plan(observe(served("minimal", generation=1)), message, NOW_TIME)
+    assert (new.apply, new.delete, new.stalled) == ([], [], False)
+    assert new.status.phase == Phase.PENDING
+    assert new.status.message == message
+    conditions = {c.type: (c.status.value, c.reason) for c in new.status.conditions}
+    assert conditions[ConditionType.STALLED.value] == ("False", cond.Reason.AS_EXPECTED)
+    assert conditions[ConditionType.READY.value] == ("False", cond.Reason.CREATING)
+    started = reconcile(observe(served("minimal")), NOW_TIME, operator_namespace="ops")
+    assert started.status.conditions
+    assert started.status.message != message
+    kept = waiting_plan(observe(served("minimal", started.status_body())), message, LATER_TIME)
+    assert kept.status == started.status  # an agent with a status (Ready, rolling out) keeps it
+    assert (kept.apply, kept.events) == ([], [])
 
 
 def test_an_unknown_operation_stalls_through_the_entry_point_and_names_the_field() -> None:
