@@ -136,8 +136,10 @@ class _CallPickler(pickle.Pickler):
         return NotImplemented
 
 
-# At most this many bulk buffers in a frame: a header announcing more is out of step, not a call.
+# At most this many bulk buffers, and this many bytes, in a frame: a header announcing more is out
+# of step (a torn or stray write), not a call, and is refused before anything is allocated for it.
 _MAX_BULK = 64
+_MAX_FRAME_BYTES = 1 << 30
 
 
 def _frame(value: Any, pickler_class: type[pickle.Pickler] = pickle.Pickler) -> list[Any]:
@@ -150,6 +152,8 @@ def _frame(value: Any, pickler_class: type[pickle.Pickler] = pickle.Pickler) -> 
         raise ValueError(f"a call or reply holds {len(bulk)} bulk values, more than {_MAX_BULK}")
     data = buffer.getvalue()
     views = [piece.raw() for piece in bulk]  # flat byte views (what a socket's send takes)
+    if len(data) + sum(view.nbytes for view in views) > _MAX_FRAME_BYTES:
+        raise ValueError(f"a call or reply of more than {_MAX_FRAME_BYTES} bytes")
     lengths = b"".join(_LENGTH.pack(view.nbytes) for view in views)
     return [_HEADER.pack(len(data), len(views)) + lengths + data, *views]
 
@@ -372,12 +376,10 @@ def _serve(connection: socket.socket) -> None:
 
 def _receive_frame(connection: socket.socket) -> tuple[bytearray, list[bytearray]]:
     """A frame from a blocking socket (the worker's side); EOFError at the end of input."""
-    size, count = _HEADER.unpack(_receive(connection, _HEADER.size))
-    if count > _MAX_BULK:
-        raise ConnectionError(f"a frame header announces {count} bulk buffers: out of step")
-    lengths = _receive(connection, _LENGTH.size * count)
+    size, count = _checked_header(_receive(connection, _HEADER.size))
+    lengths = _checked_lengths(size, _receive(connection, _LENGTH.size * count))
     data = _receive(connection, size)
-    bulk = [_receive(connection, length) for (length,) in _LENGTH.iter_unpack(lengths)]
+    bulk = [_receive(connection, length) for length in lengths]
     return data, bulk
 
 
@@ -385,13 +387,25 @@ async def _receive_frame_async(
     loop: asyncio.AbstractEventLoop, connection: socket.socket
 ) -> tuple[bytearray, list[bytearray]]:
     """A frame from a non-blocking socket (the server's side), without blocking the loop."""
-    size, count = _HEADER.unpack(await _receive_async(loop, connection, _HEADER.size))
-    if count > _MAX_BULK:
-        raise ConnectionError(f"a frame header announces {count} bulk buffers: out of step")
-    lengths = await _receive_async(loop, connection, _LENGTH.size * count)
+    size, count = _checked_header(await _receive_async(loop, connection, _HEADER.size))
+    lengths = _checked_lengths(size, await _receive_async(loop, connection, _LENGTH.size * count))
     data = await _receive_async(loop, connection, size)
-    bulk = [await _receive_async(loop, connection, length) for (length,) in _LENGTH.iter_unpack(lengths)]
+    bulk = [await _receive_async(loop, connection, length) for length in lengths]
     return data, bulk
+
+
+def _checked_header(header: bytearray) -> tuple[int, int]:
+    size, count = _HEADER.unpack(header)
+    if count > _MAX_BULK or size > _MAX_FRAME_BYTES:
+        raise ConnectionError(f"a frame header announces {size} bytes and {count} bulk buffers: out of step")
+    return size, count
+
+
+def _checked_lengths(size: int, lengths: bytearray) -> list[int]:
+    sizes = [length for (length,) in _LENGTH.iter_unpack(lengths)]
+    if size + sum(sizes) > _MAX_FRAME_BYTES:
+        raise ConnectionError(f"a frame announces {size + sum(sizes)} bytes in all: out of step")
+    return sizes
 
 
 def _receive(connection: socket.socket, size: int) -> bytearray:

@@ -14,6 +14,7 @@ import os
 import pickle
 import socket
 import time
+import tracemalloc
 from collections.abc import AsyncIterator
 from multiprocessing import forkserver
 from multiprocessing.process import BaseProcess
@@ -361,3 +362,33 @@ async def test_large_values_cross_to_a_worker_and_back_whole() -> None:
         assert json.loads(encoded) == rows
     finally:
         await pool.close()
+
+
+@pytest.mark.parametrize(
+    "announced",
+    [
+        workers_module._HEADER.pack(2**62, 0),  # a pickle of 4 EiB
+        workers_module._HEADER.pack(10, 2**31),  # two billion bulk buffers
+        workers_module._HEADER.pack(10, 2) + workers_module._LENGTH.pack(2**29) * 2 + b"x" * 10,  # 1 GiB in all
+    ],
+    ids=["huge-pickle", "too-many-buffers", "buffers-too-large-together"],
+)
+async def test_a_frame_out_of_step_is_refused_before_anything_is_allocated_for_it(announced: bytes) -> None:
+    """A torn or stray write on a worker's socket reads as a header announcing anything: either
+    side refuses what no call or reply can be, instead of allocating what it announces."""
+    tracemalloc.start()
+    try:
+        server, worker = socket.socketpair()
+        with server, worker:
+            worker.sendall(announced)
+            with pytest.raises(ConnectionError, match="out of step"):
+                workers_module._receive_frame(server)
+        server, worker = socket.socketpair()
+        with server, worker:
+            server.setblocking(False)
+            worker.sendall(announced)
+            with pytest.raises(ConnectionError, match="out of step"):
+                await workers_module._receive_frame_async(asyncio.get_running_loop(), server)
+        assert tracemalloc.get_traced_memory()[1] < 2**20
+    finally:
+        tracemalloc.stop()
