@@ -25,6 +25,7 @@ import inspect
 import io
 import json
 import logging
+import math
 import multiprocessing
 import os
 import pickle
@@ -65,11 +66,22 @@ def default_size() -> int:
 
 def json_bytes(value: Any) -> bytes:
     """A JSON answer's body: orjson on the hot path (a tenth of json's cost), json for what orjson
-    refuses (an int beyond 64 bits, a key that is not a string)."""
+    refuses (an int beyond 64 bits, a key that is not a string). Either way NaN and infinities are
+    written as null, as orjson writes them: json's ``NaN`` is not JSON, and no client parses it."""
     try:
         return orjson.dumps(value)
     except orjson.JSONEncodeError:
-        return json.dumps(value).encode()
+        return json.dumps(_finite(value), allow_nan=False).encode()
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 class WorkerCrashedError(RuntimeError):

@@ -392,3 +392,21 @@ async def test_a_frame_out_of_step_is_refused_before_anything_is_allocated_for_i
         assert tracemalloc.get_traced_memory()[1] < 2**20
     finally:
         tracemalloc.stop()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"mean": float("nan"), "max": float("inf"), "min": -float("inf"), "rows": [1.5, float("nan")]},
+        {"mean": float("nan"), "rows": [1.5, float("nan")], "count": 2**70},  # orjson refuses the int
+        {1: float("nan"), "nested": ({"inf": float("inf")},)},  # orjson refuses the key
+    ],
+    ids=["orjson", "json-big-int", "json-int-key"],
+)
+def test_answers_never_hold_nan_whichever_encoder_writes_them(value: Any) -> None:
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    decoded = json.loads(workers_module.json_bytes(value), parse_constant=refuse)
+    assert "null" in json.dumps(decoded)
+    assert decoded.get("count", 2**70) == 2**70
