@@ -14,6 +14,7 @@ import kopf
 from agent_operator.controller import Controller
 from agent_operator.kinds import AGENT, WATCHED_BY_LABEL, Kind
 from agent_operator.kube import login
+from agent_operator.kubeconfig import forget_plugin_credentials
 from agent_operator.render.common import LABEL_MANAGED_BY, MANAGER
 from agent_operator.spec import GROUP
 
@@ -23,6 +24,9 @@ def build_registry(controller: Controller) -> kopf.OperatorRegistry:
 
     @kopf.on.login(registry=registry)
     def kopf_login(**_: Any) -> kopf.ConnectionInfo:
+        # kopf logs in again only once the API server refused what it had: a credential plugin's
+        # answer kept since is not asked for again. (Run in kopf's thread pool: a plugin may take seconds.)
+        forget_plugin_credentials()
         return login()
 
     # async handlers run on the event loop; sync ones would run in kopf's thread pool, where the

@@ -6,6 +6,7 @@ in ``api_writes_total`` so a resync that should be a no-op can be shown to be on
 
 from __future__ import annotations
 
+import asyncio
 import builtins
 import json
 import logging
@@ -20,7 +21,7 @@ import aiohttp
 import kopf
 import orjson
 
-from agent_operator import metrics, timefmt
+from agent_operator import kubeconfig, metrics, timefmt
 from agent_operator.kinds import kind_of
 from agent_operator.render.common import MANAGER
 from agent_operator.spec import GROUP, KIND, PLURAL, VERSION
@@ -108,9 +109,10 @@ def in_cluster_connection() -> kopf.ConnectionInfo | None:
 
 def login() -> kopf.ConnectionInfo:
     """The credentials both kopf's watches and ``Kube`` use: the ServiceAccount's in a pod, else
-    the kubeconfig's (KUBECONFIG, else ~/.kube/config) as kopf reads it. One reader for both, so
+    the kubeconfig's (KUBECONFIG, else ~/.kube/config) as kubectl reads it (kubeconfig.py:
+    credential plugins too). One reader for both, so
     the operator's requests and its watches can never run as two different identities."""
-    info = in_cluster_connection() or kopf.login_with_kubeconfig(settings=kopf.OperatorSettings())
+    info = in_cluster_connection() or kubeconfig.connection()
     if info is None:
         raise KubeError(0, "no credentials", "not in a pod, and no KUBECONFIG or ~/.kube/config")
     return info
@@ -153,15 +155,17 @@ class Kube:
         await self.session.close()
         await self.stream_session.close()
 
-    def _headers(self, content_type: str | None, accept: str, refresh: bool = False) -> dict[str, str]:
+    async def _headers(self, content_type: str | None, accept: str, refresh: bool = False) -> dict[str, str]:
+        if refresh:
+            kubeconfig.forget_plugin_credentials()  # refused: a credential plugin is asked again
         if refresh or time.monotonic() - self._authorized_at > CREDENTIALS_SECONDS:
-            self._reauthorize()
+            await self._reauthorize()
         headers = {**self._authorization, "Accept": accept, "User-Agent": self.user_agent}
         if content_type:
             headers["Content-Type"] = content_type
         return headers
 
-    def _reauthorize(self) -> None:
+    async def _reauthorize(self) -> None:
         """Reads the credentials again, as client-go re-reads a projected ServiceAccount token the
         kubelet rotates: now and then, and at once after a 401. A read that fails (a kubeconfig
         being rewritten, a token file being swapped) keeps the credentials in use and is tried
@@ -169,7 +173,7 @@ class Kube:
         switched): requests and watches must not go to two clusters, nor a token to the wrong one."""
         self._authorized_at = time.monotonic() - CREDENTIALS_SECONDS + CREDENTIALS_RETRY_SECONDS
         try:
-            info = self._connect()
+            info = await asyncio.to_thread(self._connect)  # a credential plugin may take seconds
         except Exception as error:  # whatever the reader raises, requests go on with what they had
             log.warning("could not read the API credentials again, still using the previous ones: %s", error)
             return
@@ -208,7 +212,7 @@ class Kube:
                     self.server + path,
                     params=query or [],
                     data=data,
-                    headers=self._headers(content_type if data is not None else None, accept, refresh),
+                    headers=await self._headers(content_type if data is not None else None, accept, refresh),
                     timeout=REQUEST_TIMEOUT,
                 ) as response:
                     content = await response.read()
@@ -332,7 +336,7 @@ class Kube:
             response = await self.stream_session.get(
                 self.server + object_path(api_version, kind, namespace),
                 params=query,
-                headers=self._headers(None, METADATA),
+                headers=await self._headers(None, METADATA),
                 timeout=aiohttp.ClientTimeout(total=timeout_seconds + 30, sock_connect=30),
             )
         except (aiohttp.ClientError, TimeoutError) as error:

@@ -8,20 +8,17 @@ without mapping the kind)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from agent_operator.kinds import AGENT
 from eao_devtools.testkit.agents import agent_manifest
 from eao_devtools.testkit.kube import Kube
 from tests.cluster.agents import apply, get, wait_until
-from tests.faults.conftest import start_operator
+from tests.faults.conftest import OperatorAccount, start_operator
 from tests.helpers import CRD_FILE
-from tests.packaging.chart import render
 
 pytestmark = pytest.mark.cluster
 
@@ -36,32 +33,6 @@ def _owned_config_map(namespace: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata}
 
 
-RBAC_KINDS = ("ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
-
-
-@pytest.fixture
-def operator_account(fault_cluster: Kube, fault_namespace: str, tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """The chart's ServiceAccount and RBAC for one watched namespace (released in it), and a
-    kubeconfig with a token of that account: the operator's identity in a cluster."""
-    kube, ns = fault_cluster, fault_namespace
-    # The Lease is the one start_operator names, in the watched namespace (the release's).
-    chart = render(None, f"watchNamespaces={{{ns}}}", "leaderElection.leaseName=eao-faults", namespace=ns)
-    rbac = [o for o in chart if o["kind"] in RBAC_KINDS]
-    (account,) = [o["metadata"]["name"] for o in rbac if o["kind"] == "ServiceAccount"]
-    manifests = yaml.safe_dump_all(rbac)
-    kube.kubectl("apply", "-f", "-", stdin=manifests)
-    try:
-        token = kube.kubectl("create", "token", account, "-n", ns, "--duration=1h").stdout.strip()
-        config = yaml.safe_load(kube.kubeconfig.read_text())
-        for user in config["users"]:
-            user["user"] = {"token": token}
-        kubeconfig = tmp_path / "operator.kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump(config))
-        yield f"system:serviceaccount:{ns}:{account}", kubeconfig
-    finally:
-        kube.kubectl("delete", "-f", "-", "--ignore-not-found", stdin=manifests, check=False)
-
-
 def _admission_maps_agents(kube: Kube, namespace: str, user: str) -> bool:
     """Whether the API server's admission can map kind EnterpriseAgent for ``user`` now (a
     server-side dry run, impersonating it)."""
@@ -74,10 +45,10 @@ def _admission_maps_agents(kube: Kube, namespace: str, user: str) -> bool:
 
 
 def test_an_agent_applied_with_its_new_crd_waits_for_discovery_and_is_never_stalled(
-    fault_cluster: Kube, fault_namespace: str, tmp_path: Path, operator_account: tuple[str, Path]
+    fault_cluster: Kube, fault_namespace: str, tmp_path: Path, operator_account: OperatorAccount
 ) -> None:
     kube, ns = fault_cluster, fault_namespace
-    user, kubeconfig = operator_account
+    user, kubeconfig = operator_account.user, operator_account.kubeconfig({"token": operator_account.token()})
     assert _admission_maps_agents(kube, ns, user)
     kube.kubectl("delete", "crd", CRD_NAME, "--timeout=90s")
     try:

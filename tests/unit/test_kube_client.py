@@ -137,8 +137,8 @@ async def test_credentials_that_cannot_be_read_again_or_name_another_server_are_
         kopf.ConnectionInfo(server="https://other-cluster.example:6443", scheme="Bearer", token="other-token"),
     ]
     try:
-        client._reauthorize()  # what a 401 or the minute's refresh does
-        client._reauthorize()
+        await client._reauthorize()  # what a 401 or the minute's refresh does
+        await client._reauthorize()
         found = await client.get("v1", "ConfigMap", "team", "settings")
     finally:
         await client.close()

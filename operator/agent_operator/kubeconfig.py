@@ -1,0 +1,327 @@
+"""The kubeconfig as kubectl reads it, for an operator run outside a cluster (``make run`` against
+the current context). kopf's own reader covers the simplest files only: it has no credential plugins
+(``exec``: EKS, GKE, AKS, OIDC logins), no ``tokenFile``, and it reads relative paths from the working
+directory instead of the file that names them. This one follows client-go's rules:
+
+- KUBECONFIG lists files (``os.pathsep``); ~/.kube/config when it is unset. For contexts, clusters
+  and users the first file to name one wins; current-context comes from the first file that sets it.
+- A relative path (a CA, a client certificate or key, a token file, a plugin command with a slash in
+  it) is relative to the directory of the file that names it.
+- A credential plugin is run without a terminal, its answer (an ExecCredential) kept until its
+  expirationTimestamp, or until the API server refuses it (``forget_plugin_credentials``).
+
+An error names the file and the field, as ``users[admin].exec.command``.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kopf
+import yaml
+
+EXEC_API_VERSIONS = ("client.authentication.k8s.io/v1", "client.authentication.k8s.io/v1beta1")
+PLUGIN_TIMEOUT_SECONDS = 60.0  # an EKS or GKE token takes a second or two; a hung plugin must not hang us
+# A plugin's credential is used until this long before it expires (client-go renews at expiry).
+RENEW_BEFORE_SECONDS = 60.0
+_MESSAGE_BYTES = 500
+
+
+class KubeconfigError(kopf.LoginError):
+    """The kubeconfig cannot be used; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class _Named:
+    """A context, cluster or user entry, and the directory its relative paths are relative to."""
+
+    section: str  # contexts, clusters or users
+    name: str
+    fields: dict[str, Any]
+    base: Path
+    source: Path
+
+
+@dataclass(frozen=True)
+class _PluginCredential:
+    token: str | None
+    certificate: str | None
+    key: str | None
+    expires_at: float | None  # time.time(); None: until the API server refuses it
+
+
+_plugin_credentials: dict[str, _PluginCredential] = {}
+_plugin_lock = threading.Lock()
+
+
+def forget_plugin_credentials() -> None:
+    """After a 401: the next login runs the credential plugin again (client-go does the same)."""
+    with _plugin_lock:
+        _plugin_credentials.clear()
+
+
+def kubeconfig_paths() -> list[Path]:
+    listed = os.environ.get("KUBECONFIG", "")
+    if listed:
+        return [Path(os.path.expanduser(p.strip())) for p in listed.split(os.pathsep) if p.strip()]
+    default = Path(os.path.expanduser("~/.kube/config"))
+    return [default] if default.is_file() else []
+
+
+def connection(paths: list[Path] | None = None) -> kopf.ConnectionInfo | None:
+    """The current context's API server and credentials; None when there is no kubeconfig."""
+    paths = kubeconfig_paths() if paths is None else paths
+    if not paths:
+        return None
+    current, contexts, clusters, users = _merged(paths)
+    if not current:
+        raise KubeconfigError(f"{_names(paths)}: current-context is not set")
+    context = _pick(contexts, current, "contexts", paths)
+    cluster = _pick(clusters, _text(context, "cluster", required=True), "clusters", paths)
+    user = _pick(users, _text(context, "user", required=True), "users", paths) if context.fields.get("user") else None
+    server = _text(cluster, "server", required=True)
+    # As in client-go, data wins over a path to the same thing.
+    ca_data = _text(cluster, "certificate-authority-data") or None
+    ca_path = None
+    if not ca_data and cluster.fields.get("certificate-authority"):
+        ca_path = str(_path(cluster, "certificate-authority"))
+    return kopf.ConnectionInfo(
+        server=server,
+        ca_path=ca_path,
+        ca_data=ca_data,
+        insecure=bool(cluster.fields.get("insecure-skip-tls-verify")) or None,
+        default_namespace=_text(context, "namespace") or None,
+        proxy_url=_text(cluster, "proxy-url") or None,
+        **(_credentials(user, cluster) if user is not None else {}),
+    )
+
+
+def _credentials(user: _Named, cluster: _Named) -> dict[str, Any]:
+    """The user's credentials as kopf.ConnectionInfo's fields: a token (given, from a file, from
+    the legacy auth-provider's cache, or from a plugin), a client certificate, a user and password."""
+    fields = user.fields
+    token = _text(user, "token") or None
+    if not token and fields.get("tokenFile"):
+        token_file = _path(user, "tokenFile")
+        try:
+            token = token_file.read_text().strip()
+        except OSError as error:
+            raise KubeconfigError(f"{_where(user, 'tokenFile')}: cannot read {token_file}: {error}") from None
+    provider = fields.get("auth-provider")
+    if not token and isinstance(provider, dict):  # kubectl's oidc and gcp providers cache a token here
+        token = (provider.get("config") or {}).get("access-token") or None
+    certificate, key = _text(user, "client-certificate-data") or None, _text(user, "client-key-data") or None
+    certificate_path = key_path = None
+    if not certificate and fields.get("client-certificate"):
+        certificate_path = str(_path(user, "client-certificate"))
+    if not key and fields.get("client-key"):
+        key_path = str(_path(user, "client-key"))
+    expiration = None
+    if fields.get("exec") is not None:
+        plugin = _plugin_credential(user, cluster)
+        token = plugin.token or token
+        if plugin.certificate and plugin.key:
+            certificate, key, certificate_path, key_path = plugin.certificate, plugin.key, None, None
+        if plugin.expires_at is not None:
+            expiration = datetime.datetime.fromtimestamp(plugin.expires_at, datetime.UTC)
+    return {
+        "certificate_path": certificate_path,
+        "certificate_data": certificate,
+        "private_key_path": key_path,
+        "private_key_data": key,
+        "username": _text(user, "username") or None,
+        "password": _text(user, "password") or None,
+        "scheme": "Bearer" if token else None,
+        "token": token,
+        "expiration": expiration,
+    }
+
+
+def _merged(
+    paths: list[Path],
+) -> tuple[str | None, dict[str, _Named], dict[str, _Named], dict[str, _Named]]:
+    current: str | None = None
+    sections: dict[str, dict[str, _Named]] = {"contexts": {}, "clusters": {}, "users": {}}
+    for path in paths:
+        try:
+            document = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            continue  # kubectl skips a listed file that is not there
+        except (OSError, yaml.YAMLError) as error:
+            raise KubeconfigError(f"{path}: cannot be read as YAML: {error}") from None
+        if not isinstance(document, dict):
+            raise KubeconfigError(f"{path}: not a kubeconfig (a mapping is expected)")
+        if current is None and document.get("current-context"):
+            current = str(document["current-context"])
+        for section, entries in sections.items():
+            field = section[:-1]  # each item is {name, context|cluster|user}
+            for index, item in enumerate(document.get(section) or []):
+                if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                    raise KubeconfigError(f"{path}: {section}[{index}]: a mapping with a name is expected")
+                fields = item.get(field) or {}
+                if not isinstance(fields, dict):
+                    raise KubeconfigError(f"{path}: {section}[{item['name']}].{field}: a mapping is expected")
+                entries.setdefault(item["name"], _Named(section, item["name"], fields, path.resolve().parent, path))
+    return current, sections["contexts"], sections["clusters"], sections["users"]
+
+
+def _pick(entries: dict[str, _Named], name: str, section: str, paths: list[Path]) -> _Named:
+    if name not in entries:
+        raise KubeconfigError(f"{_names(paths)}: {section}[{name}] is not defined")
+    return entries[name]
+
+
+def _text(entry: _Named, field: str, required: bool = False) -> str:
+    value = entry.fields.get(field)
+    if value is None or value == "":
+        if required:
+            raise KubeconfigError(f"{_where(entry, field)}: required")
+        return ""
+    if not isinstance(value, str):
+        raise KubeconfigError(f"{_where(entry, field)}: a string is expected")
+    return value
+
+
+def _path(entry: _Named, field: str) -> Path:
+    value = Path(os.path.expanduser(_text(entry, field)))
+    return value if value.is_absolute() else entry.base / value
+
+
+def _where(entry: _Named, field: str) -> str:
+    return f"{entry.source}: {entry.section}[{entry.name}].{field}"
+
+
+def _names(paths: list[Path]) -> str:
+    return os.pathsep.join(str(p) for p in paths)
+
+
+# --- credential plugins (exec) ----------------------------------------------------------------
+
+
+def _plugin_credential(user: _Named, cluster: _Named) -> _PluginCredential:
+    spec = user.fields["exec"]
+    where = _where(user, "exec")
+    if not isinstance(spec, dict):
+        raise KubeconfigError(f"{where}: a mapping is expected")
+    key = json.dumps([user.name, spec, cluster.fields.get("server")], sort_keys=True, default=str)
+    with _plugin_lock:
+        kept = _plugin_credentials.get(key)
+        if kept is not None and (kept.expires_at is None or kept.expires_at - RENEW_BEFORE_SECONDS > time.time()):
+            return kept
+        credential = _run_plugin(spec, where, user.base, cluster)
+        _plugin_credentials[key] = credential
+        return credential
+
+
+def _run_plugin(spec: dict[str, Any], where: str, base: Path, cluster: _Named) -> _PluginCredential:
+    api_version = spec.get("apiVersion")
+    if api_version not in EXEC_API_VERSIONS:
+        raise KubeconfigError(f"{where}.apiVersion: {api_version!r} is not one of {', '.join(EXEC_API_VERSIONS)}")
+    if spec.get("interactiveMode") == "Always":
+        raise KubeconfigError(f"{where}.interactiveMode: Always needs a terminal, and the operator has none")
+    command = spec.get("command")
+    if not isinstance(command, str) or not command:
+        raise KubeconfigError(f"{where}.command: required")
+    args = spec.get("args") or []
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise KubeconfigError(f"{where}.args: a list of strings is expected")
+    env = dict(os.environ)
+    for index, item in enumerate(spec.get("env") or []):
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("name"), str)
+            or not isinstance(item.get("value"), str)
+        ):
+            raise KubeconfigError(f"{where}.env[{index}]: a name and a value (strings) are expected")
+        env[item["name"]] = item["value"]
+    exec_info: dict[str, Any] = {"apiVersion": api_version, "kind": "ExecCredential", "spec": {"interactive": False}}
+    if spec.get("provideClusterInfo"):
+        exec_info["spec"]["cluster"] = _cluster_info(cluster)
+    env["KUBERNETES_EXEC_INFO"] = json.dumps(exec_info)
+    # client-go: a command with a slash in it and not absolute is relative to the kubeconfig.
+    executable = str(base / command) if os.sep in command and not os.path.isabs(command) else shutil.which(command)
+    if executable is None or not os.path.exists(executable):
+        hint = spec.get("installHint")
+        raise KubeconfigError(f"{where}.command: {command!r} was not found" + (f" ({hint.strip()})" if hint else ""))
+    try:
+        done = subprocess.run(  # noqa: S603 - the command the kubeconfig's owner named, as kubectl runs it
+            [executable, *args],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=PLUGIN_TIMEOUT_SECONDS,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise KubeconfigError(f"{where}: {command!r} gave no answer within {PLUGIN_TIMEOUT_SECONDS:g} s") from None
+    except OSError as error:
+        raise KubeconfigError(f"{where}.command: cannot run {command!r}: {error}") from None
+    if done.returncode != 0:
+        said = done.stderr.decode(errors="replace").strip()[-_MESSAGE_BYTES:]
+        raise KubeconfigError(f"{where}: {command!r} exited with {done.returncode}: {said}")
+    return _parse_credential(done.stdout, api_version, where)
+
+
+def _parse_credential(output: bytes, api_version: str, where: str) -> _PluginCredential:
+    try:
+        answer = json.loads(output)
+    except ValueError:
+        raise KubeconfigError(f"{where}: the plugin's output is not JSON: {output[:80]!r}") from None
+    if not isinstance(answer, dict) or answer.get("kind") != "ExecCredential":
+        raise KubeconfigError(f"{where}: the plugin's output is not an ExecCredential")
+    if answer.get("apiVersion") != api_version:
+        raise KubeconfigError(f"{where}: the plugin answered {answer.get('apiVersion')!r}, not {api_version!r}")
+    status = answer.get("status")
+    if not isinstance(status, dict):
+        raise KubeconfigError(f"{where}: the plugin's ExecCredential has no status")
+    token = status.get("token") or None
+    certificate, key = status.get("clientCertificateData") or None, status.get("clientKeyData") or None
+    if bool(certificate) != bool(key):
+        raise KubeconfigError(f"{where}: status.clientCertificateData and status.clientKeyData come together")
+    if not token and not certificate:
+        raise KubeconfigError(f"{where}: the plugin's ExecCredential holds neither a token nor a client certificate")
+    for field, value in (("token", token), ("clientCertificateData", certificate), ("clientKeyData", key)):
+        if value is not None and not isinstance(value, str):
+            raise KubeconfigError(f"{where}: status.{field}: a string is expected")
+    expires_at = None
+    stamp = status.get("expirationTimestamp")
+    if stamp:
+        try:
+            parsed = datetime.datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+        except ValueError:
+            raise KubeconfigError(f"{where}: status.expirationTimestamp {stamp!r} is not RFC 3339") from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=datetime.UTC)
+        expires_at = parsed.timestamp()
+    return _PluginCredential(token, certificate, key, expires_at)
+
+
+def _cluster_info(cluster: _Named) -> dict[str, Any]:
+    """What a plugin with provideClusterInfo is told of the cluster (client-go's Cluster)."""
+    info: dict[str, Any] = {"server": cluster.fields.get("server")}
+    if cluster.fields.get("certificate-authority-data"):
+        info["certificate-authority-data"] = cluster.fields["certificate-authority-data"]
+    elif cluster.fields.get("certificate-authority"):
+        ca = _path(cluster, "certificate-authority")
+        try:
+            info["certificate-authority-data"] = base64.b64encode(ca.read_bytes()).decode()
+        except OSError as error:
+            raise KubeconfigError(f"{_where(cluster, 'certificate-authority')}: cannot read {ca}: {error}") from None
+    for field in ("tls-server-name", "insecure-skip-tls-verify", "proxy-url"):
+        if cluster.fields.get(field) is not None:
+            info[field] = cluster.fields[field]
+    extensions = cluster.fields.get("extensions")
+    for item in extensions if isinstance(extensions, list) else []:
+        if isinstance(item, dict) and item.get("name") == "client.authentication.k8s.io/exec":
+            info["config"] = item.get("extension")
+    return info
