@@ -128,8 +128,11 @@ class ControllerSettings:
     backoff_base_seconds: float = 1.0
     backoff_max_seconds: float = 300.0
     child_event_delay_seconds: float = 1.0
-    # How soon a write refused for the API server's discovery lag (``discovery_lag``) is retried.
+    # The API server's discovery lag (``discovery_lag``): how often one waiting agent tries again,
+    # how often each of the others does on its own, and for how long before it counts as a refusal.
     discovery_retry_seconds: float = 2.0
+    discovery_fallback_seconds: float = 20.0
+    discovery_wait_seconds: float = 90.0
     # Where the rollout analysis sends its HTTP checks (None: Service DNS and pod IPs in-cluster).
     analysis_base_url: str | None = None
 
@@ -149,7 +152,10 @@ class AgentRecord:
     superseded: deque[str] = field(default_factory=lambda: deque(maxlen=32))
     references: frozenset[RefKey] = frozenset()  # the Secrets and ConfigMaps its spec names
     undo_event: tuple[str, str, str] | None = None  # the answer to an undo request, not posted yet
-    discovery_waits: int = 0  # writes in a row refused for the API server's discovery lag
+    discovery_wait_since: float | None = None  # refused for the API server's discovery lag since
+    # The key Secret made for this agent and not created yet: the same keys are sent again, not
+    # made anew on every retry (an RSA key takes a while, on the loop).
+    unsent_keys: tuple[tuple[str, str], dict[str, str]] | None = None
 
 
 class Controller:
@@ -172,6 +178,10 @@ class Controller:
         self._in_flight: set[asyncio.Task[str]] = set()
         self._measurements: dict[AgentKey, tuple[MeasureRequest, asyncio.Task[list[rollout.Check]]]] = {}
         self._measuring = asyncio.Semaphore(MEASUREMENTS_AT_ONCE)
+        # Agents refused for the API server's discovery lag: one (the probe) tries again every few
+        # seconds, the rest are queued together once it gets through (see _wait_for_discovery).
+        self._awaiting_discovery: set[AgentKey] = set()
+        self._discovery_probe: AgentKey | None = None
         # Referenced objects -> the agents that reference them, and the resourceVersion last seen
         # of each (None: not there). Only referenced objects have entries; nothing else is kept.
         self._referrers: dict[RefKey, set[AgentKey]] = {}
@@ -599,15 +609,26 @@ class Controller:
     async def _wait_for_discovery(
         self, key: AgentKey, body: Mapping[str, Any], observed: core.Observed, now: datetime, error: KubeError
     ) -> str | None:
-        """Waits out the API server's discovery lag (``discovery_lag``): the agent is looked at again
-        in a few seconds, without Stalled and without backoff. None when the refusal is another one,
-        or has outlasted several of the API server's refreshes: it is then reported as any 403 is."""
+        """Waits out the API server's discovery lag (``discovery_lag``) without Stalled and without
+        backoff. One waiting agent, the probe, tries again every few seconds; the others only now
+        and then on their own, and all together once the probe gets through: a CRD applied with a
+        thousand agents must not cost a thousand agents' refused writes every few seconds. None
+        when the refusal is another one, or has lasted past several of the API server's refreshes
+        (``discovery_wait_seconds``): it is then reported as any 403 is."""
         record = self.records.get(key)
-        if record is None or not discovery_lag(error) or record.discovery_waits >= DISCOVERY_WAITS:
+        if record is None or not discovery_lag(error):
             return None
-        record.discovery_waits += 1
+        started = record.discovery_wait_since = record.discovery_wait_since or time.monotonic()
+        if time.monotonic() - started > self.settings.discovery_wait_seconds:
+            self._awaiting_discovery.discard(key)
+            return None
         log.info("%s/%s: the API server does not map %s yet (a new CRD); retrying: %s", *key, AGENT.kind, error)
-        self.queue.add_after(key, self.settings.discovery_retry_seconds)
+        if self._discovery_probe is None or self._discovery_probe == key or self._discovery_probe not in self.records:
+            self._discovery_probe = key
+            self.queue.add_after(key, self.settings.discovery_retry_seconds)
+        else:
+            self.queue.add_after(key, self.settings.discovery_fallback_seconds)
+        self._awaiting_discovery.add(key)
         message = (
             f"waiting for the API server to recognise kind {AGENT.kind} in ownerReferences"
             f" (its CRD was installed moments ago): {error}"
@@ -616,6 +637,16 @@ class Controller:
         if plan.status != observed.status:
             await self._finish(body, plan, key)
         return "waiting"
+
+    def _discovery_caught_up(self, key: AgentKey) -> None:
+        """``key``'s writes went through: the agents waiting for the API server go now."""
+        self.records[key].discovery_wait_since = None
+        self._awaiting_discovery.discard(key)
+        if self._awaiting_discovery:
+            for waiting in self._awaiting_discovery:
+                self.queue.add(waiting)
+            self._awaiting_discovery.clear()
+        self._discovery_probe = None
 
     # --- one reconcile ----------------------------------------------------------------------------
 
@@ -659,7 +690,7 @@ class Controller:
                 observed = replace(observed, missing=missing)
             else:
                 try:
-                    key_secret = await self._ensure_keys(agent, body, record.children)
+                    key_secret = await self._ensure_keys(agent, body, record)
                 except ForeignKeysError as taken:
                     self._retry_later(key)  # the other object may go (an earlier agent's, collected)
                     conflict = [FieldError("metadata.name", str(taken))]
@@ -710,7 +741,7 @@ class Controller:
                 reason = Reason.FORBIDDEN if first.error.status == 403 else Reason.APPLY_FAILED
                 return await self._finish(body, core.stalled_plan(observed, [first.field_error()], reason, now), key)
             raise first.error
-        record.discovery_waits = 0
+        self._discovery_caught_up(key)
         for api_version, kind, name in plan.delete:
             self._fence()
             await self.kube.delete(api_version, kind, body["metadata"]["namespace"], name)
@@ -814,20 +845,20 @@ class Controller:
         ]
 
     async def _ensure_keys(
-        self, agent: EnterpriseAgent, body: Mapping[str, Any], children: dict[core.ChildKey, dict[str, Any]]
+        self, agent: EnterpriseAgent, body: Mapping[str, Any], record: AgentRecord
     ) -> dict[str, Any]:
         """The key Secret: created once with fresh keys (never overwritten), extended on rotation."""
         secret_key = ("v1", "Secret", key_secret_name(agent))
         uid = body["metadata"]["uid"]
+        children = record.children
         secret = children.get(secret_key)
         if secret is not None and not _controlled_by(secret, uid):
             raise ForeignKeysError(_foreign(secret, agent.name))  # labelled like ours is not enough
         if secret is None:
-            manifest = core.owned(
-                build_key_secret(agent, _encode(new_key_files(agent.spec.security.signing_algorithm))),
-                agent.name,
-                body["metadata"]["uid"],
-            )
+            made_for = (uid, str(agent.spec.security.signing_algorithm))
+            if record.unsent_keys is None or record.unsent_keys[0] != made_for:
+                record.unsent_keys = made_for, _encode(new_key_files(agent.spec.security.signing_algorithm))
+            manifest = core.owned(build_key_secret(agent, record.unsent_keys[1]), agent.name, uid)
             self._fence()
             try:
                 secret = await self.kube.create(manifest)
@@ -839,6 +870,7 @@ class Controller:
                 secret = await self.kube.get("v1", "Secret", agent.namespace, key_secret_name(agent))
                 if not _controlled_by(secret, uid):
                     raise ForeignKeysError(_foreign(secret, agent.name)) from None
+            record.unsent_keys = None  # created (or found): never sent again
             secret = self._store_child(children, secret)
         requested = (body["metadata"].get("annotations") or {}).get(ANNOTATION_ROTATE_KEYS)
         served = (secret["metadata"].get("annotations") or {}).get(ANNOTATION_ROTATED_FOR)
@@ -912,11 +944,8 @@ class Controller:
 
 # The API server's OwnerReferencesPermissionEnforcement admission maps an ownerReference's kind with
 # a discovery cache it refreshes every 30 s: for up to that long after a CRD is installed, a child
-# owned by one of its objects is refused 403 "cannot find RESTMapping". Three refreshes' worth of
-# retries (every ``discovery_retry_seconds``) before it is taken for a refusal that stays.
-DISCOVERY_WAITS = 45
-
-
+# owned by one of its objects is refused 403 "cannot find RESTMapping" (a cluster-admin is not
+# asked). Waited out for three refreshes (``discovery_wait_seconds``), then taken for a refusal.
 def discovery_lag(error: KubeError) -> bool:
     """A write refused only because the API server's discovery has not caught up with a new CRD."""
     return error.status == 403 and "cannot find RESTMapping" in str(error)

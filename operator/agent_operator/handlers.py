@@ -22,12 +22,18 @@ from agent_operator.spec import GROUP
 def build_registry(controller: Controller) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
 
+    given: list[str | None] = []  # the token kopf was last given
+
     @kopf.on.login(registry=registry)
     def kopf_login(**_: Any) -> kopf.ConnectionInfo:
-        # kopf logs in again only once the API server refused what it had: a credential plugin's
-        # answer kept since is not asked for again. (Run in kopf's thread pool: a plugin may take seconds.)
-        forget_plugin_credentials()
-        return login()
+        # kopf logs in again only once the API server refused what it had (or it expired): the
+        # credential plugin's answer holding that token is not kept. (In kopf's thread pool: a
+        # plugin may take seconds.)
+        if given:
+            forget_plugin_credentials(given[-1])
+        info = login()
+        given[:] = [info.token]
+        return info
 
     # async handlers run on the event loop; sync ones would run in kopf's thread pool, where the
     # controller's caches and asyncio queue must not be touched.

@@ -129,6 +129,7 @@ class Kube:
         info = connect()
         self.server = info.server.rstrip("/")
         self._authorization = info.as_http_headers()
+        self._token = info.token
         self._authorized_at = time.monotonic()
         ssl_context = info.as_ssl_context()
         self.session = aiohttp.ClientSession(
@@ -156,8 +157,8 @@ class Kube:
         await self.stream_session.close()
 
     async def _headers(self, content_type: str | None, accept: str, refresh: bool = False) -> dict[str, str]:
-        if refresh:
-            kubeconfig.forget_plugin_credentials()  # refused: a credential plugin is asked again
+        if refresh:  # refused: a credential plugin is asked again (unless another caller has already)
+            kubeconfig.forget_plugin_credentials(self._token)
         if refresh or time.monotonic() - self._authorized_at > CREDENTIALS_SECONDS:
             await self._reauthorize()
         headers = {**self._authorization, "Accept": accept, "User-Agent": self.user_agent}
@@ -181,6 +182,7 @@ class Kube:
             log.warning("the credentials now name API server %s, not %s: not switching", info.server, self.server)
             return
         self._authorization = info.as_http_headers()
+        self._token = info.token
         self._authorized_at = time.monotonic()
 
     async def _request(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import datetime
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -29,6 +30,8 @@ from typing import Any
 
 import kopf
 import yaml
+
+log = logging.getLogger(__name__)
 
 EXEC_API_VERSIONS = ("client.authentication.k8s.io/v1", "client.authentication.k8s.io/v1beta1")
 PLUGIN_TIMEOUT_SECONDS = 60.0  # an EKS or GKE token takes a second or two; a hung plugin must not hang us
@@ -60,14 +63,34 @@ class _PluginCredential:
     expires_at: float | None  # time.time(); None: until the API server refuses it
 
 
-_plugin_credentials: dict[str, _PluginCredential] = {}
-_plugin_lock = threading.Lock()
+@dataclass(frozen=True)
+class _PluginSpec:
+    """A user's ``exec`` entry, checked: what identifies the plugin's credential, and how to run it."""
+
+    api_version: str
+    command: str
+    args: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    provide_cluster_info: bool
+    install_hint: str
 
 
-def forget_plugin_credentials() -> None:
-    """After a 401: the next login runs the credential plugin again (client-go does the same)."""
-    with _plugin_lock:
-        _plugin_credentials.clear()
+# Credentials kept per (file, user, server, plugin). The cache's lock is only ever held for a lookup
+# (the event loop takes it to forget); a plugin runs under a lock of its own key, so that callers
+# who need the same credential at once wait for one run instead of each running it.
+_plugin_credentials: dict[tuple[Any, ...], _PluginCredential] = {}
+_cache_lock = threading.Lock()
+_run_locks: dict[tuple[Any, ...], threading.Lock] = {}
+
+
+def forget_plugin_credentials(token: str | None = None) -> None:
+    """After a 401: the next login runs the credential plugin again (as client-go does). Given the
+    refused ``token``, only a credential still holding it is forgotten: one that another caller
+    has renewed since is kept, so that a burst of refusals runs the plugin once, not once each."""
+    with _cache_lock:
+        for key, credential in list(_plugin_credentials.items()):
+            if token is None or credential.token == token:
+                del _plugin_credentials[key]
 
 
 def kubeconfig_paths() -> list[Path]:
@@ -99,7 +122,7 @@ def connection(paths: list[Path] | None = None) -> kopf.ConnectionInfo | None:
         server=server,
         ca_path=ca_path,
         ca_data=ca_data,
-        insecure=bool(cluster.fields.get("insecure-skip-tls-verify")) or None,
+        insecure=_flag(cluster, "insecure-skip-tls-verify") or None,
         default_namespace=_text(context, "namespace") or None,
         proxy_url=_text(cluster, "proxy-url") or None,
         **(_credentials(user, cluster) if user is not None else {}),
@@ -111,15 +134,15 @@ def _credentials(user: _Named, cluster: _Named) -> dict[str, Any]:
     the legacy auth-provider's cache, or from a plugin), a client certificate, a user and password."""
     fields = user.fields
     token = _text(user, "token") or None
-    if not token and fields.get("tokenFile"):
+    if fields.get("tokenFile"):  # as in client-go, the file wins over a token written beside it
         token_file = _path(user, "tokenFile")
         try:
             token = token_file.read_text().strip()
         except OSError as error:
             raise KubeconfigError(f"{_where(user, 'tokenFile')}: cannot read {token_file}: {error}") from None
     provider = fields.get("auth-provider")
-    if not token and isinstance(provider, dict):  # kubectl's oidc and gcp providers cache a token here
-        token = (provider.get("config") or {}).get("access-token") or None
+    if not token and provider is not None:
+        token = _provider_token(provider, _where(user, "auth-provider"))
     certificate, key = _text(user, "client-certificate-data") or None, _text(user, "client-key-data") or None
     certificate_path = key_path = None
     if not certificate and fields.get("client-certificate"):
@@ -147,6 +170,18 @@ def _credentials(user: _Named, cluster: _Named) -> dict[str, Any]:
     }
 
 
+def _provider_token(provider: Any, where: str) -> str | None:
+    """The token a legacy auth-provider cached: oidc sends its id-token; gcp and azure their
+    access-token (client-go's plugins). Refreshing them is not done here: kubectl does it."""
+    if not isinstance(provider, dict) or not isinstance(provider.get("config") or {}, dict):
+        raise KubeconfigError(f"{where}: a mapping with a name and a config mapping is expected")
+    config = provider.get("config") or {}
+    token = config.get("id-token" if provider.get("name") == "oidc" else "access-token")
+    if token is not None and not isinstance(token, str):
+        raise KubeconfigError(f"{where}.config: the cached token must be a string")
+    return token or None
+
+
 def _merged(
     paths: list[Path],
 ) -> tuple[str | None, dict[str, _Named], dict[str, _Named], dict[str, _Named]]:
@@ -162,16 +197,21 @@ def _merged(
         if not isinstance(document, dict):
             raise KubeconfigError(f"{path}: not a kubeconfig (a mapping is expected)")
         if current is None and document.get("current-context"):
-            current = str(document["current-context"])
+            if not isinstance(document["current-context"], str):
+                raise KubeconfigError(f"{path}: current-context: a context's name is expected")
+            current = document["current-context"]
         for section, entries in sections.items():
             field = section[:-1]  # each item is {name, context|cluster|user}
-            for index, item in enumerate(document.get(section) or []):
+            items = document.get(section) or []
+            if not isinstance(items, list):
+                raise KubeconfigError(f"{path}: {section}: a list is expected")
+            for index, item in enumerate(items):
                 if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                     raise KubeconfigError(f"{path}: {section}[{index}]: a mapping with a name is expected")
                 fields = item.get(field) or {}
                 if not isinstance(fields, dict):
                     raise KubeconfigError(f"{path}: {section}[{item['name']}].{field}: a mapping is expected")
-                entries.setdefault(item["name"], _Named(section, item["name"], fields, path.resolve().parent, path))
+                entries.setdefault(item["name"], _Named(section, item["name"], fields, path.absolute().parent, path))
     return current, sections["contexts"], sections["clusters"], sections["users"]
 
 
@@ -192,6 +232,13 @@ def _text(entry: _Named, field: str, required: bool = False) -> str:
     return value
 
 
+def _flag(entry: _Named, field: str) -> bool:
+    value = entry.fields.get(field, False)
+    if not isinstance(value, bool):  # "false" is a string, and true to Python: refused, as client-go does
+        raise KubeconfigError(f"{_where(entry, field)}: true or false is expected")
+    return value
+
+
 def _path(entry: _Named, field: str) -> Path:
     value = Path(os.path.expanduser(_text(entry, field)))
     return value if value.is_absolute() else entry.base / value
@@ -209,53 +256,74 @@ def _names(paths: list[Path]) -> str:
 
 
 def _plugin_credential(user: _Named, cluster: _Named) -> _PluginCredential:
-    spec = user.fields["exec"]
     where = _where(user, "exec")
-    if not isinstance(spec, dict):
-        raise KubeconfigError(f"{where}: a mapping is expected")
-    key = json.dumps([user.name, spec, cluster.fields.get("server")], sort_keys=True, default=str)
-    with _plugin_lock:
-        kept = _plugin_credentials.get(key)
+    spec = _plugin_spec(user.fields["exec"], where)
+    key = (str(user.source), user.name, cluster.fields.get("server"), spec)
+    with _cache_lock:
+        run_lock = _run_locks.setdefault(key, threading.Lock())
+    with run_lock:
+        with _cache_lock:
+            kept = _plugin_credentials.get(key)
         if kept is not None and (kept.expires_at is None or kept.expires_at - RENEW_BEFORE_SECONDS > time.time()):
             return kept
         credential = _run_plugin(spec, where, user.base, cluster)
-        _plugin_credentials[key] = credential
+        with _cache_lock:
+            _plugin_credentials[key] = credential
         return credential
 
 
-def _run_plugin(spec: dict[str, Any], where: str, base: Path, cluster: _Named) -> _PluginCredential:
+def _plugin_spec(spec: Any, where: str) -> _PluginSpec:
+    if not isinstance(spec, dict):
+        raise KubeconfigError(f"{where}: a mapping is expected")
     api_version = spec.get("apiVersion")
     if api_version not in EXEC_API_VERSIONS:
         raise KubeconfigError(f"{where}.apiVersion: {api_version!r} is not one of {', '.join(EXEC_API_VERSIONS)}")
     if spec.get("interactiveMode") == "Always":
         raise KubeconfigError(f"{where}.interactiveMode: Always needs a terminal, and the operator has none")
     command = spec.get("command")
-    if not isinstance(command, str) or not command:
-        raise KubeconfigError(f"{where}.command: required")
+    if not isinstance(command, str) or not command or "\0" in command:
+        raise KubeconfigError(f"{where}.command: required (a path or a name on PATH)")
     args = spec.get("args") or []
-    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+    if not isinstance(args, list) or not all(isinstance(a, str) and "\0" not in a for a in args):
         raise KubeconfigError(f"{where}.args: a list of strings is expected")
-    env = dict(os.environ)
-    for index, item in enumerate(spec.get("env") or []):
-        if (
-            not isinstance(item, dict)
-            or not isinstance(item.get("name"), str)
-            or not isinstance(item.get("value"), str)
-        ):
-            raise KubeconfigError(f"{where}.env[{index}]: a name and a value (strings) are expected")
-        env[item["name"]] = item["value"]
-    exec_info: dict[str, Any] = {"apiVersion": api_version, "kind": "ExecCredential", "spec": {"interactive": False}}
-    if spec.get("provideClusterInfo"):
+    env = spec.get("env") or []
+    if not isinstance(env, list):
+        raise KubeconfigError(f"{where}.env: a list of {{name, value}} is expected")
+    pairs = []
+    for index, item in enumerate(env):
+        name, value = (item.get("name"), item.get("value")) if isinstance(item, dict) else (None, None)
+        if not isinstance(name, str) or not name or "=" in name or "\0" in name:
+            raise KubeconfigError(f"{where}.env[{index}].name: a variable name is expected")
+        if not isinstance(value, str) or "\0" in value:
+            raise KubeconfigError(f"{where}.env[{index}].value: a string is expected")
+        pairs.append((name, value))
+    hint = spec.get("installHint")
+    return _PluginSpec(
+        api_version, command, tuple(args), tuple(pairs), spec.get("provideClusterInfo") is True,
+        hint.strip() if isinstance(hint, str) else "",
+    )  # fmt: skip
+
+
+def _run_plugin(spec: _PluginSpec, where: str, base: Path, cluster: _Named) -> _PluginCredential:
+    env = {**os.environ, **dict(spec.env)}
+    exec_info: dict[str, Any] = {
+        "apiVersion": spec.api_version, "kind": "ExecCredential", "spec": {"interactive": False}
+    }  # fmt: skip
+    if spec.provide_cluster_info:
         exec_info["spec"]["cluster"] = _cluster_info(cluster)
-    env["KUBERNETES_EXEC_INFO"] = json.dumps(exec_info)
+    try:
+        env["KUBERNETES_EXEC_INFO"] = json.dumps(exec_info)
+    except (TypeError, ValueError, RecursionError):
+        raise KubeconfigError(f"{_where(cluster, 'extensions')}: cannot be passed to a plugin as JSON") from None
+    command = spec.command
     # client-go: a command with a slash in it and not absolute is relative to the kubeconfig.
     executable = str(base / command) if os.sep in command and not os.path.isabs(command) else shutil.which(command)
     if executable is None or not os.path.exists(executable):
-        hint = spec.get("installHint")
-        raise KubeconfigError(f"{where}.command: {command!r} was not found" + (f" ({hint.strip()})" if hint else ""))
+        hint = f" ({spec.install_hint})" if spec.install_hint else ""
+        raise KubeconfigError(f"{where}.command: {command!r} was not found{hint}")
     try:
         done = subprocess.run(  # noqa: S603 - the command the kubeconfig's owner named, as kubectl runs it
-            [executable, *args],
+            [executable, *spec.args],
             env=env,
             stdin=subprocess.DEVNULL,
             capture_output=True,
@@ -264,19 +332,20 @@ def _run_plugin(spec: dict[str, Any], where: str, base: Path, cluster: _Named) -
         )
     except subprocess.TimeoutExpired:
         raise KubeconfigError(f"{where}: {command!r} gave no answer within {PLUGIN_TIMEOUT_SECONDS:g} s") from None
-    except OSError as error:
+    except (OSError, ValueError) as error:
         raise KubeconfigError(f"{where}.command: cannot run {command!r}: {error}") from None
     if done.returncode != 0:
         said = done.stderr.decode(errors="replace").strip()[-_MESSAGE_BYTES:]
         raise KubeconfigError(f"{where}: {command!r} exited with {done.returncode}: {said}")
-    return _parse_credential(done.stdout, api_version, where)
+    return _parse_credential(done.stdout, spec.api_version, where)
 
 
 def _parse_credential(output: bytes, api_version: str, where: str) -> _PluginCredential:
     try:
         answer = json.loads(output)
-    except ValueError:
-        raise KubeconfigError(f"{where}: the plugin's output is not JSON: {output[:80]!r}") from None
+    except (ValueError, RecursionError):
+        # Never its content: a plugin set up wrongly may print a bare token.
+        raise KubeconfigError(f"{where}: the plugin's output ({len(output)} bytes) is not JSON") from None
     if not isinstance(answer, dict) or answer.get("kind") != "ExecCredential":
         raise KubeconfigError(f"{where}: the plugin's output is not an ExecCredential")
     if answer.get("apiVersion") != api_version:
@@ -303,6 +372,13 @@ def _parse_credential(output: bytes, api_version: str, where: str) -> _PluginCre
         if parsed.tzinfo is None:
             parsed = parsed.replace(tzinfo=datetime.UTC)
         expires_at = parsed.timestamp()
+        if expires_at <= time.time():
+            # Expired as issued (a clock skewed from the plugin's): kept until refused instead, or
+            # kopf would log in again, and the plugin run again, on every request.
+            log.warning(
+                "%s: the plugin's credential expired at %s, before it was issued; kept until refused", where, stamp
+            )
+            expires_at = None
     return _PluginCredential(token, certificate, key, expires_at)
 
 

@@ -50,8 +50,8 @@ def test_an_agent_applied_with_its_new_crd_waits_for_discovery_and_is_never_stal
     kube, ns = fault_cluster, fault_namespace
     user, kubeconfig = operator_account.user, operator_account.kubeconfig({"token": operator_account.token()})
     assert _admission_maps_agents(kube, ns, user)
-    kube.kubectl("delete", "crd", CRD_NAME, "--timeout=90s")
     try:
+        kube.kubectl("delete", "crd", CRD_NAME, "--timeout=90s")
         # The first refusal marks one of the API server's refreshes: the next is 30 s away, which
         # is when an agent applied with the CRD installed again could first be written.
         wait_until(

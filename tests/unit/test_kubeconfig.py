@@ -112,37 +112,62 @@ def test_data_wins_over_a_path_to_the_same_thing(tmp_path: Path) -> None:
     assert (info.ca_path, info.ca_data) == (None, "Q0E=")
 
 
+def _exec(**fields: Any) -> dict[str, Any]:
+    return _config({"exec": {"apiVersion": V1, **fields}})
+
+
 @pytest.mark.parametrize(
     ("document", "named"),
     [
-        ({"clusters": []}, "current-context is not set"),
-        (_config({"token": "t"}, current="gone"), "contexts[gone] is not defined"),
-        (_config({"token": "t"}, {"insecure-skip-tls-verify": True}), "clusters[c].server: required"),
-        (_config({"tokenFile": "no-such-file"}), "users[u].tokenFile: cannot read"),
-        (_config({"exec": {"apiVersion": "v1", "command": "x"}}), "users[u].exec.apiVersion: 'v1' is not one of"),
-        (_config({"exec": {"apiVersion": V1}}), "users[u].exec.command: required"),
-        (
-            _config({"exec": {"apiVersion": V1, "command": "no-such-plugin-here", "installHint": "install it"}}),
+        pytest.param({"clusters": []}, "current-context is not set", id="no-context"),
+        pytest.param(_config({"token": "t"}, current="gone"), "contexts[gone] is not defined", id="unknown-context"),
+        pytest.param(
+            _config({"token": "t"}, {"insecure-skip-tls-verify": True}), "clusters[c].server: required", id="no-server"
+        ),
+        pytest.param({"current-context": "w", "clusters": 5}, ": clusters: a list is expected", id="clusters-not-list"),
+        pytest.param(
+            _config({"token": "t"}, {"server": "https://a:1", "insecure-skip-tls-verify": "false"}),
+            "clusters[c].insecure-skip-tls-verify: true or false is expected",
+            id="insecure-as-string",
+        ),
+        pytest.param(_config({"tokenFile": "no-such-file"}), "users[u].tokenFile: cannot read", id="token-file"),
+        pytest.param(
+            _config({"auth-provider": {"name": "oidc", "config": "x"}}),
+            "users[u].auth-provider: a mapping with a name and a config mapping is expected",
+            id="auth-provider-config",
+        ),
+        pytest.param(
+            _config({"exec": {"apiVersion": "v1", "command": "x"}}),
+            "users[u].exec.apiVersion: 'v1' is not one of",
+            id="api-version",
+        ),
+        pytest.param(_exec(), "users[u].exec.command: required", id="command"),
+        pytest.param(
+            _exec(command="no-such-plugin-here", installHint="install it"),
             "users[u].exec.command: 'no-such-plugin-here' was not found (install it)",
+            id="not-found",
         ),
-        (
-            _config({"exec": {"apiVersion": V1, "command": "sh", "interactiveMode": "Always"}}),
+        pytest.param(
+            _exec(command="no-such-plugin-here", installHint=5),
+            "users[u].exec.command: 'no-such-plugin-here' was not found",
+            id="hint-not-text",
+        ),
+        pytest.param(
+            _exec(command="sh", interactiveMode="Always"),
             "users[u].exec.interactiveMode: Always needs a terminal",
+            id="interactive",
         ),
-        (_config({"exec": {"apiVersion": V1, "command": "sh", "env": [{"name": "A"}]}}), "users[u].exec.env[0]"),
-        (_config({"exec": {"apiVersion": V1, "command": "echo", "args": ["not json"]}}), "output is not JSON"),
-    ],
-    ids=[
-        "no-context",
-        "unknown-context",
-        "no-server",
-        "token-file",
-        "api-version",
-        "command",
-        "not-found",
-        "interactive",
-        "env",
-        "not-json",
+        pytest.param(_exec(command="sh", env=[{"name": "A"}]), "users[u].exec.env[0].value", id="env-no-value"),
+        pytest.param(_exec(command="sh", env=5), "users[u].exec.env: a list", id="env-not-list"),
+        pytest.param(
+            _exec(command="sh", env=[{"name": "A=B", "value": "c"}]), "users[u].exec.env[0].name", id="env-name-with-="
+        ),
+        pytest.param(_exec(command="echo", args=["a\0b"]), "users[u].exec.args", id="nul-in-args"),
+        pytest.param(
+            _exec(command="echo", args=["ya29.a-bare-token"]),
+            "the plugin's output (18 bytes) is not JSON",
+            id="not-json",
+        ),
     ],
 )
 def test_a_kubeconfig_that_cannot_be_used_names_the_file_and_the_field(
@@ -152,6 +177,19 @@ def test_a_kubeconfig_that_cannot_be_used_names_the_file_and_the_field(
     with pytest.raises(KubeconfigError, match="^" + str(path).replace(".", r"\.")) as refused:
         connection([path])
     assert named in str(refused.value)
+    assert "ya29" not in str(refused.value)  # a plugin's output is never repeated: it may be a token
+
+
+def test_a_plugin_entry_that_refers_to_itself_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "config"
+    path.write_text(
+        "current-context: w\n"
+        "contexts: [{name: w, context: {cluster: c, user: u}}]\n"
+        "clusters: [{name: c, cluster: {server: 'https://a:1', extensions: &loop [{name: client.authentication.k8s.io/exec, extension: *loop}]}}]\n"
+        "users: [{name: u, user: {exec: {apiVersion: client.authentication.k8s.io/v1, command: echo, provideClusterInfo: true}}}]\n"
+    )
+    with pytest.raises(KubeconfigError, match=r"clusters\[c\]\.extensions: cannot be passed to a plugin as JSON"):
+        connection([path])
 
 
 def test_a_credential_plugin_runs_without_a_terminal_and_is_told_of_the_cluster(tmp_path: Path) -> None:
@@ -236,11 +274,42 @@ def test_a_plugin_that_fails_or_answers_wrongly_is_an_error_naming_it(
 
 
 def test_the_legacy_auth_providers_token_and_basic_credentials_are_read(tmp_path: Path) -> None:
-    cached = {"auth-provider": {"name": "oidc", "config": {"access-token": "cached-token", "idp-issuer-url": "x"}}}
-    info = connection([_write(tmp_path / "a", _config(cached))])
-    assert info is not None
-    assert info.as_http_headers() == {"Authorization": "Bearer cached-token"}
+    # client-go's oidc provider sends the id-token, its gcp and azure providers the access-token.
+    both = {"id-token": "id-token", "access-token": "access-token", "idp-issuer-url": "x"}
+    oidc = connection([_write(tmp_path / "a", _config({"auth-provider": {"name": "oidc", "config": both}}))])
+    assert oidc is not None
+    assert oidc.as_http_headers() == {"Authorization": "Bearer id-token"}
+    gcp = connection([_write(tmp_path / "g", _config({"auth-provider": {"name": "gcp", "config": both}}))])
+    assert gcp is not None
+    assert gcp.as_http_headers() == {"Authorization": "Bearer access-token"}
     basic = connection([_write(tmp_path / "b", _config({"username": "ada", "password": "s3cret"}))])
     assert basic is not None
     assert basic.as_http_headers()["Authorization"].startswith("Basic ")
     assert basic.token is None
+
+
+def test_a_token_file_wins_over_a_token_beside_it(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("from-the-file\n")
+    info = connection([_write(tmp_path / "config", _config({"token": "written-in", "tokenFile": "token"}))])
+    assert info is not None
+    assert info.token == "from-the-file"
+
+
+def test_only_the_refused_token_is_forgotten_and_one_expired_as_issued_is_kept_until_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plugins = tmp_path / "plugins"
+    _plugin(plugins)
+    monkeypatch.setenv("PLUGIN_EXPIRES", "2000-01-01T00:00:00Z")  # a clock skewed from the plugin's
+    path = _write(
+        tmp_path / "config", _config({"exec": {"apiVersion": V1, "command": str(plugins / "credential-plugin")}})
+    )
+    first = connection([path])
+    assert first is not None
+    assert first.expiration is None  # not handed to kopf as expired: it would log in on every request
+    forget_plugin_credentials("some-older-token")  # a refusal of a token no longer in use
+    connection([path])
+    assert len(_runs(plugins)) == 1
+    forget_plugin_credentials("plugin-token")  # the one in use refused
+    connection([path])
+    assert len(_runs(plugins)) == 2
