@@ -74,11 +74,19 @@ def json_bytes(value: Any) -> bytes:
         return json.dumps(_finite(value), allow_nan=False).encode()
 
 
+def _key(key: Any) -> Any:
+    return (
+        key
+        if not isinstance(key, float) or math.isfinite(key)
+        else repr(key).replace("inf", "Infinity").replace("nan", "NaN")
+    )
+
+
 def _finite(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, dict):  # a key is a string in JSON: a NaN key stays the key "NaN"
+        return {_key(key): _finite(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [_finite(item) for item in value]
     return value

@@ -399,7 +399,7 @@ async def test_a_frame_out_of_step_is_refused_before_anything_is_allocated_for_i
     [
         {"mean": float("nan"), "max": float("inf"), "min": -float("inf"), "rows": [1.5, float("nan")]},
         {"mean": float("nan"), "rows": [1.5, float("nan")], "count": 2**70},  # orjson refuses the int
-        {1: float("nan"), "nested": ({"inf": float("inf")},)},  # orjson refuses the key
+        {1: float("nan"), "nested": ({"inf": float("inf")},), float("nan"): 1},  # orjson refuses the keys
     ],
     ids=["orjson", "json-big-int", "json-int-key"],
 )
