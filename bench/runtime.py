@@ -7,7 +7,7 @@
 - bare aiohttp: a handler that returns the same JSON, nothing else;
 - FastAPI + uvicorn[standard] (uvloop, httptools): a bare hello, the seed's stack.
 
-    .venv/bin/python -m bench.runtime [--seconds 10] [--connections 16 64 256] [--profile flame.svg]
+    .venv/bin/python -m bench.runtime [--seconds 10] [--connections 16 64 256] [--rounds 3] [--profile flame.svg]
 
 Needs wrk (Debian package `wrk`; `make bench-runtime` installs it). With --profile, py-spy (bench
 extra) samples the first server of the table while wrk loads it, pausing it for each sample (which
@@ -217,12 +217,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, nargs="+", default=[16], help="wrk connection counts, each a run")
+    parser.add_argument(
+        "--rounds", type=int, default=3,
+        help="every server measured this many times, in a rotated order; the median round of each is shown",
+    )  # fmt: skip
     parser.add_argument("--profile", type=Path, help="write py-spy's flame graph of the first server here")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
-    results: dict[str, dict[int, Row]] = {}
+    rounds: dict[str, list[dict[int, Row]]] = {}
     postgres = None if available() else PostgresServer(Path(tempfile.mkdtemp(prefix="bench-pg-"))).init()
     with tempfile.TemporaryDirectory(prefix="bench-runtime-") as tmp, contextlib.ExitStack() as cleanup:
         if postgres is not None:
@@ -232,46 +236,59 @@ def main() -> int:
         # (audit on disk or tmpfs, share of requests traced, state on PostgreSQL); spans are made
         # but not exported.
         variants = {
-            OURS: (workdir / "data-disk", 0.1, False),
-            "ours: audit on tmpfs, 10% traced": (Path(tempfile.mkdtemp(prefix="bench-audit-", dir=shm)), 0.1, False),
-            OURS_TRACED: (Path(tempfile.mkdtemp(prefix="bench-audit-", dir=shm)), 1.0, False),
+            OURS: (workdir, 0.1, False),
+            "ours: audit on tmpfs, 10% traced": (shm, 0.1, False),
+            OURS_TRACED: (shm, 1.0, False),
         }
         if postgres is not None:
-            variants["ours: disk, 10% traced, PostgreSQL state"] = (workdir / "data-pg", 0.1, True)
-        for index, (name, (data_dir, ratio, shared)) in enumerate(variants.items()):
-            config = layout(workdir / f"agent-{index}", data_dir, ratio)
-            port = free_port()
-            process = serve(
-                [str(BIN / "agent-runtime"), "serve", "--config", str(config), "--port", str(port), "--host", "127.0.0.1"],
-                port,
-                env={"DATABASE_URL": postgres.url} if shared and postgres is not None else None,
-            )  # fmt: skip
-            try:
-                results[name] = load(process, port, token(port), args, workdir, index == 0 and args.profile is not None)
-            finally:
-                process.terminate()
-                process.wait()
-            shutil.rmtree(data_dir, ignore_errors=True)
-        port = free_port()
-        process = serve([str(BIN / "python"), "-m", "bench.servers.bare_aiohttp", str(port)], port)
-        try:
-            results[BARE] = load(process, port, "unused", args, workdir, False)
-        finally:
-            process.terminate()
-            process.wait()
-        port = free_port()
-        command = [
-            str(BIN / "uvicorn"), "bench.servers.fastapi_hello:app", "--port", str(port), "--loop", "uvloop",
-            "--http", "httptools", "--no-access-log", "--log-level", "warning",
-        ]  # fmt: skip
-        process = serve(command, port)
-        try:
-            results[FASTAPI] = load(process, port, "unused", args, workdir, False)
-        finally:
-            process.terminate()
-            process.wait()
+            variants["ours: disk, 10% traced, PostgreSQL state"] = (workdir, 0.1, True)
+        servers = [*variants, BARE, FASTAPI]
+        for round_ in range(args.rounds):
+            # Rotated: whatever the machine does at a given moment (PostgreSQL's start-up writes,
+            # another process) does not always fall on the same server.
+            for name in servers[round_ % len(servers) :] + servers[: round_ % len(servers)]:
+                profile = round_ == 0 and name == OURS and args.profile is not None
+                if name in variants:
+                    parent, ratio, shared = variants[name]
+                    data_dir = Path(tempfile.mkdtemp(prefix="bench-audit-", dir=parent))
+                    config = layout(Path(tempfile.mkdtemp(prefix="agent-", dir=workdir)), data_dir, ratio)
+                    port = free_port()
+                    command = [str(BIN / "agent-runtime"), "serve", "--config", str(config), "--port", str(port),
+                               "--host", "127.0.0.1"]  # fmt: skip
+                    env = {"DATABASE_URL": postgres.url} if shared and postgres is not None else None
+                    process = serve(command, port, env=env)
+                    bearer = token(port)
+                else:
+                    data_dir, port = None, free_port()
+                    process = serve(_baseline_command(name, port), port)
+                    bearer = "unused"
+                try:
+                    rounds.setdefault(name, []).append(load(process, port, bearer, args, workdir, profile))
+                finally:
+                    process.terminate()
+                    process.wait()
+                if data_dir is not None:
+                    shutil.rmtree(data_dir, ignore_errors=True)
+    results = {name: _median(rounds[name], args.connections) for name in servers if name in rounds}
     report(results, args)
     return 0
+
+
+def _baseline_command(name: str, port: int) -> list[str]:
+    if name == BARE:
+        return [str(BIN / "python"), "-m", "bench.servers.bare_aiohttp", str(port)]
+    return [
+        str(BIN / "uvicorn"), "bench.servers.fastapi_hello:app", "--port", str(port), "--loop", "uvloop",
+        "--http", "httptools", "--no-access-log", "--log-level", "warning",
+    ]  # fmt: skip
+
+
+def _median(measured: list[dict[int, Row]], connections: list[int]) -> dict[int, Row]:
+    """Per connection count, the round of median req/s (a real round, not a mix of rounds)."""
+    return {
+        c: sorted((rows[c] for rows in measured), key=lambda row: row.rps)[(len(measured) - 1) // 2]
+        for c in connections
+    }
 
 
 OURS = "ours: audit on disk, 10% traced"
@@ -284,7 +301,8 @@ def report(results: dict[str, dict[int, Row]], args: argparse.Namespace) -> None
     for connections in args.connections:
         bare = results[BARE][connections]
         print(
-            f"\nwrk, 1 thread, {connections} connections, {args.seconds} s per server, loopback, {os.cpu_count()} cores"
+            f"\nwrk, 1 thread, {connections} connections, {args.seconds} s per server, loopback, {os.cpu_count()} cores;"
+            f" each server's median of {args.rounds} rounds"
         )
         print(
             f"{'server':44}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'vs bare':>9}{'p99 added':>11}"
