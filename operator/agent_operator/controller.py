@@ -616,7 +616,10 @@ class Controller:
         when the refusal is another one, or has lasted past several of the API server's refreshes
         (``discovery_wait_seconds``): it is then reported as any 403 is."""
         record = self.records.get(key)
-        if record is None or not discovery_lag(error):
+        if record is None:
+            return None
+        if not discovery_lag(error):
+            record.discovery_wait_since = None  # a wait is a run of such refusals, nothing between
             return None
         started = record.discovery_wait_since = record.discovery_wait_since or time.monotonic()
         if time.monotonic() - started > self.settings.discovery_wait_seconds:
