@@ -223,6 +223,8 @@ def main() -> int:
     )  # fmt: skip
     parser.add_argument("--profile", type=Path, help="write py-spy's flame graph of the first server here")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds: at least 1")
     if shutil.which("wrk") is None:
         print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
