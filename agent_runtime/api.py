@@ -9,6 +9,7 @@ import ipaddress
 import json
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from agent_contract.config import AuthMode, Permission, SecurityLevel
@@ -105,8 +106,14 @@ async def read_body(request: web.Request) -> bytes:
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
         raise too_large
     # The whole body, however it is cut on the wire (one read returns only what has arrived).
-    raw = bytearray()
-    while chunk := await request.content.readany():
+    content = request.content
+    first = await content.readany()
+    if content.is_eof():  # all of it came in one read (a small body: nearly every request)
+        if len(first) > MAX_BODY_BYTES:
+            raise too_large
+        return first
+    raw = bytearray(first)
+    while chunk := await content.readany():
         raw += chunk
         if len(raw) > MAX_BODY_BYTES:
             raise too_large
@@ -115,9 +122,16 @@ async def read_body(request: web.Request) -> bytes:
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(raw or b"{}")
-    except (ValueError, RecursionError):  # RecursionError: arrays nested some thousands deep
-        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+        # orjson first (no encoding detection, a fifth of the time on a small body); what it
+        # refuses goes to the standard library, which decides as before: orjson refuses some
+        # JSON the standard library reads (NaN, integers beyond 64 bits, lone surrogates, deep
+        # nesting), so only the standard library's refusal is an error.
+        body = orjson.loads(raw or b"{}")
+    except orjson.JSONDecodeError:
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):  # RecursionError: arrays nested some thousands deep
+            raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_body", "the body must be a JSON object")
     return body

@@ -108,8 +108,17 @@ def checkpoint_message(record: dict[str, Any]) -> bytes:
     return _CONTEXT + canonical({**{k: v for k, v in record.items() if k != "hash"}, "details": details})
 
 
+_second_text: tuple[int, str] = (-1, "")
+
+
 def utc_now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    """The time as ``2026-12-03T13:02:20.445534Z`` (what datetime's isoformat writes, in UTC): the
+    text of the current second is kept, since most records of a busy second share it."""
+    global _second_text
+    second, nanoseconds = divmod(time.time_ns(), 1_000_000_000)
+    if second != _second_text[0]:
+        _second_text = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{_second_text[1]}.{nanoseconds // 1000:06d}Z"
 
 
 def _b64url_decode(text: str) -> bytes:
