@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
 import pytest
 
 from agent_contract.config import DEFAULT_CLEARANCES, DEFAULT_ROLES, Permission, RuntimeConfig, SecurityLevel
@@ -84,3 +87,34 @@ def test_remembered_decisions_follow_the_roles_and_stay_bounded() -> None:
         decision = authorizer.decide(Principal("someone", roles), Permission.EXECUTE, SecurityLevel.INTERNAL)
         assert decision.allowed == (index % 2 == 0), roles
         assert len(authorizer._decisions) <= MAX_REMEMBERED_DECISIONS
+
+
+async def test_bodies_are_read_whole_and_as_the_standard_librarys_json_reads_them(make_client: AppFactory) -> None:
+    """The body is parsed by orjson first and by the standard library where orjson refuses: what the
+    standard library reads is still read (not a 400), what it refuses is still a 400, and a body
+    that arrives in several pieces is read whole."""
+    client = await make_client()
+    token = (await login(client, "ada"))["access_token"]
+    auth = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    read_by_the_standard_library = [
+        b'{"input": {"n": NaN, "m": -Infinity}}',  # not JSON by the RFC; json.loads reads it
+        b'{"input": {"big": 123456789012345678901234567890}}',  # beyond 64 bits
+        b'{"input": {"lone": "\\ud800"}}',  # an unpaired surrogate, escaped
+        b'\xef\xbb\xbf{"input": {}}',  # a UTF-8 byte order mark
+        '{"input": {"text": "caf\u00e9"}}'.encode("utf-16"),  # UTF-16, as json.loads detects it
+        b'{"input": {}, "input": {"twice": 1}}',  # a repeated key: the last one counts
+    ]
+    for body in read_by_the_standard_library:
+        response = await client.post("/v1/operations/ping", data=body, headers=auth)
+        assert response.status == 200, (body, await response.text())
+    for body in (b'{"input": {}} trailing', b'{"input": "\xff"}', b"{'input': {}}", b'{"a": 1,}'):
+        response = await client.post("/v1/operations/ping", data=body, headers=auth)
+        assert (response.status, (await response.json())["code"]) == (400, "invalid_json"), body
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for piece in (b'{"inp', b'ut": {"k": "', b"v" * 70_000, b'"}}'):
+            yield piece
+            await asyncio.sleep(0.01)  # each piece its own chunk on the wire
+
+    chunked = await client.post("/v1/operations/ping", data=pieces(), headers=auth)
+    assert chunked.status == 200, await chunked.text()
