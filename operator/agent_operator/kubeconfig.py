@@ -7,6 +7,9 @@ directory instead of the file that names them. This one follows client-go's rule
   and users the first file to name one wins; current-context comes from the first file that sets it.
 - A relative path (a CA, a client certificate or key, a token file, a plugin command with a slash in
   it) is relative to the directory of the file that names it.
+- The proxy is the cluster's proxy-url, or else HTTPS_PROXY (HTTP_PROXY for an http server) unless
+  NO_PROXY names the host; a loopback API server is never proxied. A plugin named without a slash
+  is looked up on PATH's absolute entries only.
 - A credential plugin is run without a terminal, its answer (an ExecCredential) kept until its
   expirationTimestamp, or until the API server refuses it (``forget_plugin_credentials``).
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import ipaddress
 import json
 import logging
 import os
@@ -24,6 +28,8 @@ import shutil
 import subprocess
 import threading
 import time
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,9 +130,51 @@ def connection(paths: list[Path] | None = None) -> kopf.ConnectionInfo | None:
         ca_data=ca_data,
         insecure=_flag(cluster, "insecure-skip-tls-verify") or None,
         default_namespace=_text(context, "namespace") or None,
-        proxy_url=_text(cluster, "proxy-url") or None,
+        # Decided once here, not by the HTTP client's trust_env: that looks the proxy and ~/.netrc
+        # up in a thread on every request, and a netrc entry for the host breaks the bearer token.
+        proxy_url=_proxy_url(cluster) or _environment_proxy(server),
         **(_credentials(user, cluster) if user is not None else {}),
     )
+
+
+def _proxy_url(cluster: _Named) -> str | None:
+    """The cluster's proxy-url: an http or https proxy (the client speaks no SOCKS), named
+    here rather than failing on the first request."""
+    value = _text(cluster, "proxy-url")
+    return _checked_proxy(value, _where(cluster, "proxy-url")) if value else None
+
+
+def _environment_proxy(server: str) -> str | None:
+    """Without a proxy-url, as client-go: HTTPS_PROXY for an https API server (HTTP_PROXY for an
+    http one), unless NO_PROXY names its host; never for a loopback API server."""
+    parts = urllib.parse.urlsplit(server)
+    host = parts.hostname or ""
+    if _loopback(host):
+        return None
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(parts.scheme)
+    if not proxy or urllib.request.proxy_bypass(host, proxies):
+        return None
+    if "://" not in proxy:
+        proxy = "http://" + proxy  # Go reads a bare host:port as an http proxy
+    return _checked_proxy(proxy, f"the {parts.scheme.upper()}_PROXY environment variable")
+
+
+def _checked_proxy(value: str, where: str) -> str:
+    parsed = urllib.parse.urlsplit(value)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        unsupported = f" ({parsed.scheme} is not supported)" if parsed.scheme not in ("", "http", "https") else ""
+        raise KubeconfigError(f"{where}: an http:// or https:// proxy URL is expected{unsupported}")
+    return value
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _credentials(user: _Named, cluster: _Named) -> dict[str, Any]:
@@ -317,7 +365,7 @@ def _run_plugin(spec: _PluginSpec, where: str, base: Path, cluster: _Named) -> _
         raise KubeconfigError(f"{_where(cluster, 'extensions')}: cannot be passed to a plugin as JSON") from None
     command = spec.command
     # client-go: a command with a slash in it and not absolute is relative to the kubeconfig.
-    executable = str(base / command) if os.sep in command and not os.path.isabs(command) else shutil.which(command)
+    executable = str(base / command) if os.sep in command and not os.path.isabs(command) else _on_path(command)
     if executable is None or not os.path.exists(executable):
         hint = f" ({spec.install_hint})" if spec.install_hint else ""
         raise KubeconfigError(f"{where}.command: {command!r} was not found{hint}")
@@ -380,6 +428,14 @@ def _parse_credential(output: bytes, api_version: str, where: str) -> _PluginCre
             )
             expires_at = None
     return _PluginCredential(token, certificate, key, expires_at)
+
+
+def _on_path(command: str) -> str | None:
+    """A plugin found by name on PATH, skipping PATH's relative entries (an empty one is the
+    working directory): a plugin is never what happens to be in the directory the operator was
+    started in, as Go's exec.LookPath refuses it."""
+    absolute = [entry for entry in os.environ.get("PATH", os.defpath).split(os.pathsep) if os.path.isabs(entry)]
+    return shutil.which(command, path=os.pathsep.join(absolute)) if absolute else None
 
 
 def _cluster_info(cluster: _Named) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,16 @@ def _exec(**fields: Any) -> dict[str, Any]:
             id="insecure-as-string",
         ),
         pytest.param(_config({"tokenFile": "no-such-file"}), "users[u].tokenFile: cannot read", id="token-file"),
+        pytest.param(
+            _config({"token": "t"}, {"server": "https://a:1", "proxy-url": "socks5://proxy:1080"}),
+            "clusters[c].proxy-url: an http:// or https:// proxy URL is expected (socks5 is not supported)",
+            id="socks-proxy",
+        ),
+        pytest.param(
+            _config({"token": "t"}, {"server": "https://a:1", "proxy-url": "proxy.corp:3128"}),
+            "clusters[c].proxy-url: an http:// or https:// proxy URL is expected",
+            id="proxy-without-scheme",
+        ),
         pytest.param(
             _config({"auth-provider": {"name": "oidc", "config": "x"}}),
             "users[u].auth-provider: a mapping with a name and a config mapping is expected",
@@ -313,3 +324,75 @@ def test_only_the_refused_token_is_forgotten_and_one_expired_as_issued_is_kept_u
     forget_plugin_credentials("plugin-token")  # the one in use refused
     connection([path])
     assert len(_runs(plugins)) == 2
+
+
+@pytest.mark.parametrize(
+    ("server", "cluster_proxy", "environment", "proxy"),
+    [
+        pytest.param("https://api.example:6443", None, {}, None, id="none"),
+        pytest.param("https://api.example:6443", None, {"HTTPS_PROXY": "http://p:3128"}, "http://p:3128", id="https"),
+        pytest.param("https://api.example:6443", None, {"https_proxy": "p:3128"}, "http://p:3128", id="bare-host"),
+        pytest.param("http://api.example:8080", None, {"HTTPS_PROXY": "http://p:1"}, None, id="http-server"),
+        pytest.param("http://api.example:8080", None, {"HTTP_PROXY": "http://p:2"}, "http://p:2", id="http-proxy"),
+        pytest.param(
+            "https://api.example:6443", None, {"HTTPS_PROXY": "http://p:1", "NO_PROXY": ".example"}, None, id="no-proxy"
+        ),
+        pytest.param("https://127.0.0.1:6443", None, {"HTTPS_PROXY": "http://p:1"}, None, id="loopback-v4"),
+        pytest.param("https://[::1]:6443", None, {"HTTPS_PROXY": "http://p:1"}, None, id="loopback-v6"),
+        pytest.param("https://localhost:6443", None, {"HTTPS_PROXY": "http://p:1"}, None, id="localhost"),
+        pytest.param(
+            "https://api.example:6443", "http://c:3", {"HTTPS_PROXY": "http://p:1"}, "http://c:3", id="proxy-url-wins"
+        ),
+    ],
+)
+def test_the_proxy_is_the_proxy_url_or_else_the_environments_but_never_for_loopback(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    server: str,
+    cluster_proxy: str | None,
+    environment: dict[str, str],
+    proxy: str | None,
+) -> None:
+    """As client-go: the cluster's proxy-url, or else HTTPS_PROXY (HTTP_PROXY for an http API
+    server) unless NO_PROXY names the host, and never a loopback API server's requests. The
+    HTTP client is not asked to read the environment itself (it would, on every request)."""
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    cluster = {"server": server, **({"proxy-url": cluster_proxy} if cluster_proxy else {})}
+    info = connection([_write(tmp_path / "config", _config({"token": "t"}, cluster))])
+    assert info is not None
+    assert (info.proxy_url, info.trust_env) == (proxy, False)
+
+
+def test_a_socks_proxy_in_the_environment_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "socks5://p:1080")
+    monkeypatch.delenv("https_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    with pytest.raises(KubeconfigError, match=r"the HTTPS_PROXY environment variable: .*\(socks5 is not supported"):
+        connection([_write(tmp_path / "config", _config({"token": "t"}))])
+
+
+@pytest.mark.parametrize("relative_entry", [".", "", "bin"])
+def test_a_plugin_is_never_found_through_a_relative_path_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, relative_entry: str
+) -> None:
+    """A plugin named without a slash is looked up on PATH's absolute entries only: one in the
+    working directory (PATH's ".", or an empty entry) is never run, as Go's exec.LookPath refuses it."""
+    work = tmp_path / "work"
+    _plugin(work).rename(work / "kube-login")
+    (work / "bin").mkdir()
+    (work / "bin" / "kube-login").symlink_to(work / "kube-login")
+    (work / "token").write_text("from-the-working-directory")
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("PATH", os.pathsep.join([relative_entry, "/usr/bin", "/bin"]))
+    path = _write(tmp_path / "config", _exec(command="kube-login"))
+    with pytest.raises(KubeconfigError, match=r"users\[u\]\.exec\.command: 'kube-login' was not found"):
+        connection([path])
+    assert not (work / "runs").exists()  # it never ran
+    monkeypatch.setenv("PATH", os.pathsep.join([str(work), "/usr/bin", "/bin"]))  # the same, named absolutely
+    info = connection([path])
+    assert info is not None
+    assert info.token == "from-the-working-directory"
