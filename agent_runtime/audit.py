@@ -116,9 +116,10 @@ def utc_now() -> str:
     text of the current second is kept, since most records of a busy second share it."""
     global _second_text
     second, nanoseconds = divmod(time.time_ns(), 1_000_000_000)
-    if second != _second_text[0]:
-        _second_text = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
-    return f"{_second_text[1]}.{nanoseconds // 1000:06d}Z"
+    cached = _second_text  # read once: recovery calls this from a thread
+    if second != cached[0]:
+        cached = _second_text = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{cached[1]}.{nanoseconds // 1000:06d}Z"
 
 
 def _b64url_decode(text: str) -> bytes:

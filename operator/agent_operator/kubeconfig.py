@@ -19,6 +19,7 @@ An error names the file and the field, as ``users[admin].exec.command``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import ipaddress
 import json
@@ -29,7 +30,6 @@ import subprocess
 import threading
 import time
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,36 +145,88 @@ def _proxy_url(cluster: _Named) -> str | None:
 
 
 def _environment_proxy(server: str) -> str | None:
-    """Without a proxy-url, as client-go: HTTPS_PROXY for an https API server (HTTP_PROXY for an
-    http one), unless NO_PROXY names its host; never for a loopback API server."""
+    """Without a proxy-url, as client-go (Go's httpproxy): HTTPS_PROXY for an https API server,
+    HTTP_PROXY for an http one (each the first set of its upper and lower case), unless NO_PROXY
+    names the host; never for a loopback API server. A bare host:port is an http proxy."""
     parts = urllib.parse.urlsplit(server)
-    host = parts.hostname or ""
+    host = (parts.hostname or "").lower()
     if _loopback(host):
         return None
-    proxies = urllib.request.getproxies_environment()
-    proxy = proxies.get(parts.scheme)
-    if not proxy or urllib.request.proxy_bypass(host, proxies):
+    name = "HTTPS_PROXY" if parts.scheme == "https" else "HTTP_PROXY"
+    variable, proxy = _first_set(name, name.lower())
+    if not proxy:
+        return None
+    port = str(parts.port or (443 if parts.scheme == "https" else 80))
+    if _no_proxy(host, port, _first_set("NO_PROXY", "no_proxy")[1]):
         return None
     if "://" not in proxy:
-        proxy = "http://" + proxy  # Go reads a bare host:port as an http proxy
-    return _checked_proxy(proxy, f"the {parts.scheme.upper()}_PROXY environment variable")
+        proxy = "http://" + proxy
+    where = f"the {variable} environment variable"
+    return _checked_proxy(proxy, where, "; or name the API server's host in NO_PROXY")
 
 
-def _checked_proxy(value: str, where: str) -> str:
+def _first_set(*names: str) -> tuple[str, str]:
+    for name in names:
+        if value := os.environ.get(name, ""):
+            return name, value
+    return names[0], ""
+
+
+def _no_proxy(host: str, port: str, value: str) -> bool:
+    """Whether NO_PROXY exempts host:port, by Go's rules: ``*`` is every host; an address or a CIDR
+    block; a domain, which matches itself and its subdomains, or with a leading ``.`` (or ``*.``)
+    its subdomains only; an address or a domain may carry a port, which must then match."""
+    address = _ip(host)
+    for entry in (item.strip().lower() for item in value.split(",")):
+        if entry == "*":
+            return True
+        if "/" in entry:
+            with contextlib.suppress(ValueError):
+                if address is not None and address in ipaddress.ip_network(entry, strict=False):
+                    return True
+            continue
+        name, entry_port = _host_and_port(entry)
+        if not name or (entry_port and entry_port != port):
+            continue
+        entry_address = _ip(name)
+        if entry_address is not None:
+            if entry_address == address:
+                return True
+            continue
+        name = name[1:] if name.startswith("*.") else name
+        if host.endswith(name if name.startswith(".") else "." + name) or host == name:
+            return True
+    return False
+
+
+def _host_and_port(entry: str) -> tuple[str, str]:
+    if entry.startswith("["):  # [fd00::1] or [fd00::1]:443
+        address, _, rest = entry[1:].partition("]")
+        return address, rest[1:] if rest.startswith(":") else ""
+    if entry.count(":") == 1:
+        name, _, port = entry.partition(":")
+        return name, port
+    return entry, ""  # a name, or an IPv6 address without brackets
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _checked_proxy(value: str, where: str, advice: str = "") -> str:
     parsed = urllib.parse.urlsplit(value)
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         unsupported = f" ({parsed.scheme} is not supported)" if parsed.scheme not in ("", "http", "https") else ""
-        raise KubeconfigError(f"{where}: an http:// or https:// proxy URL is expected{unsupported}")
+        raise KubeconfigError(f"{where}: an http:// or https:// proxy URL is expected{unsupported}{advice}")
     return value
 
 
 def _loopback(host: str) -> bool:
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    address = _ip(host)
+    return host == "localhost" or host.endswith(".localhost") or (address is not None and address.is_loopback)
 
 
 def _credentials(user: _Named, cluster: _Named) -> dict[str, Any]:

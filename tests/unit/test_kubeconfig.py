@@ -326,6 +326,9 @@ def test_only_the_refused_token_is_forgotten_and_one_expired_as_issued_is_kept_u
     assert len(_runs(plugins)) == 2
 
 
+PROXY = {"HTTPS_PROXY": "http://p:1"}
+
+
 @pytest.mark.parametrize(
     ("server", "cluster_proxy", "environment", "proxy"),
     [
@@ -336,6 +339,47 @@ def test_only_the_refused_token_is_forgotten_and_one_expired_as_issued_is_kept_u
         pytest.param("http://api.example:8080", None, {"HTTP_PROXY": "http://p:2"}, "http://p:2", id="http-proxy"),
         pytest.param(
             "https://api.example:6443", None, {"HTTPS_PROXY": "http://p:1", "NO_PROXY": ".example"}, None, id="no-proxy"
+        ),
+        pytest.param(
+            "https://api.example:6443",
+            None,
+            {"HTTPS_PROXY": "http://p:1", "https_proxy": "http://q:1"},
+            "http://p:1",
+            id="upper-case-first",
+        ),
+        pytest.param(
+            "https://api.example:6443",
+            None,
+            {"HTTPS_PROXY": "", "https_proxy": "http://q:1"},
+            "http://q:1",
+            id="empty-upper-case-skipped",
+        ),
+        pytest.param(
+            "https://10.1.2.3:6443", None, {**PROXY, "no_proxy": "192.168.0.0/16, 10.0.0.0/8"}, None, id="cidr"
+        ),
+        pytest.param("https://10.1.2.3:6443", None, {**PROXY, "NO_PROXY": "10.1.2.3"}, None, id="address"),
+        pytest.param(
+            "https://10.1.2.3:6443",
+            None,
+            {**PROXY, "NO_PROXY": "10.1.2.4,11.0.0.0/8"},
+            "http://p:1",
+            id="other-addresses",
+        ),
+        pytest.param("https://[fd00::1]:6443", None, {**PROXY, "NO_PROXY": "[fd00::1]"}, None, id="ipv6-brackets"),
+        pytest.param("https://[fd00::1]:6443", None, {**PROXY, "NO_PROXY": "fd00::/64"}, None, id="ipv6-cidr"),
+        pytest.param("https://api.corp:6443", None, {**PROXY, "NO_PROXY": "api.corp:6443"}, None, id="host-port"),
+        pytest.param(
+            "https://api.corp:6443", None, {**PROXY, "NO_PROXY": "api.corp:443"}, "http://p:1", id="other-port"
+        ),
+        pytest.param("https://api.corp", None, {**PROXY, "NO_PROXY": "api.corp:443"}, None, id="default-port"),
+        pytest.param("https://api.corp:6443", None, {**PROXY, "NO_PROXY": "example.org, *"}, None, id="star-in-a-list"),
+        pytest.param("https://x.api.corp:6443", None, {**PROXY, "NO_PROXY": "*.api.corp"}, None, id="star-dot"),
+        pytest.param("https://x.api.corp:6443", None, {**PROXY, "NO_PROXY": "api.corp"}, None, id="subdomain"),
+        pytest.param(
+            "https://api.corp:6443", None, {**PROXY, "NO_PROXY": ".api.corp"}, "http://p:1", id="dot-not-itself"
+        ),
+        pytest.param(
+            "https://notapi.corp:6443", None, {**PROXY, "NO_PROXY": "api.corp"}, "http://p:1", id="not-a-suffix"
         ),
         pytest.param("https://127.0.0.1:6443", None, {"HTTPS_PROXY": "http://p:1"}, None, id="loopback-v4"),
         pytest.param("https://[::1]:6443", None, {"HTTPS_PROXY": "http://p:1"}, None, id="loopback-v6"),
@@ -371,7 +415,9 @@ def test_a_socks_proxy_in_the_environment_is_named(tmp_path: Path, monkeypatch: 
     monkeypatch.delenv("https_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    with pytest.raises(KubeconfigError, match=r"the HTTPS_PROXY environment variable: .*\(socks5 is not supported"):
+    with pytest.raises(
+        KubeconfigError, match=r"the HTTPS_PROXY environment variable: .*\(socks5 is not supported\); or name the API"
+    ):
         connection([_write(tmp_path / "config", _config({"token": "t"}))])
 
 
