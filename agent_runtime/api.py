@@ -110,7 +110,9 @@ async def read_body(request: web.Request) -> bytes:
     # The whole body, however it is cut on the wire (one read returns only what has arrived).
     content = request.content
     first = await content.readany()
-    if content.at_eof():  # the end seen and nothing left unread: all of it came in one read
+    # at_eof: the end seen and nothing left unread. Not is_eof, the parser's end-seen flag alone:
+    # with the rest of a chunked body still to be read, it was already true (tested).
+    if content.at_eof():
         if len(first) > MAX_BODY_BYTES:
             raise too_large
         return first

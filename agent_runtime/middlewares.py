@@ -58,8 +58,7 @@ async def serve(request: web.Request, handler: Handler) -> web.StreamResponse:
     raw path: no ids in labels); sampled for tracing, and in a server span when sampled; given
     its ids; authenticated; every error answered as JSON. One middleware and one coroutine inside
     it, not four middlewares: every layer of coroutines is resumed each time a request waits (for
-    the audit's fsync, at least once), and the four layers' share of a no-op operation measured
-    about a tenth of its time."""
+    the audit's fsync, at least once)."""
     started = time.perf_counter()
     app = request.app
     ids = app[ID_SOURCE]
