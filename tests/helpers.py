@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from agent_operator.manifest import load_agents
 from agent_operator.reconcile import ChildKey, Observed, admit
 from agent_operator.spec import EnterpriseAgent
+
+if TYPE_CHECKING:  # only named in annotations: importing helpers does not import kopf
+    from agent_operator.controller import Controller
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -70,3 +73,17 @@ def rolled_out(children: dict[Any, dict[str, Any]]) -> dict[Any, dict[str, Any]]
                            "readyReplicas": replicas, "availableReplicas": replicas},
             }  # fmt: skip
     return done
+
+
+def queued(controller: Controller) -> bool:
+    return len(controller.queue) > 0
+
+
+async def drain(controller: Controller) -> set[Any]:
+    """Takes every queued agent off the queue (as done, without reconciling it); returns their keys."""
+    taken = set()
+    while queued(controller):
+        key = await controller.queue.get()
+        taken.add(key)
+        controller.queue.done(key)
+    return taken

@@ -11,7 +11,7 @@ from typing import Any, cast
 
 from agent_operator.controller import Controller, ControllerSettings
 from agent_operator.kube import Kube, KubeError
-from tests.helpers import served
+from tests.helpers import drain, served
 
 REFUSAL = json.dumps({
     "kind": "Status", "code": 403, "reason": "Forbidden",
@@ -61,15 +61,6 @@ def agent(name: str) -> dict[str, Any]:
     body = served("minimal", uid=f"uid-{name}")
     body["metadata"]["name"] = name
     return body
-
-
-async def drain(controller: Controller) -> set[Any]:
-    taken = set()
-    while len(controller.queue) > 0:
-        key = await controller.queue.get()
-        taken.add(key)
-        controller.queue.done(key)
-    return taken
 
 
 def _timer(controller: Controller, key: tuple[str, str]) -> float:

@@ -10,7 +10,7 @@ from typing import Any, cast
 
 from agent_operator.controller import Controller, ControllerSettings
 from agent_operator.kube import Kube, KubeError
-from tests.helpers import served
+from tests.helpers import drain, queued, served
 
 KEY = ("default", "hello-agent")
 SYNC: tuple[str, dict[str, Any]] = (
@@ -82,20 +82,6 @@ def agent(name: str = KEY[1]) -> dict[str, Any]:
     body["metadata"]["name"] = name
     body["spec"]["env"] = [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}}]
     return body
-
-
-def queued(controller: Controller) -> bool:
-    return len(controller.queue) > 0
-
-
-async def drain(controller: Controller) -> set[Any]:
-    """Takes every queued agent off the queue (as done, without reconciling it); returns their keys."""
-    taken = set()
-    while queued(controller):
-        key = await controller.queue.get()
-        taken.add(key)
-        controller.queue.done(key)
-    return taken
 
 
 def test_only_events_of_referenced_objects_queue_their_agent_once_per_version() -> None:
