@@ -138,7 +138,10 @@ async def test_a_body_is_read_whole_when_the_parser_saw_its_end_before_the_handl
     large = b"v" * 700_000
 
     async def late_reader(request: web.Request) -> web.Response:
-        await asyncio.sleep(0.05)  # shapes the timing (the whole body arrives first); not a wait for a condition
+        # Lets the body fill the reader's buffer to where aiohttp pauses reading, before the first
+        # read (there is no public event for that; waiting for is_eof() alone never ends: the
+        # parser sees the end only once a read resumes it). This shapes timing, not a wait for a result.
+        await asyncio.sleep(0.05)
         body = await read_body(request)
         return web.Response(text=str(len(body)) if body == large else f"{len(body)} bytes, not the body")
 
