@@ -33,13 +33,12 @@ import collections
 import contextlib
 import datetime
 import enum
+import errno
 import hashlib
 import json
 import os
-import queue
 import secrets
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from agent_contract.keyfiles import KeyRing, public_jwk
+from agent_runtime.audit_appender import ANSWER, HEADER
 
 GENESIS = "0" * 64
 MAX_BATCH = 512
@@ -219,45 +219,61 @@ class _Pending:
     done: asyncio.Future[dict[str, Any]]
 
 
-class _AppendThread:
-    """The one thread that writes and fsyncs batches, so the loop never waits on the disk.
+APPENDER = Path(__file__).with_name("audit_appender.py")
 
-    Its own thread and a C queue rather than asyncio.to_thread: the default executor's submit
-    (a Python-level semaphore and lock, a context copy) cost more per batch than the append did."""
 
-    def __init__(self, append: Callable[[list[str], list[str]], None]) -> None:
-        self._append = append
-        self._jobs: queue.SimpleQueue[tuple[list[str], list[str], asyncio.Future[None]] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="audit-append", daemon=True)
-        self._thread.start()
+class AppenderGoneError(OSError):
+    """The appender process ended (killed, or out of memory) before answering a batch."""
 
-    def append(self, lines: list[str], shipped: list[str]) -> asyncio.Future[None]:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._jobs.put((lines, shipped, done))
-        return done
 
-    def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            lines, shipped, done = job
+class _AppendProcess:
+    """The one process that appends and fsyncs batches (``audit_appender.py`` says why a process):
+    batches go one at a time down its stdin, and each is answered on its stdout once on disk."""
+
+    def __init__(self, process: asyncio.subprocess.Process, copy_fd: int) -> None:
+        self._process = process
+        self.copy_fd = copy_fd  # which of this process's descriptors the appender copies to
+        self._lock = asyncio.Lock()  # one batch at a time: the answers come back in order
+
+    @classmethod
+    async def start(cls, trail_fd: int, copy_fd: int) -> _AppendProcess:
+        if not sys.executable:
+            raise OSError(errno.ENOENT, "no Python interpreter to start the audit appender with")
+        process = await asyncio.create_subprocess_exec(
+            # -I -S: no environment, no site-packages; the appender needs the standard library only.
+            sys.executable, "-I", "-S", str(APPENDER), str(trail_fd), str(copy_fd),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=(trail_fd, copy_fd),
+            start_new_session=True,  # a terminal's Ctrl-C is the runtime's to act on: it ends at its stdin's end
+        )  # fmt: skip
+        return cls(process, copy_fd)
+
+    async def append(self, data: bytes, copy: bytes) -> None:
+        """Returns once ``data`` is on disk; OSError (the appender's errno) when it could not be."""
+        stdin, stdout = self._process.stdin, self._process.stdout
+        assert stdin is not None  # both are pipes (start)
+        assert stdout is not None
+        async with self._lock:
             try:
-                self._append(lines, shipped)
-            except BaseException as error:  # handed to the awaiting writer, which decides
-                done.get_loop().call_soon_threadsafe(_settle, done, error)
-            else:
-                done.get_loop().call_soon_threadsafe(_settle, done, None)
+                stdin.writelines([HEADER.pack(len(data), len(copy)), data, copy])
+                await stdin.drain()
+                answer = await stdout.readexactly(ANSWER.size)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                raise AppenderGoneError(errno.EIO, "the audit appender process exited") from None
+        (failure,) = ANSWER.unpack(answer)
+        if failure:
+            raise OSError(failure, os.strerror(failure))
 
-    def stop(self) -> None:
-        self._jobs.put(None)
-        self._thread.join()
+    async def stop(self) -> None:
+        """After the batches sent: the appender ends at its stdin's end (or is killed, if it has
+        already failed), and nothing more of it reaches the file once this returns."""
+        if self._process.returncode is None and self._process.stdin is not None:
+            self._process.stdin.close()
+        await self._process.wait()
 
-
-def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
-    if done.cancelled():
-        return
-    if error is None:
-        done.set_result(None)
-    else:
-        done.set_exception(error)
+    async def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self._process.kill()
+        await self._process.wait()
 
 
 class AuditLog:
@@ -289,6 +305,7 @@ class AuditLog:
         self._kid, self._key = signer or (f"ephemeral-{secrets.token_hex(8)}", ed25519.Ed25519PrivateKey.generate())
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._fd = -1
+        self._copy_fd = -1  # a copy of stdout's descriptor, for the appender
         self._size = 0  # the file's length after the last good append, to undo a failed one
         self._seq = 0
         self._head = GENESIS
@@ -296,7 +313,7 @@ class AuditLog:
         self._since_checkpoint = 0
         self._first_unsigned = 0.0  # monotonic time the oldest unsigned record was chained
         self._writer: asyncio.Task[None] | None = None
-        self._appender: _AppendThread | None = None
+        self._appender: _AppendProcess | None = None
         self._closing = False
         self.healthy = True
         self.recovered: dict[str, Any] | None = None  # the details of the recover record, if one was written
@@ -314,12 +331,10 @@ class AuditLog:
             self.recovered = recover["details"]
             lines.append(self._chain(recover))
             lines.append(self._checkpoint(Reason.RECOVERY, shipped))
-        self._appender = _AppendThread(self._append)
         try:
-            await self._appender.append(lines, shipped)
+            await self._append_durably(lines, shipped)
         except BaseException:
-            await asyncio.to_thread(self._appender.stop)
-            self._appender = None
+            await self._stop_appending()
             raise
         if self.ephemeral_key:
             print(
@@ -435,17 +450,20 @@ class AuditLog:
         shipped: list[str] = []
         lines = [self._checkpoint(Reason.FINAL, shipped)]
         try:
-            await self._append_in_thread(lines, shipped)
+            await self._append_durably(lines, shipped)
         finally:
             await self._stop_appending()
 
     async def _stop_appending(self) -> None:
         if self._appender is not None:
-            await asyncio.to_thread(self._appender.stop)
+            await self._appender.stop()
             self._appender = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._copy_fd >= 0:
+            os.close(self._copy_fd)
+            self._copy_fd = -1
 
     # --- writing ----------------------------------------------------------------------------------
 
@@ -547,48 +565,57 @@ class AuditLog:
         shipped.append(f'{{"{CHECKPOINT_LINE}":{line[:-1]}}}\n')
         return line
 
-    def _append_in_thread(self, lines: list[str], shipped: list[str]) -> asyncio.Future[None]:
-        if self._appender is None:
+    async def _append_durably(self, lines: list[str], shipped: list[str]) -> None:
+        """Appends ``lines`` and returns once they are on disk; on OSError none of them is in the
+        file. The copy for the log collector is written by the appender, after the file."""
+        if self._fd < 0:
             raise RuntimeError("the audit log is not running")
-        return self._appender.append(lines, shipped)
-
-    def _append(self, lines: list[str], shipped: list[str]) -> None:
         data = "".join(lines).encode()
+        copy = (data if self.to_stdout else b"") + ("".join(shipped).encode() if self.checkpoints_to_stdout else b"")
+        if self._appender is None:  # at start, and after an appender died
+            self._appender = await _AppendProcess.start(self._fd, self._stdout_copy_fd())
+        by_appender = copy and self._copies_through(self._appender.copy_fd)
         try:
-            written = 0
-            while written < len(data):
-                written += os.write(self._fd, data[written:])
-            os.fsync(self._fd)
-        except OSError:
-            # No partial line may stay behind for the next batch to run into.
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, self._size)
+            await self._appender.append(data, copy if by_appender else b"")
+        except AppenderGoneError:
+            # It may have written part of the batch, or all of it unanswered: once it is gone for
+            # certain, the file is cut back, so the chain goes on from the last answered batch.
+            await self._appender.kill()
+            self._appender = None
+            await asyncio.to_thread(self._cut_back)
             raise
         self._size += len(data)
-        copy = (data if self.to_stdout else b"") + ("".join(shipped).encode() if self.checkpoints_to_stdout else b"")
-        if copy:
-            # The copy is best effort: the records are on disk already, and a closed stdout must
-            # not fail the requests they belong to.
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                self._copy_to_stream(copy)
+        if copy and not by_appender:
+            with contextlib.suppress(OSError, ValueError, AttributeError):  # best effort, as the appender's
+                stream = self.stream or sys.stdout
+                stream.write(copy.decode())
+                stream.flush()
 
-    def _copy_to_stream(self, copy: bytes) -> None:
-        """To stdout as the bytes just written to the file, straight to its descriptor (whole
-        lines, one write mostly; no second encoding through sys.stdout's text layer); to any other
-        stream (tests) as text."""
-        stream = self.stream or sys.stdout
+    def _stdout_copy_fd(self) -> int:
+        """A descriptor for the appender's copies: stdout's, as stdout is now (or /dev/null)."""
+        if self._copy_fd < 0:
+            try:
+                self._copy_fd = os.dup(sys.stdout.fileno())
+            except (OSError, ValueError, AttributeError):  # no stdout, or one without a descriptor
+                self._copy_fd = os.open(os.devnull, os.O_WRONLY)
+        return self._copy_fd
+
+    def _copies_through(self, copy_fd: int) -> bool:
+        """Whether the appender writes this batch's copy: yes unless the copy goes to a stream
+        given (tests), or stdout has been replaced since the appender started (then the copy is
+        written here, to whatever it is now). Whatever was printed before goes first."""
+        if self.stream is not None:
+            return False
         try:
-            fd = -1 if self.stream is not None else stream.fileno()
-        except (OSError, ValueError, AttributeError):  # stdout replaced by something without a descriptor
-            fd = -1
-        if fd < 0:
-            stream.write(copy.decode())
-            stream.flush()
-            return
-        stream.flush()  # whatever was printed before goes first
-        written = 0
-        while written < len(copy):
-            written += os.write(fd, copy[written:])
+            sys.stdout.flush()
+            return os.path.sameopenfile(sys.stdout.fileno(), copy_fd)
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def _cut_back(self) -> None:
+        with contextlib.suppress(OSError):  # if this fails too, recovery sets the tail aside at the next start
+            os.ftruncate(self._fd, self._size)
+            os.fsync(self._fd)
 
     async def _write_loop(self) -> None:
         while True:
@@ -635,7 +662,7 @@ class AuditLog:
         if self._since_checkpoint and time.monotonic() - self._first_unsigned >= self.checkpoint_seconds:
             lines.append(self._checkpoint(Reason.INTERVAL, shipped))
         try:
-            await self._append_in_thread(lines, shipped)
+            await self._append_durably(lines, shipped)
         except OSError as error:
             # Nothing of the batch is in the file: the chain goes on from where the file ends.
             self._seq, self._head, self._since_checkpoint, self._first_unsigned = saved
