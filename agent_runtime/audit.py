@@ -10,8 +10,9 @@ directory, never the token key). A checkpoint is written when the runtime starts
 unsigned span may be. Every checkpoint is also printed to stdout as a ``{"audit_checkpoint": ...}``
 line, so the log collector holds a copy that a later rewrite of the file cannot reach.
 
-Writes are group-committed: records queue up, one writer appends a batch and fsyncs once, and
-only then are the callers' awaits released. A request is answered after its record is on disk, so
+Writes are group-committed: records queue up, one writer chains a batch, a small process of its
+own (``audit_appender.py``) appends it and fsyncs once, and only then are the callers' awaits
+released. A request is answered after its record is on disk, so
 a crash never loses the record of an acknowledged request.
 
 At start-up nothing is discarded silently: an unreadable line in the middle stays where it is
@@ -220,6 +221,14 @@ class _Pending:
 
 
 APPENDER = Path(__file__).with_name("audit_appender.py")
+
+
+class AuditUnavailableError(OSError):
+    """A record that could not be made durable (the disk refused it, or the appender died): the
+    request it belongs to must not be answered as done. It is not in the trail."""
+
+    def __init__(self, cause: OSError) -> None:
+        super().__init__(cause.errno, f"the audit trail cannot be written: {cause.strerror or cause}")
 
 
 class AppenderGoneError(OSError):
@@ -671,7 +680,7 @@ class AuditLog:
             self.healthy = False
             for item in batch:
                 if not item.done.done():
-                    item.done.set_exception(error)
+                    item.done.set_exception(AuditUnavailableError(error))
         else:
             self.healthy = True
             for item in batch:

@@ -16,6 +16,7 @@ from aiohttp import web
 from opentelemetry import trace
 
 from agent_runtime.api import ApiError, audit_auth_failure, client_ip, record_failure_summaries, verify_token
+from agent_runtime.audit import AuditUnavailableError
 from agent_runtime.routing import Handler
 from agent_runtime.security.rbac import Principal
 from agent_runtime.security.tokens import ACCESS_TYPE, TokenError
@@ -128,6 +129,13 @@ async def _answered(request: web.Request, handler: Handler) -> web.StreamRespons
             ApiError(503, "state_unavailable", "the agent's shared state cannot be reached; retry later",
                      {"Retry-After": "5"}),
         )  # fmt: skip
+    except AuditUnavailableError as unrecorded:
+        # Fail closed, as for the shared state: what cannot be audited is not answered as done.
+        log.warning("refused %s %s: %s", request.method, route_template(request) or "(no route)", unrecorded)
+        response = error_response(
+            request,
+            ApiError(503, "audit_unavailable", "the audit trail cannot be written; retry later", {"Retry-After": "1"}),
+        )
     except web.HTTPException as http_error:
         if http_error.status >= 400:
             code = http_error.reason.lower().replace(" ", "_")

@@ -158,8 +158,20 @@ def _cpu_seconds(pid: int, task: int | None = None) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
+def _tree_cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU time of a server and every process it started (the runtime's audit
+    appender, fork server and CPU workers), as long as they run."""
+    user = system = 0.0
+    for member in _descendants(pid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            member_user, member_system = _cpu_seconds(member)
+            user, system = user + member_user, system + member_system
+    return user, system
+
+
 class Row:
-    """One server at one connection count. ``cpu_us``: the server's CPU time per request, which
+    """One server at one connection count. ``cpu_us``: the CPU time per request of the server and
+    the processes it started, which
     a busy machine changes far less than req/s (wrk and other processes take turns on the cores);
     ``loop_us``: the (user, system) part of it spent by the main thread, which runs the event loop."""
 
@@ -197,9 +209,9 @@ def load(
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
             profile = False
-        cpu_before, loop_before = _cpu_seconds(process.pid), _cpu_seconds(process.pid, process.pid)
+        cpu_before, loop_before = _tree_cpu_seconds(process.pid), _cpu_seconds(process.pid, process.pid)
         wrk = run_wrk(port, bearer, args.seconds, connections, workdir)
-        cpu_after, loop_after = _cpu_seconds(process.pid), _cpu_seconds(process.pid, process.pid)
+        cpu_after, loop_after = _tree_cpu_seconds(process.pid), _cpu_seconds(process.pid, process.pid)
         rows[connections] = Row(
             wrk,
             sum(cpu_after) - sum(cpu_before),
@@ -330,7 +342,7 @@ def report(results: dict[str, dict[int, Row]], args: argparse.Namespace) -> None
     )
     print(
         f"  ours' event-loop thread   {ours.loop_us[0]:.0f} us user + {ours.loop_us[1]:.0f} us system a request;"
-        f" its other threads (mostly the audit writer) {ours.cpu_us - sum(ours.loop_us):.0f} us"
+        f" its other threads and processes (the audit appender, the span exporter) {ours.cpu_us - sum(ours.loop_us):.0f} us"
     )
     print(
         f"  ours peak RSS             {max(row.peak_mib for row in results[OURS].values()):5.0f} MiB, with its fork"

@@ -21,15 +21,21 @@ def login(base: str, user: str = "ada") -> str:
         return str(json.loads(response.read())["access_token"])
 
 
-async def load_then(base: str, token: str, workers: int, load_seconds: float, action: object) -> dict[str, int]:
+async def load_then(
+    base: str, token: str, workers: int, load_seconds: float, action: object, then_seconds: float | None = None
+) -> dict[str, int]:
     """Sends pings with numbered request ids from ``workers`` clients; after ``load_seconds``
     calls ``action()`` (a kill, a SIGTERM) while they keep going, until the server stops
-    answering. Returns the status of every request that got an answer, by request id."""
+    answering (or, with ``then_seconds``, that long after the action). Returns the status of
+    every request that got an answer, by request id."""
     answered: dict[str, int] = {}
     assert callable(action)
+    stop = asyncio.Event()
 
     async def client(session: aiohttp.ClientSession, worker: int) -> None:
         for sequence in range(1_000_000):
+            if stop.is_set():
+                return
             request_id = f"w{worker:02d}-{sequence:06d}"
             headers = {"Authorization": f"Bearer {token}", "X-Request-ID": request_id}
             try:
@@ -43,5 +49,8 @@ async def load_then(base: str, token: str, workers: int, load_seconds: float, ac
         tasks = [asyncio.create_task(client(session, i)) for i in range(workers)]
         await asyncio.sleep(load_seconds)
         action()
+        if then_seconds is not None:
+            await asyncio.sleep(then_seconds)
+            stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
     return answered

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -25,8 +26,18 @@ from pytest_aiohttp.plugin import AiohttpClient
 from agent_contract.config import SigningAlgorithm
 from agent_contract.keyfiles import AUDIT_PREFIX, KeyRing, new_key_files, write_key_files
 from agent_contract.layout import regular_files
+from agent_runtime import audit as audit_module
 from agent_runtime.app import create_app
-from agent_runtime.audit import GENESIS, AuditLog, Status, chain_hash, checkpoint_message, verify_lines, verify_trail
+from agent_runtime.audit import (
+    GENESIS,
+    AuditLog,
+    AuditUnavailableError,
+    Status,
+    chain_hash,
+    checkpoint_message,
+    verify_lines,
+    verify_trail,
+)
 from agent_runtime.cli import main as runtime_cli
 from agent_runtime.operations import BUILTINS
 from agent_runtime.settings import Settings
@@ -607,8 +618,13 @@ _FUZZ_TRAIL = _FuzzTrail()
 async def test_no_acknowledged_request_loses_its_record_on_kill_9(tmp_path: Path) -> None:
     config = make_layout(tmp_path / "agent")
     with live_runtime(config) as (server, base):
+        appender = _appenders(server.pid)
         # SIGKILL mid-load: no chance to flush anything.
         answered = await load_then(base, login(base), 32, 1.5, lambda: server.send_signal(signal.SIGKILL))
+        server.wait()
+    # Its appender sees its stdin end and exits: nothing of the old runtime writes on.
+    assert len(appender) == 1
+    assert _ends(appender[0]), "the appender outlived its runtime"
     acknowledged = [request_id for request_id, status in answered.items() if status == 200]
     assert len(acknowledged) > 100, "the load was too light to show anything"
     data = (tmp_path / "agent" / "data" / "audit.log").read_bytes()
@@ -618,6 +634,115 @@ async def test_no_acknowledged_request_loses_its_record_on_kill_9(tmp_path: Path
     assert [request_id for request_id in acknowledged if request_id not in recorded] == []
     result = verify_trail(data, KeyRing.load(tmp_path / "agent" / "keys"))
     assert result.status is Status.UNSIGNED, result.describe()  # intact; only the tail since the last checkpoint
+
+
+def _appenders(server: int) -> list[int]:
+    """The audit appender processes the runtime ``server`` started (its children running it)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            command = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        if parent == server and b"audit_appender.py" in command:
+            found.append(int(entry.name))
+    return found
+
+
+def _ends(pid: int, timeout: float = 10.0) -> bool:
+    """Whether process ``pid`` exits (or is a zombie: exited, not yet reaped) within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z":
+                return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+async def test_a_killed_appender_fails_its_batch_closed_and_is_replaced(tmp_path: Path) -> None:
+    """kill -9 of the process that appends and fsyncs, under load: the requests of the batch it
+    held are refused (503, never a 200 without a record), a new appender takes over, every
+    acknowledged request's record is in the trail, and the trail verifies to its final checkpoint."""
+    config = make_layout(tmp_path / "agent")
+    with live_runtime(config) as (server, base):
+        (first,) = _appenders(server.pid)
+        answered = await load_then(base, login(base), 16, 1.0, lambda: os.kill(first, signal.SIGKILL), then_seconds=1.5)
+        replacements = _appenders(server.pid)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+    assert replacements
+    assert first not in replacements
+    statuses = sorted(set(answered.values()))
+    assert statuses == [200, 503], statuses  # the batch in flight refused, nothing else went wrong
+    last_of_each_worker = {request_id[:3]: status for request_id, status in sorted(answered.items())}
+    assert set(last_of_each_worker.values()) == {200}, "the runtime did not recover from the kill"
+    lines = (tmp_path / "agent" / "data" / "audit.log").read_text().splitlines(keepends=True)
+    recorded = {json.loads(line).get("details", {}).get("client_request_id") for line in lines}
+    acknowledged = [request_id for request_id, status in answered.items() if status == 200]
+    assert [request_id for request_id in acknowledged if request_id not in recorded] == []
+    refused = [request_id for request_id, status in answered.items() if status == 503]
+    assert [request_id for request_id in refused if request_id in recorded] == []  # rolled back, not kept
+    result = verify_lines(lines, KeyRing.load(tmp_path / "agent" / "keys"))
+    assert result.status is Status.VERIFIED, result.describe()
+
+
+# An appender that writes its second batch to the file and dies before it is fsynced and answered
+# (the worst moment to die); the appenders after it are the real one.
+_DYING_APPENDER = """
+import os, runpy, sys
+marker = os.path.join(os.path.dirname(sys.argv[0]), "died")
+if os.path.exists(marker):
+    sys.argv[0] = sys.argv[0].replace("dying.py", "real.py")
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    sys.exit(0)
+open(marker, "w").close()
+def answer_after(writes):
+    for _ in range(writes):
+        header = os.read(0, 16)
+        size, copied = int.from_bytes(header[:8], "little"), int.from_bytes(header[8:], "little")
+        data = b""
+        while len(data) < size + copied:
+            data += os.read(0, size + copied - len(data))
+        os.write(int(sys.argv[1]), data[:size])
+        yield
+for count, _ in enumerate(answer_after(2)):
+    if count == 1:
+        os._exit(9)
+    os.fsync(int(sys.argv[1]))
+    os.write(1, (0).to_bytes(4, "little"))
+"""
+
+
+async def test_a_batch_written_by_an_appender_that_then_died_is_cut_from_the_trail(
+    tmp_path: Path, keys: KeyRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its records were in the file but never answered: the caller gets AuditUnavailableError,
+    the bytes are cut away once the appender is gone for certain, the audit is unhealthy until
+    the next batch succeeds, and the chain goes on from the last answered batch."""
+    scripts = tmp_path / "appenders"
+    scripts.mkdir()
+    (scripts / "dying.py").write_text(_DYING_APPENDER)
+    (scripts / "real.py").write_bytes(audit_module.APPENDER.read_bytes())
+    monkeypatch.setattr(audit_module, "APPENDER", scripts / "dying.py")
+    path = tmp_path / "audit.log"
+    log = AuditLog(path, keys, to_stdout=False, stream=io.StringIO())
+    await log.start()  # the first batch: the start checkpoint
+    with pytest.raises(AuditUnavailableError):
+        await log.record(type="operation", action="ping", result="success", request_id="lost")
+    assert not log.healthy
+    assert b'"lost"' not in path.read_bytes()
+    await log.record(type="operation", action="ping", result="success", request_id="kept")
+    assert log.healthy
+    await log.close()
+    lines = path.read_text().splitlines(keepends=True)
+    assert [json.loads(line).get("request_id") for line in lines] == [None, "kept", None]
+    assert verify_lines(lines, keys).ok
 
 
 async def test_hostile_text_stays_on_one_line(tmp_path: Path, keys: KeyRing) -> None:
