@@ -239,9 +239,8 @@ class _AppendProcess:
     """The one process that appends and fsyncs batches (``audit_appender.py`` says why a process):
     batches go one at a time down its stdin, and each is answered on its stdout once on disk."""
 
-    def __init__(self, process: asyncio.subprocess.Process, copy_fd: int) -> None:
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
         self._process = process
-        self.copy_fd = copy_fd  # which of this process's descriptors the appender copies to
         self._lock = asyncio.Lock()  # one batch at a time: the answers come back in order
 
     @classmethod
@@ -254,7 +253,7 @@ class _AppendProcess:
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=(trail_fd, copy_fd),
             start_new_session=True,  # a terminal's Ctrl-C is the runtime's to act on: it ends at its stdin's end
         )  # fmt: skip
-        return cls(process, copy_fd)
+        return cls(process)
 
     async def append(self, data: bytes, copy: bytes) -> None:
         """Returns once ``data`` is on disk; OSError (the appender's errno) when it could not be."""
@@ -263,10 +262,13 @@ class _AppendProcess:
         assert stdout is not None
         async with self._lock:
             try:
+                if self._process.returncode is not None or stdin.is_closing():
+                    raise ConnectionResetError  # it died between batches; uvloop has closed its pipes
                 stdin.writelines([HEADER.pack(len(data), len(copy)), data, copy])
                 await stdin.drain()
                 answer = await stdout.readexactly(ANSWER.size)
-            except (ConnectionError, asyncio.IncompleteReadError):
+            except (ConnectionError, asyncio.IncompleteReadError, RuntimeError):
+                # RuntimeError: uvloop's answer to a write on a pipe it closed meanwhile.
                 raise AppenderGoneError(errno.EIO, "the audit appender process exited") from None
         (failure,) = ANSWER.unpack(answer)
         if failure:
@@ -581,11 +583,21 @@ class AuditLog:
             raise RuntimeError("the audit log is not running")
         data = "".join(lines).encode()
         copy = (data if self.to_stdout else b"") + ("".join(shipped).encode() if self.checkpoints_to_stdout else b"")
+        by_appender = bool(copy) and self._copies_through()
+        # Shielded: a batch sent is seen through to its answer (and the file's length kept right)
+        # even if the writer is cancelled meanwhile, so later batches' answers stay in step.
+        await asyncio.shield(self._append_batch(data, copy if by_appender else b""))
+        if copy and not by_appender:
+            with contextlib.suppress(OSError, ValueError, AttributeError):  # best effort, as the appender's
+                stream = self.stream or sys.stdout
+                stream.write(copy.decode())
+                stream.flush()
+
+    async def _append_batch(self, data: bytes, copy: bytes) -> None:
         if self._appender is None:  # at start, and after an appender died
             self._appender = await _AppendProcess.start(self._fd, self._stdout_copy_fd())
-        by_appender = copy and self._copies_through(self._appender.copy_fd)
         try:
-            await self._appender.append(data, copy if by_appender else b"")
+            await self._appender.append(data, copy)
         except AppenderGoneError:
             # It may have written part of the batch, or all of it unanswered: once it is gone for
             # certain, the file is cut back, so the chain goes on from the last answered batch.
@@ -594,11 +606,6 @@ class AuditLog:
             await asyncio.to_thread(self._cut_back)
             raise
         self._size += len(data)
-        if copy and not by_appender:
-            with contextlib.suppress(OSError, ValueError, AttributeError):  # best effort, as the appender's
-                stream = self.stream or sys.stdout
-                stream.write(copy.decode())
-                stream.flush()
 
     def _stdout_copy_fd(self) -> int:
         """A descriptor for the appender's copies: stdout's, as stdout is now (or /dev/null)."""
@@ -609,7 +616,7 @@ class AuditLog:
                 self._copy_fd = os.open(os.devnull, os.O_WRONLY)
         return self._copy_fd
 
-    def _copies_through(self, copy_fd: int) -> bool:
+    def _copies_through(self) -> bool:
         """Whether the appender writes this batch's copy: yes unless the copy goes to a stream
         given (tests), or stdout has been replaced since the appender started (then the copy is
         written here, to whatever it is now). Whatever was printed before goes first."""
@@ -617,7 +624,7 @@ class AuditLog:
             return False
         try:
             sys.stdout.flush()
-            return os.path.sameopenfile(sys.stdout.fileno(), copy_fd)
+            return os.path.sameopenfile(sys.stdout.fileno(), self._stdout_copy_fd())
         except (OSError, ValueError, AttributeError):
             return False
 

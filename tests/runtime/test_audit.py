@@ -692,6 +692,35 @@ async def test_a_killed_appender_fails_its_batch_closed_and_is_replaced(tmp_path
     assert result.status is Status.VERIFIED, result.describe()
 
 
+def _ping(base: str, token: str) -> int:
+    request = urllib.request.Request(
+        f"{base}/v1/operations/ping", data=b"{}", headers={"Authorization": f"Bearer {token}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as refused:
+        return refused.code
+
+
+async def test_an_appender_killed_between_batches_is_replaced(tmp_path: Path) -> None:
+    """The appender dies while nothing is being written (uvloop has closed its pipes by the time
+    the next batch comes): that batch is refused with 503, the next is written by a new one."""
+    config = make_layout(tmp_path / "agent")
+    with live_runtime(config) as (server, base):
+        token = login(base)
+        (first,) = _appenders(server.pid)
+        os.kill(first, signal.SIGKILL)
+        assert _ends(first)
+        assert [_ping(base, token), _ping(base, token), _ping(base, token)] == [503, 200, 200]
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+    lines = (tmp_path / "agent" / "data" / "audit.log").read_text().splitlines(keepends=True)
+    assert [json.loads(line)["action"] for line in lines].count("ping") == 2
+    result = verify_lines(lines, KeyRing.load(tmp_path / "agent" / "keys"))
+    assert result.status is Status.VERIFIED, result.describe()
+
+
 # An appender that writes its second batch to the file and dies before it is fsynced and answered
 # (the worst moment to die); the appenders after it are the real one.
 _DYING_APPENDER = """
