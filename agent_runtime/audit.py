@@ -55,6 +55,7 @@ from agent_runtime.audit_appender import ANSWER, HEADER
 
 GENESIS = "0" * 64
 MAX_BATCH = 512
+RETRY_SECONDS = 1.0  # after a failed write, how soon the trail is tried again with no request
 RECENT = 1000
 FORMAT = 2  # of checkpoints; 1 (before audit keys) was signed with the token key
 CHECKPOINT_LINE = "audit_checkpoint"  # the key of the checkpoint lines on stdout
@@ -638,13 +639,18 @@ class AuditLog:
             timeout = None
             if self._since_checkpoint:
                 timeout = max(0.0, self._first_unsigned + self.checkpoint_seconds - time.monotonic())
+            if not self.healthy:
+                # The last write failed, and /readyz says so, which keeps requests (the batches that
+                # would show the trail writable again) away: try on our own, an empty batch if
+                # nothing is due (a real fsync of the trail, by a new appender if the last died).
+                timeout = min(timeout, RETRY_SECONDS) if timeout is not None else RETRY_SECONDS
             try:
                 # asyncio.timeout, not wait_for: wait_for wraps the get in a task of its own on
                 # every batch, and some record is nearly always waiting for its checkpoint.
                 async with asyncio.timeout(timeout):
                     first = await self._queue.get()
             except TimeoutError:
-                await self._write([])  # records have waited checkpoint_seconds: sign them now
+                await self._write([])  # records have waited checkpoint_seconds (or a retry): sign them now
                 continue
             batch: list[_Pending] = []
             item = first

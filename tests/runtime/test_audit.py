@@ -721,6 +721,30 @@ async def test_an_appender_killed_between_batches_is_replaced(tmp_path: Path) ->
     assert result.status is Status.VERIFIED, result.describe()
 
 
+async def test_the_audit_is_ready_again_without_a_request_once_a_new_appender_writes(
+    tmp_path: Path, keys: KeyRing
+) -> None:
+    """An unready pod gets no requests to show its trail writable again: after a failed batch,
+    the log tries again on its own (here nothing is waiting for a checkpoint)."""
+    log = AuditLog(tmp_path / "audit.log", keys, to_stdout=False, stream=io.StringIO())
+    await log.start()  # the start checkpoint: no record waits for a signature
+    appender = log._appender
+    assert appender is not None
+    os.kill(appender._process.pid, signal.SIGKILL)
+    assert await appender._process.wait() == -signal.SIGKILL
+    with pytest.raises(AuditUnavailableError):
+        await log.record(type="operation", action="ping", result="success", request_id="lost")
+    assert not log.healthy
+    deadline = time.monotonic() + 10 * audit_module.RETRY_SECONDS
+    while not log.healthy and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert log.healthy
+    await log.close()
+    lines = (tmp_path / "audit.log").read_text().splitlines(keepends=True)
+    assert [json.loads(line)["details"]["reason"] for line in lines] == ["start", "final"]
+    assert verify_lines(lines, keys).ok
+
+
 # An appender that writes its second batch to the file and dies before it is fsynced and answered
 # (the worst moment to die); the appenders after it are the real one.
 _DYING_APPENDER = """
