@@ -56,6 +56,9 @@ from agent_runtime.audit_appender import ANSWER, HEADER
 GENESIS = "0" * 64
 MAX_BATCH = 512
 RETRY_SECONDS = 1.0  # after a failed write, how soon the trail is tried again with no request
+# How long a batch may take before its appender is taken for stuck (stopped, or on a disk that no
+# longer answers) and killed: its requests are then refused rather than left waiting.
+ANSWER_SECONDS = 30.0
 RECENT = 1000
 FORMAT = 2  # of checkpoints; 1 (before audit keys) was signed with the token key
 CHECKPOINT_LINE = "audit_checkpoint"  # the key of the checkpoint lines on stdout
@@ -256,31 +259,42 @@ class _AppendProcess:
         )  # fmt: skip
         return cls(process)
 
-    async def append(self, data: bytes, copy: bytes) -> None:
-        """Returns once ``data`` is on disk; OSError (the appender's errno) when it could not be."""
+    async def append(self, expected: int, data: bytes, copy: bytes) -> None:
+        """Returns once ``data`` is on disk after the trail's first ``expected`` bytes; OSError
+        (the appender's errno) when it could not be; AppenderGoneError when the appender died or
+        did not answer within ANSWER_SECONDS (then it is to be killed)."""
         stdin, stdout = self._process.stdin, self._process.stdout
         assert stdin is not None  # both are pipes (start)
         assert stdout is not None
         async with self._lock:
             try:
-                if self._process.returncode is not None or stdin.is_closing():
-                    raise ConnectionResetError  # it died between batches; uvloop has closed its pipes
-                stdin.writelines([HEADER.pack(len(data), len(copy)), data, copy])
-                await stdin.drain()
-                answer = await stdout.readexactly(ANSWER.size)
+                async with asyncio.timeout(ANSWER_SECONDS):
+                    if self._process.returncode is not None or stdin.is_closing():
+                        raise ConnectionResetError  # it died between batches; uvloop has closed its pipes
+                    stdin.writelines([HEADER.pack(expected, len(data), len(copy)), data, copy])
+                    await stdin.drain()
+                    answer = await stdout.readexactly(ANSWER.size)
             except (ConnectionError, asyncio.IncompleteReadError, RuntimeError):
                 # RuntimeError: uvloop's answer to a write on a pipe it closed meanwhile.
                 raise AppenderGoneError(errno.EIO, "the audit appender process exited") from None
+            except TimeoutError:
+                raise AppenderGoneError(
+                    errno.ETIMEDOUT, f"the audit appender did not answer in {ANSWER_SECONDS:g}s"
+                ) from None
         (failure,) = ANSWER.unpack(answer)
         if failure:
             raise OSError(failure, os.strerror(failure))
 
     async def stop(self) -> None:
-        """After the batches sent: the appender ends at its stdin's end (or is killed, if it has
-        already failed), and nothing more of it reaches the file once this returns."""
+        """After the batches sent: the appender ends at its stdin's end (killed if it has not
+        within ANSWER_SECONDS), and nothing more of it reaches the file once this returns."""
         if self._process.returncode is None and self._process.stdin is not None:
             self._process.stdin.close()
-        await self._process.wait()
+        try:
+            async with asyncio.timeout(ANSWER_SECONDS):
+                await self._process.wait()
+        except TimeoutError:
+            await self.kill()
 
     async def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -326,6 +340,9 @@ class AuditLog:
         self._first_unsigned = 0.0  # monotonic time the oldest unsigned record was chained
         self._writer: asyncio.Task[None] | None = None
         self._appender: _AppendProcess | None = None
+        self._started_appender = -RETRY_SECONDS  # monotonic time the last appender was started
+        self._retry_at = 0.0  # after a failed write: monotonic time the next try is due
+        self._outage: dict[str, Any] | None = None  # since when writes fail, how many records were refused
         self._closing = False
         self.healthy = True
         self.recovered: dict[str, Any] | None = None  # the details of the recover record, if one was written
@@ -595,14 +612,20 @@ class AuditLog:
                 stream.flush()
 
     async def _append_batch(self, data: bytes, copy: bytes) -> None:
-        if self._appender is None:  # at start, and after an appender died
-            self._appender = await _AppendProcess.start(self._fd, self._stdout_copy_fd())
+        appender = self._appender
+        if appender is None:  # at start, and after an appender died: at most one a RETRY_SECONDS
+            if time.monotonic() < self._started_appender + RETRY_SECONDS:
+                raise OSError(errno.EAGAIN, "the audit appender is being restarted")
+            self._started_appender = time.monotonic()
+            appender = self._appender = await _AppendProcess.start(self._fd, self._stdout_copy_fd())
         try:
-            await self._appender.append(data, copy)
+            await appender.append(self._size, data, copy)
         except AppenderGoneError:
             # It may have written part of the batch, or all of it unanswered: once it is gone for
-            # certain, the file is cut back, so the chain goes on from the last answered batch.
-            await self._appender.kill()
+            # certain, the file is cut back, so the chain goes on from the last answered batch
+            # (and the next appender cuts it back itself before it writes, should this fail).
+            self.healthy = False  # while a stuck one is killed, which waits for its disk
+            await appender.kill()
             self._appender = None
             await asyncio.to_thread(self._cut_back)
             raise
@@ -639,11 +662,11 @@ class AuditLog:
             timeout = None
             if self._since_checkpoint:
                 timeout = max(0.0, self._first_unsigned + self.checkpoint_seconds - time.monotonic())
-            if not self.healthy:
+            if self._outage is not None:
                 # The last write failed, and /readyz says so, which keeps requests (the batches that
-                # would show the trail writable again) away: try on our own, an empty batch if
-                # nothing is due (a real fsync of the trail, by a new appender if the last died).
-                timeout = min(timeout, RETRY_SECONDS) if timeout is not None else RETRY_SECONDS
+                # would show the trail writable again) away: try on our own every RETRY_SECONDS (not
+                # sooner, even if a checkpoint is overdue), with the outage's record (real bytes).
+                timeout = max(0.0, self._retry_at - time.monotonic())
             try:
                 # asyncio.timeout, not wait_for: wait_for wraps the get in a task of its own on
                 # every batch, and some record is nearly always waiting for its checkpoint.
@@ -669,6 +692,14 @@ class AuditLog:
         saved = (self._seq, self._head, self._since_checkpoint, self._first_unsigned)
         lines: list[str] = []
         shipped: list[str] = []
+        if self._outage is not None:  # first in the batch that ends it: when writes failed, and what was lost
+            details = {**self._outage, "until": utc_now()}
+            lines.append(
+                self._chain(self._new_record(type="audit", action="unavailable", result="recovered", details=details))
+            )
+            self._since_checkpoint += 1
+            if self._since_checkpoint == 1:
+                self._first_unsigned = time.monotonic()
         for item in batch:
             try:
                 line = self._chain(item.record)
@@ -691,11 +722,18 @@ class AuditLog:
             for _ in range(min(len(lines), len(self.recent))):
                 self.recent.pop()
             self.healthy = False
+            refused = sum(not item.done.done() for item in batch)
+            if self._outage is None:
+                self._outage = {"since": utc_now(), "refused_records": 0}
+            self._outage["refused_records"] += refused
+            self._outage["last_error"] = str(error)
+            self._retry_at = time.monotonic() + RETRY_SECONDS
             for item in batch:
                 if not item.done.done():
                     item.done.set_exception(AuditUnavailableError(error))
         else:
             self.healthy = True
+            self._outage = None
             for item in batch:
                 if not item.done.done():
                     item.done.set_result(item.record)

@@ -9,9 +9,9 @@ Started by ``audit.AuditLog`` as ``python -I -S audit_appender.py <trail fd> <co
 standard library only, nothing imported from the runtime, so it starts in milliseconds and holds
 a few MiB. The protocol on its stdin and stdout, little-endian:
 
-- a batch: the length of the trail's bytes and of the copy's (two unsigned 64-bit integers), then
-  those bytes; the copy (records and checkpoints for the log collector) goes to the copy fd once
-  the trail's bytes are on disk, best effort;
+- a batch: the trail's length before it, the length of its bytes and of the copy's (three
+  unsigned 64-bit integers), then those bytes; the copy (records and checkpoints for the log
+  collector) goes to the copy fd once the batch is on disk and answered, best effort;
 - the answer to each batch, in order: 0 once the bytes are written and fsynced, else the errno of
   the failure, after the file was cut back to its length before the batch (no partial line stays).
 
@@ -26,7 +26,7 @@ import os
 import struct
 import sys
 
-HEADER = struct.Struct("<QQ")
+HEADER = struct.Struct("<QQQ")
 ANSWER = struct.Struct("<i")
 _REQUESTS, _ANSWERS = 0, 1
 
@@ -49,28 +49,40 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _append(trail: int, expected: int, data: bytes) -> int:
+    """0 once ``data`` is on disk after the trail's first ``expected`` bytes, else an errno. The
+    file is first made ``expected`` long (what an appender that died mid-batch left beyond it is
+    cut away, never chained after); a trail shorter than that was cut by someone else: refused."""
+    try:
+        size = os.fstat(trail).st_size
+        if size < expected:
+            return errno.EIO
+        if size > expected:
+            os.ftruncate(trail, expected)
+        _write_all(trail, data)
+        os.fsync(trail)
+    except OSError as error:
+        with contextlib.suppress(OSError):  # no partial line may stay for the next batch to run into
+            os.ftruncate(trail, expected)
+        return error.errno or errno.EIO
+    return 0
+
+
 def serve(trail: int, copy: int) -> None:
-    size = os.fstat(trail).st_size  # the length after the last good batch
     while (header := _read_exactly(HEADER.size)) is not None:
-        trail_length, copy_length = HEADER.unpack(header)
+        expected, trail_length, copy_length = HEADER.unpack(header)
         data = _read_exactly(trail_length)
         copied = _read_exactly(copy_length)
         if data is None or copied is None:
             return
-        failure = 0
-        try:
-            _write_all(trail, data)
-            os.fsync(trail)
-        except OSError as error:
-            failure = error.errno or errno.EIO
-            with contextlib.suppress(OSError):  # the runtime cuts it back again before another appender starts
-                os.ftruncate(trail, size)
-        else:
-            size += len(data)
-            if copied:
-                with contextlib.suppress(OSError):  # on disk already: a closed stdout must not fail the requests
-                    _write_all(copy, copied)
+        failure = _append(trail, expected, data)
+        # Answered before the copy: if this process dies between the two, the runtime keeps the
+        # batch (the log collector misses a copy, which is best effort); the other way round, the
+        # collector would hold records the runtime then cuts from the file as unanswered.
         _write_all(_ANSWERS, ANSWER.pack(failure))
+        if copied and not failure:
+            with contextlib.suppress(OSError):  # on disk already: a closed stdout must not fail the requests
+                _write_all(copy, copied)
 
 
 def main(argv: list[str]) -> int:

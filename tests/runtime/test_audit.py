@@ -692,6 +692,14 @@ async def test_a_killed_appender_fails_its_batch_closed_and_is_replaced(tmp_path
     assert result.status is Status.VERIFIED, result.describe()
 
 
+def _ready(base: str) -> int:
+    try:
+        with urllib.request.urlopen(f"{base}/readyz", timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as refused:
+        return refused.code
+
+
 def _ping(base: str, token: str) -> int:
     request = urllib.request.Request(
         f"{base}/v1/operations/ping", data=b"{}", headers={"Authorization": f"Bearer {token}"}
@@ -712,7 +720,12 @@ async def test_an_appender_killed_between_batches_is_replaced(tmp_path: Path) ->
         (first,) = _appenders(server.pid)
         os.kill(first, signal.SIGKILL)
         assert _ends(first)
-        assert [_ping(base, token), _ping(base, token), _ping(base, token)] == [503, 200, 200]
+        assert _ping(base, token) == 503
+        # Unready meanwhile; the log tries on its own and is ready again with no request.
+        deadline = time.monotonic() + 10
+        while _ready(base) != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [_ready(base), _ping(base, token), _ping(base, token)] == [200, 200, 200]
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
     lines = (tmp_path / "agent" / "data" / "audit.log").read_text().splitlines(keepends=True)
@@ -735,13 +748,12 @@ async def test_the_audit_is_ready_again_without_a_request_once_a_new_appender_wr
     with pytest.raises(AuditUnavailableError):
         await log.record(type="operation", action="ping", result="success", request_id="lost")
     assert not log.healthy
-    deadline = time.monotonic() + 10 * audit_module.RETRY_SECONDS
-    while not log.healthy and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert log.healthy
+    assert await _healthy_again(log)
     await log.close()
     lines = (tmp_path / "audit.log").read_text().splitlines(keepends=True)
-    assert [json.loads(line)["details"]["reason"] for line in lines] == ["start", "final"]
+    records = [json.loads(line) for line in lines]
+    assert [record["action"] for record in records] == ["checkpoint", "unavailable", "checkpoint"]
+    assert records[1]["details"]["refused_records"] == 1
     assert verify_lines(lines, keys).ok
 
 
@@ -757,8 +769,8 @@ if os.path.exists(marker):
 open(marker, "w").close()
 def answer_after(writes):
     for _ in range(writes):
-        header = os.read(0, 16)
-        size, copied = int.from_bytes(header[:8], "little"), int.from_bytes(header[8:], "little")
+        header = os.read(0, 24)
+        size, copied = int.from_bytes(header[8:16], "little"), int.from_bytes(header[16:], "little")
         data = b""
         while len(data) < size + copied:
             data += os.read(0, size + copied - len(data))
@@ -772,30 +784,116 @@ for count, _ in enumerate(answer_after(2)):
 """
 
 
+@pytest.mark.parametrize("cut_back_fails", [False, True], ids=["cut-by-the-runtime", "cut-by-the-next-appender"])
 async def test_a_batch_written_by_an_appender_that_then_died_is_cut_from_the_trail(
-    tmp_path: Path, keys: KeyRing, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, keys: KeyRing, monkeypatch: pytest.MonkeyPatch, cut_back_fails: bool
 ) -> None:
     """Its records were in the file but never answered: the caller gets AuditUnavailableError,
-    the bytes are cut away once the appender is gone for certain, the audit is unhealthy until
-    the next batch succeeds, and the chain goes on from the last answered batch."""
+    the bytes are cut away (by the runtime once the appender is gone for certain; should that
+    fail, by the next appender before it writes), the audit is unhealthy until the trail takes a
+    write again, and the chain goes on from the last answered batch, with a record of the outage."""
     scripts = tmp_path / "appenders"
     scripts.mkdir()
     (scripts / "dying.py").write_text(_DYING_APPENDER)
     (scripts / "real.py").write_bytes(audit_module.APPENDER.read_bytes())
     monkeypatch.setattr(audit_module, "APPENDER", scripts / "dying.py")
+    if cut_back_fails:
+        monkeypatch.setattr(AuditLog, "_cut_back", lambda self: None)
     path = tmp_path / "audit.log"
     log = AuditLog(path, keys, to_stdout=False, stream=io.StringIO())
     await log.start()  # the first batch: the start checkpoint
     with pytest.raises(AuditUnavailableError):
         await log.record(type="operation", action="ping", result="success", request_id="lost")
     assert not log.healthy
-    assert b'"lost"' not in path.read_bytes()
+    assert (b'"lost"' in path.read_bytes()) is cut_back_fails
+    assert await _healthy_again(log)
     await log.record(type="operation", action="ping", result="success", request_id="kept")
-    assert log.healthy
     await log.close()
     lines = path.read_text().splitlines(keepends=True)
-    assert [json.loads(line).get("request_id") for line in lines] == [None, "kept", None]
+    records = [json.loads(line) for line in lines]
+    assert [(record["action"], record.get("request_id")) for record in records] == [
+        ("checkpoint", None),
+        ("unavailable", None),
+        ("ping", "kept"),
+        ("checkpoint", None),
+    ]
+    assert records[1]["details"]["refused_records"] == 1
     assert verify_lines(lines, keys).ok
+
+
+# An appender on a full disk: every batch is answered ENOSPC, and counted in a file beside it.
+_FULL_DISK_APPENDER = """
+import os, sys
+tries = os.path.join(os.path.dirname(sys.argv[0]), "tries")
+while len(header := os.read(0, 24)) == 24:
+    size, copied = int.from_bytes(header[8:16], "little"), int.from_bytes(header[16:], "little")
+    left = size + copied
+    while left:
+        left -= len(os.read(0, left))
+    with open(tries, "a") as counter:
+        counter.write("x")
+    os.write(1, (28).to_bytes(4, "little"))
+"""
+
+
+async def test_a_full_disk_keeps_the_audit_unready_and_is_tried_once_a_second_not_in_a_loop(
+    tmp_path: Path, keys: KeyRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every write refused (ENOSPC), with a checkpoint overdue all along: the log tries again once
+    every RETRY_SECONDS, not as fast as the appender answers; an empty fsync does not count as a
+    write (the retry carries the outage's record), so the audit stays unready."""
+    scripts = tmp_path / "appenders"
+    scripts.mkdir()
+    (scripts / "full.py").write_text(_FULL_DISK_APPENDER)
+    path = tmp_path / "audit.log"
+    log = AuditLog(path, keys, to_stdout=False, checkpoint_seconds=0.5, stream=io.StringIO())
+    await log.start()
+    # A record on disk whose checkpoint falls due half a second later, when the disk is full.
+    await log.record(type="operation", action="ping", result="success")
+    monkeypatch.setattr(audit_module, "APPENDER", scripts / "full.py")
+    assert log._appender is not None
+    await log._appender.stop()  # the next batch starts the full-disk appender
+    log._appender = None
+    log._started_appender = -audit_module.RETRY_SECONDS
+    with pytest.raises(AuditUnavailableError, match="No space left"):
+        await log.record(type="operation", action="ping", result="success")
+    watched = 3 * audit_module.RETRY_SECONDS
+    await asyncio.sleep(watched)  # the span of time whose tries are counted, not a condition
+    tries = len((scripts / "tries").read_text())
+    assert 2 <= tries <= 2 + watched / audit_module.RETRY_SECONDS, tries
+    assert not log.healthy
+    with pytest.raises(OSError, match="No space left"):  # its final checkpoint cannot be written either
+        await log.close()
+
+
+async def test_a_stopped_appender_is_killed_after_its_deadline_and_replaced(
+    tmp_path: Path, keys: KeyRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGSTOP (or a disk that never answers): the batch is refused after ANSWER_SECONDS instead
+    of its requests waiting for ever, the stopped appender is killed, and a new one takes over."""
+    monkeypatch.setattr(audit_module, "ANSWER_SECONDS", 0.5)
+    log = AuditLog(tmp_path / "audit.log", keys, to_stdout=False, stream=io.StringIO())
+    await log.start()
+    appender = log._appender
+    assert appender is not None
+    os.kill(appender._process.pid, signal.SIGSTOP)
+    with pytest.raises(AuditUnavailableError, match="did not answer"):
+        await log.record(type="operation", action="ping", result="success", request_id="stuck")
+    assert appender._process.returncode == -signal.SIGKILL
+    assert await _healthy_again(log)
+    await log.record(type="operation", action="ping", result="success", request_id="kept")
+    await log.close()
+    lines = (tmp_path / "audit.log").read_text().splitlines(keepends=True)
+    assert [json.loads(line).get("request_id") for line in lines] == [None, None, "kept", None]
+    assert verify_lines(lines, keys).ok
+
+
+async def _healthy_again(log: AuditLog) -> bool:
+    """Whether the log takes writes again within a few of its retries, with no record sent."""
+    deadline = time.monotonic() + 10 * audit_module.RETRY_SECONDS
+    while not log.healthy and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return log.healthy
 
 
 async def test_hostile_text_stays_on_one_line(tmp_path: Path, keys: KeyRing) -> None:
