@@ -596,7 +596,7 @@ class AuditLog:
 
     async def _append_durably(self, lines: list[str], shipped: list[str]) -> None:
         """Appends ``lines`` and returns once they are on disk; on OSError none of them is in the
-        file. The copy for the log collector is written by the appender, after the file."""
+        file. The copy for the log collector is written by the appender, once it has answered."""
         if self._fd < 0:
             raise RuntimeError("the audit log is not running")
         data = "".join(lines).encode()
@@ -653,7 +653,7 @@ class AuditLog:
             return False
 
     def _cut_back(self) -> None:
-        with contextlib.suppress(OSError):  # if this fails too, recovery sets the tail aside at the next start
+        with contextlib.suppress(OSError):  # if this fails too, the next appender cuts it before it writes
             os.ftruncate(self._fd, self._size)
             os.fsync(self._fd)
 
