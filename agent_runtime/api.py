@@ -103,10 +103,13 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     return parse_json_object(await read_body(request))
 
 
+def _too_large() -> ApiError:
+    return ApiError(413, "payload_too_large", f"the body must be at most {MAX_BODY_BYTES} bytes")
+
+
 async def read_body(request: web.Request) -> bytes:
-    too_large = ApiError(413, "payload_too_large", f"the body must be at most {MAX_BODY_BYTES} bytes")
     if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise too_large
+        raise _too_large()
     # The whole body, however it is cut on the wire (one read returns only what has arrived).
     content = request.content
     first = await content.readany()
@@ -114,13 +117,13 @@ async def read_body(request: web.Request) -> bytes:
     # with the rest of a chunked body still to be read, it was already true (tested).
     if content.at_eof():
         if len(first) > MAX_BODY_BYTES:
-            raise too_large
+            raise _too_large()
         return first
     raw = bytearray(first)
     while chunk := await content.readany():
         raw += chunk
         if len(raw) > MAX_BODY_BYTES:
-            raise too_large
+            raise _too_large()
     return bytes(raw)
 
 

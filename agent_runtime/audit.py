@@ -227,6 +227,13 @@ class _Pending:
 APPENDER = Path(__file__).with_name("audit_appender.py")
 
 
+class _Wake:
+    """In the writer's queue: the time of a checkpoint or a retry may have come."""
+
+
+_WAKE = _Wake()
+
+
 class AuditUnavailableError(OSError):
     """A record that could not be made durable (the disk refused it, or the appender died): the
     request it belongs to must not be answered as done. It is not in the trail."""
@@ -329,7 +336,9 @@ class AuditLog:
         # this process's own and say so in every checkpoint; verify does not trust it by itself.
         self.ephemeral_key = signer is None
         self._kid, self._key = signer or (f"ephemeral-{secrets.token_hex(8)}", ed25519.Ed25519PrivateKey.generate())
-        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Pending | _Wake | None] = asyncio.Queue()
+        self._alarm: asyncio.TimerHandle | None = None  # puts _WAKE in the queue at _alarm_due
+        self._alarm_due: float | None = None
         self._fd = -1
         self._copy_fd = -1  # a copy of stdout's descriptor, for the appender
         self._size = 0  # the file's length after the last good append, to undo a failed one
@@ -477,9 +486,12 @@ class AuditLog:
             raise
         self._writer = None
         shipped: list[str] = []
-        lines = [self._checkpoint(Reason.FINAL, shipped)]
+        lines = [*self._outage_lines(), self._checkpoint(Reason.FINAL, shipped)]
         try:
-            await self._append_durably(lines, shipped)
+            try:
+                await self._append_durably(lines, shipped, at_once=True)
+            except AppenderGoneError:  # it died since the last batch: the final checkpoint goes to a new one
+                await self._append_durably(lines, shipped, at_once=True)
         finally:
             await self._stop_appending()
 
@@ -594,9 +606,11 @@ class AuditLog:
         shipped.append(f'{{"{CHECKPOINT_LINE}":{line[:-1]}}}\n')
         return line
 
-    async def _append_durably(self, lines: list[str], shipped: list[str]) -> None:
+    async def _append_durably(self, lines: list[str], shipped: list[str], at_once: bool = False) -> None:
         """Appends ``lines`` and returns once they are on disk; on OSError none of them is in the
-        file. The copy for the log collector is written by the appender, once it has answered."""
+        file. The copy for the log collector is written by the appender, once it has answered.
+        ``at_once``: a new appender, if one is needed, is started even within RETRY_SECONDS of the
+        last (the final checkpoint: there is no later batch to wait for)."""
         if self._fd < 0:
             raise RuntimeError("the audit log is not running")
         data = "".join(lines).encode()
@@ -604,17 +618,17 @@ class AuditLog:
         by_appender = bool(copy) and self._copies_through()
         # Shielded: a batch sent is seen through to its answer (and the file's length kept right)
         # even if the writer is cancelled meanwhile, so later batches' answers stay in step.
-        await asyncio.shield(self._append_batch(data, copy if by_appender else b""))
+        await asyncio.shield(self._append_batch(data, copy if by_appender else b"", at_once))
         if copy and not by_appender:
             with contextlib.suppress(OSError, ValueError, AttributeError):  # best effort, as the appender's
                 stream = self.stream or sys.stdout
                 stream.write(copy.decode())
                 stream.flush()
 
-    async def _append_batch(self, data: bytes, copy: bytes) -> None:
+    async def _append_batch(self, data: bytes, copy: bytes, at_once: bool) -> None:
         appender = self._appender
         if appender is None:  # at start, and after an appender died: at most one a RETRY_SECONDS
-            if time.monotonic() < self._started_appender + RETRY_SECONDS:
+            if not at_once and time.monotonic() < self._started_appender + RETRY_SECONDS:
                 raise OSError(errno.EAGAIN, "the audit appender is being restarted")
             self._started_appender = time.monotonic()
             appender = self._appender = await _AppendProcess.start(self._fd, self._stdout_copy_fd())
@@ -657,49 +671,76 @@ class AuditLog:
             os.ftruncate(self._fd, self._size)
             os.fsync(self._fd)
 
+    def _due(self) -> float | None:
+        """When the writer must write with no record waiting (monotonic time), if ever: a
+        checkpoint_seconds after the oldest unsigned record; after a failed write, a retry."""
+        if self._outage is not None:
+            # The last write failed, and /readyz says so, which keeps requests (the batches that
+            # would show the trail writable again) away: try on our own every RETRY_SECONDS (not
+            # sooner, even if a checkpoint is overdue), with the outage's record (real bytes).
+            return self._retry_at
+        if self._since_checkpoint:
+            return self._first_unsigned + self.checkpoint_seconds
+        return None
+
+    def _set_alarm(self, due: float | None) -> None:
+        """A wake-up in the queue at ``due``. One timer kept while the time it is for stands,
+        not a timeout around every batch's wait: some record nearly always waits for its
+        checkpoint, and arming and cancelling a timeout per batch cost the loop 6 µs each."""
+        if self._alarm is not None:
+            self._alarm.cancel()
+            self._alarm = None
+        self._alarm_due = due
+        if due is not None:
+            self._alarm = asyncio.get_running_loop().call_later(max(0.0, due - time.monotonic()), self._ring)
+
+    def _ring(self) -> None:
+        self._alarm = self._alarm_due = None  # spent: the writer sets the next one
+        self._queue.put_nowait(_WAKE)
+
     async def _write_loop(self) -> None:
-        while True:
-            timeout = None
-            if self._since_checkpoint:
-                timeout = max(0.0, self._first_unsigned + self.checkpoint_seconds - time.monotonic())
-            if self._outage is not None:
-                # The last write failed, and /readyz says so, which keeps requests (the batches that
-                # would show the trail writable again) away: try on our own every RETRY_SECONDS (not
-                # sooner, even if a checkpoint is overdue), with the outage's record (real bytes).
-                timeout = max(0.0, self._retry_at - time.monotonic())
-            try:
-                # asyncio.timeout, not wait_for: wait_for wraps the get in a task of its own on
-                # every batch, and some record is nearly always waiting for its checkpoint.
-                async with asyncio.timeout(timeout):
-                    first = await self._queue.get()
-            except TimeoutError:
-                await self._write([])  # records have waited checkpoint_seconds (or a retry): sign them now
-                continue
-            batch: list[_Pending] = []
-            item = first
-            while item is not None:
-                batch.append(item)
-                if len(batch) >= MAX_BATCH or self._queue.empty():
-                    break
-                item = self._queue.get_nowait()
-            if batch:
-                await self._write(batch)
-            if item is None:
-                return  # close() asked for it, after everything queued before
+        try:
+            while True:
+                due = self._due()
+                if due != self._alarm_due:
+                    self._set_alarm(due)
+                item = await self._queue.get()
+                if item is _WAKE:
+                    # The loop's timers may ring a little early (uvloop counts whole milliseconds);
+                    # then the alarm is set again for what is left.
+                    if due is not None and time.monotonic() >= due:
+                        await self._write([])  # records have waited checkpoint_seconds (or a retry)
+                    continue
+                batch: list[_Pending] = []
+                while item is not None:
+                    if not isinstance(item, _Wake):  # due or not, the batch's write checks the clock
+                        batch.append(item)
+                    if len(batch) >= MAX_BATCH or self._queue.empty():
+                        break
+                    item = self._queue.get_nowait()
+                if batch:
+                    await self._write(batch)
+                if item is None:
+                    return  # close() asked for it, after everything queued before
+        finally:
+            self._set_alarm(None)
+
+    def _outage_lines(self) -> list[str]:
+        """First in the batch that ends an outage: its record (when writes failed, and what was lost)."""
+        if self._outage is None:
+            return []
+        details = {**self._outage, "until": utc_now()}
+        line = self._chain(self._new_record(type="audit", action="unavailable", result="recovered", details=details))
+        self._since_checkpoint += 1
+        if self._since_checkpoint == 1:
+            self._first_unsigned = time.monotonic()
+        return [line]
 
     async def _write(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
         saved = (self._seq, self._head, self._since_checkpoint, self._first_unsigned)
-        lines: list[str] = []
         shipped: list[str] = []
-        if self._outage is not None:  # first in the batch that ends it: when writes failed, and what was lost
-            details = {**self._outage, "until": utc_now()}
-            lines.append(
-                self._chain(self._new_record(type="audit", action="unavailable", result="recovered", details=details))
-            )
-            self._since_checkpoint += 1
-            if self._since_checkpoint == 1:
-                self._first_unsigned = time.monotonic()
+        lines: list[str] = self._outage_lines()
         for item in batch:
             try:
                 line = self._chain(item.record)

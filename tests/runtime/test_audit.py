@@ -672,7 +672,15 @@ async def test_a_killed_appender_fails_its_batch_closed_and_is_replaced(tmp_path
     config = make_layout(tmp_path / "agent")
     with live_runtime(config) as (server, base):
         (first,) = _appenders(server.pid)
-        answered = await load_then(base, login(base), 16, 1.0, lambda: os.kill(first, signal.SIGKILL), then_seconds=1.5)
+        started = time.monotonic()  # after the first appender's start
+
+        def kill_the_appender() -> None:
+            # Its replacement may start at once only RETRY_SECONDS after the first appender did
+            # (the load alone lasts longer); otherwise the last requests would rightly be 503s.
+            assert time.monotonic() - started >= audit_module.RETRY_SECONDS
+            os.kill(first, signal.SIGKILL)
+
+        answered = await load_then(base, login(base), 16, 1.0, kill_the_appender, then_seconds=1.5)
         replacements = _appenders(server.pid)
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
@@ -757,30 +765,59 @@ async def test_the_audit_is_ready_again_without_a_request_once_a_new_appender_wr
     assert verify_lines(lines, keys).ok
 
 
+@pytest.mark.parametrize("seen", [False, True], ids=["death-unseen", "death-seen-by-a-refused-record"])
+async def test_the_final_checkpoint_is_written_when_the_appender_died_just_before_shutdown(
+    tmp_path: Path, keys: KeyRing, seen: bool
+) -> None:
+    """Shutdown right after the appender died (unnoticed yet, or noticed by a record it refused
+    less than RETRY_SECONDS ago, when no new appender may start yet): the final checkpoint goes
+    to a new appender at once, after the outage's record, so the trail still ends clean."""
+    log = AuditLog(tmp_path / "audit.log", keys, to_stdout=False, stream=io.StringIO())
+    await log.start()
+    await log.record(type="operation", action="ping", result="success", request_id="kept")
+    appender = log._appender
+    assert appender is not None
+    os.kill(appender._process.pid, signal.SIGKILL)
+    assert await appender._process.wait() == -signal.SIGKILL
+    if seen:
+        with pytest.raises(AuditUnavailableError):
+            await log.record(type="operation", action="ping", result="success", request_id="lost")
+    await log.close()
+    lines = (tmp_path / "audit.log").read_text().splitlines(keepends=True)
+    records = [json.loads(line) for line in lines]
+    expected = [("checkpoint", None), ("ping", "kept")] + [("unavailable", None)] * seen + [("checkpoint", None)]
+    assert [(record["action"], record.get("request_id")) for record in records] == expected
+    assert records[-1]["details"]["reason"] == "final"
+    if seen:
+        assert records[2]["details"]["refused_records"] == 1
+    result = verify_lines(lines, keys)
+    assert result.status is Status.VERIFIED, result.describe()
+
+
 # An appender that writes its second batch to the file and dies before it is fsynced and answered
 # (the worst moment to die); the appenders after it are the real one.
 _DYING_APPENDER = """
-import os, runpy, sys
+import importlib.util, os, runpy, sys
+real = os.path.join(os.path.dirname(sys.argv[0]), "real.py")
 marker = os.path.join(os.path.dirname(sys.argv[0]), "died")
 if os.path.exists(marker):
-    sys.argv[0] = sys.argv[0].replace("dying.py", "real.py")
-    runpy.run_path(sys.argv[0], run_name="__main__")
+    sys.argv[0] = real
+    runpy.run_path(real, run_name="__main__")
     sys.exit(0)
 open(marker, "w").close()
+spec = importlib.util.spec_from_file_location("appender", real)
+appender = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(appender)  # the protocol's own structs and reads, not a copy of them
 def answer_after(writes):
     for _ in range(writes):
-        header = os.read(0, 24)
-        size, copied = int.from_bytes(header[8:16], "little"), int.from_bytes(header[16:], "little")
-        data = b""
-        while len(data) < size + copied:
-            data += os.read(0, size + copied - len(data))
-        os.write(int(sys.argv[1]), data[:size])
+        _, size, copied = appender.HEADER.unpack(appender._read_exactly(appender.HEADER.size))
+        os.write(int(sys.argv[1]), appender._read_exactly(size + copied)[:size])
         yield
 for count, _ in enumerate(answer_after(2)):
     if count == 1:
         os._exit(9)
     os.fsync(int(sys.argv[1]))
-    os.write(1, (0).to_bytes(4, "little"))
+    os.write(1, appender.ANSWER.pack(0))
 """
 
 
@@ -823,16 +860,17 @@ async def test_a_batch_written_by_an_appender_that_then_died_is_cut_from_the_tra
 
 # An appender on a full disk: every batch is answered ENOSPC, and counted in a file beside it.
 _FULL_DISK_APPENDER = """
-import os, sys
+import errno, importlib.util, os, sys
+spec = importlib.util.spec_from_file_location("appender", os.path.join(os.path.dirname(sys.argv[0]), "real.py"))
+appender = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(appender)
 tries = os.path.join(os.path.dirname(sys.argv[0]), "tries")
-while len(header := os.read(0, 24)) == 24:
-    size, copied = int.from_bytes(header[8:16], "little"), int.from_bytes(header[16:], "little")
-    left = size + copied
-    while left:
-        left -= len(os.read(0, left))
+while (header := appender._read_exactly(appender.HEADER.size)) is not None:
+    _, size, copied = appender.HEADER.unpack(header)
+    appender._read_exactly(size + copied)
     with open(tries, "a") as counter:
         counter.write("x")
-    os.write(1, (28).to_bytes(4, "little"))
+    os.write(1, appender.ANSWER.pack(errno.ENOSPC))
 """
 
 
@@ -845,6 +883,7 @@ async def test_a_full_disk_keeps_the_audit_unready_and_is_tried_once_a_second_no
     scripts = tmp_path / "appenders"
     scripts.mkdir()
     (scripts / "full.py").write_text(_FULL_DISK_APPENDER)
+    (scripts / "real.py").write_bytes(audit_module.APPENDER.read_bytes())
     path = tmp_path / "audit.log"
     log = AuditLog(path, keys, to_stdout=False, checkpoint_seconds=0.5, stream=io.StringIO())
     await log.start()
