@@ -31,7 +31,7 @@ from agent_runtime.metrics import RuntimeMetrics
 from agent_runtime.middlewares import MIDDLEWARES, failure_summaries, hide_server_version
 from agent_runtime.operations import BUILTINS, Operation, Registry, discover_plugins
 from agent_runtime.operations.chat import chat_operation
-from agent_runtime.resilience import Bulkhead, CircuitBreaker
+from agent_runtime.resilience import Bulkhead, CircuitBreaker, Deadlines
 from agent_runtime.routing import Route, public_paths, register_routes
 from agent_runtime.security.rbac import Authorizer
 from agent_runtime.security.revocation import RevocationList
@@ -47,6 +47,7 @@ from agent_runtime.state import (
     BREAKERS,
     BULKHEADS,
     CONFIG,
+    DEADLINES,
     ENCRYPTOR,
     HTTP,
     ID_SOURCE,
@@ -205,6 +206,7 @@ def create_app(
     app[REGISTRY] = _catalogue(app, config, operations)
     app[agent_card.CARD] = agent_card.build_card(config, app[REGISTRY])  # public: built from an allow-list
     app[BULKHEADS] = {name: _bulkhead(metrics, name, config) for name in app[REGISTRY].operations}
+    app[DEADLINES] = Deadlines(config.resilience.operation_timeout_seconds)
     app[WORKERS] = WorkerPool()
     app[ENCRYPTOR] = FieldEncryptor(keys)
     # HIPAA: stored results may hold PHI, so they are encrypted at rest.

@@ -108,12 +108,13 @@ async def _answered(request: web.Request, handler: Handler) -> web.StreamRespons
     """The answer, with a request id and the trace id; every error as JSON. The request id is
     always the server's own, so the audit trail's ids are unique and cannot be forged; a client's
     X-Request-ID (if it looks like one) is kept beside it as ``client_request_id``."""
-    request[REQUEST_ID] = f"{request.app[ID_SOURCE].getrandbits(64):016x}"
+    app = request.app
+    request[REQUEST_ID] = f"{app[ID_SOURCE].getrandbits(64):016x}"
     incoming = request.headers.get("X-Request-ID", "")
-    if _REQUEST_ID.fullmatch(incoming):
+    if incoming and _REQUEST_ID.fullmatch(incoming):
         request[CLIENT_REQUEST_ID] = incoming
     try:
-        if request.path not in request.app[PUBLIC_PATHS]:
+        if request.path not in app[PUBLIC_PATHS]:
             await authenticate(request)
         response = await handler(request)
     except ApiError as error:

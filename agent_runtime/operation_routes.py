@@ -44,6 +44,7 @@ from agent_runtime.sharedstate import StateUnavailableError
 from agent_runtime.state import (
     BULKHEADS,
     CONFIG,
+    DEADLINES,
     LIMIT_REFUSALS,
     METRICS,
     PRINCIPAL,
@@ -159,24 +160,25 @@ async def operation_input(request: web.Request, operation: Operation, raw: bytes
 
 async def run_operation(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
-    operation = request.app[REGISTRY].get(name)
+    app = request.app
+    operation = app[REGISTRY].get(name)
     if operation is None:
         raise ApiError(404, "unknown_operation", f"operation {name!r} is not enabled on this agent")
     principal = await authorize(request, operation.permission, operation.level, f"operation:{name}")
     streamed = stream_wanted(request, operation)
     await admit(request, operation, principal.subject)
     body, argument = await operation_input(request, operation, await read_body(request))
-    compliance = request.app[CONFIG].compliance
+    compliance = app[CONFIG].compliance
     subject = purpose = None  # whose personal data, under which consent (GDPR)
     if operation.personal_data and ComplianceFramework.GDPR in compliance.frameworks:
         subject = string_field(body, "subject", 128)
         purpose = string_field(body, "purpose", 64)
-        if not await request.app[STORE].has_consent(subject, purpose):
-            details = {"reason": "no consent", "subject": pseudonym(request.app, subject), "purpose": purpose}
+        if not await app[STORE].has_consent(subject, purpose):
+            details = {"reason": "no consent", "subject": pseudonym(app, subject), "purpose": purpose}
             await audit(request, type="authz", action=f"operation:{name}", result="denied", details=details)
             raise ApiError(403, "consent_required", f"no consent of this subject for purpose {purpose!r} (GDPR)")
     if ComplianceFramework.SOX in compliance.frameworks and name in compliance.financial_operations:
-        approval_id = await request.app[STORE].create_approval(
+        approval_id = await app[STORE].create_approval(
             name, principal.subject, json.dumps(body.get("input", {})), subject, purpose
         )
         await audit(
@@ -266,12 +268,13 @@ async def execute(request: web.Request, operation: Operation, argument: Any, aud
     A CPU-bound operation runs in a worker process, which the timeout kills (see workers.py)."""
     name = operation.name
     started = time.perf_counter()
-    metrics = request.app[METRICS]
+    app = request.app
+    metrics = app[METRICS]
     call_details: dict[str, Any] = {}  # what the operation adds to its record (chat: its tokens)
     details_token = CALL_DETAILS.set(call_details)
     try:
         with _tool_span(request, operation):
-            result = await _limited(request, operation, audit_details, lambda: _call(request.app, operation, argument))
+            result = await _limited(request, operation, audit_details, lambda: _call(app, operation, argument))
     except Exception as error:
         raise await _failure(request, operation, error, {**audit_details, **call_details}) from None
     finally:
@@ -343,10 +346,9 @@ async def _limited(
 ) -> T:
     """``call()`` in the operation's bulkhead and under its timeout: beyond the bulkhead's queue a
     503, past the timeout a 504 (and a CPU-bound call's worker is killed), each counted and audited."""
-    timeout = request.app[CONFIG].resilience.operation_timeout_seconds
+    app = request.app
     try:
-        async with asyncio.timeout(timeout):
-            return await request.app[BULKHEADS][operation.name].run(call)
+        return await app[DEADLINES].run(app[BULKHEADS][operation.name].run, call)
     except OverloadedError:
         raise await _shed(request, operation, audit_details) from None
     except TimeoutError:

@@ -20,7 +20,7 @@ from agent_runtime.crypto import FieldEncryptor
 from agent_runtime.metrics import RuntimeMetrics
 from agent_runtime.operations import Registry
 from agent_runtime.readiness import Readiness
-from agent_runtime.resilience import Bulkhead, CircuitBreaker
+from agent_runtime.resilience import Bulkhead, CircuitBreaker, Deadlines
 from agent_runtime.routing import Route
 from agent_runtime.security.rbac import Authorizer, Principal
 from agent_runtime.security.revocation import Revocations
@@ -53,6 +53,7 @@ METRICS = web.AppKey("metrics", RuntimeMetrics)
 TRACER_PROVIDER = web.AppKey("tracer_provider", TracerProvider)
 TRACER = web.AppKey("tracer", trace.Tracer)
 BULKHEADS = web.AppKey("bulkheads", dict[str, Bulkhead])
+DEADLINES = web.AppKey("deadlines", Deadlines)  # resilience.operationTimeoutSeconds, for every operation
 WORKERS = web.AppKey("workers", WorkerPool)  # where CPU-bound operations run, off the loop
 BREAKERS = web.AppKey("breakers", dict[str, CircuitBreaker])
 READINESS = web.AppKey("readiness", Readiness)

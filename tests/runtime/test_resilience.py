@@ -1,9 +1,11 @@
-"""Circuit breaker transitions with an injected clock; retries; the bulkhead and load shedding."""
+"""Circuit breaker transitions with an injected clock; retries; the bulkhead and load shedding;
+the operations' deadlines."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import pytest
 
@@ -13,6 +15,7 @@ from agent_runtime.resilience import (
     CircuitBreaker,
     CircuitOpenError,
     CircuitState,
+    Deadlines,
     OverloadedError,
     backoff_delays,
     retry,
@@ -167,3 +170,51 @@ async def test_bulkhead_limits_concurrency_and_sheds_beyond_its_queue() -> None:
     await asyncio.gather(*tasks)
     assert peak == 2
     assert (bulkhead.in_use, bulkhead.waiting) == (0, 0)
+
+
+async def test_deadlines_end_each_call_that_outlives_its_own_and_no_other() -> None:
+    """One timer for every call: a call that ends in time is untouched, each late call raises
+    TimeoutError at its own deadline (not at the first call's, whose timer it shares), the task
+    is left uncancelled, and a cancellation from elsewhere stays a cancellation."""
+    deadlines = Deadlines(0.3)
+
+    async def call(start_after: float, takes: float) -> tuple[str, float]:
+        await asyncio.sleep(start_after)
+        started = time.monotonic()
+        try:
+            await deadlines.run(asyncio.sleep, takes)
+        except TimeoutError:
+            task = asyncio.current_task()
+            assert task is not None
+            assert task.cancelling() == 0
+            await asyncio.sleep(0)  # no cancellation left pending for the task's next await
+            return "timed out", time.monotonic() - started
+        return "done", time.monotonic() - started
+
+    quick = asyncio.create_task(call(0.0, 0.05))  # arms the shared timer for its own deadline
+    late = [asyncio.create_task(call(start, 60)) for start in (0.1, 0.2)]
+    cancelled = asyncio.create_task(call(0.0, 60))
+    await asyncio.sleep(0.15)
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert (await quick)[0] == "done"
+    for task in late:
+        outcome, took = await asyncio.wait_for(task, timeout=10)
+        assert outcome == "timed out"
+        assert 0.29 <= took < 5, took
+    assert not deadlines._running  # nothing left behind
+    assert deadlines._timer is None
+
+
+async def test_a_call_that_raises_or_returns_under_a_deadline_does_as_it_would_without() -> None:
+    async def fails(_: object) -> None:
+        raise ValueError("its own error")
+
+    async def doubles(value: int) -> int:
+        return 2 * value
+
+    deadlines = Deadlines(10)
+    with pytest.raises(ValueError, match="its own error"):
+        await deadlines.run(fails, None)
+    assert await deadlines.run(doubles, 21) == 42
