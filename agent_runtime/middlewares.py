@@ -34,7 +34,7 @@ from agent_runtime.state import (
     TRACED,
     TRACER,
 )
-from agent_runtime.tracing import PROPAGATOR, trace_id_of
+from agent_runtime.tracing import PROPAGATOR, CurrentSpan, trace_id_of
 
 log = logging.getLogger("agent_runtime")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")
@@ -84,20 +84,21 @@ async def _traced(request: web.Request, handler: Handler) -> web.StreamResponse:
     context = PROPAGATOR.extract(carrier=request.headers)
     tracer = request.app[TRACER]
     # The router has matched before any middleware runs, so the template is known from the start.
-    # No url.path attribute: the raw path holds subject ids (GDPR) and other identifiers.
     route = route_template(request)
     name = f"{request.method} {route}" if route else request.method
-    with tracer.start_as_current_span(
-        name, context=context, kind=trace.SpanKind.SERVER, record_exception=False
-    ) as span:
+    # Given at the start, in one go. No url.path: the raw path holds subject ids (GDPR) and other ids.
+    attributes = {
+        "http.request.method": request.method,
+        "url.scheme": request.scheme,
+        "client.address": client_ip(request),
+    }
+    if route:
+        attributes["http.route"] = route
+    span = tracer.start_span(name, context=context, kind=trace.SpanKind.SERVER, attributes=attributes)
+    with CurrentSpan(span):
         request[TRACE_ID] = trace_id_of(span)
         response = await _answered(request, handler)
         if span.is_recording():
-            if route:
-                span.set_attribute("http.route", route)
-            span.set_attribute("http.request.method", request.method)
-            span.set_attribute("url.scheme", request.scheme)
-            span.set_attribute("client.address", client_ip(request))
             span.set_attribute("http.response.status_code", response.status)
             if response.status >= 500:
                 span.set_status(trace.StatusCode.ERROR)

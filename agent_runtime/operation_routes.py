@@ -15,7 +15,7 @@ import math
 import pickle
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -56,6 +56,7 @@ from agent_runtime.state import (
     TRACER,
     WORKERS,
 )
+from agent_runtime.tracing import CurrentSpan
 from agent_runtime.workers import Pickled, bulk, json_bytes
 
 T = TypeVar("T")
@@ -295,18 +296,15 @@ def _tool_span(request: web.Request, operation: Operation) -> contextlib.Abstrac
     """The operation's span (GenAI's ``execute_tool``), when the request is traced."""
     if not request.get(TRACED):
         return contextlib.nullcontext(None)
-
-    @contextlib.contextmanager
-    def span() -> Iterator[trace.Span]:
-        with request.app[TRACER].start_as_current_span(
-            f"execute_tool {operation.name}", kind=trace.SpanKind.INTERNAL
-        ) as current:
-            current.set_attribute("gen_ai.operation.name", "execute_tool")
-            current.set_attribute("gen_ai.tool.name", operation.name)
-            current.set_attribute("agent.security_level", operation.level.value)
-            yield current
-
-    return span()
+    attributes = {
+        "gen_ai.operation.name": "execute_tool",
+        "gen_ai.tool.name": operation.name,
+        "agent.security_level": operation.level.value,
+    }
+    span = request.app[TRACER].start_span(
+        f"execute_tool {operation.name}", kind=trace.SpanKind.INTERNAL, attributes=attributes
+    )
+    return CurrentSpan(span, record_exception=True)
 
 
 async def _failure(

@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import signal
 import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -363,6 +366,102 @@ def test_a_deleted_pod_drains_without_failing_a_request(chart_operator: Kube, na
     assert load.result.failed == 0, dict(load.result.statuses)
     assert [state["exitCode"] for state in states] == [0], states
     assert took < 30  # terminationGracePeriodSeconds: it was not killed at the deadline
+
+
+# -- the audit trail's appender killed in a real container ------------------------------------------
+
+
+def appenders_in(pod: dict[str, Any]) -> list[int]:
+    """The host PIDs of the audit appender processes in ``pod``'s containers (the real node is this
+    host): a process running audit_appender.py whose cgroup is the pod's (its uid, in the cgroupfs or
+    the systemd spelling). An exited one that is not yet reaped has no command line: not counted."""
+    uid = pod["metadata"]["uid"]
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command, cgroup = (entry / "cmdline").read_bytes(), (entry / "cgroup").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        if b"audit_appender.py" in command and (uid in cgroup or uid.replace("-", "_") in cgroup):
+            found.append(int(entry.name))
+    return found
+
+
+def analyze_with_id(ip: str, token: str, request_id: str) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        f"http://{ip}:8080/v1/operations/analyze_data", data=ANALYZE, method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json", "X-Request-ID": request_id},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status), json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return int(error.code), json.loads(error.read())
+
+
+# Run in the agent's container: the trail verified with the agent's own keys, and the records' ids.
+VERIFY_IN_POD = """
+import json
+from pathlib import Path
+from agent_contract.keyfiles import KeyRing
+from agent_contract.layout import DATA_DIR, KEYS_DIR
+from agent_runtime.audit import verify_lines
+lines = (Path(DATA_DIR) / "audit.log").read_text().splitlines(keepends=True)
+result = verify_lines(lines, KeyRing.load(KEYS_DIR))
+records = [json.loads(line) for line in lines]
+print(json.dumps({"status": result.status.name, "describe": result.describe(), "records": [
+    {"action": r["action"], "id": (r.get("details") or {}).get("client_request_id"),
+     "refused": (r.get("details") or {}).get("refused_records")} for r in records]}))
+"""
+
+
+def test_an_audit_appender_killed_in_a_real_container_fails_closed_and_is_replaced(
+    chart_operator: Kube, namespaces: Callable[[str], str]
+) -> None:
+    """kill -9 of the process that appends and fsyncs the audit trail, inside a running agent's
+    container on the real node: the request whose record it would have written is refused 503
+    audit_unavailable (never a 200 without its record), a new appender takes over within seconds,
+    the container is not restarted, and the trail in the pod verifies with the agent's own keys:
+    every answered request's record is in it, the refused one's is not, and the outage is recorded."""
+    kube = chart_operator
+    namespace = namespaces("rn-appender")
+    apply(kube, agent_manifest(namespace))
+    wait_phase(kube, namespace, "hello-agent", "Ready", timeout=120)
+    (pod,) = live_pods(kube, namespace, "hello-agent")
+    ip, token = pod["status"]["podIP"], token_for(kube, namespace, "hello-agent")
+    statuses: dict[str, int] = {}  # by the request id sent
+
+    def analyze(request_id: str) -> tuple[int, dict[str, Any]]:
+        status, body = analyze_with_id(ip, token, request_id)
+        statuses[request_id] = status
+        return status, body
+
+    assert analyze("before-the-kill")[0] == 200
+    (appender,) = appenders_in(pod)
+    os.kill(appender, signal.SIGKILL)
+    wait_until(lambda: appender not in appenders_in(pod), timeout=10, what="the killed appender gone")
+    status, body = analyze("after-the-kill")
+    assert (status, body.get("code")) == (503, "audit_unavailable"), body
+    wait_until(lambda: analyze(f"retry-{len(statuses)}")[0] == 200, timeout=20, interval=0.2, what="served again")
+    (replacement,) = appenders_in(pod)
+    assert replacement != appender
+    (pod,) = live_pods(kube, namespace, "hello-agent")
+    assert restarts(pod) == 0
+    result = exec_python(kube, namespace, pod["metadata"]["name"], VERIFY_IN_POD)
+    assert result.returncode == 0, result.stderr
+    trail = json.loads(result.stdout)
+    # Running: the records since the last checkpoint are not signed yet; the chain is intact.
+    assert trail["status"] in ("UNSIGNED", "VERIFIED"), trail["describe"]
+    recorded = {record["id"] for record in trail["records"]}
+    answered = {request_id for request_id, status in statuses.items() if status == 200}
+    assert set(statuses.values()) == {200, 503}, statuses  # refused (fail closed) or answered and recorded
+    assert answered <= recorded
+    assert not (set(statuses) - answered) & recorded
+    outages = [record for record in trail["records"] if record["action"] == "unavailable"]
+    assert outages
+    assert outages[0]["refused"] >= 1
 
 
 # -- shared state: three replicas on a PostgreSQL in the cluster -----------------------------------

@@ -6,13 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from opentelemetry import trace
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 
-from agent_contract.config import ObservabilityConfig
+from agent_contract.config import ObservabilityConfig, Permission, SecurityLevel
 from agent_runtime.app import create_app
-from agent_runtime.operations import BUILTINS
+from agent_runtime.operations import BUILTINS, Operation
 from agent_runtime.settings import Settings
 from agent_runtime.state import AUDIT
 from agent_runtime.tracing import make_tracer_provider
@@ -22,13 +23,18 @@ PARENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_SPAN = "00f067aa0ba902b7"
 
 
-async def _client(aiohttp_client: Any, tmp_path: Path, ratio: float) -> tuple[Any, InMemorySpanExporter]:
-    config_file = make_layout(tmp_path / "agent", observability={"traceSampleRatio": ratio})
+async def _client(
+    aiohttp_client: Any, tmp_path: Path, ratio: float, extra: dict[str, Operation] | None = None
+) -> tuple[Any, InMemorySpanExporter]:
+    config_file = make_layout(
+        tmp_path / "agent", extra_names=list(extra or {}), observability={"traceSampleRatio": ratio}
+    )
     settings = Settings.load(str(config_file))
     exporter = InMemorySpanExporter()
     provider = make_tracer_provider(ObservabilityConfig(service_name="test-agent", trace_sample_ratio=ratio), "test")
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return await aiohttp_client(create_app(settings, BUILTINS, tracer_provider=provider)), exporter
+    operations = {**BUILTINS, **(extra or {})}
+    return await aiohttp_client(create_app(settings, operations, tracer_provider=provider)), exporter
 
 
 async def test_incoming_traceparent_is_continued(aiohttp_client: Any, tmp_path: Path) -> None:
@@ -94,3 +100,38 @@ async def test_spans_and_metrics_name_route_templates_never_identifiers(aiohttp_
     metrics = await (await client.get("/metrics")).text()
     assert 'route="/v1/gdpr/subjects/{subject}/export"' in metrics
     assert "alice" not in metrics
+
+
+async def test_an_operation_that_fails_leaves_error_spans_and_its_own_spans_nest_in_its_span(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
+    """Inside an operation its execute_tool span is the current one (a span the operation makes is
+    its child); an exception out of it sets that span's status to ERROR with the exception as an
+    event, and the server span of the 500 answer is an ERROR too."""
+    seen: list[int] = []
+
+    async def fails(_: object) -> dict[str, Any]:
+        seen.append(trace.get_current_span().get_span_context().span_id)
+        raise RuntimeError("the operation broke")
+
+    failing = {"fails": Operation("fails", Permission.EXECUTE, SecurityLevel.PUBLIC, fails, "raises")}
+    client, exporter = await _client(aiohttp_client, tmp_path, ratio=1.0, extra=failing)
+    token = (await login(client, "ada"))["access_token"]
+    exporter.clear()
+    response = await client.post("/v1/operations/fails", json={}, headers={"Authorization": f"Bearer {token}"})
+    assert response.status == 500
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    tool, server = spans["execute_tool fails"], spans["POST /v1/operations/{name}"]
+    assert seen == [tool.context.span_id]
+    assert tool.parent is not None
+    assert tool.parent.span_id == server.context.span_id
+    assert tool.status.status_code is StatusCode.ERROR
+    assert tool.status.description == "RuntimeError: the operation broke"
+    assert [event.name for event in tool.events] == ["exception"]
+    assert tool.attributes is not None
+    assert tool.attributes["agent.security_level"] == "public"
+    assert server.status.status_code is StatusCode.ERROR
+    assert server.attributes is not None
+    assert server.attributes["http.response.status_code"] == 500
+    assert server.attributes["client.address"] == "127.0.0.1"
+    assert trace.get_current_span() is trace.INVALID_SPAN  # nothing left current after the request
