@@ -336,7 +336,10 @@ class AuditLog:
         # this process's own and say so in every checkpoint; verify does not trust it by itself.
         self.ephemeral_key = signer is None
         self._kid, self._key = signer or (f"ephemeral-{secrets.token_hex(8)}", ed25519.Ed25519PrivateKey.generate())
-        self._queue: asyncio.Queue[_Pending | _Wake | None] = asyncio.Queue()
+        # What the writer is to write, in order (None: close() asks it to stop). A deque and one
+        # future the writer waits on when it is empty, not an asyncio.Queue: a third of the cost.
+        self._queue: collections.deque[_Pending | _Wake | None] = collections.deque()
+        self._queue_filled: asyncio.Future[None] | None = None
         self._alarm: asyncio.TimerHandle | None = None  # puts _WAKE in the queue at _alarm_due
         self._alarm_due: float | None = None
         self._fd = -1
@@ -476,7 +479,7 @@ class AuditLog:
         if self._writer is None:
             return
         self._closing = True
-        self._queue.put_nowait(None)  # after everything queued before it
+        self._put(None)  # after everything queued before it
         try:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
@@ -536,7 +539,7 @@ class AuditLog:
             details=details,
         )
         done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(record, done))
+        self._put(_Pending(record, done))
         return await done
 
     @staticmethod
@@ -694,9 +697,15 @@ class AuditLog:
         if due is not None:
             self._alarm = asyncio.get_running_loop().call_later(max(0.0, due - time.monotonic()), self._ring)
 
+    def _put(self, item: _Pending | _Wake | None) -> None:
+        self._queue.append(item)
+        filled, self._queue_filled = self._queue_filled, None
+        if filled is not None and not filled.done():  # done: the writer was cancelled meanwhile
+            filled.set_result(None)
+
     def _ring(self) -> None:
         self._alarm = self._alarm_due = None  # spent: the writer sets the next one
-        self._queue.put_nowait(_WAKE)
+        self._put(_WAKE)
 
     async def _write_loop(self) -> None:
         try:
@@ -704,7 +713,10 @@ class AuditLog:
                 due = self._due()
                 if due != self._alarm_due:
                     self._set_alarm(due)
-                item = await self._queue.get()
+                while not self._queue:
+                    self._queue_filled = asyncio.get_running_loop().create_future()
+                    await self._queue_filled
+                item = self._queue.popleft()
                 if item is _WAKE:
                     # The loop's timers may ring a little early (uvloop counts whole milliseconds);
                     # then the alarm is set again for what is left.
@@ -715,9 +727,9 @@ class AuditLog:
                 while item is not None:
                     if not isinstance(item, _Wake):  # due or not, the batch's write checks the clock
                         batch.append(item)
-                    if len(batch) >= MAX_BATCH or self._queue.empty():
+                    if len(batch) >= MAX_BATCH or not self._queue:
                         break
-                    item = self._queue.get_nowait()
+                    item = self._queue.popleft()
                 if batch:
                     await self._write(batch)
                 if item is None:

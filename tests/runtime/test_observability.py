@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent_contract.config import Permission, SecurityLevel
 from agent_runtime.app import breaker
+from agent_runtime.metrics import REQUEST_BUCKETS, RuntimeMetrics
 from agent_runtime.operations import Operation
 from agent_runtime.state import BULKHEADS
 from tests.runtime.conftest import AppFactory, login
@@ -102,3 +104,45 @@ async def test_full_queue_sheds_with_503_and_slow_operations_time_out(make_clien
 
 def _in_use(client: Any) -> int:
     return int(client.app[BULKHEADS]["slow"].in_use)
+
+
+def test_request_tallies_expose_what_prometheus_clients_own_counter_and_histogram_would() -> None:
+    """The per-request metrics are tallied as plain numbers and made into samples when scraped:
+    the exposition is the one prometheus-client's Counter and Histogram give for the same calls,
+    bucket bounds included (a duration equal to a bound falls in that bound's bucket)."""
+    ours = RuntimeMetrics()
+    registry = CollectorRegistry()
+    requests = Counter("agent_http_requests_total", "x", ["route", "method", "status"], registry=registry)
+    durations = Histogram(
+        "agent_http_request_duration_seconds", "x", ["route", "method"], buckets=REQUEST_BUCKETS, registry=registry
+    )
+    operations = Counter("agent_operations_total", "x", ["operation", "result"], registry=registry)
+    calls = [
+        ("/v1/operations/{name}", "POST", "200", 0.0),
+        ("/v1/operations/{name}", "POST", "200", 0.005),
+        ("/v1/operations/{name}", "POST", "503", 0.0051),
+        ("/v1/operations/{name}", "POST", "200", 1.0),
+        ("/readyz", "GET", "200", 300.0),
+        ("/readyz", "GET", "200", 301.5),
+        ("unmatched", "GET", "404", 0.02),
+    ]
+    for route, method, status, seconds in calls:
+        ours.observe_request(route, method, status, seconds)
+        requests.labels(route, method, status).inc()
+        durations.labels(route, method).observe(seconds)
+    for operation, result in [("ping", "success"), ("ping", "success"), ("ping", "timeout"), ("chat", "error")]:
+        ours.count_operation(operation, result)
+        operations.labels(operation, result).inc()
+    names = ("agent_http_requests", "agent_http_request_duration_seconds", "agent_operations")
+
+    def exposed(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        # _created holds the time of the first call: when, not what, so only its presence is compared.
+        return {
+            key: 0.0 if key[0].endswith("_created") else value
+            for key, value in samples(text).items()
+            if key[0].startswith(names)
+        }
+
+    expected = exposed(generate_latest(registry).decode())
+    assert len(expected) > 40
+    assert exposed(ours.exposition().decode()) == expected
