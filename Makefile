@@ -85,9 +85,12 @@ bench-watch-memory: venv
 
 # wrk comes from Debian's packages; FastAPI, uvicorn and py-spy from the bench extra (installed with
 # the venv, so mypy checks the bench servers too). ARGS="--profile flame.svg" adds a flame graph.
+# Then the Python work a request costs each server, counted rather than timed (bench/request_work.py):
+# a figure this machine's noise cannot move.
 bench-runtime: venv
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/eao-dev bench runtime --connections 16 64 256 $(ARGS)
+	$(BIN)/eao-dev bench request_work --top 20
 
 # analyze_data against pandas and process_document's MB/s at 0.1, 1 and 5 MB (issue 19); pandas and
 # numpy come from the bench extra, installed with the venv. ARGS passes options (--profile, --rows ...).
