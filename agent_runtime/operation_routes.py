@@ -198,9 +198,13 @@ async def admit(request: web.Request, operation: Operation, caller: str) -> None
     """spec.limits, after authorisation and before anything else is done for the caller: the
     caller's and the agent's request rates, and for chat their token budgets."""
     CALLER.set(caller)  # whose budget the operation's tokens are spent from
-    await admit_tokens(request, operation, caller)  # first: it counts nothing, so a refusal costs no request
+    if operation.name == CHAT.name:  # first: it counts nothing, so a refusal costs no request
+        await admit_tokens(request, operation, caller)
+    limiter = request.app[LIMITER]
+    if not limiter.request_rules:  # no requestsPerMinute: nothing to count (and no coroutine to make)
+        return
     try:
-        await request.app[LIMITER].admit_request(caller)
+        await limiter.admit_request(caller)
     except LimitExceededError as exceeded:
         raise await limit_refused(request, operation.name, exceeded, caller) from None
 
