@@ -209,12 +209,16 @@ class Deadlines:
         try:
             return await function(argument)
         except asyncio.CancelledError:
-            # Ours, unless someone else cancelled the task as well (then their cancellation goes on).
-            if running.expired and task.uncancel() <= running.cancelling:
-                raise TimeoutError from None
+            if running.expired:
+                running.expired = False  # our cancellation, taken back here
+                # Ours alone, unless someone else cancelled the task too: then theirs goes on.
+                if task.uncancel() <= running.cancelling:
+                    raise TimeoutError from None
             raise
         finally:
             self._running.pop(running, None)
+            if running.expired:  # it expired, but the call swallowed the cancellation: ours taken back
+                task.uncancel()  # (as asyncio.timeout does), so later deadlines of the task still work
 
     def _expire(self) -> None:
         self._timer = None

@@ -218,3 +218,24 @@ async def test_a_call_that_raises_or_returns_under_a_deadline_does_as_it_would_w
     with pytest.raises(ValueError, match="its own error"):
         await deadlines.run(fails, None)
     assert await deadlines.run(doubles, 21) == 42
+
+
+async def test_a_call_that_swallows_its_deadlines_cancellation_leaves_the_task_uncancelled() -> None:
+    """A badly behaved operation that catches the cancellation and returns: its value is returned
+    (as under asyncio.timeout), and the task's cancellation count is taken back, so a later
+    deadline of the same task still ends in TimeoutError."""
+    deadlines = Deadlines(0.1)
+
+    async def stubborn(_: object) -> str:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            return "kept going"
+        return "not reached"
+
+    assert await deadlines.run(stubborn, None) == "kept going"
+    task = asyncio.current_task()
+    assert task is not None
+    assert task.cancelling() == 0
+    with pytest.raises(TimeoutError):
+        await deadlines.run(asyncio.sleep, 60)
