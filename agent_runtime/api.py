@@ -21,17 +21,15 @@ from agent_runtime.state import (
     AUDIT,
     AUTH_FAILURES,
     AUTHORIZER,
-    CLIENT_REQUEST_ID,
     CONFIG,
+    CONTEXT,
     KEYS,
     LIMIT_REFUSALS,
     LOCAL_TOKENS,
     OIDC_TOKENS,
-    PRINCIPAL,
-    REQUEST_ID,
     REVOKED,
-    TRACE_ID,
     VERIFIED,
+    RequestContext,
 )
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -188,13 +186,13 @@ async def verify_token(app: web.Application, token: str, token_type: str, check_
 async def audit(request: web.Request, **fields: Any) -> None:
     """An audit record of this request: the caller, its address and the request and trace ids
     (the server's; the id a client sent, if any, goes in details as ``client_request_id``)."""
-    principal: Principal | None = request.get(PRINCIPAL)
+    context = request[CONTEXT]
+    principal = context.principal
     fields.setdefault("actor", principal.subject if principal else None)
-    client_request_id = request.get(CLIENT_REQUEST_ID)
-    if client_request_id:
-        fields["details"] = {**(fields.get("details") or {}), "client_request_id": client_request_id}
-    await request.app[AUDIT].record(
-        client_ip=client_ip(request), request_id=request.get(REQUEST_ID), trace_id=request.get(TRACE_ID), **fields
+    if context.client_request_id:
+        fields["details"] = {**(fields.get("details") or {}), "client_request_id": context.client_request_id}
+    await context.app[AUDIT].record(
+        client_ip=client_ip(request), request_id=context.request_id, trace_id=context.trace_id, **fields
     )
 
 
@@ -255,9 +253,21 @@ def pseudonym(app: web.Application, subject: str) -> str:
 ACTING_FOR: contextvars.ContextVar[str | None] = contextvars.ContextVar("acting_for", default=None)
 
 
+def authenticated(request: web.Request) -> Principal:
+    """Who sent this request, as its token says (the middleware authenticated it)."""
+    return _principal(request[CONTEXT])
+
+
+def _principal(context: RequestContext) -> Principal:
+    if context.principal is None:  # a route declared public that asks who its caller is: a bug, refused
+        raise ApiError(401, "unauthenticated", "a bearer token is required")
+    return context.principal
+
+
 async def authorize(request: web.Request, permission: Permission, level: SecurityLevel, action: str) -> Principal:
-    principal: Principal = request[PRINCIPAL]
-    decision = request.app[AUTHORIZER].decide(principal, permission, level)
+    context = request[CONTEXT]
+    principal = _principal(context)
+    decision = context.app[AUTHORIZER].decide(principal, permission, level)
     if not decision.allowed:
         await audit(request, type="authz", action=action, result="denied", details={"reason": decision.reason})
         raise ApiError(403, "forbidden", decision.reason)

@@ -20,17 +20,17 @@ from agent_runtime.api import (
     ApiError,
     audit,
     audit_auth_failure,
+    authenticated,
     client_ip,
     read_json_object,
     string_field,
     verify_token,
 )
 from agent_runtime.routing import Body, Handler, Reply, Route, Schema
-from agent_runtime.security.rbac import Principal
 from agent_runtime.security.throttle import ThrottledError
 from agent_runtime.security.tokens import ACCESS_TYPE, REFRESH_TYPE, TokenError
 from agent_runtime.security.users import MAX_PASSWORD_BYTES, USERNAME
-from agent_runtime.state import CONFIG, LOCAL_TOKENS, METRICS, PRINCIPAL, REVOKED, THROTTLE, USERS
+from agent_runtime.state import CONFIG, LOCAL_TOKENS, METRICS, REVOKED, THROTTLE, USERS
 
 # Tokens must not linger in browser or proxy caches (RFC 6749 section 5.1).
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
@@ -175,7 +175,7 @@ async def _refusal(request: web.Request, subject: str, token_id: str, reason: st
 
 async def logout(request: web.Request) -> web.Response:
     app = request.app
-    principal: Principal = request[PRINCIPAL]
+    principal = authenticated(request)
     body = await read_json_object(request)
     revoked = app[REVOKED]
     token_ids = [principal.token_id]

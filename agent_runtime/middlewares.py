@@ -21,19 +21,7 @@ from agent_runtime.routing import Handler
 from agent_runtime.security.rbac import Principal
 from agent_runtime.security.tokens import ACCESS_TYPE, TokenError
 from agent_runtime.sharedstate import StateInputError, StateUnavailableError
-from agent_runtime.state import (
-    AUTH_FAILURES,
-    CLIENT_REQUEST_ID,
-    CONFIG,
-    ID_SOURCE,
-    METRICS,
-    PRINCIPAL,
-    PUBLIC_PATHS,
-    REQUEST_ID,
-    TRACE_ID,
-    TRACED,
-    TRACER,
-)
+from agent_runtime.state import AUTH_FAILURES, CONFIG, CONTEXT, ID_SOURCE, METRICS, PUBLIC_PATHS, TRACER, RequestContext
 from agent_runtime.tracing import PROPAGATOR, CurrentSpan, trace_id_of
 
 log = logging.getLogger("agent_runtime")
@@ -48,8 +36,8 @@ def route_template(request: web.Request) -> str | None:
     return resource.canonical if resource is not None else None
 
 
-def error_response(request: web.Request, error: ApiError) -> web.Response:
-    body = {**error.fields, "code": error.code, "message": error.message, "request_id": request.get(REQUEST_ID)}
+def error_response(context: RequestContext, error: ApiError) -> web.Response:
+    body = {**error.fields, "code": error.code, "message": error.message, "request_id": context.request_id}
     return web.json_response(body, status=error.status, headers=error.headers)
 
 
@@ -63,26 +51,26 @@ async def serve(request: web.Request, handler: Handler) -> web.StreamResponse:
     started = time.perf_counter()
     app = request.app
     ids = app[ID_SOURCE]
+    request_id = f"{ids.getrandbits(64):016x}"
     # Head sampling at traceSampleRatio: a new trace that is not sampled gets a trace id but no
     # spans at all, which is most requests and the cheap path. A caller's traceparent decides
     # for itself (parent-based).
     if "traceparent" not in request.headers and ids.random() >= app[CONFIG].observability.trace_sample_ratio:
-        request[TRACE_ID] = f"{ids.getrandbits(128):032x}"
-        request[TRACED] = False
-        response = await _answered(request, handler)
+        context = request[CONTEXT] = RequestContext(app, request_id, f"{ids.getrandbits(128):032x}", traced=False)
+        response = await _answered(request, handler, context)
     else:
-        response = await _traced(request, handler)
+        context = request[CONTEXT] = RequestContext(app, request_id, "", traced=True)
+        response = await _traced(request, handler, context)
     route = route_template(request) or "unmatched"
     app[METRICS].observe_request(route, request.method, str(response.status), time.perf_counter() - started)
     return response
 
 
-async def _traced(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _traced(request: web.Request, handler: Handler, context: RequestContext) -> web.StreamResponse:
     """A server span, continuing the caller's W3C trace; its trace id is returned in X-Trace-ID
     and written into the audit record."""
-    request[TRACED] = True
-    context = PROPAGATOR.extract(carrier=request.headers)
-    tracer = request.app[TRACER]
+    parent = PROPAGATOR.extract(carrier=request.headers)
+    tracer = context.app[TRACER]
     # The router has matched before any middleware runs, so the template is known from the start.
     route = route_template(request)
     name = f"{request.method} {route}" if route else request.method
@@ -94,10 +82,10 @@ async def _traced(request: web.Request, handler: Handler) -> web.StreamResponse:
     }
     if route:
         attributes["http.route"] = route
-    span = tracer.start_span(name, context=context, kind=trace.SpanKind.SERVER, attributes=attributes)
+    span = tracer.start_span(name, context=parent, kind=trace.SpanKind.SERVER, attributes=attributes)
     with CurrentSpan(span):
-        request[TRACE_ID] = trace_id_of(span)
-        response = await _answered(request, handler)
+        context.trace_id = trace_id_of(span)
+        response = await _answered(request, handler, context)
         if span.is_recording():
             span.set_attribute("http.response.status_code", response.status)
             if response.status >= 500:
@@ -105,29 +93,27 @@ async def _traced(request: web.Request, handler: Handler) -> web.StreamResponse:
         return response
 
 
-async def _answered(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _answered(request: web.Request, handler: Handler, context: RequestContext) -> web.StreamResponse:
     """The answer, with a request id and the trace id; every error as JSON. The request id is
     always the server's own, so the audit trail's ids are unique and cannot be forged; a client's
     X-Request-ID (if it looks like one) is kept beside it as ``client_request_id``."""
-    app = request.app
-    request[REQUEST_ID] = f"{app[ID_SOURCE].getrandbits(64):016x}"
     incoming = request.headers.get("X-Request-ID", "")
     if incoming and _REQUEST_ID.fullmatch(incoming):
-        request[CLIENT_REQUEST_ID] = incoming
+        context.client_request_id = incoming
     try:
-        if request.path not in app[PUBLIC_PATHS]:
-            await authenticate(request)
+        if request.path not in context.app[PUBLIC_PATHS]:
+            await authenticate(request, context)
         response = await handler(request)
     except ApiError as error:
-        response = error_response(request, error)
+        response = error_response(context, error)
     except StateInputError as refused:
-        response = error_response(request, ApiError(400, "invalid_value", str(refused)))
+        response = error_response(context, ApiError(400, "invalid_value", str(refused)))
     except StateUnavailableError as unavailable:
         # Fail closed: whatever needed the shared state (a revocation, consent, approval or
         # throttle check, a stored result) is refused, never answered as if it had passed.
         log.warning("refused %s %s: %s", request.method, route_template(request) or "(no route)", unavailable)
         response = error_response(
-            request,
+            context,
             ApiError(503, "state_unavailable", "the agent's shared state cannot be reached; retry later",
                      {"Retry-After": "5"}),
         )  # fmt: skip
@@ -135,7 +121,7 @@ async def _answered(request: web.Request, handler: Handler) -> web.StreamRespons
         # Fail closed, as for the shared state: what cannot be audited is not answered as done.
         log.warning("refused %s %s: %s", request.method, route_template(request) or "(no route)", unrecorded)
         response = error_response(
-            request,
+            context,
             ApiError(503, "audit_unavailable", "the audit trail cannot be written; retry later", {"Retry-After": "1"}),
         )
     except web.HTTPException as http_error:
@@ -143,7 +129,7 @@ async def _answered(request: web.Request, handler: Handler) -> web.StreamRespons
             code = http_error.reason.lower().replace(" ", "_")
             # A 405 must say which methods the path takes (RFC 9110 15.5.6): aiohttp's Allow is kept.
             allow = {"Allow": http_error.headers["Allow"]} if "Allow" in http_error.headers else None
-            response = error_response(request, ApiError(http_error.status, code, http_error.reason, allow))
+            response = error_response(context, ApiError(http_error.status, code, http_error.reason, allow))
         else:
             raise
     except Exception:  # a bug: answer in JSON with the ids to look it up, never a stack trace
@@ -151,16 +137,16 @@ async def _answered(request: web.Request, handler: Handler) -> web.StreamRespons
             "unhandled error on %s %s (request %s, client request %s)",
             request.method,
             route_template(request) or "(no route)",
-            request[REQUEST_ID],
-            request.get(CLIENT_REQUEST_ID, "-"),
+            context.request_id,
+            context.client_request_id or "-",
         )
-        response = error_response(request, ApiError(500, "internal_error", "an internal error occurred"))
-    response.headers["X-Request-ID"] = request[REQUEST_ID]
-    response.headers["X-Trace-ID"] = request[TRACE_ID]
+        response = error_response(context, ApiError(500, "internal_error", "an internal error occurred"))
+    response.headers["X-Request-ID"] = context.request_id
+    response.headers["X-Trace-ID"] = context.trace_id
     return response
 
 
-async def authenticate(request: web.Request) -> None:
+async def authenticate(request: web.Request, context: RequestContext) -> None:
     """A valid bearer access token (every route but those declared public): the request's principal."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
@@ -169,9 +155,9 @@ async def authenticate(request: web.Request) -> None:
             401, "unauthenticated", "a bearer token is required", {"WWW-Authenticate": 'Bearer realm="agent"'}
         )
     try:
-        claims = await verify_token(request.app, token.strip(), ACCESS_TYPE)
+        claims = await verify_token(context.app, token.strip(), ACCESS_TYPE)
     except TokenError as error:
-        request.app[METRICS].auth_failures.labels(error.reason).inc()
+        context.app[METRICS].auth_failures.labels(error.reason).inc()
         # Anyone can send these, unthrottled: aggregated, so a flood cannot cost an fsync each.
         await audit_auth_failure(request, "verify_token", error.reason)
         raise ApiError(
@@ -180,7 +166,7 @@ async def authenticate(request: web.Request) -> None:
             error.reason,
             {"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{error.reason}"'},
         ) from None
-    request[PRINCIPAL] = Principal(
+    context.principal = Principal(
         claims.subject, claims.roles, claims.token_id, claims.expires_at, claims.session_id, claims.session_start
     )
 

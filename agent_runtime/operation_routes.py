@@ -27,6 +27,7 @@ from agent_contract.operations import CHAT
 from agent_runtime.api import (
     ApiError,
     audit,
+    authenticated,
     authorize,
     parse_json_object,
     pseudonym,
@@ -44,17 +45,15 @@ from agent_runtime.sharedstate import StateUnavailableError
 from agent_runtime.state import (
     BULKHEADS,
     CONFIG,
+    CONTEXT,
     DEADLINES,
     LIMIT_REFUSALS,
     METRICS,
-    PRINCIPAL,
     REGISTRY,
-    REQUEST_ID,
     STORE,
-    TRACE_ID,
-    TRACED,
     TRACER,
     WORKERS,
+    RequestContext,
 )
 from agent_runtime.tracing import CurrentSpan
 from agent_runtime.workers import Pickled, bulk, json_bytes
@@ -161,7 +160,7 @@ async def operation_input(request: web.Request, operation: Operation, raw: bytes
 
 async def run_operation(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
-    app = request.app
+    app = request[CONTEXT].app
     operation = app[REGISTRY].get(name)
     if operation is None:
         raise ApiError(404, "unknown_operation", f"operation {name!r} is not enabled on this agent")
@@ -200,7 +199,7 @@ async def admit(request: web.Request, operation: Operation, caller: str) -> None
     CALLER.set(caller)  # whose budget the operation's tokens are spent from
     if operation.name == CHAT.name:  # first: it counts nothing, so a refusal costs no request
         await admit_tokens(request, operation, caller)
-    limiter = request.app[LIMITER]
+    limiter = request[CONTEXT].app[LIMITER]
     if not limiter.request_rules:  # no requestsPerMinute: nothing to count (and no coroutine to make)
         return
     try:
@@ -232,7 +231,7 @@ async def limit_refused(request: web.Request, name: str, exceeded: LimitExceeded
     await record_failure_summaries(request.app)  # windows that ended come before this new one
     if first:
         details: dict[str, Any] = {"limit": exceeded.limit, "retry_after_seconds": seconds}
-        if caller != request[PRINCIPAL].subject:
+        if caller != authenticated(request).subject:
             details["requested_by"] = caller  # an approval, refused by its requester's budget
         await audit(request, type="operation", action=name, result="rate_limited", details=details)
     return ApiError(429, "limit_exceeded", exceeded.message, {"Retry-After": str(seconds)}, {"limit": exceeded.limit})
@@ -251,11 +250,12 @@ Result = dict[str, Any] | EncodedResult
 
 
 def operation_response(request: web.Request, name: str, result: Result, actor: str) -> web.Response:
+    context = request[CONTEXT]
     body = {
         "operation": name,
         "result": result,
-        "request_id": request[REQUEST_ID],
-        "trace_id": request[TRACE_ID],
+        "request_id": context.request_id,
+        "trace_id": context.trace_id,
         "actor": actor,
     }
     if isinstance(result, dict):
@@ -273,12 +273,13 @@ async def execute(request: web.Request, operation: Operation, argument: Any, aud
     A CPU-bound operation runs in a worker process, which the timeout kills (see workers.py)."""
     name = operation.name
     started = time.perf_counter()
-    app = request.app
+    context = request[CONTEXT]
+    app = context.app
     metrics = app[METRICS]
     call_details: dict[str, Any] = {}  # what the operation adds to its record (chat: its tokens)
     details_token = CALL_DETAILS.set(call_details)
     try:
-        with _tool_span(request, operation):
+        with _tool_span(context, operation):
             result = await _limited(request, operation, audit_details, lambda: _call(app, operation, argument))
     except Exception as error:
         raise await _failure(request, operation, error, {**audit_details, **call_details}) from None
@@ -296,16 +297,16 @@ async def execute(request: web.Request, operation: Operation, argument: Any, aud
     return result
 
 
-def _tool_span(request: web.Request, operation: Operation) -> contextlib.AbstractContextManager[Any]:
+def _tool_span(context: RequestContext, operation: Operation) -> contextlib.AbstractContextManager[Any]:
     """The operation's span (GenAI's ``execute_tool``), when the request is traced."""
-    if not request.get(TRACED):
+    if not context.traced:
         return contextlib.nullcontext(None)
     attributes = {
         "gen_ai.operation.name": "execute_tool",
         "gen_ai.tool.name": operation.name,
         "agent.security_level": operation.level.value,
     }
-    span = request.app[TRACER].start_span(
+    span = context.app[TRACER].start_span(
         f"execute_tool {operation.name}", kind=trace.SpanKind.INTERNAL, attributes=attributes
     )
     return CurrentSpan(span, record_exception=True)
@@ -326,7 +327,7 @@ async def _failure(
     if isinstance(error, ApiError):
         return error
     if isinstance(error, LimitExceededError):  # a budget checked again inside the operation
-        return await limit_refused(request, name, error, CALLER.get(request[PRINCIPAL].subject))
+        return await limit_refused(request, name, error, CALLER.get(authenticated(request).subject))
     if isinstance(error, InputError):
         metrics.count_operation(name, "invalid_input")
         return ApiError(422, "invalid_input", f"input: {error}")
@@ -348,7 +349,7 @@ async def _limited(
 ) -> T:
     """``call()`` in the operation's bulkhead and under its timeout: beyond the bulkhead's queue a
     503, past the timeout a 504 (and a CPU-bound call's worker is killed), each counted and audited."""
-    app = request.app
+    app = request[CONTEXT].app
     try:
         return await app[DEADLINES].run(app[BULKHEADS][operation.name].run, call)
     except OverloadedError:
@@ -439,7 +440,7 @@ async def execute_stream(
     call_details: dict[str, Any] = {}
     details_token = CALL_DETAILS.set(call_details)
     try:
-        with _tool_span(request, operation):
+        with _tool_span(request[CONTEXT], operation):
             return await _limited_stream(request, operation, argument, audit_details, call_details)
     except Exception as error:
         raise await _failure(request, operation, error, {**audit_details, **call_details}) from None
@@ -494,8 +495,8 @@ async def _relay(
             "Content-Type": f"{EVENT_STREAM}; charset=utf-8",
             "Cache-Control": "no-cache",
             "X-Accel-Buffering": "no",  # nginx (and ingresses built on it) would hold the events back
-            "X-Request-ID": request[REQUEST_ID],  # the middleware's come too late for a streamed answer
-            "X-Trace-ID": request[TRACE_ID],
+            "X-Request-ID": request[CONTEXT].request_id,  # the middleware's come too late for a streamed answer
+            "X-Trace-ID": request[CONTEXT].trace_id,
         }
     )
     outcome, problem, relayed = "success", None, 0
@@ -528,7 +529,7 @@ async def _relay(
         gone = left.is_set() or request.transport is None or request.transport.is_closing()
         outcome = "client_disconnected" if gone else "cancelled"
     except Exception as error:
-        log.exception("operation %r failed mid-stream (request %s)", name, request[REQUEST_ID])
+        log.exception("operation %r failed mid-stream (request %s)", name, request[CONTEXT].request_id)
         outcome, problem = (
             "error",
             ApiError(500, "operation_failed", f"operation {name!r} failed ({type(error).__name__})"),
@@ -538,9 +539,9 @@ async def _relay(
     try:
         await events.aclose()  # releases what the operation holds (chat: the model's response)
     except Exception:
-        log.exception("operation %r did not close cleanly (request %s)", name, request[REQUEST_ID])
+        log.exception("operation %r did not close cleanly (request %s)", name, request[CONTEXT].request_id)
     if problem is not None:
-        error_data = {"code": problem.code, "message": problem.message, "request_id": request[REQUEST_ID]}
+        error_data = {"code": problem.code, "message": problem.message, "request_id": request[CONTEXT].request_id}
         await _last_write(request, lambda: response.write(_sse(StreamEvent(error_data, "error"))))
     request.app[METRICS].count_operation(name, outcome)
     details = {

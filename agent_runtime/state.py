@@ -66,9 +66,23 @@ PUBLIC_PATHS = web.AppKey("public_paths", frozenset[str])
 # per request on the hot path.
 ID_SOURCE = web.AppKey("id_source", random.Random)
 
+
 # --- per request ---
-REQUEST_ID = web.RequestKey("request_id", str)  # always the server's own
-CLIENT_REQUEST_ID = web.RequestKey("client_request_id", str)  # the caller's X-Request-ID, when sane
-TRACE_ID = web.RequestKey("trace_id", str)
-TRACED = web.RequestKey("traced", bool)
-PRINCIPAL = web.RequestKey("principal", Principal)
+class RequestContext:
+    """What the runtime knows of one request, filled in by the middleware as it learns it: one
+    request entry, read once by each function that needs it. Five entries, each a method call to
+    read or write, and ``request.app`` (two property calls each time) had cost 27 of the 226
+    Python calls a request (counted by bench.request_work)."""
+
+    __slots__ = ("app", "client_request_id", "principal", "request_id", "trace_id", "traced")
+
+    def __init__(self, app: web.Application, request_id: str, trace_id: str, traced: bool) -> None:
+        self.app = app
+        self.request_id = request_id  # always the server's own
+        self.trace_id = trace_id
+        self.traced = traced
+        self.client_request_id: str | None = None  # the caller's X-Request-ID, when sane
+        self.principal: Principal | None = None  # once authenticated
+
+
+CONTEXT = web.RequestKey("context", RequestContext)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -169,6 +170,48 @@ async def test_bulkhead_limits_concurrency_and_sheds_beyond_its_queue() -> None:
     release.set()
     await asyncio.gather(*tasks)
     assert peak == 2
+    assert (bulkhead.in_use, bulkhead.waiting) == (0, 0)
+
+
+async def test_bulkhead_serves_its_queue_in_order_and_loses_no_place_to_a_cancelled_waiter() -> None:
+    """Places pass to waiters first come first served. A waiter cancelled while it waits leaves
+    the queue (at once, or when a release comes upon it first); one cancelled after it was handed
+    a place hands it on. No place is lost or made: the limit holds throughout, and everything
+    ends with nothing in use or waiting."""
+    bulkhead = Bulkhead(limit=1, queue_limit=5)
+    gates = {name: asyncio.Event() for name in "abcdef"}
+    order: list[str] = []
+
+    def work(name: str) -> Callable[[], Awaitable[str]]:
+        async def run() -> str:
+            order.append(name)
+            assert bulkhead.in_use == 1
+            await gates[name].wait()
+            if name == "a":
+                running["b"].cancel()  # b's cancellation is still on its way when a's place is released
+                asyncio.get_running_loop().call_soon(running["c"].cancel)  # c: handed the place, not started
+            return name
+
+        return run
+
+    running = {name: asyncio.create_task(bulkhead.run(work(name))) for name in "abcdef"}
+    while bulkhead.waiting < 5:
+        await asyncio.sleep(0)
+    running["e"].cancel()  # cancelled while it waits: it leaves the queue
+    with pytest.raises(asyncio.CancelledError):
+        await running["e"]
+    assert (bulkhead.in_use, bulkhead.waiting) == (1, 4)
+    gates["a"].set()
+    assert await running["a"] == "a"
+    for name in "bc":
+        with pytest.raises(asyncio.CancelledError):
+            await running[name]
+    gates["d"].set()
+    gates["f"].set()
+    assert [await running["d"], await running["f"]] == ["d", "f"]
+    assert order == ["a", "d", "f"]
+    assert (bulkhead.in_use, bulkhead.waiting) == (0, 0)
+    assert await bulkhead.run(work("f")) == "f"  # the one place is free again
     assert (bulkhead.in_use, bulkhead.waiting) == (0, 0)
 
 
