@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +26,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings.load(args.config, port=args.port)
         if args.host:
-            settings = Settings(settings.config, host=args.host, port=settings.port)
+            # Only the host: DATABASE_URL and the rest of what was loaded stay (a new Settings
+            # had dropped them, and with them the replicas' shared state).
+            settings = dataclasses.replace(settings, host=args.host)
         app = create_app(settings)
     except (SettingsError, KeyError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

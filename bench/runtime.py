@@ -116,6 +116,15 @@ def serve(command: list[str], port: int, env: dict[str, str] | None = None) -> s
     return process
 
 
+def _check_state_backend(port: int, expected: str) -> None:
+    """The server keeps its state where the row says (/readyz tells): a PostgreSQL row that ran on
+    SQLite went unnoticed once, when ``serve --host`` dropped DATABASE_URL."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=10) as response:
+        backend = json.loads(response.read())["checks"]["state"]["backend"]
+    if backend != expected:
+        raise RuntimeError(f"the server's state is on {backend}, not {expected}")
+
+
 def _status_kib(pid: int, field: str) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(f"{field}:"):
@@ -271,6 +280,7 @@ def main() -> int:
                                "--host", "127.0.0.1"]  # fmt: skip
                     env = {"DATABASE_URL": postgres.url} if shared and postgres is not None else None
                     process = serve(command, port, env=env)
+                    _check_state_backend(port, "postgres" if shared else "sqlite")
                     bearer = token(port)
                 else:
                     data_dir, port = None, free_port()

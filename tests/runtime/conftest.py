@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -23,6 +24,9 @@ from eao_devtools.testkit.postgres import PostgresServer
 
 PASSWORD = "correct horse battery staple"
 ROLE_USERS = {"admin": "ada", "operator": "otto", "analyst": "ana", "viewer": "vic"}
+
+# The console script of the interpreter running the tests.
+AGENT_RUNTIME = str(Path(sys.executable).parent / "agent-runtime")
 
 
 async def _echo(payload: dict[str, Any]) -> dict[str, Any]:

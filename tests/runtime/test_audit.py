@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -43,10 +42,8 @@ from agent_runtime.operations import BUILTINS
 from agent_runtime.settings import Settings
 from eao_devtools.testkit.operator_process import free_port
 from eao_devtools.testkit.runtime import live_runtime
-from tests.runtime.conftest import make_layout
+from tests.runtime.conftest import AGENT_RUNTIME, make_layout
 from tests.runtime.live import load_then, login
-
-AGENT_RUNTIME = str(Path(sys.executable).parent / "agent-runtime")
 
 
 @pytest.fixture

@@ -105,6 +105,48 @@ def test_old_outcomes_leave_the_window() -> None:
     assert state(breaker) is CircuitState.CLOSED  # 1 failure in 4 recent calls
 
 
+def test_the_window_holds_many_calls_and_lets_them_go_a_bucket_at_a_time() -> None:
+    """The ratio is over every call in the window, however many: 49,999 failures after 50,000
+    successes keep it closed, the next failure opens it. Outcomes leave once their whole second
+    is older than the window, not before."""
+    clock = Clock()
+    config = CircuitBreakerConfig(failure_ratio=0.5, minimum_throughput=4, window_seconds=10, open_seconds=30)
+    breaker = CircuitBreaker("database", config, clock=clock)
+    for call in range(50_000):  # over 5 s
+        clock.now = call / 10_000
+        breaker.allow()
+        breaker.record(True)
+    for _ in range(49_999):
+        breaker.record(False)
+    assert state(breaker) is CircuitState.CLOSED
+    breaker.record(False)
+    assert state(breaker) is CircuitState.OPEN
+
+    breaker = CircuitBreaker("database", config, clock=clock)
+    clock.now = 0.0
+    for _ in range(6):
+        breaker.record(True)  # in the second [0, 1)
+    clock.now = 10.9  # 10.9 s after them, but their second is not wholly out of the window yet
+    for _ in range(5):
+        breaker.record(False)  # 5 of 11
+    assert state(breaker) is CircuitState.CLOSED
+    clock.now = 11.0  # now it is: 6 of 6 recent calls failed
+    breaker.record(False)
+    assert state(breaker) is CircuitState.OPEN
+
+
+def test_a_window_under_ten_seconds_is_counted_in_tenths_of_it() -> None:
+    clock = Clock()
+    config = CircuitBreakerConfig(failure_ratio=0.5, minimum_throughput=4, window_seconds=0.5, open_seconds=30)
+    breaker = CircuitBreaker("model", config, clock=clock)
+    for _ in range(3):
+        breaker.record(False)
+    clock.now = 0.56  # 0.5 s and a 0.05 s bucket later: gone (a whole-second bucket would keep them)
+    for success in (True, True, True, False):
+        breaker.record(success)
+    assert state(breaker) is CircuitState.CLOSED  # 1 failure in 4 recent calls
+
+
 async def test_call_wraps_an_async_function() -> None:
     breaker = _breaker(Clock())
 

@@ -9,11 +9,15 @@ users), served over HTTP and reached through its own client, as pods behind a Se
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -27,8 +31,9 @@ from agent_runtime.security.throttle import PAIR, LoginThrottle
 from agent_runtime.settings import Settings, SettingsError
 from agent_runtime.sharedstate import PostgresEngine, PostgresRevocations, PostgresThrottleCounters
 from agent_runtime.state import THROTTLE
+from eao_devtools.testkit.operator_process import free_port
 from eao_devtools.testkit.postgres import PostgresServer
-from tests.runtime.conftest import fresh_database, login, make_layout
+from tests.runtime.conftest import AGENT_RUNTIME, fresh_database, login, make_layout
 
 Client = TestClient[web.Request, web.Application]
 REPORT = {"input": {"title": "Weekly", "analysis": {"data": [{"ms": 10}, {"ms": 20}]}}}
@@ -243,6 +248,43 @@ async def test_a_database_killed_under_load_fails_closed_and_loses_nothing_ackno
         }
         assert set(acknowledged["approvals"]) <= pending_ids
         assert (await reader.get(CONSENTS, headers=gone_headers)).status == 401  # still revoked
+
+
+async def test_agent_runtime_serve_with_a_host_given_keeps_its_state_on_the_database(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """``agent-runtime serve --host ...`` with DATABASE_URL: the state is on PostgreSQL, as /readyz
+    reports (``--host`` had made new Settings without it, and the state went to SQLite)."""
+    url = await fresh_database(postgres)
+    config = make_layout(tmp_path / "agent")
+    port = free_port()
+    server = subprocess.Popen(
+        [AGENT_RUNTIME, "serve", "--config", str(config), "--port", str(port), "--host", "127.0.0.1"],
+        env={**os.environ, "DATABASE_URL": url},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            readiness = await _ready(session, f"http://127.0.0.1:{port}/readyz", server)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert readiness["checks"]["state"]["backend"] == "postgres", readiness
+
+
+async def _ready(session: aiohttp.ClientSession, url: str, server: subprocess.Popen[bytes]) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            async with session.get(url) as response:
+                if response.status == 200:
+                    return dict(await response.json())
+        except aiohttp.ClientConnectionError:
+            pass
+        assert server.poll() is None, "the runtime exited"
+        assert time.monotonic() < deadline, "the runtime did not become ready"
+        await asyncio.sleep(0.1)
 
 
 def test_a_database_url_that_is_not_postgres_is_refused_naming_the_variable(tmp_path: Path) -> None:

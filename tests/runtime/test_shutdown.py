@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 from pathlib import Path
 
 from agent_contract.keyfiles import KeyRing
@@ -13,8 +12,6 @@ from agent_runtime.audit import verify_lines
 from eao_devtools.testkit.runtime import live_runtime
 from tests.runtime.conftest import make_layout
 from tests.runtime.live import load_then, login
-
-AGENT_RUNTIME = str(Path(sys.executable).parent / "agent-runtime")
 
 
 async def test_sigterm_under_load_finishes_in_flight_work(tmp_path: Path) -> None:
