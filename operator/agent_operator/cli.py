@@ -14,6 +14,7 @@ from agent_contract.layout import OPERATOR_METRICS_PORT
 from agent_operator import defaults
 from agent_operator.crd import build_crd
 from agent_operator.manifest import ManifestError, dump_yaml_all, load_agents
+from agent_operator.namespaces import WatchedNamespaces, namespace_pattern
 from agent_operator.render import RenderPlan, build_children
 
 EXIT_INVALID = 2
@@ -72,7 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     return run(
         RunOptions(
-            namespaces=tuple(args.namespace),
+            namespaces=WatchedNamespaces(tuple(args.namespace)),
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
             log_format=args.log_format,
@@ -86,6 +87,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             analysis_base_url=args.analysis_base_url,
         )
     )
+
+
+def _namespace_option(value: str) -> str:
+    try:
+        return namespace_pattern(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,7 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the operator against the current KUBECONFIG (or in-cluster credentials)")
     run.add_argument(
-        "-n", "--namespace", action="append", default=[], help="watch only this namespace (repeatable); default: all"
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        type=_namespace_option,
+        help="watch only this namespace, or those a glob matches (team-*); repeatable; default: all",
     )
     run.add_argument("--metrics-port", type=int, default=OPERATOR_METRICS_PORT, help="port of /metrics and /healthz")
     run.add_argument("--metrics-host", default="0.0.0.0", help="address /metrics and /healthz listen on")  # noqa: S104

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import fnmatch
 import logging
 import math
 import random
@@ -35,6 +34,7 @@ from agent_operator.conditions import Reason
 from agent_operator.kinds import AGENT, ENDPOINT_SLICE, WATCHED_BY_LABEL
 from agent_operator.kube import Kube, KubeError
 from agent_operator.manifest import FieldError
+from agent_operator.namespaces import WatchedNamespaces
 from agent_operator.render.common import (
     ANNOTATION_ROTATE_KEYS,
     ANNOTATION_UNDO,
@@ -171,7 +171,7 @@ class Controller:
         self.leading = asyncio.Event()
         self.last_heartbeat = time.monotonic()
         self._last_resync = 0.0
-        self._namespaces: tuple[str, ...] = ()
+        self._namespaces = WatchedNamespaces()
         self._change_count = 0
         self._write_until = math.inf  # set by the elector's renewals; a controller without one is unbounded
         self._touched: dict[Hashable, int] = {}
@@ -202,6 +202,8 @@ class Controller:
     # --- watch events -----------------------------------------------------------------------------
 
     def observe_agent(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        if not self._watched(body):
+            return  # a glob's watches run across the cluster (WatchedNamespaces.watch_clusterwide)
         body = _slim(body)
         key = (body["metadata"]["namespace"], body["metadata"]["name"])
         self._touch(("agent", *key))
@@ -224,6 +226,8 @@ class Controller:
             self.queue.add(key)
 
     def observe_child(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        if not self._watched(body):
+            return
         body = _slim(body)
         metadata = body["metadata"]
         owner = metadata.get("labels", {}).get(LABEL_INSTANCE)
@@ -384,12 +388,13 @@ class Controller:
         self._touch(_child_identity(slim))
         return slim
 
-    async def prime(self, namespaces: tuple[str, ...]) -> None:
+    async def prime(self, namespaces: WatchedNamespaces) -> None:
         """Lists agents and children once before any reconcile (as an informer syncs its cache),
         so the first reconcile after a start sees existing children and writes nothing needless.
-        ``namespaces`` may hold globs, as kopf's do; empty means all namespaces."""
+        The first periodic resync comes a full period after it (see _resync for the list between)."""
         self._namespaces = namespaces
         await self.relist()
+        self._last_resync = time.monotonic()
 
     async def relist(self) -> None:
         """Lists everything we watch and makes the caches agree, as an informer's relist does:
@@ -440,13 +445,10 @@ class Controller:
         self._touched = {identity: count for identity, count in self._touched.items() if count > listed_at}
 
     def _scopes(self) -> list[str | None]:
-        """The namespaces to list in: each one named exactly, or all when any is a glob."""
-        exact = [n for n in self._namespaces if not any(c in n for c in "*?[")]
-        return list(exact) if self._namespaces and len(exact) == len(self._namespaces) else [None]
+        return self._namespaces.list_scopes()
 
     def _watched(self, obj: Mapping[str, Any]) -> bool:
-        namespace = obj["metadata"].get("namespace", "")
-        return not self._namespaces or any(fnmatch.fnmatchcase(namespace, p) for p in self._namespaces)
+        return self._namespaces.covers(obj["metadata"].get("namespace", ""))
 
     # --- running ----------------------------------------------------------------------------------
 
@@ -471,18 +473,25 @@ class Controller:
                 self.queue.add(key)
 
     async def _resync(self) -> None:
-        """Level-based safety net: every agent is reconciled periodically even with no events."""
+        """Level-based safety net: every agent is reconciled periodically even with no events.
+        One list comes a few seconds after the start, queueing only what differs: an object
+        deleted between prime()'s lists and the start of kopf's watches has no DELETED event, and
+        would otherwise stay in the cache (a child not recreated) until the first resync."""
+        caught_up = False
         while True:
             self.last_heartbeat = time.monotonic()
             await asyncio.sleep(min(self.settings.resync_seconds, 5.0))
             self.last_heartbeat = time.monotonic()
-            if time.monotonic() - self._last_resync >= self.settings.resync_seconds:
-                self._last_resync = time.monotonic()
+            due = time.monotonic() - self._last_resync >= self.settings.resync_seconds
+            if due or not caught_up:
+                caught_up = True
+                if due:
+                    self._last_resync = time.monotonic()
                 try:
                     await self.relist()
                 except KubeError as error:  # the watches still run; the next resync lists again
                     log.warning("relist failed: %s", error)
-                if self.leading.is_set():
+                if due and self.leading.is_set():
                     self.enqueue_all()
                     metrics.RESYNCS.inc()
 

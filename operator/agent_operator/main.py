@@ -12,7 +12,7 @@ import socket
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import kopf
@@ -25,13 +25,14 @@ from agent_operator.controller import Controller, ControllerSettings
 from agent_operator.handlers import build_registry, configure
 from agent_operator.kube import Kube
 from agent_operator.leader import LeaderElector
+from agent_operator.namespaces import WatchedNamespaces
 
 log = logging.getLogger("agent_operator")
 
 
 @dataclass(frozen=True)
 class RunOptions:
-    namespaces: tuple[str, ...] = ()
+    namespaces: WatchedNamespaces = field(default_factory=WatchedNamespaces)
     metrics_host: str = "0.0.0.0"  # noqa: S104 - in a pod the kubelet and Prometheus must reach it
     metrics_port: int = OPERATOR_METRICS_PORT
     log_format: str = "text"
@@ -119,7 +120,7 @@ async def run_operator(options: RunOptions) -> None:
     runner = await _serve_http(controller, elector, options)
     settings = kopf.OperatorSettings()
     configure(settings)
-    log.info("operator %s starting (namespaces: %s)", identity, ", ".join(options.namespaces) or "all")
+    log.info("operator %s starting (namespaces: %s)", identity, ", ".join(options.namespaces.patterns) or "all")
 
     async def take_signals() -> None:
         # kopf installs SIGTERM/SIGINT handlers once it has started; ours replace them, so the
@@ -135,8 +136,8 @@ async def run_operator(options: RunOptions) -> None:
                 registry=build_registry(controller),
                 settings=settings,
                 standalone=True,
-                clusterwide=not options.namespaces,
-                namespaces=list(options.namespaces),
+                clusterwide=options.namespaces.watch_clusterwide,
+                namespaces=list(options.namespaces.names or ()),
                 stop_flag=stop,
                 ready_flag=kopf_ready,
                 # Ours, not kopf's default from getpass: a pod's uid (10001, or an arbitrary one on

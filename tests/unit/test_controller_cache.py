@@ -1,14 +1,18 @@
-"""The controller's watch caches: what a DELETED event may remove."""
+"""The controller's watch caches: what a DELETED event may remove, and what a list catches up on."""
 
 from __future__ import annotations
 
 import asyncio
+import builtins
+import time
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 from agent_operator.controller import Controller, ControllerSettings
 from agent_operator.kube import Kube
+from agent_operator.namespaces import WatchedNamespaces
 from agent_operator.render.common import LABEL_INSTANCE
-from tests.helpers import served
+from tests.helpers import drain, queued, served
 
 
 def _config_map(uid: str, namespace: str, agent: str) -> dict[str, Any]:
@@ -42,5 +46,56 @@ def test_a_deleted_event_of_an_older_child_of_the_same_name_keeps_the_new_one() 
         assert children[("v1", "ConfigMap", "web-config")]["metadata"]["uid"] == "new"
         controller.observe_child("DELETED", _config_map("new", namespace, name))
         assert ("v1", "ConfigMap", "web-config") not in children
+
+    asyncio.run(scenario())
+
+
+class ListingApi:
+    """Lists the objects it holds; no referenced object, and its watches stay silent."""
+
+    def __init__(self, *objects: dict[str, Any]) -> None:
+        self.objects = list(objects)
+
+    async def list(
+        self, api_version: str, kind: str, namespace: str | None = None, label_selector: str | None = None
+    ) -> list[dict[str, Any]]:
+        return [o for o in self.objects if o["kind"] == kind]
+
+    async def list_metadata(self, *_: Any) -> tuple[builtins.list[dict[str, Any]], str]:
+        return [], "1"
+
+    async def watch_metadata(self, *_: Any) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        await asyncio.Event().wait()
+        yield "BOOKMARK", {}
+
+
+def test_a_child_deleted_before_the_watches_began_is_forgotten_soon_after_the_start() -> None:
+    """Between the controller's first lists and the start of kopf's watches a deletion has no
+    event: the list a few seconds after the start catches it (the periodic resync, an hour away
+    here, would be too late: the child would not be recreated until then)."""
+
+    async def scenario() -> None:
+        agent = served("minimal", uid="agent")
+        namespace, name = agent["metadata"]["namespace"], agent["metadata"]["name"]
+        child = _config_map("cm", namespace, name)
+        api = ListingApi(agent, child)
+        # No workers: the test takes the queued agent itself.
+        controller = Controller(cast(Kube, api), ControllerSettings(resync_seconds=3600, workers=0))
+        await controller.prime(WatchedNamespaces())
+        children = controller.records[(namespace, name)].children
+        assert ("v1", "ConfigMap", "web-config") in children
+        await drain(controller)
+        api.objects.remove(child)  # deleted before any watch began
+        stop = asyncio.Event()
+        running = asyncio.create_task(controller.run(stop))
+        try:
+            deadline = time.monotonic() + 20
+            while ("v1", "ConfigMap", "web-config") in children or not queued(controller):
+                assert time.monotonic() < deadline, "the deleted child is still in the cache, or its agent not queued"
+                await asyncio.sleep(0.05)
+            assert await drain(controller) == {(namespace, name)}  # its agent, to recreate the child
+        finally:
+            stop.set()
+            await running
 
     asyncio.run(scenario())
