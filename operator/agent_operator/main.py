@@ -17,6 +17,7 @@ from typing import Any, cast
 
 import kopf
 from aiohttp import web
+from kopf._cogs.structs.references import Insights, NamespaceName
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from agent_contract.layout import OPERATOR_METRICS_PORT
@@ -138,6 +139,7 @@ async def run_operator(options: RunOptions) -> None:
                 standalone=True,
                 clusterwide=options.namespaces.watch_clusterwide,
                 namespaces=list(options.namespaces.names or ()),
+                insights=_named_namespaces_watched_from_the_start(options.namespaces),
                 stop_flag=stop,
                 ready_flag=kopf_ready,
                 # Ours, not kopf's default from getpass: a pod's uid (10001, or an arbitrary one on
@@ -153,6 +155,19 @@ async def run_operator(options: RunOptions) -> None:
     finally:
         await runner.cleanup()
         await kube.close()
+
+
+def _named_namespaces_watched_from_the_start(namespaces: WatchedNamespaces) -> Insights:
+    """kopf's record of what it watches, holding the named namespaces before it starts. kopf
+    learns namespaces from its watch of Namespaces, and that watch ignores what its initial list,
+    and every relist after a 410, returns: a named namespace made just as the operator started, or
+    while its watches were down, was never watched (tested with the API server restarted and
+    compacted). Watching a namespace that does not exist yet costs an empty list; kopf still drops
+    a namespace when it is deleted and takes it again when it is made. (``Insights`` is kopf's own
+    type, not exported, behind ``kopf.operator``'s ``insights`` argument; kopf is pinned.)"""
+    insights = Insights()
+    insights.namespaces.update(NamespaceName(name) for name in namespaces.names or ())
+    return insights
 
 
 def run(options: RunOptions) -> int:

@@ -7,6 +7,7 @@ import base64
 import json
 import signal
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -73,6 +74,38 @@ def test_api_server_restart_with_a_child_and_an_agent_deleted_in_the_gap(
         what="the deleted agent's phase gauge gone",
     )
     assert condition(wait_phase(kube, ns, "kept", "Ready"), "Ready")["status"] == "True"
+
+
+def test_a_named_namespace_made_while_the_operator_could_not_see_is_watched_once_it_can(
+    fault_cluster: Kube, fault_namespace: str, tmp_path: Path
+) -> None:
+    """`--namespace team-b` given before team-b exists; team-b and an agent in it are made while the
+    operator is frozen and the API server restarts with its history compacted. kopf's watch of
+    Namespaces then comes back with a relist, and kopf ignores the namespaces a list returns: had
+    the operator's watches in a named namespace depended on that watch, the agent would never be
+    seen (its resync is an hour away)."""
+    kube, first = fault_cluster, fault_namespace
+    assert kube.local is not None
+    later = f"fl-{uuid.uuid4().hex[:8]}"
+    operator = start_operator(kube, tmp_path, first, resync_seconds=3600, extra_args=("--namespace", later))
+    try:
+        # An agent Ready in the namespace that exists: the operator's watches are up.
+        apply(kube, agent_manifest(first))
+        wait_phase(kube, first, "hello-agent", "Ready")
+        assert operator.process is not None
+        operator.process.send_signal(signal.SIGSTOP)
+        try:
+            kube.local.restart("kube-apiserver")
+            objects = [{"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": later}}, agent_manifest(later)]
+            kube.kubectl("apply", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
+            kube.local.compact_etcd()
+        finally:
+            operator.process.send_signal(signal.SIGCONT)
+        # Ready needs the Deployment's status, which only the watch in that namespace brings.
+        assert condition(wait_phase(kube, later, "hello-agent", "Ready", timeout=90), "Ready")["status"] == "True"
+    finally:
+        operator.stop()
+        kube.kubectl("delete", "namespace", later, "--wait=false", check=False)
 
 
 def test_a_resource_quota_that_refuses_a_child_is_stalled_with_an_event_then_converges(
