@@ -31,7 +31,7 @@ from agent_operator import defaults, metrics, rollout, timefmt, undo
 from agent_operator import reconcile as core
 from agent_operator.analysis import HttpAnalysis
 from agent_operator.conditions import Reason
-from agent_operator.kinds import AGENT, ENDPOINT_SLICE, WATCHED_BY_LABEL
+from agent_operator.kinds import AGENT, ENDPOINT_SLICE, WATCHED_BY_LABEL, Kind, Role
 from agent_operator.kube import Kube, KubeError
 from agent_operator.manifest import FieldError
 from agent_operator.namespaces import WatchedNamespaces
@@ -52,6 +52,7 @@ log = logging.getLogger("agent_operator")
 
 AgentKey = tuple[str, str]  # (namespace, name)
 RefKey = tuple[str, str, str]  # (namespace, kind, name) of a referenced Secret or ConfigMap
+NameKey = tuple[str, str, str, str]  # (namespace, apiVersion, kind, name) of an object a child may be
 # The kinds agents reference by name; their objects are not ours and carry no label of ours.
 REFERENCED_KINDS = ("Secret", "ConfigMap")
 REFERENCE_WATCH_SECONDS = 300  # the API server ends each reference watch after this
@@ -192,6 +193,13 @@ class Controller:
         # agent that references it. (kind, scope) of each watch listed and running.
         self._reference_reads: dict[RefKey, tuple[str | None, dict[str, Any] | None]] = {}
         self._live_reference_watches: set[tuple[str, str | None]] = set()
+        # The names a child may not take without a look (see _foreign_objects): those of objects of
+        # our children's kinds not labelled as ours, by (kind, scope) of the watch that lists them,
+        # and where each object labelled as ours is cached: (namespace, apiVersion, kind, name) ->
+        # the agent whose record holds it, None for one without an instance label (never cached).
+        self._foreign_names: dict[tuple[str, str | None], set[tuple[str, str]]] = {}
+        self._live_name_watches: set[tuple[str, str | None]] = set()
+        self._our_names: dict[NameKey, AgentKey | None] = {}
 
     def _record(self, key: AgentKey) -> AgentRecord:
         return self.records.setdefault(key, AgentRecord())
@@ -229,6 +237,11 @@ class Controller:
         if not self._watched(body):
             return
         body = _slim(body)
+        self._cache_child(event_type, body)
+        if body["kind"] != ENDPOINT_SLICE.kind:
+            self._index_our_name(event_type, body)
+
+    def _cache_child(self, event_type: str | None, body: dict[str, Any]) -> None:
         metadata = body["metadata"]
         owner = metadata.get("labels", {}).get(LABEL_INSTANCE)
         if not owner:
@@ -255,6 +268,52 @@ class Controller:
             # A rollout brings bursts of child status events; waiting a moment folds each burst
             # into one reconcile (and one status write) instead of one per event.
             self.queue.add_after(key, self.settings.child_event_delay_seconds)
+
+    # --- names taken -----------------------------------------------------------------------------
+
+    def _index_our_name(self, event_type: str | None, body: Mapping[str, Any]) -> None:
+        metadata = body["metadata"]
+        name = _name_key(body)
+        if event_type != "DELETED":
+            owner = (metadata.get("labels") or {}).get(LABEL_INSTANCE)
+            self._our_names[name] = (metadata["namespace"], owner) if owner else None
+        elif self._cached_elsewhere(name) is None:  # gone, not a newer one of that name
+            self._our_names.pop(name, None)
+
+    def _cached_elsewhere(self, name: NameKey) -> dict[str, Any] | None:
+        """The object of that name labelled as ours, as the cache of the agent it is labelled for holds it."""
+        holder = self._our_names.get(name)
+        record = self.records.get(holder) if holder is not None else None
+        return record.children.get(name[1:]) if record is not None else None
+
+    def listed_foreign_names(self, kind: str, scope: str | None, items: list[dict[str, Any]]) -> None:
+        self._foreign_names[(kind, scope)] = {
+            (str(item["metadata"].get("namespace") or ""), str(item["metadata"].get("name") or "")) for item in items
+        }
+
+    def observe_foreign_name(self, kind: str, scope: str | None, event_type: str, obj: Mapping[str, Any]) -> None:
+        metadata = obj.get("metadata") or {}
+        namespace = str(metadata.get("namespace") or "")
+        if not self._namespaces.covers(namespace):
+            return
+        names = self._foreign_names.setdefault((kind, scope), set())
+        if event_type == "DELETED":
+            names.discard((namespace, str(metadata.get("name") or "")))
+        else:  # a label set to ours later leaves this watch as DELETED, and the children's watch has it
+            names.add((namespace, str(metadata.get("name") or "")))
+
+    def _known_free(self, name: NameKey) -> bool:
+        """Whether no object has that name: the watch of its kind's names not labelled as ours is
+        live (listed, and not broken since) and has not shown it, and no object labelled as ours
+        has it. An object made by someone else a moment ago, that the watch has not shown yet,
+        is missed, as it is between a read and the write after it."""
+        namespace, _, kind, object_name = name
+        if name in self._our_names:
+            return False
+        for scope in (None, namespace):
+            if (kind, scope) in self._live_name_watches:
+                return (namespace, object_name) not in self._foreign_names.get((kind, scope), ())
+        return False
 
     # --- referenced Secrets and ConfigMaps ------------------------------------------------------------
 
@@ -315,40 +374,79 @@ class Controller:
         """Lists, then watches, the metadata of every ``kind`` in ``scope``, as an informer does,
         but keeps only the referenced ones' resourceVersions: the API server sends no data (see
         Kube.watch_metadata) and what is not referenced is dropped as it arrives, so thousands of
-        unrelated Secrets cost their metadata passing through, not memory. Lists again after a
-        410 or a broken watch."""
+        unrelated Secrets cost their metadata passing through, not memory."""
+        await self._list_then_watch(
+            ("v1", kind, scope),
+            None,
+            self._referenced(kind),
+            lambda items: self.listed_references(kind, scope, items),
+            lambda event_type, obj: self.observe_reference(kind, event_type, obj),
+            self._live_reference_watches,
+        )
+
+    async def _watch_foreign_names(self, kind: Kind, scope: str | None) -> None:
+        """Lists, then watches, the names of the objects of a child's kind in ``scope`` that are not
+        labelled as ours (metadata only; ours are in the children's caches), so that a child the
+        caches do not hold needs no read to know its name is free (see _foreign_objects)."""
+        await self._list_then_watch(
+            (kind.api_version, kind.kind, scope),
+            f"{LABEL_MANAGED_BY}!={MANAGER}",
+            lambda metadata: self._namespaces.covers(str(metadata.get("namespace") or "")),
+            lambda items: self.listed_foreign_names(kind.kind, scope, items),
+            lambda event_type, obj: self.observe_foreign_name(kind.kind, scope, event_type, obj),
+            self._live_name_watches,
+        )
+
+    async def _list_then_watch(
+        self,
+        what: tuple[str, str, str | None],
+        label_selector: str | None,
+        keep: Callable[[Mapping[str, Any]], bool],
+        listed: Callable[[list[dict[str, Any]]], None],
+        observe: Callable[[str, dict[str, Any]], None],
+        live_watches: set[tuple[str, str | None]],
+    ) -> None:
+        """The list-then-watch loop of a metadata-only informer over (apiVersion, kind, scope):
+        ``listed`` takes each list, ``observe`` each event. (kind, scope) is in ``live_watches``
+        while the watch runs from a list; whoever trusts the watch reads instead when it is not.
+        Lists again after a 410 or a broken watch."""
+        api_version, kind, scope = what
         delay = self.settings.backoff_base_seconds
         live = (kind, scope)
         while True:
             try:
-                items, version = await self.kube.list_metadata("v1", kind, scope, self._referenced(kind))
-                self.listed_references(kind, scope, items)
-                self._live_reference_watches.add(live)
+                items, version = await self.kube.list_metadata(
+                    api_version, kind, scope, keep, label_selector=label_selector
+                )
+                listed(items)
+                live_watches.add(live)
                 while True:  # each watch ends after REFERENCE_WATCH_SECONDS; go on from where it was
                     started = time.monotonic()
-                    events = self.kube.watch_metadata("v1", kind, scope, version, REFERENCE_WATCH_SECONDS)
+                    events = self.kube.watch_metadata(
+                        api_version, kind, scope, version, REFERENCE_WATCH_SECONDS, label_selector=label_selector
+                    )
                     async for event_type, obj in events:
                         version = _resource_version(obj) or version
                         if event_type != "BOOKMARK":
-                            self.observe_reference(kind, event_type, obj)
+                            observe(event_type, obj)
                     if time.monotonic() - started < 1.0:  # ended at once (a proxy?): no hot loop
                         await asyncio.sleep(random.uniform(delay / 2, delay))  # noqa: S311 - jitter, not crypto
                         delay = min(self.settings.backoff_max_seconds, delay * 2)
                     else:
                         delay = self.settings.backoff_base_seconds
             except Exception as error:
-                # Until it is listed again, every reconcile reads what it references (events may be lost).
-                self._live_reference_watches.discard(live)
+                # Until it is listed again, what trusted the watch reads instead (events may be lost).
+                live_watches.discard(live)
                 if isinstance(error, KubeError) and error.status == 410:
                     continue  # the version is too old: list again at once
                 if isinstance(error, KubeError):
-                    log.warning("watch of referenced %ss failed: %s", kind, error)
-                else:  # never let this task end: without it no change to a referenced object is seen
-                    log.exception("watch of referenced %ss crashed", kind)
+                    log.warning("watch of %ss in %s failed: %s", kind, scope or "all namespaces", error)
+                else:  # never let this task end: without it no change it watches is seen
+                    log.exception("watch of %ss in %s crashed", kind, scope or "all namespaces")
                 await asyncio.sleep(random.uniform(delay / 2, delay))  # noqa: S311 - jitter, not crypto
                 delay = min(self.settings.backoff_max_seconds, delay * 2)
             except BaseException:
-                self._live_reference_watches.discard(live)
+                live_watches.discard(live)
                 raise
 
     async def _read_references(self, namespace: str, refs: list[Reference]) -> Found:
@@ -386,6 +484,7 @@ class Controller:
         slim = _slim(obj)
         children[core.child_key(slim)] = slim  # fresher than the watch; the event follows
         self._touch(_child_identity(slim))
+        self._index_our_name(None, slim)
         return slim
 
     async def prime(self, namespaces: WatchedNamespaces) -> None:
@@ -458,6 +557,11 @@ class Controller:
         references = [
             asyncio.create_task(self._watch_references(kind, scope), name=f"references-{kind}-{scope or 'all'}")
             for kind in REFERENCED_KINDS
+            for scope in self._scopes()
+        ] + [
+            asyncio.create_task(self._watch_foreign_names(kind, scope), name=f"names-{kind.kind}-{scope or 'all'}")
+            for kind in WATCHED_BY_LABEL
+            if kind.role is Role.CHILD
             for scope in self._scopes()
         ]
         try:
@@ -841,15 +945,24 @@ class Controller:
         that the garbage collector has not removed yet. Server-side apply would take them over, and
         the garbage collector would delete them with the agent; we refuse instead, as a Deployment
         controller does not adopt a ReplicaSet it does not control. Only names the cache does not
-        hold are looked up."""
-        mine = [m for m in manifests if core.child_key(m) not in children]
+        hold are looked up, and only those whose name may be taken (see _known_free): a new agent's
+        children cost no reads."""
+        seen: list[Mapping[str, Any]] = []
+        unknown: list[dict[str, Any]] = []
+        for manifest in manifests:
+            name = _name_key(manifest)
+            cached = children.get(name[1:])
+            cached = cached if cached is not None else self._cached_elsewhere(name)
+            if cached is not None:
+                seen.append(cached)
+            elif not self._known_free(name):
+                unknown.append(manifest)
         found = await asyncio.gather(
             *(
                 self.kube.find(m["apiVersion"], m["kind"], m["metadata"]["namespace"], m["metadata"]["name"])
-                for m in mine
+                for m in unknown
             )
         )
-        seen = [children[core.child_key(m)] for m in manifests if core.child_key(m) in children]
         return [
             FieldError("metadata.name", _foreign(obj, agent))
             for obj in [*seen, *found]
@@ -1047,6 +1160,10 @@ def _cached(record: AgentRecord, obj: Mapping[str, Any]) -> dict[str, Any] | Non
 
 def _uid(obj: Mapping[str, Any] | None) -> str | None:
     return None if obj is None else (obj.get("metadata") or {}).get("uid")
+
+
+def _name_key(obj: Mapping[str, Any]) -> NameKey:
+    return (obj["metadata"]["namespace"], obj["apiVersion"], obj["kind"], obj["metadata"]["name"])
 
 
 def _child_identity(obj: Mapping[str, Any]) -> tuple[str, str, str, str, str]:

@@ -300,6 +300,7 @@ class Kube:
         kind: str,
         namespace: str | None,
         keep: Callable[[Mapping[str, Any]], bool],
+        label_selector: str | None = None,
     ) -> tuple[builtins.list[dict[str, Any]], str]:
         """The metadata of every object of a kind (in one namespace, or all) that ``keep`` wants,
         and the list's resourceVersion to watch from. A page at a time: what ``keep`` does not
@@ -307,8 +308,9 @@ class Kube:
         one page of metadata, not all of them."""
         kept: list[dict[str, Any]] = []
         continue_token = None
+        selector = [("labelSelector", label_selector)] if label_selector else []
         while True:
-            page = [("limit", "500")] + ([("continue", continue_token)] if continue_token else [])
+            page = selector + [("limit", "500")] + ([("continue", continue_token)] if continue_token else [])
             result = await self._request(
                 "GET", object_path(api_version, kind, namespace), query=page, accept=METADATA_LIST
             )
@@ -322,7 +324,13 @@ class Kube:
                 return kept, str(list_metadata.get("resourceVersion") or "")
 
     async def watch_metadata(
-        self, api_version: str, kind: str, namespace: str | None, resource_version: str, timeout_seconds: int
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        resource_version: str,
+        timeout_seconds: int,
+        label_selector: str | None = None,
     ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """Watch events (type, object with its metadata only) from ``resource_version`` on, with
         bookmarks, until the API server ends the watch after ``timeout_seconds``. Raises KubeError:
@@ -333,7 +341,7 @@ class Kube:
             ("allowWatchBookmarks", "true"),
             ("resourceVersion", resource_version),
             ("timeoutSeconds", str(timeout_seconds)),
-        ]
+        ] + ([("labelSelector", label_selector)] if label_selector else [])
         try:
             response = await self.stream_session.get(
                 self.server + object_path(api_version, kind, namespace),
