@@ -56,6 +56,10 @@ NameKey = tuple[str, str, str, str]  # (namespace, apiVersion, kind, name) of an
 # The kinds agents reference by name; their objects are not ours and carry no label of ours.
 REFERENCED_KINDS = ("Secret", "ConfigMap")
 REFERENCE_WATCH_SECONDS = 300  # the API server ends each reference watch after this
+# The children's kinds whose names are watched (see Controller._watch_names). Not Secrets: the key
+# Secret, our only one, is created (POST), and a name taken fails that with 409; and Secrets are
+# the kind a cluster holds most of (Helm releases, tokens), whose names would all be kept.
+NAME_WATCHED_KINDS = tuple(kind for kind in WATCHED_BY_LABEL if kind.role is Role.CHILD and kind.kind != "Secret")
 _RENAME = "rename the agent or delete that object"
 # What a measurement was taken for: the checks' targets, the spec's generation and the revision.
 MeasureRequest = tuple[core.Measure, int, str | None]
@@ -193,13 +197,11 @@ class Controller:
         # agent that references it. (kind, scope) of each watch listed and running.
         self._reference_reads: dict[RefKey, tuple[str | None, dict[str, Any] | None]] = {}
         self._live_reference_watches: set[tuple[str, str | None]] = set()
-        # The names a child may not take without a look (see _foreign_objects): those of objects of
-        # our children's kinds not labelled as ours, by (kind, scope) of the watch that lists them,
-        # and where each object labelled as ours is cached: (namespace, apiVersion, kind, name) ->
-        # the agent whose record holds it, None for one without an instance label (never cached).
-        self._foreign_names: dict[tuple[str, str | None], set[tuple[str, str]]] = {}
+        # The (namespace, name) of every object of our children's kinds (but Secrets: see
+        # NAME_WATCHED_KINDS), ours or not, by (kind, scope) of the watch that lists them: a child
+        # whose name is in none is made without a read (see _foreign_objects).
+        self._taken_names: dict[tuple[str, str | None], set[tuple[str, str]]] = {}
         self._live_name_watches: set[tuple[str, str | None]] = set()
-        self._our_names: dict[NameKey, AgentKey | None] = {}
 
     def _record(self, key: AgentKey) -> AgentRecord:
         return self.records.setdefault(key, AgentRecord())
@@ -237,11 +239,6 @@ class Controller:
         if not self._watched(body):
             return
         body = _slim(body)
-        self._cache_child(event_type, body)
-        if body["kind"] != ENDPOINT_SLICE.kind:
-            self._index_our_name(event_type, body)
-
-    def _cache_child(self, event_type: str | None, body: dict[str, Any]) -> None:
         metadata = body["metadata"]
         owner = metadata.get("labels", {}).get(LABEL_INSTANCE)
         if not owner:
@@ -271,48 +268,31 @@ class Controller:
 
     # --- names taken -----------------------------------------------------------------------------
 
-    def _index_our_name(self, event_type: str | None, body: Mapping[str, Any]) -> None:
-        metadata = body["metadata"]
-        name = _name_key(body)
-        if event_type != "DELETED":
-            owner = (metadata.get("labels") or {}).get(LABEL_INSTANCE)
-            self._our_names[name] = (metadata["namespace"], owner) if owner else None
-        elif self._cached_elsewhere(name) is None:  # gone, not a newer one of that name
-            self._our_names.pop(name, None)
-
-    def _cached_elsewhere(self, name: NameKey) -> dict[str, Any] | None:
-        """The object of that name labelled as ours, as the cache of the agent it is labelled for holds it."""
-        holder = self._our_names.get(name)
-        record = self.records.get(holder) if holder is not None else None
-        return record.children.get(name[1:]) if record is not None else None
-
-    def listed_foreign_names(self, kind: str, scope: str | None, items: list[dict[str, Any]]) -> None:
-        self._foreign_names[(kind, scope)] = {
-            (str(item["metadata"].get("namespace") or ""), str(item["metadata"].get("name") or "")) for item in items
+    def listed_names(self, kind: str, scope: str | None, items: list[dict[str, Any]]) -> None:
+        self._taken_names[(kind, scope)] = {
+            (sys.intern(str(item["metadata"].get("namespace") or "")), str(item["metadata"].get("name") or ""))
+            for item in items
         }
 
-    def observe_foreign_name(self, kind: str, scope: str | None, event_type: str, obj: Mapping[str, Any]) -> None:
+    def observe_name(self, kind: str, scope: str | None, event_type: str, obj: Mapping[str, Any]) -> None:
         metadata = obj.get("metadata") or {}
         namespace = str(metadata.get("namespace") or "")
         if not self._namespaces.covers(namespace):
             return
-        names = self._foreign_names.setdefault((kind, scope), set())
+        names = self._taken_names.setdefault((kind, scope), set())
         if event_type == "DELETED":
             names.discard((namespace, str(metadata.get("name") or "")))
-        else:  # a label set to ours later leaves this watch as DELETED, and the children's watch has it
-            names.add((namespace, str(metadata.get("name") or "")))
+        else:
+            names.add((sys.intern(namespace), str(metadata.get("name") or "")))
 
     def _known_free(self, name: NameKey) -> bool:
-        """Whether no object has that name: the watch of its kind's names not labelled as ours is
-        live (listed, and not broken since) and has not shown it, and no object labelled as ours
-        has it. An object made by someone else a moment ago, that the watch has not shown yet,
-        is missed, as it is between a read and the write after it."""
+        """Whether no object has that name: the watch of its kind's names is live (listed, and not
+        broken or silent since) and has not shown it. An object made a moment ago that the watch
+        has not shown yet is missed, as one made between a read and the write after it would be."""
         namespace, _, kind, object_name = name
-        if name in self._our_names:
-            return False
         for scope in (None, namespace):
             if (kind, scope) in self._live_name_watches:
-                return (namespace, object_name) not in self._foreign_names.get((kind, scope), ())
+                return (namespace, object_name) not in self._taken_names.get((kind, scope), ())
         return False
 
     # --- referenced Secrets and ConfigMaps ------------------------------------------------------------
@@ -377,30 +357,29 @@ class Controller:
         unrelated Secrets cost their metadata passing through, not memory."""
         await self._list_then_watch(
             ("v1", kind, scope),
-            None,
             self._referenced(kind),
             lambda items: self.listed_references(kind, scope, items),
             lambda event_type, obj: self.observe_reference(kind, event_type, obj),
             self._live_reference_watches,
         )
 
-    async def _watch_foreign_names(self, kind: Kind, scope: str | None) -> None:
-        """Lists, then watches, the names of the objects of a child's kind in ``scope`` that are not
-        labelled as ours (metadata only; ours are in the children's caches), so that a child the
-        caches do not hold needs no read to know its name is free (see _foreign_objects)."""
+    async def _watch_names(self, kind: Kind, scope: str | None) -> None:
+        """Lists, then watches, the names of the objects of a child's kind in ``scope``, ours or not
+        (metadata only), so that a child the caches do not hold needs no read to know its name is
+        free (see _foreign_objects). Ours come on this watch too: one ordered stream says what
+        exists, where two (ours by label, the rest by the opposite label) could both miss an
+        object whose label changes, between their events."""
         await self._list_then_watch(
             (kind.api_version, kind.kind, scope),
-            f"{LABEL_MANAGED_BY}!={MANAGER}",
             lambda metadata: self._namespaces.covers(str(metadata.get("namespace") or "")),
-            lambda items: self.listed_foreign_names(kind.kind, scope, items),
-            lambda event_type, obj: self.observe_foreign_name(kind.kind, scope, event_type, obj),
+            lambda items: self.listed_names(kind.kind, scope, items),
+            lambda event_type, obj: self.observe_name(kind.kind, scope, event_type, obj),
             self._live_name_watches,
         )
 
     async def _list_then_watch(
         self,
         what: tuple[str, str, str | None],
-        label_selector: str | None,
         keep: Callable[[Mapping[str, Any]], bool],
         listed: Callable[[list[dict[str, Any]]], None],
         observe: Callable[[str, dict[str, Any]], None],
@@ -415,16 +394,12 @@ class Controller:
         live = (kind, scope)
         while True:
             try:
-                items, version = await self.kube.list_metadata(
-                    api_version, kind, scope, keep, label_selector=label_selector
-                )
+                items, version = await self.kube.list_metadata(api_version, kind, scope, keep)
                 listed(items)
                 live_watches.add(live)
                 while True:  # each watch ends after REFERENCE_WATCH_SECONDS; go on from where it was
                     started = time.monotonic()
-                    events = self.kube.watch_metadata(
-                        api_version, kind, scope, version, REFERENCE_WATCH_SECONDS, label_selector=label_selector
-                    )
+                    events = self.kube.watch_metadata(api_version, kind, scope, version, REFERENCE_WATCH_SECONDS)
                     async for event_type, obj in events:
                         version = _resource_version(obj) or version
                         if event_type != "BOOKMARK":
@@ -484,7 +459,6 @@ class Controller:
         slim = _slim(obj)
         children[core.child_key(slim)] = slim  # fresher than the watch; the event follows
         self._touch(_child_identity(slim))
-        self._index_our_name(None, slim)
         return slim
 
     async def prime(self, namespaces: WatchedNamespaces) -> None:
@@ -559,9 +533,8 @@ class Controller:
             for kind in REFERENCED_KINDS
             for scope in self._scopes()
         ] + [
-            asyncio.create_task(self._watch_foreign_names(kind, scope), name=f"names-{kind.kind}-{scope or 'all'}")
-            for kind in WATCHED_BY_LABEL
-            if kind.role is Role.CHILD
+            asyncio.create_task(self._watch_names(kind, scope), name=f"names-{kind.kind}-{scope or 'all'}")
+            for kind in NAME_WATCHED_KINDS
             for scope in self._scopes()
         ]
         try:
@@ -946,13 +919,12 @@ class Controller:
         the garbage collector would delete them with the agent; we refuse instead, as a Deployment
         controller does not adopt a ReplicaSet it does not control. Only names the cache does not
         hold are looked up, and only those whose name may be taken (see _known_free): a new agent's
-        children cost no reads."""
+        children cost no reads, a name that is taken one."""
         seen: list[Mapping[str, Any]] = []
         unknown: list[dict[str, Any]] = []
         for manifest in manifests:
             name = _name_key(manifest)
             cached = children.get(name[1:])
-            cached = cached if cached is not None else self._cached_elsewhere(name)
             if cached is not None:
                 seen.append(cached)
             elif not self._known_free(name):

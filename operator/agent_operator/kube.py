@@ -35,6 +35,10 @@ METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v
 METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 REQUEST_CONNECTIONS = 32
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=60)
+# A metadata watch silent this long is taken as dead (a half-open connection, a stuck proxy) and
+# fails, so what trusts it reads instead until it is listed again: the API server sends a bookmark
+# every minute to a watch that asks for them.
+WATCH_IDLE_SECONDS = 120
 CREDENTIALS_SECONDS = 60.0
 CREDENTIALS_RETRY_SECONDS = 5.0
 
@@ -300,7 +304,6 @@ class Kube:
         kind: str,
         namespace: str | None,
         keep: Callable[[Mapping[str, Any]], bool],
-        label_selector: str | None = None,
     ) -> tuple[builtins.list[dict[str, Any]], str]:
         """The metadata of every object of a kind (in one namespace, or all) that ``keep`` wants,
         and the list's resourceVersion to watch from. A page at a time: what ``keep`` does not
@@ -308,9 +311,8 @@ class Kube:
         one page of metadata, not all of them."""
         kept: list[dict[str, Any]] = []
         continue_token = None
-        selector = [("labelSelector", label_selector)] if label_selector else []
         while True:
-            page = selector + [("limit", "500")] + ([("continue", continue_token)] if continue_token else [])
+            page = [("limit", "500")] + ([("continue", continue_token)] if continue_token else [])
             result = await self._request(
                 "GET", object_path(api_version, kind, namespace), query=page, accept=METADATA_LIST
             )
@@ -324,13 +326,7 @@ class Kube:
                 return kept, str(list_metadata.get("resourceVersion") or "")
 
     async def watch_metadata(
-        self,
-        api_version: str,
-        kind: str,
-        namespace: str | None,
-        resource_version: str,
-        timeout_seconds: int,
-        label_selector: str | None = None,
+        self, api_version: str, kind: str, namespace: str | None, resource_version: str, timeout_seconds: int
     ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """Watch events (type, object with its metadata only) from ``resource_version`` on, with
         bookmarks, until the API server ends the watch after ``timeout_seconds``. Raises KubeError:
@@ -341,13 +337,15 @@ class Kube:
             ("allowWatchBookmarks", "true"),
             ("resourceVersion", resource_version),
             ("timeoutSeconds", str(timeout_seconds)),
-        ] + ([("labelSelector", label_selector)] if label_selector else [])
+        ]
         try:
             response = await self.stream_session.get(
                 self.server + object_path(api_version, kind, namespace),
                 params=query,
                 headers=await self._headers(None, METADATA),
-                timeout=aiohttp.ClientTimeout(total=timeout_seconds + 30, sock_connect=30),
+                timeout=aiohttp.ClientTimeout(
+                    total=timeout_seconds + 30, sock_connect=30, sock_read=WATCH_IDLE_SECONDS
+                ),
             )
         except (aiohttp.ClientError, TimeoutError) as error:
             raise KubeError(0, type(error).__name__, str(error)) from None

@@ -61,10 +61,10 @@ class ListingApi:
     ) -> list[dict[str, Any]]:
         return [o for o in self.objects if o["kind"] == kind]
 
-    async def list_metadata(self, *_: Any, **__: Any) -> tuple[builtins.list[dict[str, Any]], str]:
+    async def list_metadata(self, *_: Any) -> tuple[builtins.list[dict[str, Any]], str]:
         return [], "1"
 
-    async def watch_metadata(self, *_: Any, **__: Any) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    async def watch_metadata(self, *_: Any) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         await asyncio.Event().wait()
         yield "BOOKMARK", {}
 

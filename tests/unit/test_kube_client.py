@@ -3,6 +3,7 @@ server on loopback records what arrives and answers as kube-apiserver would."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -168,6 +169,44 @@ async def test_no_answer_is_status_zero() -> None:
             await client.get("v1", "ConfigMap", "team", "settings")
     finally:
         await client.close()
+    assert failed.value.status == 0
+
+
+async def test_a_watch_that_goes_silent_fails_instead_of_seeming_live(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A half-open connection or a stuck proxy sends nothing, not even the bookmark the API server
+    sends every minute: the watch must end with an error (its users then read instead), not wait
+    until its own end."""
+    monkeypatch.setattr(kube, "WATCH_IDLE_SECONDS", 1)
+    hang = web.Application()
+    silent = asyncio.Event()
+
+    async def one_bookmark_then_nothing(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b'{"type":"BOOKMARK","object":{"metadata":{"resourceVersion":"7"}}}\n')
+        await silent.wait()  # never set: the connection stays open and says nothing
+        return response
+
+    hang.router.add_get("/{tail:.*}", one_bookmark_then_nothing)
+    runner = web.AppRunner(hang)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    client = Kube(credentials(f"http://127.0.0.1:{runner.addresses[0][1]}", ["token-1"]))
+    seen: list[str] = []
+
+    async def follow() -> None:
+        async for event_type, _ in client.watch_metadata("v1", "Service", None, "1", 300):
+            seen.append(event_type)
+
+    try:
+        with pytest.raises(KubeError) as failed:
+            await asyncio.wait_for(follow(), 10)  # TimeoutError instead: the silence went unnoticed
+    finally:
+        await client.close()
+        silent.set()
+        await runner.cleanup()
+    assert seen == ["BOOKMARK"]
     assert failed.value.status == 0
 
 

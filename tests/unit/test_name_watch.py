@@ -1,8 +1,8 @@
-"""Whether a child's name is taken, known without a read: the controller watches the names of the
-objects of its children's kinds not labelled as its own (metadata only), and its caches hold the
-ones labelled as its own. A new agent's children then cost no GET, a name that is taken still
-stalls the agent (NameConflict), and while a watch is not live every name is read as before.
-Driven through a stand-in API that counts its reads (GET by name) and serves lists and watches."""
+"""Whether a child's name is taken, known without a read: the controller watches the names of all
+objects of its children's kinds (metadata only). A new agent's children then cost no GET, a name
+that is taken costs one and still stalls the agent (NameConflict), and while a watch is not live
+every name is read as before. Driven through a stand-in API that counts its reads (GET by name)
+and serves lists and watches."""
 
 from __future__ import annotations
 
@@ -12,14 +12,12 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, cast
 
-from agent_operator.controller import Controller, ControllerSettings
-from agent_operator.kinds import CHILD_KINDS
+from agent_operator.controller import NAME_WATCHED_KINDS, Controller, ControllerSettings
 from agent_operator.kube import Kube
 from tests.helpers import drain, served
 
 NAMESPACE = "default"
-OURS = "app.kubernetes.io/managed-by=enterprise-agent-operator"
-WATCHED_CHILD_KINDS = {kind.kind for kind in CHILD_KINDS if kind.watched}
+MANAGED_BY = "app.kubernetes.io/managed-by"
 
 
 class Api:
@@ -29,7 +27,7 @@ class Api:
         self.objects: dict[tuple[str, str], dict[str, Any]] = {}
         self.reads: list[tuple[str, str]] = []
         self.applied: list[tuple[str, str]] = []
-        self.selectors: set[str | None] = set()
+        self.agents: dict[str, dict[str, Any]] = {}
         self.events: dict[str, asyncio.Queue[tuple[str, dict[str, Any]]]] = {}
         self.versions = 1
 
@@ -50,6 +48,7 @@ class Api:
         uid = f"uid-{self.versions}"
         stored = {**manifest, "metadata": {**manifest["metadata"], "uid": uid, "resourceVersion": str(self.versions)}}
         self.objects[(manifest["kind"], manifest["metadata"]["name"])] = stored
+        self.send(manifest["kind"], "ADDED", stored)  # as the API server's watch would show it
         return stored
 
     async def find(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
@@ -66,13 +65,20 @@ class Api:
     async def apply_status(self, namespace: str, name: str, status: Any, resource_version: Any = None) -> Any:
         self.versions += 1
         written = agent(name)
-        return {**written, "metadata": {**written["metadata"], "resourceVersion": str(self.versions)}, "status": status}
+        metadata = {**written["metadata"], "resourceVersion": str(self.versions)}
+        self.agents[name] = {**written, "metadata": metadata, "status": status}
+        return self.agents[name]
 
     async def post_event(self, *_: Any) -> None:
         return None
 
-    async def list(self, *_: Any, **__: Any) -> list[dict[str, Any]]:
-        return []
+    async def list(
+        self, api_version: str, kind: str, namespace: str | None = None, label_selector: str | None = None
+    ) -> builtins.list[dict[str, Any]]:
+        """As the controller's relist asks: the agents, and the children by our label."""
+        if kind == "EnterpriseAgent":
+            return builtins.list(self.agents.values())
+        return [o for (k, _), o in self.objects.items() if k == kind and MANAGED_BY in o["metadata"]["labels"]]
 
     async def list_metadata(
         self,
@@ -80,17 +86,9 @@ class Api:
         kind: str,
         namespace: str | None,
         keep: Callable[[Mapping[str, Any]], bool],
-        label_selector: str | None = None,
     ) -> tuple[builtins.list[dict[str, Any]], str]:
-        self.selectors.add(label_selector)
-        theirs = [
-            {"metadata": obj["metadata"]}
-            for (k, _), obj in self.objects.items()
-            if k == kind
-            and label_selector == OURS.replace("=", "!=")
-            and "app.kubernetes.io/managed-by" not in obj["metadata"]["labels"]
-        ]
-        return [item for item in theirs if keep(item["metadata"])], str(self.versions)
+        listed = [{"metadata": obj["metadata"]} for (k, _), obj in self.objects.items() if k == kind]
+        return [item for item in listed if keep(item["metadata"])], str(self.versions)
 
     async def watch_metadata(
         self,
@@ -99,16 +97,13 @@ class Api:
         namespace: str | None,
         version: str,
         timeout: int,
-        label_selector: str | None = None,
     ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        events = self.events.setdefault(f"{kind} {label_selector}", asyncio.Queue())
+        events = self.events.setdefault(kind, asyncio.Queue())
         while True:
             yield await events.get()
 
     def send(self, kind: str, event_type: str, obj: dict[str, Any]) -> None:
-        self.events.setdefault(f"{kind} {OURS.replace('=', '!=')}", asyncio.Queue()).put_nowait(
-            (event_type, {"metadata": obj["metadata"]})
-        )
+        self.events.setdefault(kind, asyncio.Queue()).put_nowait((event_type, {"metadata": obj["metadata"]}))
 
 
 def agent(name: str) -> dict[str, Any]:
@@ -142,14 +137,17 @@ def test_a_new_agents_children_cost_no_reads_and_a_taken_name_still_stalls_it() 
         api.add("Service", "support-bot")  # made by hand before the operator started
         controller = Controller(cast(Kube, api), ControllerSettings(backoff_base_seconds=1000, workers=0))
         controller.start_leading()
+
+        def taken(kind: str) -> set[tuple[str, str]]:
+            return controller._taken_names.get((kind, None), set())
+
         stop = asyncio.Event()
         running = asyncio.create_task(controller.run(stop))
         try:
             await wait_for(
-                lambda: {kind for kind, _ in controller._live_name_watches} == WATCHED_CHILD_KINDS,
+                lambda: {kind for kind, _ in controller._live_name_watches} == {k.kind for k in NAME_WATCHED_KINDS},
                 "every child kind's names listed",
             )
-            assert OURS.replace("=", "!=") in api.selectors  # only what is not ours passes the wire
 
             assert await reconcile(controller, "fresh") != "stalled"
             assert api.reads == []  # not one GET for its 8 children
@@ -165,32 +163,29 @@ def test_a_new_agents_children_cost_no_reads_and_a_taken_name_still_stalls_it() 
             # Made after the list: the watch's event takes the name; its deletion frees it.
             late = api.add("Service", "late")
             api.send("Service", "ADDED", late)
-            await wait_for(lambda: (NAMESPACE, "late") in controller._foreign_names[("Service", None)], "the event")
+            await wait_for(lambda: (NAMESPACE, "late") in taken("Service"), "the event")
             api.reads.clear()
             assert await reconcile(controller, "late") == "stalled"
             assert api.reads == [("Service", "late")]
             del api.objects[("Service", "late")]
             api.send("Service", "DELETED", late)
-            await wait_for(lambda: (NAMESPACE, "late") not in controller._foreign_names[("Service", None)], "deleted")
+            await wait_for(lambda: (NAMESPACE, "late") not in taken("Service"), "deleted")
             api.reads.clear()
             assert await reconcile(controller, "late") != "stalled"
             assert api.reads == []
 
-            # Another agent's child (labelled as ours, in its cache): agent web's preview Service is
-            # the name agent web-preview's active Service wants. Known from the cache, not read.
+            # Another agent's child: agent web's preview Service is the name agent web-preview's
+            # active Service wants. One read, and neither agent's Service is changed.
             assert await reconcile(controller, "web") != "stalled"
+            await wait_for(lambda: (NAMESPACE, "web-preview") in taken("Service"), "web's children seen")
             api.reads.clear()
+            api.applied.clear()
             assert await reconcile(controller, "web-preview") == "stalled"
-            assert api.reads == []
+            assert api.reads == [("Service", "web-preview")]
+            assert api.applied == []
             assert "Service web-preview already exists, controlled by EnterpriseAgent web" in stalled_message(
                 controller, "web-preview"
             )
-
-            # Labelled as ours but for no agent: neither watch's cache holds it, so it is read.
-            bare = api.add("Service", "bare", {"app.kubernetes.io/managed-by": "enterprise-agent-operator"})
-            controller.observe_child("ADDED", bare)
-            assert await reconcile(controller, "bare") == "stalled"
-            assert ("Service", "bare") in api.reads
         finally:
             stop.set()
             await running

@@ -41,12 +41,7 @@ class Api:
         return self.secrets.get(name) if kind == "Secret" else None
 
     async def list_metadata(
-        self,
-        api_version: str,
-        kind: str,
-        namespace: str | None,
-        keep: Callable[[Mapping[str, Any]], bool],
-        label_selector: str | None = None,
+        self, api_version: str, kind: str, namespace: str | None, keep: Callable[[Mapping[str, Any]], bool]
     ) -> tuple[list[dict[str, Any]], str]:
         self.listing.set()
         await self.lists_open.wait()
@@ -56,13 +51,7 @@ class Api:
         return kept, "100"
 
     async def watch_metadata(
-        self,
-        api_version: str,
-        kind: str,
-        namespace: str | None,
-        version: str,
-        timeout: int,
-        label_selector: str | None = None,
+        self, api_version: str, kind: str, namespace: str | None, version: str, timeout: int
     ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         while True:
             event = await self.events.get()
