@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import statistics
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +77,50 @@ def _check(item: dict[str, Any], test: str) -> bool:
     return any(c["type"] == "Available" and c["status"] == "True" for c in conditions)
 
 
+def _since(stamp: str | None, start: float) -> float | None:
+    """Seconds from ``start`` (epoch) to an API server timestamp (whole seconds, RFC 3339)."""
+    return None if not stamp else datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() - start
+
+
+def _transition(item: dict[str, Any], condition: str) -> str | None:
+    for c in (item.get("status") or {}).get("conditions") or []:
+        if c["type"] == condition and c["status"] == "True":
+            return str(c.get("lastTransitionTime") or "") or None
+    return None
+
+
+def _spread(values: list[float]) -> str:
+    if not values:
+        return "none"
+    ordered = sorted(values)
+    p90 = ordered[math.ceil(len(ordered) * 0.9) - 1]
+    return f"median +{statistics.median(ordered):.0f}, p90 +{p90:.0f}, last +{ordered[-1]:.0f}"
+
+
+def timeline(bench: Bench, namespace: str, start: float, agents_too: bool) -> None:
+    """When things happened, in seconds after the apply, from the objects' own timestamps (whole
+    seconds): the Deployments made and Available, and for ours the agents Ready and how long each
+    took after its Deployment was Available. Where ours loses time to the baseline shows here."""
+    deployments = json.loads(bench.kubectl("get", "deployments", "-n", namespace, "-o", "json"))["items"]
+    created = [_since(d["metadata"].get("creationTimestamp"), start) for d in deployments]
+    available = {
+        (d["metadata"].get("labels") or {}).get("app.kubernetes.io/instance", d["metadata"]["name"]): _since(
+            _transition(d, "Available"), start
+        )
+        for d in deployments
+    }
+    line = (
+        f"timeline, s after the apply: Deployments made {_spread([t for t in created if t is not None])};"
+        f" Available {_spread([t for t in available.values() if t is not None])}"
+    )
+    if agents_too:
+        listed = json.loads(bench.kubectl("get", "enterpriseagents", "-n", namespace, "-o", "json"))["items"]
+        ready = {a["metadata"]["name"]: _since(_transition(a, "Ready"), start) for a in listed}
+        lag = [r - a for name, r in ready.items() if r is not None and (a := available.get(name)) is not None]
+        line += f"; agents Ready {_spread([t for t in ready.values() if t is not None])}; Ready after its Deployment's Available {_spread(lag)}"
+    print(line, flush=True)
+
+
 def _peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -108,7 +155,7 @@ def run_ours(bench: Bench, count: int, workdir: Path) -> dict[str, float]:
         while not operator.is_leader():
             time.sleep(0.1)
         documents = agents(namespace, count)
-        started = time.monotonic()
+        started, started_epoch = time.monotonic(), time.time()
         bench.kubectl("apply", "-f", "-", stdin=dump_yaml_all(documents))
         applied = time.monotonic() - started
         seconds = applied + bench.wait_all("enterpriseagents", namespace, "ready", count)
@@ -126,6 +173,7 @@ def run_ours(bench: Bench, count: int, workdir: Path) -> dict[str, float]:
             "writes per agent by request: " + ", ".join(f"{k} {v:.2f}" for k, v in breakdown.items() if v), flush=True
         )
         time_spent(operator, operator.process.pid, seconds)
+        timeline(bench, namespace, started_epoch, agents_too=True)
     finally:
         operator.stop()
     bench.kubectl("delete", "namespace", namespace, "--wait=false")
@@ -165,9 +213,11 @@ def run_baseline(bench: Bench, count: int) -> dict[str, float]:
     for document in agents(namespace, count):
         (agent,) = load_agents(yaml.safe_dump(document))
         objects += build_children(agent, RenderPlan.initial(agent))
-    started = time.monotonic()
+    started, started_epoch = time.monotonic(), time.time()
     bench.kubectl("apply", "--server-side", "--field-manager=bench", "-f", "-", stdin=dump_yaml_all(objects))
     seconds = time.monotonic() - started + bench.wait_all("deployments", namespace, "available", count)
+    print(f"baseline ({count} agents' children):", end=" ", flush=True)
+    timeline(bench, namespace, started_epoch, agents_too=False)
     bench.kubectl("delete", "namespace", namespace, "--wait=false")
     return {"seconds": seconds, "writes": float(len(objects)), "writes_per_agent": len(objects) / count}
 
