@@ -31,7 +31,7 @@ from agent_operator import defaults, metrics, rollout, timefmt, undo
 from agent_operator import reconcile as core
 from agent_operator.analysis import HttpAnalysis
 from agent_operator.conditions import Reason
-from agent_operator.kinds import AGENT, ENDPOINT_SLICE, WATCHED_BY_LABEL, Kind, Role
+from agent_operator.kinds import AGENT, ENDPOINT_SLICE, WATCHED_BY_LABEL, Kind
 from agent_operator.kube import Kube, KubeError
 from agent_operator.manifest import FieldError
 from agent_operator.namespaces import WatchedNamespaces
@@ -56,10 +56,17 @@ NameKey = tuple[str, str, str, str]  # (namespace, apiVersion, kind, name) of an
 # The kinds agents reference by name; their objects are not ours and carry no label of ours.
 REFERENCED_KINDS = ("Secret", "ConfigMap")
 REFERENCE_WATCH_SECONDS = 300  # the API server ends each reference watch after this
-# The children's kinds whose names are watched (see Controller._watch_names). Not Secrets: the key
-# Secret, our only one, is created (POST), and a name taken fails that with 409; and Secrets are
-# the kind a cluster holds most of (Helm releases, tokens), whose names would all be kept.
-NAME_WATCHED_KINDS = tuple(kind for kind in WATCHED_BY_LABEL if kind.role is Role.CHILD and kind.kind != "Secret")
+# The children's kinds whose names are watched (see Controller._watch_names): those whose objects
+# do not change once written, so the watch carries little more than their creations. Not the
+# Deployments, PodDisruptionBudgets and HorizontalPodAutoscalers, whose status changes with every
+# pod (their names are read: one GET each for a new agent, cheaper than every status event of
+# every such object in the cluster); not the Secrets: the key Secret, our only one, is created
+# (POST), which fails with 409 on a name taken, and Secrets are what a cluster holds most of.
+NAME_WATCHED_KINDS = tuple(
+    kind
+    for kind in WATCHED_BY_LABEL
+    if kind.kind in {"Service", "ConfigMap", "ServiceAccount", "NetworkPolicy", "ControllerRevision"}
+)
 _RENAME = "rename the agent or delete that object"
 # What a measurement was taken for: the checks' targets, the spec's generation and the revision.
 MeasureRequest = tuple[core.Measure, int, str | None]
@@ -919,7 +926,7 @@ class Controller:
         the garbage collector would delete them with the agent; we refuse instead, as a Deployment
         controller does not adopt a ReplicaSet it does not control. Only names the cache does not
         hold are looked up, and only those whose name may be taken (see _known_free): a new agent's
-        children cost no reads, a name that is taken one."""
+        children of the kinds whose names are watched cost no reads, a name that is taken one."""
         seen: list[Mapping[str, Any]] = []
         unknown: list[dict[str, Any]] = []
         for manifest in manifests:
