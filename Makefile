@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CRD := crds/enterpriseagents.agents.enterprise.io.yaml
 
-.PHONY: help venv system-packages tools test lint typecheck pytest crds run cluster-up cluster-down cluster-status bench bench-runtime bench-rollout bench-watch-memory bench-operations e2e-kind clean
+.PHONY: help venv system-packages tools test lint typecheck pytest crds run cluster-up cluster-down cluster-status bench bench-runtime bench-rollout bench-watch-memory bench-write-cost bench-operations e2e-kind clean
 
 help:
 	@echo "make run    - operator against the current cluster, else the local control plane, with an example agent"
@@ -82,6 +82,10 @@ bench-rollout: venv
 # The operator's memory beside 5,000 unrelated 100 KiB Secrets: server-side selectors vs none.
 bench-watch-memory: venv
 	$(BIN)/eao-dev bench watch_memory --secrets 5000 --size-kib 100
+
+# What one write costs the API server and etcd: a ConfigMap, an agent, its status (bench/write_cost.py).
+bench-write-cost: venv
+	$(BIN)/eao-dev bench write_cost --writes 300
 
 # wrk comes from Debian's packages; FastAPI, uvicorn and py-spy from the bench extra (installed with
 # the venv, so mypy checks the bench servers too). ARGS="--profile flame.svg" adds a flame graph.

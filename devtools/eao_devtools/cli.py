@@ -23,7 +23,7 @@ from eao_devtools.cluster import (
 )
 from eao_devtools.imagebuild import ImageBuildError, build_images, build_postgres_image
 
-BENCHMARKS = ("operations", "operator", "request_work", "rollout", "runtime", "watch_memory")
+BENCHMARKS = ("operations", "operator", "request_work", "rollout", "runtime", "watch_memory", "write_cost")
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
