@@ -1,15 +1,18 @@
 """bench/operator: N EnterpriseAgents applied at once, until all are Ready.
 
 Prints a table per N with, side by side:
-- ours: N agents applied with one `kubectl apply`, the operator making every child;
+- ours: N agents applied with one `kubectl apply --server-side` (`--agents-apply client-side` for
+  a plain `kubectl apply`), the operator making every child, until every agent is Ready;
 - baseline: the same children (rendered offline by `agent-operator render`) applied directly with
   one `kubectl apply --server-side`, no operator, until every Deployment is Available.
 
 The baseline is what the cluster itself needs for the same objects; the difference is the
-operator's cost. Also printed: the operator's peak RSS, its API writes (leader Lease excluded) and
-writes per agent. Runs on the local control plane in a fresh state directory.
+operator's cost. Both wait on one watch. Also printed: the operator's peak RSS, its API writes
+(leader Lease excluded) and writes per agent, where its time went, a timeline of each run, and the
+CPU each process of the control plane, the operator and kubectl used in each run. Runs on the
+local control plane in a fresh state directory.
 
-    .venv/bin/python -m bench.operator --agents 100 1000
+    .venv/bin/python -m bench.operator --agents 100 1000 [--agents-apply client-side]
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ import argparse
 import json
 import math
 import os
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -34,6 +40,8 @@ from agent_operator.render import RenderPlan, build_children
 from eao_devtools.cluster import Cluster, ensure_binaries
 from eao_devtools.testkit.kube import Kube
 from eao_devtools.testkit.operator_process import OperatorProcess
+
+from .write_cost import cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 CRD = ROOT / "crds" / "enterpriseagents.agents.enterprise.io.yaml"
@@ -49,6 +57,12 @@ def agents(namespace: str, count: int) -> list[dict[str, Any]]:
     return result
 
 
+# What ``Bench.wait_all`` reads of each object from its watch, and the value that passes. Custom
+# columns, not a JSONPath template: kubectl applies a template to the first list as a whole.
+WATCHED_FIELD = {"ready": ".status.phase", "available": '.status.conditions[?(@.type=="Available")].status'}
+WATCHED_VALUE = {"ready": "Ready", "available": "True"}
+
+
 class Bench:
     def __init__(self, cluster: Cluster) -> None:
         self.cluster = cluster
@@ -57,24 +71,44 @@ class Bench:
     def kubectl(self, *args: str, stdin: str | None = None) -> str:
         return self.kube.kubectl(*args, stdin=stdin, timeout=1800).stdout
 
-    def count(self, kind: str, namespace: str, jsonpath_test: str) -> int:
-        listing = json.loads(self.kubectl("get", kind, "-n", namespace, "-o", "json"))
-        return sum(1 for item in listing["items"] if _check(item, jsonpath_test))
-
     def wait_all(self, kind: str, namespace: str, test: str, total: int, timeout: float = 1800) -> float:
+        """Until ``total`` objects of the kind pass the test, seen through one watch (``kubectl get
+        --watch``): each change crosses it once. Listing every object every half second, as this
+        bench did before, cost the API server and kubectl a full list each time (see ``timeline``),
+        the same two cores the run being measured uses, and more for the larger object."""
         started = time.monotonic()
-        while self.count(kind, namespace, test) < total:
-            if time.monotonic() - started > timeout:
-                raise RuntimeError(f"not all {kind} {test} within {timeout}s")
-            time.sleep(0.5)
-        return time.monotonic() - started
+        process = subprocess.Popen(
+            [self.kube.kubectl_path, f"--kubeconfig={self.kube.kubeconfig}", "get", kind, "-n", namespace,
+             "--watch", "--no-headers", "-o", f"custom-columns=NAME:.metadata.name,VALUE:{WATCHED_FIELD[test]}"],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        timer = threading.Timer(timeout, process.kill)
+        timer.start()
+        passed: set[str] = set()
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:
+                name, _, value = line.strip().partition(" ")
+                value = value.strip()
+                if value == WATCHED_VALUE[test]:
+                    passed.add(name)
+                else:
+                    passed.discard(name)
+                if len(passed) >= total:
+                    return time.monotonic() - started
+        finally:
+            timer.cancel()
+            process.kill()
+            process.wait()
+        raise RuntimeError(f"not all {kind} {test} within {timeout}s (the watch ended with {len(passed)})")
 
-
-def _check(item: dict[str, Any], test: str) -> bool:
-    if test == "ready":
-        return (item.get("status") or {}).get("phase") == "Ready"
-    conditions = (item.get("status") or {}).get("conditions") or []
-    return any(c["type"] == "Available" and c["status"] == "True" for c in conditions)
+    def listed(self, kind: str, namespace: str) -> tuple[list[dict[str, Any]], str]:
+        """Every object of the kind, and what one such list cost: what the bench paid per poll
+        when it waited by listing."""
+        started = time.monotonic()
+        text = self.kubectl("get", kind, "-n", namespace, "-o", "json")
+        cost = f"{kind} {len(text) / 2**20:.1f} MiB in {time.monotonic() - started:.2f} s"
+        return json.loads(text)["items"], cost
 
 
 def _since(stamp: str | None, start: float) -> float | None:
@@ -97,11 +131,44 @@ def _spread(values: list[float]) -> str:
     return f"median +{statistics.median(ordered):.0f}, p90 +{p90:.0f}, last +{ordered[-1]:.0f}"
 
 
+class CpuMeter:
+    """CPU seconds spent from ``start`` on by each control-plane process, the operator, the bench's
+    kubectl, and the machine's idle share: where the two cores went during a run."""
+
+    COMPONENTS = ("kube-apiserver", "etcd", "kube-controller-manager", "kube-scheduler", "kwok")
+
+    def __init__(self, cluster: Cluster, operator_pid: int | None = None) -> None:
+        self.cluster, self.operator_pid = cluster, operator_pid
+        self.before = self._read()
+
+    def _read(self) -> dict[str, float]:
+        state_dir = self.cluster.state_dir
+        spent = {name: cpu_seconds(name, state_dir) for name in self.COMPONENTS}
+        if self.operator_pid is not None:
+            fields = Path(f"/proc/{self.operator_pid}/stat").read_text().rpartition(")")[2].split()
+            spent["operator"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)  # kubectl: the bench's waited children
+        spent["kubectl"] = children.ru_utime + children.ru_stime
+        ticks = [int(value) for value in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        spent["idle"], spent["all"] = (
+            (ticks[3] + ticks[4]) / os.sysconf("SC_CLK_TCK"),
+            sum(ticks) / os.sysconf("SC_CLK_TCK"),
+        )
+        return spent
+
+    def report(self) -> str:
+        after = self._read()
+        spent = {name: after[name] - self.before[name] for name in after}
+        idle = spent.pop("idle") / max(spent.pop("all"), 1e-9)
+        busy = ", ".join(f"{name} {seconds:.1f}" for name, seconds in spent.items())
+        return f"CPU seconds during the run: {busy}; the machine idle {idle:.0%} of the time"
+
+
 def timeline(bench: Bench, namespace: str, start: float, agents_too: bool) -> None:
     """When things happened, in seconds after the apply, from the objects' own timestamps (whole
-    seconds): the Deployments made and Available, and for ours the agents Ready and how long each
-    took after its Deployment was Available. Where ours loses time to the baseline shows here."""
-    deployments = json.loads(bench.kubectl("get", "deployments", "-n", namespace, "-o", "json"))["items"]
+    seconds): the Deployments made and Available, and for ours the agents made and Ready and how
+    long each took after its Deployment was Available. Where ours loses time to the baseline shows here."""
+    deployments, costs = bench.listed("deployments", namespace)
     created = [_since(d["metadata"].get("creationTimestamp"), start) for d in deployments]
     available = {
         (d["metadata"].get("labels") or {}).get("app.kubernetes.io/instance", d["metadata"]["name"]): _since(
@@ -114,11 +181,15 @@ def timeline(bench: Bench, namespace: str, start: float, agents_too: bool) -> No
         f" Available {_spread([t for t in available.values() if t is not None])}"
     )
     if agents_too:
-        listed = json.loads(bench.kubectl("get", "enterpriseagents", "-n", namespace, "-o", "json"))["items"]
+        listed, agents_cost = bench.listed("enterpriseagents", namespace)
+        costs += f", {agents_cost}"
+        made = [_since(a["metadata"].get("creationTimestamp"), start) for a in listed]
         ready = {a["metadata"]["name"]: _since(_transition(a, "Ready"), start) for a in listed}
         lag = [r - a for name, r in ready.items() if r is not None and (a := available.get(name)) is not None]
+        line += f"; agents made (by the user's kubectl apply) {_spread([t for t in made if t is not None])}"
         line += f"; agents Ready {_spread([t for t in ready.values() if t is not None])}; Ready after its Deployment's Available {_spread(lag)}"
     print(line, flush=True)
+    print(f"one full list with kubectl (JSON): {costs}", flush=True)
 
 
 def _peak_rss_mib(pid: int) -> float:
@@ -145,7 +216,7 @@ WRITE_KINDS = [
 ] + [("post", "secrets"), ("post", "events"), ("delete", "configmaps"), ("delete", "deployments")]
 
 
-def run_ours(bench: Bench, count: int, workdir: Path) -> dict[str, float]:
+def run_ours(bench: Bench, count: int, workdir: Path, apply_mode: str = "server-side") -> dict[str, float]:
     namespace = f"bench-ours-{count}"
     bench.kubectl("create", "namespace", namespace)
     operator = OperatorProcess(
@@ -155,10 +226,16 @@ def run_ours(bench: Bench, count: int, workdir: Path) -> dict[str, float]:
         while not operator.is_leader():
             time.sleep(0.1)
         documents = agents(namespace, count)
+        assert operator.process is not None
+        meter = CpuMeter(bench.cluster, operator.process.pid)
         started, started_epoch = time.monotonic(), time.time()
-        bench.kubectl("apply", "-f", "-", stdin=dump_yaml_all(documents))
+        # Applied as the baseline applies its children (server-side, one PATCH each), unless asked:
+        # client-side apply GETs each agent first and keeps it whole in an annotation.
+        how = ["--server-side", "--field-manager=bench"] if apply_mode == "server-side" else []
+        bench.kubectl("apply", *how, "-f", "-", stdin=dump_yaml_all(documents))
         applied = time.monotonic() - started
         seconds = applied + bench.wait_all("enterpriseagents", namespace, "ready", count)
+        cpu = meter.report()
         assert operator.process is not None
         rss = _peak_rss_mib(operator.process.pid)
         writes = operator.metric("agent_operator_api_writes_total") - operator.metric(
@@ -174,6 +251,7 @@ def run_ours(bench: Bench, count: int, workdir: Path) -> dict[str, float]:
         )
         time_spent(operator, operator.process.pid, seconds)
         timeline(bench, namespace, started_epoch, agents_too=True)
+        print(cpu, flush=True)
     finally:
         operator.stop()
     bench.kubectl("delete", "namespace", namespace, "--wait=false")
@@ -217,11 +295,14 @@ def run_baseline(bench: Bench, count: int) -> dict[str, float]:
     for document in agents(namespace, count):
         (agent,) = load_agents(yaml.safe_dump(document))
         objects += build_children(agent, RenderPlan.initial(agent))
+    meter = CpuMeter(bench.cluster)
     started, started_epoch = time.monotonic(), time.time()
     bench.kubectl("apply", "--server-side", "--field-manager=bench", "-f", "-", stdin=dump_yaml_all(objects))
     seconds = time.monotonic() - started + bench.wait_all("deployments", namespace, "available", count)
+    cpu = meter.report()
     print(f"baseline ({count} agents' children):", end=" ", flush=True)
     timeline(bench, namespace, started_epoch, agents_too=False)
+    print(cpu, flush=True)
     bench.kubectl("delete", "namespace", namespace, "--wait=false")
     return {"seconds": seconds, "writes": float(len(objects)), "writes_per_agent": len(objects) / count}
 
@@ -229,6 +310,12 @@ def run_baseline(bench: Bench, count: int) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--agents", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument(
+        "--agents-apply",
+        choices=["server-side", "client-side"],
+        default="server-side",
+        help="how the agents are applied (the baseline's children are applied server-side)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-operator-") as tmp:
         workdir = Path(tmp)
@@ -242,7 +329,7 @@ def main() -> int:
         try:
             for count in args.agents:
                 baseline = run_baseline(bench, count)
-                ours = run_ours(bench, count, workdir)
+                ours = run_ours(bench, count, workdir, args.agents_apply)
                 print(
                     f"\nN = {count} agents (replicas 1, {children_per_agent} children each), local control plane, {os.cpu_count()} cores"
                 )
