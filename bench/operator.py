@@ -102,6 +102,12 @@ class Bench:
             process.wait()
         raise RuntimeError(f"not all {kind} {test} within {timeout}s (the watch ended with {len(passed)})")
 
+    def clean_up(self, namespace: str) -> None:
+        """Deletes a run's namespace and waits until it is gone: its thousands of objects are
+        deleted by the namespace controller, the garbage collector and kwok, and until 4 December's
+        evening that work overlapped the next run and about doubled its control plane's CPU."""
+        self.kubectl("delete", "namespace", namespace, "--wait=true", "--timeout=1500s")
+
     def listed(self, kind: str, namespace: str) -> tuple[list[dict[str, Any]], str]:
         """Every object of the kind, and what one such list cost: what the bench paid per poll
         when it waited by listing."""
@@ -190,6 +196,9 @@ def timeline(bench: Bench, namespace: str, start: float, agents_too: bool) -> No
         line += f"; agents Ready {_spread([t for t in ready.values() if t is not None])}; Ready after its Deployment's Available {_spread(lag)}"
     print(line, flush=True)
     print(f"one full list with kubectl (JSON): {costs}", flush=True)
+    names = bench.kubectl("get", "replicasets,pods", "-n", namespace, "-o", "name").split()
+    counts = {kind: sum(1 for name in names if name.startswith(kind + "/")) for kind in ("replicaset.apps", "pod")}
+    print(f"made by the controllers: {counts['replicaset.apps']} ReplicaSets, {counts['pod']} pods", flush=True)
 
 
 def _peak_rss_mib(pid: int) -> float:
@@ -216,11 +225,19 @@ WRITE_KINDS = [
 ] + [("post", "secrets"), ("post", "events"), ("delete", "configmaps"), ("delete", "deployments")]
 
 
-def run_ours(bench: Bench, count: int, workdir: Path, apply_mode: str = "server-side") -> dict[str, float]:
+def run_ours(
+    bench: Bench, count: int, workdir: Path, apply_mode: str = "server-side", workers: int = WORKERS
+) -> dict[str, float]:
     namespace = f"bench-ours-{count}"
     bench.kubectl("create", "namespace", namespace)
     operator = OperatorProcess(
-        bench.cluster.kubeconfig, workdir / f"operator-{count}.log", [namespace], namespace, "bench", resync_seconds=600
+        bench.cluster.kubeconfig,
+        workdir / f"operator-{count}.log",
+        [namespace],
+        namespace,
+        "bench",
+        resync_seconds=600,
+        extra_args=(f"--workers={workers}",),
     ).start()
     try:
         while not operator.is_leader():
@@ -249,16 +266,16 @@ def run_ours(bench: Bench, count: int, workdir: Path, apply_mode: str = "server-
         print(
             "writes per agent by request: " + ", ".join(f"{k} {v:.2f}" for k, v in breakdown.items() if v), flush=True
         )
-        time_spent(operator, operator.process.pid, seconds)
+        time_spent(operator, operator.process.pid, seconds, workers)
         timeline(bench, namespace, started_epoch, agents_too=True)
         print(cpu, flush=True)
     finally:
         operator.stop()
-    bench.kubectl("delete", "namespace", namespace, "--wait=false")
+    bench.clean_up(namespace)
     return {"seconds": seconds, "rss_mib": rss, "writes": writes, "writes_per_agent": writes / count}
 
 
-def time_spent(operator: OperatorProcess, pid: int, wall: float) -> None:
+def time_spent(operator: OperatorProcess, pid: int, wall: float, workers: int) -> None:
     """Where the operator's time to Ready went, from its own metrics: reconciles (our CPU and the
     API requests they await), API requests, the queue; its CPU time from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
@@ -272,7 +289,7 @@ def time_spent(operator: OperatorProcess, pid: int, wall: float) -> None:
     print(
         f"where the time went ({wall:.1f} s to all Ready): operator CPU {cpu:.1f} s;"
         f" {reconciles:.0f} reconciles, {reconcile_seconds:.1f} s in them ({reconcile_seconds / max(reconciles, 1) * 1000:.0f} ms"
-        f" each, {WORKERS} at once); {requests:.0f} API requests, {request_seconds:.1f} s awaiting them"
+        f" each, {workers} at once); {requests:.0f} API requests, {request_seconds:.1f} s awaiting them"
         f" ({request_seconds / max(requests, 1) * 1000:.0f} ms each); {queued:.0f} waits in the queue,"
         f" {queue_seconds / max(queued, 1):.1f} s each on average",
         flush=True,
@@ -303,7 +320,7 @@ def run_baseline(bench: Bench, count: int) -> dict[str, float]:
     print(f"baseline ({count} agents' children):", end=" ", flush=True)
     timeline(bench, namespace, started_epoch, agents_too=False)
     print(cpu, flush=True)
-    bench.kubectl("delete", "namespace", namespace, "--wait=false")
+    bench.clean_up(namespace)
     return {"seconds": seconds, "writes": float(len(objects)), "writes_per_agent": len(objects) / count}
 
 
@@ -316,6 +333,7 @@ def main() -> int:
         default="server-side",
         help="how the agents are applied (the baseline's children are applied server-side)",
     )
+    parser.add_argument("--workers", type=int, default=WORKERS, help="the operator's concurrent reconciles")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-operator-") as tmp:
         workdir = Path(tmp)
@@ -329,7 +347,7 @@ def main() -> int:
         try:
             for count in args.agents:
                 baseline = run_baseline(bench, count)
-                ours = run_ours(bench, count, workdir, args.agents_apply)
+                ours = run_ours(bench, count, workdir, args.agents_apply, args.workers)
                 print(
                     f"\nN = {count} agents (replicas 1, {children_per_agent} children each), local control plane, {os.cpu_count()} cores"
                 )
