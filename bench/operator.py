@@ -75,7 +75,7 @@ class Bench:
         """Until ``total`` objects of the kind pass the test, seen through one watch (``kubectl get
         --watch``): each change crosses it once. Listing every object every half second, as this
         bench did before, cost the API server and kubectl a full list each time (see ``timeline``),
-        the same two cores the run being measured uses, and more for the larger object."""
+        on the same two cores as the run being measured, and more the more objects there were."""
         started = time.monotonic()
         process = subprocess.Popen(
             [self.kube.kubectl_path, f"--kubeconfig={self.kube.kubeconfig}", "get", kind, "-n", namespace,
@@ -138,8 +138,8 @@ def _spread(values: list[float]) -> str:
 
 
 class CpuMeter:
-    """CPU seconds spent from ``start`` on by each control-plane process, the operator, the bench's
-    kubectl, and the machine's idle share: where the two cores went during a run."""
+    """CPU seconds spent since the meter was made by each control-plane process, the operator and
+    the bench's kubectl, and the machine's idle share: where the two cores went during a run."""
 
     COMPONENTS = ("kube-apiserver", "etcd", "kube-controller-manager", "kube-scheduler", "kwok")
 
