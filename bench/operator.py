@@ -41,7 +41,7 @@ from eao_devtools.cluster import Cluster, ensure_binaries
 from eao_devtools.testkit.kube import Kube
 from eao_devtools.testkit.operator_process import OperatorProcess
 
-from .write_cost import cpu_seconds
+from .write_cost import cpu_seconds, process_cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 CRD = ROOT / "crds" / "enterpriseagents.agents.enterprise.io.yaml"
@@ -151,8 +151,7 @@ class CpuMeter:
         state_dir = self.cluster.state_dir
         spent = {name: cpu_seconds(name, state_dir) for name in self.COMPONENTS}
         if self.operator_pid is not None:
-            fields = Path(f"/proc/{self.operator_pid}/stat").read_text().rpartition(")")[2].split()
-            spent["operator"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            spent["operator"] = process_cpu_seconds(self.operator_pid)
         children = resource.getrusage(resource.RUSAGE_CHILDREN)  # kubectl: the bench's waited children
         spent["kubectl"] = children.ru_utime + children.ru_stime
         ticks = [int(value) for value in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -253,7 +252,6 @@ def run_ours(
         applied = time.monotonic() - started
         seconds = applied + bench.wait_all("enterpriseagents", namespace, "ready", count)
         cpu = meter.report()
-        assert operator.process is not None
         rss = _peak_rss_mib(operator.process.pid)
         writes = operator.metric("agent_operator_api_writes_total") - operator.metric(
             "agent_operator_api_writes_total", resource="leases"
@@ -278,8 +276,7 @@ def run_ours(
 def time_spent(operator: OperatorProcess, pid: int, wall: float, workers: int) -> None:
     """Where the operator's time to Ready went, from its own metrics: reconciles (our CPU and the
     API requests they await), API requests, the queue; its CPU time from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    cpu = process_cpu_seconds(pid)
     reconciles = operator.metric("agent_operator_reconcile_duration_seconds_count")
     reconcile_seconds = operator.metric("agent_operator_reconcile_duration_seconds_sum")
     requests = operator.metric("agent_operator_api_request_duration_seconds_count")

@@ -53,11 +53,16 @@ def cpu_seconds(binary: str, state_dir: Path) -> float:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             if not argv[0].decode().endswith("/" + binary) or str(state_dir).encode() not in b" ".join(argv):
                 continue
-            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            total += process_cpu_seconds(int(pid))
         except OSError:
             continue  # gone meanwhile
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user and system) one process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def freeform_crd(crd: dict[str, Any]) -> dict[str, Any]:
