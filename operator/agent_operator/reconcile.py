@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+import orjson
+
 from agent_contract.layout import CONFIG_FILE_KEY
 from agent_contract.operations import BUILTIN_OPERATIONS
 from agent_operator import conditions as cond
@@ -44,6 +46,7 @@ from agent_operator.render.common import (
     config_map_name,
     decode_spec,
     deployment_name,
+    json_bytes,
     preview_service_name,
 )
 from agent_operator.render.history import REVISION_HISTORY_LIMIT, read_controller_revision
@@ -191,8 +194,11 @@ class Memo:
     unreferenced_revision: str = ""
     keys: KeyVersions = field(default_factory=KeyVersions)
     fresh: RevisionRecord | None = None  # the current spec rendered now, when no record of it is kept
+    # The render's inputs, with each revision record as its fingerprint, and its output as JSON: a
+    # thousand agents' memos held every record and render as objects (20 MiB of the operator's
+    # peak when the cache's children were decoded afresh for each reconcile).
     render_inputs: tuple[Any, ...] | None = None
-    rendered: list[Manifest] = field(default_factory=list)
+    rendered_json: bytes = b"[]"
     kept: frozenset[ChildKey] = frozenset()
 
 
@@ -702,18 +708,19 @@ def _render(
         (layout, None if layout.from_spec else colours[layout.color].revision) for layout in decision.deployments
     )
     rotated_for = (observed.key_secret or {}).get("metadata", {}).get("annotations", {}).get(ANNOTATION_ROTATED_FOR)
+    layout_records = ((layout, records.get(revision) if revision else None) for layout, revision in layouts)
     inputs = (
         memo.revision_inputs,
-        current,
-        history,
+        current.fingerprint(),
+        tuple(record.fingerprint() for record in history),
         operator_namespace,
         decision.active_color,
         decision.preview_color,
-        tuple((layout, records.get(revision) if revision else None) for layout, revision in layouts),
+        tuple((layout, record.fingerprint() if record else None) for layout, record in layout_records),
         rotated_for,
     )
     if memo.render_inputs == inputs:
-        return memo.rendered, memo.kept
+        return orjson.loads(memo.rendered_json), memo.kept
     colour_plans: list[ColorPlan] = []
     kept: set[ChildKey] = set()
     for layout, revision in layouts:
@@ -739,8 +746,9 @@ def _render(
         history=history,
     )
     rendered = [owned(child, agent.name, observed.uid) for child in build_children(agent, render_plan)]
-    memo.render_inputs, memo.rendered, memo.kept = inputs, rendered, frozenset(kept)
-    return rendered, frozenset(kept)
+    # Returned as read back from its JSON on every call, the first too: the same values each time.
+    memo.render_inputs, memo.rendered_json, memo.kept = inputs, json_bytes(rendered), frozenset(kept)
+    return orjson.loads(memo.rendered_json), frozenset(kept)
 
 
 def reconcile(

@@ -9,6 +9,8 @@ import json
 import re
 from typing import Any
 
+import orjson
+
 from agent_operator.spec import GROUP, Color, EnterpriseAgent
 
 MANAGER = "enterprise-agent-operator"
@@ -116,6 +118,18 @@ def stable_hash(data: Any, length: int = 10) -> str:
     """A short hash of JSON-serialisable data that does not depend on dict order."""
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:length]
+
+
+def json_bytes(data: Any) -> bytes:
+    """Compact JSON of exactly its length, for what is kept a long while as JSON: orjson's own
+    answer keeps its whole output buffer (a 120-byte document held 4 KiB)."""
+    return memoryview(orjson.dumps(data)).tobytes()
+
+
+def fingerprint(data: Any) -> bytes:
+    """A digest of JSON-serialisable data that does not depend on dict order: what is compared
+    instead of keeping the data itself."""
+    return hashlib.blake2b(orjson.dumps(data, option=orjson.OPT_SORT_KEYS), digest_size=16).digest()
 
 
 def encode_spec(spec: Any) -> str:

@@ -18,7 +18,7 @@ from typing import Any, get_args
 
 from pydantic import BaseModel
 
-from agent_operator.render.common import LABEL_REVISION, Manifest, metadata, stable_hash
+from agent_operator.render.common import LABEL_REVISION, Manifest, fingerprint, metadata, stable_hash
 from agent_operator.render.keys import KeyVersions
 from agent_operator.render.runtime_config import build_runtime_config
 from agent_operator.render.workload import build_pod_template
@@ -126,6 +126,11 @@ class RevisionRecord:
 
     def pod_template(self, color: Color) -> Manifest:
         return dict(self.pod_templates[color.value])
+
+    def fingerprint(self) -> bytes:
+        """Equal for records that render the same: what a memo keeps instead of the record."""
+        fields = (self.revision, self.spec_hash, self.spec, self.pod_templates, self.runtime_config, self.number)
+        return fingerprint(fields)
 
 
 def first_render(agent: EnterpriseAgent, revision: str, spec_hash: str | None = None) -> RevisionRecord:
