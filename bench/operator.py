@@ -13,6 +13,10 @@ CPU each process of the control plane, the operator and kubectl used in each run
 local control plane in a fresh state directory.
 
     .venv/bin/python -m bench.operator --agents 100 1000 [--agents-apply client-side]
+
+With --memray FILE the operator runs under memray (Python allocators traced: slower, and its RSS
+is memray's too), which writes FILE, and the bench prints the sites that held the most memory at
+the operator's peak; `memray flamegraph FILE` draws them.
 """
 
 from __future__ import annotations
@@ -225,7 +229,12 @@ WRITE_KINDS = [
 
 
 def run_ours(
-    bench: Bench, count: int, workdir: Path, apply_mode: str = "server-side", workers: int = WORKERS
+    bench: Bench,
+    count: int,
+    workdir: Path,
+    apply_mode: str = "server-side",
+    workers: int = WORKERS,
+    memray_file: Path | None = None,
 ) -> dict[str, float]:
     namespace = f"bench-ours-{count}"
     bench.kubectl("create", "namespace", namespace)
@@ -237,7 +246,12 @@ def run_ours(
         "bench",
         resync_seconds=600,
         extra_args=(f"--workers={workers}",),
-    ).start()
+    )
+    if memray_file is not None:
+        memray_file.unlink(missing_ok=True)
+        memray = [sys.executable, "-m", "memray", "run", "--aggregate", "--trace-python-allocators", "-q"]
+        operator.args = [*memray, "-o", str(memray_file), *operator.args]
+    operator.start()
     try:
         while not operator.is_leader():
             time.sleep(0.1)
@@ -269,8 +283,29 @@ def run_ours(
         print(cpu, flush=True)
     finally:
         operator.stop()
+    if memray_file is not None:
+        print_peak_memory(memray_file)
     bench.clean_up(namespace)
     return {"seconds": seconds, "rss_mib": rss, "writes": writes, "writes_per_agent": writes / count}
+
+
+def print_peak_memory(memray_file: Path, top: int = 15) -> None:
+    """The allocation sites holding the most at the operator's peak, each by the first frame of
+    the project's or kopf's code on its stack (what called into the libraries)."""
+    from memray import FileReader
+
+    held: dict[str, int] = {}
+    records = list(FileReader(memray_file).get_high_watermark_allocation_records(merge_threads=True))
+    for record in records:
+        frames = [(function, file, line) for function, file, line in record.stack_trace()]
+        ours = [f for f in frames if "agent_operator" in f[1] or "/kopf/" in f[1]]
+        function, file, line = (ours or frames or [("?", "?", 0)])[0]
+        site = f"{function} {Path(file).parent.name}/{Path(file).name}:{line}"
+        held[site] = held.get(site, 0) + record.size
+    total = sum(held.values())
+    print(f"held at the operator's peak (memray, Python allocators traced): {total / 2**20:.1f} MiB", flush=True)
+    for site, size in sorted(held.items(), key=lambda item: -item[1])[:top]:
+        print(f"  {size / 2**20:7.1f} MiB  {site}", flush=True)
 
 
 def time_spent(operator: OperatorProcess, pid: int, wall: float, workers: int) -> None:
@@ -331,6 +366,7 @@ def main() -> int:
         help="how the agents are applied (the baseline's children are applied server-side)",
     )
     parser.add_argument("--workers", type=int, default=WORKERS, help="the operator's concurrent reconciles")
+    parser.add_argument("--memray", type=Path, help="run the operator under memray, writing this file (see above)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-operator-") as tmp:
         workdir = Path(tmp)
@@ -344,7 +380,8 @@ def main() -> int:
         try:
             for count in args.agents:
                 baseline = run_baseline(bench, count)
-                ours = run_ours(bench, count, workdir, args.agents_apply, args.workers)
+                memray_file = args.memray.with_suffix(f".{count}{args.memray.suffix}") if args.memray else None
+                ours = run_ours(bench, count, workdir, args.agents_apply, args.workers, memray_file)
                 print(
                     f"\nN = {count} agents (replicas 1, {children_per_agent} children each), local control plane, {os.cpu_count()} cores"
                 )
