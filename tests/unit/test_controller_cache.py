@@ -50,6 +50,36 @@ def test_a_deleted_event_of_an_older_child_of_the_same_name_keeps_the_new_one() 
     asyncio.run(scenario())
 
 
+def test_a_labelled_object_holding_any_json_is_cached_and_read_back() -> None:
+    """The cache keeps children as JSON: what kopf's watch parsed from a ControllerRevision (its
+    data takes any JSON: an integer beyond 64 bits, non-ASCII text) is kept, and read back."""
+
+    async def scenario() -> None:
+        controller = Controller(cast(Kube, None), ControllerSettings())
+        agent = served("minimal", uid="agent")
+        namespace, name = agent["metadata"]["namespace"], agent["metadata"]["name"]
+        controller.observe_agent("ADDED", agent)
+        revision = {
+            "apiVersion": "apps/v1",
+            "kind": "ControllerRevision",
+            "metadata": {"name": "minimal-x", "namespace": namespace, "uid": "r", "labels": {LABEL_INSTANCE: name},
+                         "managedFields": [{"manager": "kubectl"}]},
+            "revision": 1,
+            "data": {"big": 2**70, "text": "caf\u00e9 \U0001f600", "nested": [{"a": None, "b": 1.5, "c": True}]},
+        }  # fmt: skip
+        controller.observe_child("ADDED", revision)
+        cached = controller.records[(namespace, name)].children[("apps/v1", "ControllerRevision", "minimal-x")]
+        assert cached["data"]["big"] == float(2**70)
+        assert cached["data"]["text"] == "caf\u00e9 \U0001f600"
+        assert cached["data"]["nested"] == [{"a": None, "b": 1.5, "c": True}]
+        assert "managedFields" not in cached["metadata"]
+        cached["data"]["text"] = "changed by a reader"  # a copy: the cache is not changed through it
+        again = controller.records[(namespace, name)].children[("apps/v1", "ControllerRevision", "minimal-x")]
+        assert again["data"]["text"] == "caf\u00e9 \U0001f600"
+
+    asyncio.run(scenario())
+
+
 class ListingApi:
     """Lists the objects it holds; no referenced object, and its watches stay silent."""
 

@@ -122,8 +122,13 @@ def stable_hash(data: Any, length: int = 10) -> str:
 
 def json_bytes(data: Any) -> bytes:
     """Compact JSON of exactly its length, for what is kept a long while as JSON: orjson's own
-    answer keeps its whole output buffer (a 120-byte document held 4 KiB)."""
-    return memoryview(orjson.dumps(data)).tobytes()
+    answer keeps its whole output buffer (a 120-byte document held 4 KiB). An integer beyond 64
+    bits, which orjson refuses, is written by the standard library (a ControllerRevision's data
+    takes any JSON, and kopf's watch parses it whole); orjson reads it back as a float."""
+    try:
+        return memoryview(orjson.dumps(data)).tobytes()
+    except TypeError:
+        return json.dumps(data, separators=(",", ":")).encode()
 
 
 def fingerprint(data: Any) -> bytes:
