@@ -15,8 +15,9 @@ local control plane in a fresh state directory.
     .venv/bin/python -m bench.operator --agents 100 1000 [--agents-apply client-side]
 
 With --memray FILE the operator runs under memray (Python allocators traced: slower, and its RSS
-is memray's too), which writes FILE, and the bench prints the sites that held the most memory at
-the operator's peak; `memray flamegraph FILE` draws them.
+is memray's too), which writes FILE with the agent count in its name (peak.bin: peak.1000.bin), and
+the bench prints the sites that held the most memory at the operator's peak; `memray flamegraph`
+on that file draws them.
 """
 
 from __future__ import annotations
@@ -297,7 +298,7 @@ def print_peak_memory(memray_file: Path, top: int = 15) -> None:
     held: dict[str, int] = {}
     records = list(FileReader(memray_file).get_high_watermark_allocation_records(merge_threads=True))
     for record in records:
-        frames = [(function, file, line) for function, file, line in record.stack_trace()]
+        frames = list(record.stack_trace())  # (function, file, line), innermost first
         ours = [f for f in frames if "agent_operator" in f[1] or "/kopf/" in f[1]]
         function, file, line = (ours or frames or [("?", "?", 0)])[0]
         site = f"{function} {Path(file).parent.name}/{Path(file).name}:{line}"
