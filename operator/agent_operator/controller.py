@@ -1077,12 +1077,11 @@ def _without_managed_fields(obj: Mapping[str, Any]) -> dict[str, Any]:
 
 def _slim(obj: Mapping[str, Any]) -> dict[str, Any]:
     """A cached copy without managedFields and with its strings shared (see ``_shared``)."""
-    metadata = {k: v for k, v in obj["metadata"].items() if k != "managedFields"}
+    slim = _without_managed_fields(obj)
     try:
-        shared: dict[str, Any] = _shared({k: v for k, v in obj.items() if k != "metadata"})
-        shared["metadata"] = _shared(metadata)
+        shared: dict[str, Any] = _shared(slim)
     except RecursionError:  # nested deeper than the interning goes (spec.affinity takes any JSON)
-        return {**obj, "metadata": metadata}
+        return slim
     return shared
 
 
