@@ -82,11 +82,20 @@ def token(port: int) -> str:
         return str(json.loads(response.read())["access_token"])
 
 
-def run_wrk(port: int, bearer: str, seconds: int, connections: int, workdir: Path) -> dict[str, float]:
+def _wrk_script(port: int, bearer: str, workdir: Path) -> tuple[Path, str]:
     script = workdir / "post.lua"
     script.write_text(LUA % bearer)
-    url = f"http://127.0.0.1:{port}/v1/operations/ping"
-    subprocess.run(["wrk", "-t1", "-c4", "-d2s", "-s", str(script), url], capture_output=True, check=True)  # warm-up
+    return script, f"http://127.0.0.1:{port}/v1/operations/ping"
+
+
+def warm_up(port: int, bearer: str, workdir: Path) -> None:
+    """Two seconds of light load before a measured run: caches filled, connections' first requests done."""
+    script, url = _wrk_script(port, bearer, workdir)
+    subprocess.run(["wrk", "-t1", "-c4", "-d2s", "-s", str(script), url], capture_output=True, check=True)
+
+
+def run_wrk(port: int, bearer: str, seconds: int, connections: int, workdir: Path) -> dict[str, float]:
+    script, url = _wrk_script(port, bearer, workdir)
     output = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
         capture_output=True,
@@ -206,6 +215,9 @@ def load(
     rest = _status_kib(process.pid, "VmRSS") / 1024
     rows = {}
     for connections in args.connections:
+        # First: the warm-up's CPU, counted against the measured run's requests, had made every
+        # server's CPU a request look about a quarter higher than it was (until 5 December).
+        warm_up(port, bearer, workdir)
         spy = None
         if profile:
             raw = args.profile.suffix != ".svg"
@@ -213,7 +225,7 @@ def load(
                 # Pausing the process for each sample: without it, py-spy kept samples for 31 % of the run
                 # of a loop thread that used 80 % of a core (measured), and the profile was mostly the
                 # audit writer thread waiting on fsync.
-                [str(BIN / "py-spy"), "record", "--threads", "--rate", "200", "--duration", str(args.seconds + 2),
+                [str(BIN / "py-spy"), "record", "--threads", "--rate", "200", "--duration", str(args.seconds),
                  "--pid", str(process.pid), "--output", str(args.profile), "--format", "raw" if raw else "flamegraph"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
