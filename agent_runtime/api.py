@@ -106,11 +106,14 @@ def _too_large() -> ApiError:
 
 
 async def read_body(request: web.Request) -> bytes:
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+    length = request.content_length
+    if length is not None and length > MAX_BODY_BYTES:
         raise _too_large()
     # The whole body, however it is cut on the wire (one read returns only what has arrived).
     content = request.content
-    first = await content.readany()
+    # A body that has all arrived (the parser saw its end) is taken as it is, with no coroutine:
+    # most bodies are small and came with their headers, and readany cost 3 µs a request.
+    first = content.read_nowait() if content.is_eof() else await content.readany()
     # at_eof: the end seen and nothing left unread. Not is_eof, the parser's end-seen flag alone:
     # with the rest of a chunked body still to be read, it was already true (tested).
     if content.at_eof():

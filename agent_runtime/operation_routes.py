@@ -297,10 +297,13 @@ async def execute(request: web.Request, operation: Operation, argument: Any, aud
     return result
 
 
+_UNTRACED = contextlib.nullcontext(None)  # holds nothing: one serves every untraced call
+
+
 def _tool_span(context: RequestContext, operation: Operation) -> contextlib.AbstractContextManager[Any]:
     """The operation's span (GenAI's ``execute_tool``), when the request is traced."""
     if not context.traced:
-        return contextlib.nullcontext(None)
+        return _UNTRACED
     attributes = {
         "gen_ai.operation.name": "execute_tool",
         "gen_ai.tool.name": operation.name,
@@ -376,15 +379,20 @@ async def _timed_out(request: web.Request, operation: Operation, audit_details: 
     return ApiError(504, "operation_timeout", f"operation {name!r} took longer than {timeout:g}s")
 
 
-async def _call(app: web.Application, operation: Operation, argument: Any) -> Result:
+def _call(app: web.Application, operation: Operation, argument: Any) -> Awaitable[Result]:
     """CPU-bound handlers run off the loop, so that neither probes nor other requests wait for them
-    and their deadline can stop them; the rest (ping, plugins awaiting I/O) run on it, at no cost."""
+    and their deadline can stop them; the rest (ping, plugins awaiting I/O) run on it, at no cost:
+    their own coroutine is what is awaited, with no coroutine of this function around it."""
     if isinstance(argument, UnparsedInput):
         job = (operation.handler, bulk(argument.raw), argument.model)
-        return EncodedResult(await app[WORKERS].run_json(parsed_and_run, job))
+        return _encoded(app[WORKERS].run_json(parsed_and_run, job))
     if operation.cpu_bound:
-        return EncodedResult(await app[WORKERS].run_json(operation.handler, argument))
-    return await operation.handler(argument)
+        return _encoded(app[WORKERS].run_json(operation.handler, argument))
+    return operation.handler(argument)
+
+
+async def _encoded(json: Awaitable[bytes]) -> EncodedResult:
+    return EncodedResult(await json)
 
 
 # How often an idle stream gets a comment line: proxies keep it open, and a client that left is
