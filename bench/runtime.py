@@ -89,7 +89,7 @@ def _wrk_script(port: int, bearer: str, workdir: Path) -> tuple[Path, str]:
 
 
 def warm_up(port: int, bearer: str, workdir: Path) -> None:
-    """Two seconds of light load before a measured run: caches filled, connections' first requests done."""
+    """Two seconds of light load before a measured run: the server's caches filled and its first requests done."""
     script, url = _wrk_script(port, bearer, workdir)
     subprocess.run(["wrk", "-t1", "-c4", "-d2s", "-s", str(script), url], capture_output=True, check=True)
 

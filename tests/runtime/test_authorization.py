@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from agent_contract.config import DEFAULT_CLEARANCES, DEFAULT_ROLES, Permission, RuntimeConfig, SecurityLevel
-from agent_runtime.api import MAX_BODY_BYTES, parse_json_object, read_body
+from agent_runtime.api import MAX_BODY_BYTES, ApiError, parse_json_object, read_body
 from agent_runtime.security.rbac import MAX_REMEMBERED_DECISIONS, Authorizer, Principal
 from tests.runtime.conftest import ROLE_USERS, AppFactory, login
 
@@ -162,3 +162,36 @@ async def test_a_body_is_read_whole_when_the_parser_saw_its_end_before_the_handl
     writer.close()
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
     assert answer.endswith(b"\r\n\r\n700000"), answer[-200:]
+
+
+async def test_a_first_read_past_the_limit_is_refused_before_the_end_of_the_body_comes(
+    aiohttp_server: Callable[[web.Application], Awaitable[TestServer]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunked body whose first read is already past the limit, its end not yet sent: refused
+    413 at once. Before, only later reads were checked, so once the end came the body was
+    returned whole; the client here sends its end only after an answer, so that path would never
+    answer (the read times out)."""
+    monkeypatch.setattr("agent_runtime.api.MAX_BODY_BYTES", 200)
+
+    async def reader(request: web.Request) -> web.Response:
+        try:
+            body = await read_body(request)
+        except ApiError as error:
+            return web.Response(status=error.status, text=error.code)
+        return web.Response(text=f"read {len(body)} bytes")
+
+    app = web.Application()
+    app.router.add_post("/", reader)
+    server = await aiohttp_server(app)
+    reader_stream, writer = await asyncio.open_connection(server.host, server.port)
+    piece = b"v" * 300
+    writer.write(
+        b"POST / HTTP/1.1\r\nHost: agent\r\nTransfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n" % (len(piece), piece)
+    )
+    await writer.drain()
+    try:
+        head = await asyncio.wait_for(reader_stream.readuntil(b"\r\n"), timeout=10)
+        assert head.startswith(b"HTTP/1.1 413 "), head
+    finally:
+        writer.write(b"0\r\n\r\n")
+        writer.close()
