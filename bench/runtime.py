@@ -216,7 +216,8 @@ def load(
     rows = {}
     for connections in args.connections:
         # First: the warm-up's CPU, counted against the measured run's requests, had made every
-        # server's CPU a request look about a quarter higher than it was (until 5 December).
+        # server's CPU a request look higher than it was, by the warm-up's share of the requests
+        # (a fifth to two-fifths; until 5 December).
         warm_up(port, bearer, workdir)
         spy = None
         if profile:
