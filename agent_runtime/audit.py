@@ -39,12 +39,13 @@ import hashlib
 import json
 import os
 import secrets
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO, TypeGuard
+from typing import Any, TextIO, TypeGuard, cast
 
 import orjson
 from cryptography.exceptions import InvalidSignature
@@ -246,67 +247,161 @@ class AppenderGoneError(OSError):
     """The appender process ended (killed, or out of memory) before answering a batch."""
 
 
+class _AppenderPipes(asyncio.SubprocessProtocol):
+    """The appender's side of the pipes, as the loop delivers them: each answer on its stdout
+    settles the one batch in flight. A protocol rather than asyncio's stream pair, a lock, a
+    timeout and a shielded task per batch: those cost the loop 540 more bytecodes and 29 more
+    calls a batch, and 10 to 25 µs more of its CPU (measured), on every batch a request waits for."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size  # the trail's length, as far as this appender has answered
+        self.in_flight: _Batch | None = None
+        self.stdout_closed = False
+        self.exited = asyncio.get_running_loop().create_future()
+        self._answer = b""
+        self._idle: asyncio.Future[None] | None = None
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        if self._answer or len(data) != ANSWER.size:  # an answer split across reads (or a stray byte)
+            data = self._answer + data
+            self._answer, data = data[ANSWER.size :], data[: ANSWER.size]
+            if len(data) < ANSWER.size:
+                self._answer = data
+                return
+        if self.in_flight is None:
+            return  # nothing was asked: the appender's protocol has it that this cannot happen
+        (failure,) = ANSWER.unpack(data)
+        batch, self.in_flight = self.in_flight, None
+        if not failure:
+            self.size = batch.end  # whether or not anyone still waits: the next batch goes after it
+        if not batch.answer.done():  # done: its waiter was cancelled, or timed out
+            batch.answer.set_result(failure)
+        self._settle()
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        # The end of its stdout, not the process's exit, which the loop may see before the last
+        # answer is read: after this, nothing more can be answered.
+        if fd == 1:
+            self.stdout_closed = True
+            batch, self.in_flight = self.in_flight, None
+            if batch is not None and not batch.answer.done():
+                batch.answer.set_exception(AppenderGoneError(errno.EIO, "the audit appender process exited"))
+            self._settle()
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+    async def idle(self) -> None:
+        """Once no batch is in flight (only after a waiter was cancelled does one linger)."""
+        while self.in_flight is not None:
+            if self._idle is None:
+                self._idle = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._idle)
+
+    def _settle(self) -> None:
+        idle, self._idle = self._idle, None
+        if idle is not None and not idle.done():
+            idle.set_result(None)
+
+
+@dataclass(slots=True)
+class _Batch:
+    end: int  # the trail's length once this batch is on disk
+    answer: asyncio.Future[int]  # the appender's: 0, or the errno it failed with
+
+
+def _overdue(answer: asyncio.Future[int]) -> None:
+    if not answer.done():
+        answer.set_exception(
+            AppenderGoneError(errno.ETIMEDOUT, f"the audit appender did not answer in {ANSWER_SECONDS:g}s")
+        )
+
+
 class _AppendProcess:
     """The one process that appends and fsyncs batches (``audit_appender.py`` says why a process):
     batches go one at a time down its stdin, and each is answered on its stdout once on disk."""
 
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self._process = process
-        self._lock = asyncio.Lock()  # one batch at a time: the answers come back in order
+    def __init__(self, transport: asyncio.SubprocessTransport, pipes: _AppenderPipes) -> None:
+        self._transport = transport
+        self._pipes = pipes
+        # A pipe (start); uvloop's pipe transports are not asyncio.WriteTransport's subclasses.
+        self._stdin = cast(asyncio.WriteTransport, transport.get_pipe_transport(0))
 
     @classmethod
-    async def start(cls, trail_fd: int, copy_fd: int) -> _AppendProcess:
+    async def start(cls, trail_fd: int, copy_fd: int, size: int) -> _AppendProcess:
+        """``size``: the trail's length now, after which its first batch goes."""
         if not sys.executable:
             raise OSError(errno.ENOENT, "no Python interpreter to start the audit appender with")
-        process = await asyncio.create_subprocess_exec(
+        transport, pipes = await asyncio.get_running_loop().subprocess_exec(
+            lambda: _AppenderPipes(size),
             # -I -S: no environment, no site-packages; the appender needs the standard library only.
             sys.executable, "-I", "-S", str(APPENDER), str(trail_fd), str(copy_fd),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, pass_fds=(trail_fd, copy_fd),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None, pass_fds=(trail_fd, copy_fd),
             start_new_session=True,  # a terminal's Ctrl-C is the runtime's to act on: it ends at its stdin's end
         )  # fmt: skip
-        return cls(process)
+        return cls(transport, pipes)
 
-    async def append(self, expected: int, data: bytes, copy: bytes) -> None:
-        """Returns once ``data`` is on disk after the trail's first ``expected`` bytes; OSError
-        (the appender's errno) when it could not be; AppenderGoneError when the appender died or
-        did not answer within ANSWER_SECONDS (then it is to be killed)."""
-        stdin, stdout = self._process.stdin, self._process.stdout
-        assert stdin is not None  # both are pipes (start)
-        assert stdout is not None
-        async with self._lock:
-            try:
-                async with asyncio.timeout(ANSWER_SECONDS):
-                    if self._process.returncode is not None or stdin.is_closing():
-                        raise ConnectionResetError  # it died between batches; uvloop has closed its pipes
-                    stdin.writelines([HEADER.pack(expected, len(data), len(copy)), data, copy])
-                    await stdin.drain()
-                    answer = await stdout.readexactly(ANSWER.size)
-            except (ConnectionError, asyncio.IncompleteReadError, RuntimeError):
-                # RuntimeError: uvloop's answer to a write on a pipe it closed meanwhile.
-                raise AppenderGoneError(errno.EIO, "the audit appender process exited") from None
-            except TimeoutError:
-                raise AppenderGoneError(
-                    errno.ETIMEDOUT, f"the audit appender did not answer in {ANSWER_SECONDS:g}s"
-                ) from None
-        (failure,) = ANSWER.unpack(answer)
+    @property
+    def size(self) -> int:
+        """The trail's length after the last batch this appender answered as on disk."""
+        return self._pipes.size
+
+    @property
+    def pid(self) -> int:
+        return self._transport.get_pid()
+
+    @property
+    def returncode(self) -> int | None:
+        return self._transport.get_returncode()
+
+    async def append(self, data: bytes, copy: bytes) -> None:
+        """Returns once ``data`` is on disk after the trail's ``size`` bytes; OSError (the
+        appender's errno) when it could not be; AppenderGoneError when the appender died or did
+        not answer within ANSWER_SECONDS (then it is to be killed). A waiter cancelled meanwhile
+        leaves its batch to be answered, and counted in ``size``, all the same."""
+        pipes = self._pipes
+        if pipes.in_flight is not None:
+            await pipes.idle()
+        if pipes.stdout_closed or self._transport.get_returncode() is not None or self._stdin.is_closing():
+            raise AppenderGoneError(errno.EIO, "the audit appender process exited")
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[int] = loop.create_future()
+        pipes.in_flight = _Batch(pipes.size + len(data), answer)
+        try:
+            self._stdin.writelines((HEADER.pack(pipes.size, len(data), len(copy)), data, copy))
+        except (ConnectionError, RuntimeError):  # RuntimeError: uvloop's, on a pipe it closed meanwhile
+            raise AppenderGoneError(errno.EIO, "the audit appender process exited") from None
+        deadline = loop.call_later(ANSWER_SECONDS, _overdue, answer)
+        try:
+            failure = await answer
+        finally:
+            deadline.cancel()
         if failure:
             raise OSError(failure, os.strerror(failure))
+
+    async def wait(self) -> int:
+        """Its exit status, once it has ended."""
+        await asyncio.shield(self._pipes.exited)
+        returncode = self._transport.get_returncode()
+        assert returncode is not None  # it has exited
+        self._transport.close()
+        return returncode
 
     async def stop(self) -> None:
         """After the batches sent: the appender ends at its stdin's end (killed if it has not
         within ANSWER_SECONDS), and nothing more of it reaches the file once this returns."""
-        if self._process.returncode is None and self._process.stdin is not None:
-            self._process.stdin.close()
+        self._stdin.close()
         try:
             async with asyncio.timeout(ANSWER_SECONDS):
-                await self._process.wait()
+                await self.wait()
         except TimeoutError:
             await self.kill()
 
     async def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
-            self._process.kill()
-        await self._process.wait()
+            self._transport.kill()
+        await self.wait()
 
 
 class AuditLog:
@@ -619,9 +714,7 @@ class AuditLog:
         data = "".join(lines).encode()
         copy = (data if self.to_stdout else b"") + ("".join(shipped).encode() if self.checkpoints_to_stdout else b"")
         by_appender = bool(copy) and self._copies_through()
-        # Shielded: a batch sent is seen through to its answer (and the file's length kept right)
-        # even if the writer is cancelled meanwhile, so later batches' answers stay in step.
-        await asyncio.shield(self._append_batch(data, copy if by_appender else b"", at_once))
+        await self._append_batch(data, copy if by_appender else b"", at_once)
         if copy and not by_appender:
             with contextlib.suppress(OSError, ValueError, AttributeError):  # best effort, as the appender's
                 stream = self.stream or sys.stdout
@@ -634,19 +727,22 @@ class AuditLog:
             if not at_once and time.monotonic() < self._started_appender + RETRY_SECONDS:
                 raise OSError(errno.EAGAIN, "the audit appender is being restarted")
             self._started_appender = time.monotonic()
-            appender = self._appender = await _AppendProcess.start(self._fd, self._stdout_copy_fd())
+            appender = self._appender = await _AppendProcess.start(self._fd, self._stdout_copy_fd(), self._size)
         try:
-            await appender.append(self._size, data, copy)
+            await appender.append(data, copy)
         except AppenderGoneError:
             # It may have written part of the batch, or all of it unanswered: once it is gone for
             # certain, the file is cut back, so the chain goes on from the last answered batch
             # (and the next appender cuts it back itself before it writes, should this fail).
             self.healthy = False  # while a stuck one is killed, which waits for its disk
             await appender.kill()
+            self._size = appender.size  # what it answered as on disk
             self._appender = None
             await asyncio.to_thread(self._cut_back)
             raise
-        self._size += len(data)
+        # (Cancelled meanwhile, this is not reached: the appender still counts the batch in its
+        # size when it answers, and this copy is only read once it is gone.)
+        self._size = appender.size
 
     def _stdout_copy_fd(self) -> int:
         """A descriptor for the appender's copies: stdout's, as stdout is now (or /dev/null)."""

@@ -748,8 +748,8 @@ async def test_the_audit_is_ready_again_without_a_request_once_a_new_appender_wr
     await log.start()  # the start checkpoint: no record waits for a signature
     appender = log._appender
     assert appender is not None
-    os.kill(appender._process.pid, signal.SIGKILL)
-    assert await appender._process.wait() == -signal.SIGKILL
+    os.kill(appender.pid, signal.SIGKILL)
+    assert await appender.wait() == -signal.SIGKILL
     with pytest.raises(AuditUnavailableError):
         await log.record(type="operation", action="ping", result="success", request_id="lost")
     assert not log.healthy
@@ -774,8 +774,8 @@ async def test_the_final_checkpoint_is_written_when_the_appender_died_just_befor
     await log.record(type="operation", action="ping", result="success", request_id="kept")
     appender = log._appender
     assert appender is not None
-    os.kill(appender._process.pid, signal.SIGKILL)
-    assert await appender._process.wait() == -signal.SIGKILL
+    os.kill(appender.pid, signal.SIGKILL)
+    assert await appender.wait() == -signal.SIGKILL
     if seen:
         with pytest.raises(AuditUnavailableError):
             await log.record(type="operation", action="ping", result="success", request_id="lost")
@@ -912,10 +912,10 @@ async def test_a_stopped_appender_is_killed_after_its_deadline_and_replaced(
     await log.start()
     appender = log._appender
     assert appender is not None
-    os.kill(appender._process.pid, signal.SIGSTOP)
+    os.kill(appender.pid, signal.SIGSTOP)
     with pytest.raises(AuditUnavailableError, match="did not answer"):
         await log.record(type="operation", action="ping", result="success", request_id="stuck")
-    assert appender._process.returncode == -signal.SIGKILL
+    assert appender.returncode == -signal.SIGKILL
     assert await _healthy_again(log)
     await log.record(type="operation", action="ping", result="success", request_id="kept")
     await log.close()
