@@ -325,6 +325,7 @@ class _AppendProcess:
     def __init__(self, transport: asyncio.SubprocessTransport, pipes: _AppenderPipes) -> None:
         self._transport = transport
         self._pipes = pipes
+        self._loop = pipes.exited.get_loop()
         # A pipe (start); uvloop's pipe transports are not asyncio.WriteTransport's subclasses.
         self._stdin = cast(asyncio.WriteTransport, transport.get_pipe_transport(0))
 
@@ -365,7 +366,7 @@ class _AppendProcess:
             await pipes.idle()
         if pipes.stdout_closed or self._transport.get_returncode() is not None or self._stdin.is_closing():
             raise AppenderGoneError(errno.EIO, "the audit appender process exited")
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         answer: asyncio.Future[int] = loop.create_future()
         pipes.in_flight = _Batch(pipes.size + len(data), answer)
         try:
@@ -633,7 +634,8 @@ class AuditLog:
             trace_id=trace_id,
             details=details,
         )
-        done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        # The writer's loop, not get_running_loop(): that is a getpid() (see Deadlines.run).
+        done: asyncio.Future[dict[str, Any]] = self._writer.get_loop().create_future()
         self._put(_Pending(record, done))
         return await done
 
@@ -804,13 +806,14 @@ class AuditLog:
         self._put(_WAKE)
 
     async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 due = self._due()
                 if due != self._alarm_due:
                     self._set_alarm(due)
                 while not self._queue:
-                    self._queue_filled = asyncio.get_running_loop().create_future()
+                    self._queue_filled = loop.create_future()
                     await self._queue_filled
                 item = self._queue.popleft()
                 if item is _WAKE:

@@ -241,14 +241,20 @@ class Deadlines:
         self.seconds = seconds
         self._running: dict[_Running, None] = {}  # in the order they started: the order they fall due
         self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the last one run on
 
     async def run(self, function: Callable[[A], Awaitable[T]], argument: A) -> T:
         """``function(argument)`` under the deadline (one argument, not a closure: this is on every
         request's path)."""
-        task = asyncio.current_task()
-        if task is None:
-            raise RuntimeError("Deadlines.run is for a task")
-        loop = asyncio.get_running_loop()
+        # The loop is kept, not asked for: on Python 3.11 every asyncio.get_running_loop() (and
+        # current_task() without a loop) is a getpid() system call, its check for a fork.
+        loop = self._loop
+        task = asyncio.current_task(loop) if loop is not None else None
+        if loop is None or task is None:  # the first call, or one on another loop
+            loop = self._loop = asyncio.get_running_loop()
+            task = asyncio.current_task(loop)
+            if task is None:
+                raise RuntimeError("Deadlines.run is for a task")
         running = _Running(loop.time() + self.seconds, task, task.cancelling())
         self._running[running] = None
         if self._timer is None:
