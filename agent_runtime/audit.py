@@ -257,6 +257,7 @@ class _AppenderPipes(asyncio.SubprocessProtocol):
         self.size = size  # the trail's length, as far as this appender has answered
         self.in_flight: _Batch | None = None
         self.stdout_closed = False
+        self.overdue = False  # a batch went unanswered past its deadline: its answers are out of step
         self.exited = asyncio.get_running_loop().create_future()
         self._answer = b""
         self._idle: asyncio.Future[None] | None = None
@@ -299,6 +300,18 @@ class _AppenderPipes(asyncio.SubprocessProtocol):
                 self._idle = asyncio.get_running_loop().create_future()
             await asyncio.shield(self._idle)
 
+    def time_out(self, batch: _Batch) -> None:
+        """The deadline of ``batch``, left armed when its waiter is cancelled so that a stalled
+        appender is still found out. An answer that comes later must not count the batch as
+        written (it is refused, and rolled back in the chain), and nothing more goes to this
+        appender, whose answers are out of step: it is to be killed and the trail cut back."""
+        if self.in_flight is batch:
+            self.in_flight = None
+            self.overdue = True
+            self._settle()
+        if not batch.answer.done():
+            batch.answer.set_exception(_overdue_error())
+
     def _settle(self) -> None:
         idle, self._idle = self._idle, None
         if idle is not None and not idle.done():
@@ -311,11 +324,8 @@ class _Batch:
     answer: asyncio.Future[int]  # the appender's: 0, or the errno it failed with
 
 
-def _overdue(answer: asyncio.Future[int]) -> None:
-    if not answer.done():
-        answer.set_exception(
-            AppenderGoneError(errno.ETIMEDOUT, f"the audit appender did not answer in {ANSWER_SECONDS:g}s")
-        )
+def _overdue_error() -> AppenderGoneError:
+    return AppenderGoneError(errno.ETIMEDOUT, f"the audit appender did not answer in {ANSWER_SECONDS:g}s")
 
 
 class _AppendProcess:
@@ -364,20 +374,22 @@ class _AppendProcess:
         pipes = self._pipes
         if pipes.in_flight is not None:
             await pipes.idle()
+        if pipes.overdue:
+            raise _overdue_error()
         if pipes.stdout_closed or self._transport.get_returncode() is not None or self._stdin.is_closing():
             raise AppenderGoneError(errno.EIO, "the audit appender process exited")
-        loop = self._loop
-        answer: asyncio.Future[int] = loop.create_future()
-        pipes.in_flight = _Batch(pipes.size + len(data), answer)
         try:
             self._stdin.writelines((HEADER.pack(pipes.size, len(data), len(copy)), data, copy))
         except (ConnectionError, RuntimeError):  # RuntimeError: uvloop's, on a pipe it closed meanwhile
             raise AppenderGoneError(errno.EIO, "the audit appender process exited") from None
-        deadline = loop.call_later(ANSWER_SECONDS, _overdue, answer)
+        loop = self._loop
+        batch = pipes.in_flight = _Batch(pipes.size + len(data), loop.create_future())
+        deadline = loop.call_later(ANSWER_SECONDS, pipes.time_out, batch)
         try:
-            failure = await answer
+            failure = await batch.answer
         finally:
-            deadline.cancel()
+            if not batch.answer.cancelled():  # a cancelled waiter leaves the deadline to the batch
+                deadline.cancel()
         if failure:
             raise OSError(failure, os.strerror(failure))
 

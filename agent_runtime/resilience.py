@@ -251,7 +251,11 @@ class Deadlines:
         loop = self._loop
         task = asyncio.current_task(loop) if loop is not None else None
         if loop is None or task is None:  # the first call, or one on another loop
-            loop = self._loop = asyncio.get_running_loop()
+            current = asyncio.get_running_loop()
+            if current is not loop:  # what an earlier loop armed will never ring: start afresh
+                self._timer = None
+                self._running.clear()
+                loop = self._loop = current
             task = asyncio.current_task(loop)
             if task is None:
                 raise RuntimeError("Deadlines.run is for a task")

@@ -29,6 +29,7 @@ from agent_runtime import audit as audit_module
 from agent_runtime.app import create_app
 from agent_runtime.audit import (
     GENESIS,
+    AppenderGoneError,
     AuditLog,
     AuditUnavailableError,
     Status,
@@ -37,6 +38,7 @@ from agent_runtime.audit import (
     verify_lines,
     verify_trail,
 )
+from agent_runtime.audit_appender import ANSWER
 from agent_runtime.cli import main as runtime_cli
 from agent_runtime.operations import BUILTINS
 from agent_runtime.settings import Settings
@@ -922,6 +924,68 @@ async def test_a_stopped_appender_is_killed_after_its_deadline_and_replaced(
     lines = (tmp_path / "audit.log").read_text().splitlines(keepends=True)
     assert [json.loads(line).get("request_id") for line in lines] == [None, None, "kept", None]
     assert verify_lines(lines, keys).ok
+
+
+async def test_an_answer_that_comes_after_its_deadline_does_not_keep_the_refused_batch(
+    tmp_path: Path, keys: KeyRing
+) -> None:
+    """The race a busy loop can make: the deadline has refused a batch (its records are rolled
+    back in the chain) and the answer, 0, is read before the appender is killed. The trail's length
+    must not count the batch, or the cut-back would keep records the chain no longer has."""
+    log = AuditLog(tmp_path / "audit.log", keys, to_stdout=False, stream=io.StringIO())
+    await log.start()
+    appender = log._appender
+    assert appender is not None
+    pipes, before = appender._pipes, appender.size
+    os.kill(appender.pid, signal.SIGSTOP)  # it reads the batch once let go, and answers it
+    try:
+        sent = asyncio.ensure_future(appender.append(b'{"late":true}\n', b""))
+        while pipes.in_flight is None:
+            await asyncio.sleep(0)
+        batch = pipes.in_flight
+        pipes.time_out(batch)  # the deadline rings first (what call_later would do ANSWER_SECONDS later)
+        with pytest.raises(AppenderGoneError, match="did not answer"):
+            await sent
+    finally:
+        os.kill(appender.pid, signal.SIGCONT)
+    before_the_answer = pipes.exited.get_loop().create_future()  # the answer comes, 0: on disk
+    original = pipes.pipe_data_received
+
+    def watched(fd: int, data: bytes) -> None:
+        original(fd, data)
+        if not before_the_answer.done():
+            before_the_answer.set_result(data)
+
+    pipes.pipe_data_received = watched  # type: ignore[method-assign]
+    assert await asyncio.wait_for(before_the_answer, 10) == ANSWER.pack(0)
+    assert appender.size == before
+    with pytest.raises(AppenderGoneError, match="did not answer"):  # nothing more goes to it
+        await appender.append(b"{}\n", b"")
+    await appender.kill()
+
+
+async def test_a_writer_cancelled_mid_batch_leaves_the_deadline_to_kill_a_stalled_appender(
+    tmp_path: Path, keys: KeyRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer is cancelled (a loop's shutdown cancels every task) while its batch waits on an
+    appender that has stalled: the batch's deadline still rings, so close() is not left waiting for
+    ever behind it; the stalled appender is killed and the final checkpoint goes to a new one."""
+    monkeypatch.setattr(audit_module, "ANSWER_SECONDS", 0.5)
+    log = AuditLog(tmp_path / "audit.log", keys, to_stdout=False, stream=io.StringIO())
+    await log.start()
+    appender = log._appender
+    assert appender is not None
+    assert log._writer is not None
+    os.kill(appender.pid, signal.SIGSTOP)
+    record = asyncio.ensure_future(log.record(type="operation", action="ping", result="success"))
+    while appender._pipes.in_flight is None:
+        await asyncio.sleep(0)
+    log._writer.cancel()
+    await asyncio.wait_for(log.close(), 20 * audit_module.ANSWER_SECONDS)
+    assert appender.returncode == -signal.SIGKILL
+    lines = (tmp_path / "audit.log").read_text().splitlines(keepends=True)
+    assert json.loads(lines[-1])["details"]["reason"] == "final"
+    record.cancel()
 
 
 async def _healthy_again(log: AuditLog) -> bool:

@@ -324,3 +324,22 @@ async def test_a_call_that_swallows_its_deadlines_cancellation_leaves_the_task_u
     assert task.cancelling() == 0
     with pytest.raises(TimeoutError):
         await deadlines.run(asyncio.sleep, 60)
+
+
+def test_deadlines_used_on_a_loop_that_closed_still_ring_on_the_next() -> None:
+    """One Deadlines on two event loops in turn (the first closed with its timer still armed, as a
+    test's or a restarted server's may): calls on the second are still timed out, not left to run."""
+    deadlines = Deadlines(0.2)
+    asyncio.run(deadlines.run(asyncio.sleep, 0.01))  # its timer, due in 0.2 s, dies with this loop
+
+    async def slow() -> str:
+        try:
+            await deadlines.run(asyncio.sleep, 60)
+        except TimeoutError:
+            return "timed out"
+        return "ran to the end"
+
+    async def bounded() -> str:  # without the deadline, wait_for's own TimeoutError ends the test
+        return await asyncio.wait_for(slow(), 10)
+
+    assert asyncio.run(bounded()) == "timed out"
