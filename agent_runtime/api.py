@@ -8,6 +8,7 @@ import contextvars
 import ipaddress
 import json
 import re
+from collections.abc import Awaitable
 from typing import Any
 
 import orjson
@@ -188,15 +189,17 @@ async def verify_token(app: web.Application, token: str, token_type: str, check_
     return claims
 
 
-async def audit(request: web.Request, **fields: Any) -> None:
-    """An audit record of this request: the caller, its address and the request and trace ids
-    (the server's; the id a client sent, if any, goes in details as ``client_request_id``)."""
+def audit(request: web.Request, **fields: Any) -> Awaitable[object]:
+    """An audit record of this request, to await: the caller, its address and the request and
+    trace ids (the server's; the id a client sent, if any, goes in details as
+    ``client_request_id``). The log's own coroutine is returned, with none of this function around
+    it: every request waits in it for the fsync, and each coroutine layer is resumed then."""
     context = request[CONTEXT]
     principal = context.principal
     fields.setdefault("actor", principal.subject if principal else None)
     if context.client_request_id:
         fields["details"] = {**(fields.get("details") or {}), "client_request_id": context.client_request_id}
-    await context.app[AUDIT].record(
+    return context.app[AUDIT].record(
         client_ip=client_ip(request), request_id=context.request_id, trace_id=context.trace_id, **fields
     )
 
