@@ -319,6 +319,16 @@ class _AppenderPipes(asyncio.SubprocessProtocol):
 
 
 @dataclass(slots=True)
+class _Unsettled:
+    """A batch whose writer was cancelled before its answer (see AuditLog._settle_unsettled)."""
+
+    saved: tuple[int, str, int, float]  # the chain's state before it: seq, head, unsigned, first unsigned
+    count: int  # its lines
+    batch: list[_Pending]
+    size: int  # the trail's length before it
+
+
+@dataclass(slots=True)
 class _Batch:
     end: int  # the trail's length once this batch is on disk
     answer: asyncio.Future[int]  # the appender's: 0, or the errno it failed with
@@ -464,6 +474,7 @@ class AuditLog:
         self._retry_at = 0.0  # after a failed write: monotonic time the next try is due
         self._outage: dict[str, Any] | None = None  # since when writes fail, how many records were refused
         self._closing = False
+        self._unsettled: _Unsettled | None = None
         self.healthy = True
         self.recovered: dict[str, Any] | None = None  # the details of the recover record, if one was written
 
@@ -596,6 +607,7 @@ class AuditLog:
             await self._stop_appending()
             raise
         self._writer = None
+        await self._settle_unsettled()
         shipped: list[str] = []
         lines = [*self._outage_lines(), self._checkpoint(Reason.FINAL, shipped)]
         try:
@@ -859,6 +871,48 @@ class AuditLog:
             self._first_unsigned = time.monotonic()
         return [line]
 
+    def _refuse(self, saved: tuple[int, str, int, float], count: int, batch: list[_Pending], error: OSError) -> None:
+        """None of a batch's ``count`` lines is in the file: the chain goes on from where the file
+        ends (``saved``: its state before the batch), and the batch's callers are refused."""
+        self._seq, self._head, self._since_checkpoint, self._first_unsigned = saved
+        for _ in range(min(count, len(self.recent))):
+            self.recent.pop()
+        self.healthy = False
+        refused = sum(not item.done.done() for item in batch)
+        if self._outage is None:
+            self._outage = {"since": utc_now(), "refused_records": 0}
+        self._outage["refused_records"] += refused
+        self._outage["last_error"] = str(error)
+        self._retry_at = time.monotonic() + RETRY_SECONDS
+        for item in batch:
+            if not item.done.done():
+                item.done.set_exception(AuditUnavailableError(error))
+
+    def _acknowledge(self, batch: list[_Pending]) -> None:
+        self.healthy = True
+        self._outage = None
+        for item in batch:
+            if not item.done.done():
+                item.done.set_result(item.record)
+
+    async def _settle_unsettled(self) -> None:
+        """After the writer was cancelled mid-batch: the appender answers what it was sent (or is
+        killed after ANSWER_SECONDS), what it did not answer is cut from the file, and the chain
+        is rolled back to match when the batch is not on disk, before anything is chained after it."""
+        unsettled, self._unsettled = self._unsettled, None
+        if unsettled is None:
+            return
+        appender, self._appender = self._appender, None
+        if appender is not None:
+            await appender.stop()
+            self._size = appender.size
+        await asyncio.to_thread(self._cut_back)
+        if self._size > unsettled.size:  # it answered the batch: on disk
+            self._acknowledge(unsettled.batch)
+        else:
+            error = OSError(errno.EIO, "the audit writer was cancelled before its batch was written")
+            self._refuse(unsettled.saved, unsettled.count, unsettled.batch, error)
+
     async def _write(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
         saved = (self._seq, self._head, self._since_checkpoint, self._first_unsigned)
@@ -878,29 +932,18 @@ class AuditLog:
                 lines.append(self._checkpoint(Reason.INTERVAL, shipped))
         if self._since_checkpoint and time.monotonic() - self._first_unsigned >= self.checkpoint_seconds:
             lines.append(self._checkpoint(Reason.INTERVAL, shipped))
+        size = self._size
         try:
             await self._append_durably(lines, shipped)
         except OSError as error:
-            # Nothing of the batch is in the file: the chain goes on from where the file ends.
-            self._seq, self._head, self._since_checkpoint, self._first_unsigned = saved
-            for _ in range(min(len(lines), len(self.recent))):
-                self.recent.pop()
-            self.healthy = False
-            refused = sum(not item.done.done() for item in batch)
-            if self._outage is None:
-                self._outage = {"since": utc_now(), "refused_records": 0}
-            self._outage["refused_records"] += refused
-            self._outage["last_error"] = str(error)
-            self._retry_at = time.monotonic() + RETRY_SECONDS
-            for item in batch:
-                if not item.done.done():
-                    item.done.set_exception(AuditUnavailableError(error))
+            self._refuse(saved, len(lines), batch, error)
+        except asyncio.CancelledError:
+            # The writer is cancelled with the batch's fate unknown: the appender may still write
+            # it, or not. close() learns which before it chains its final checkpoint.
+            self._unsettled = _Unsettled(saved, len(lines), batch, size)
+            raise
         else:
-            self.healthy = True
-            self._outage = None
-            for item in batch:
-                if not item.done.done():
-                    item.done.set_result(item.record)
+            self._acknowledge(batch)
         if self.on_write is not None and batch:
             self.on_write(time.perf_counter() - started, len(batch))
 

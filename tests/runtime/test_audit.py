@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
@@ -964,12 +965,15 @@ async def test_an_answer_that_comes_after_its_deadline_does_not_keep_the_refused
     await appender.kill()
 
 
-async def test_a_writer_cancelled_mid_batch_leaves_the_deadline_to_kill_a_stalled_appender(
-    tmp_path: Path, keys: KeyRing, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("appender_recovers", [False, True], ids=["stalled-for-good", "let-go-before-its-deadline"])
+async def test_a_batch_whose_writer_was_cancelled_is_settled_before_the_final_checkpoint(
+    tmp_path: Path, keys: KeyRing, monkeypatch: pytest.MonkeyPatch, appender_recovers: bool
 ) -> None:
     """The writer is cancelled (a loop's shutdown cancels every task) while its batch waits on an
-    appender that has stalled: the batch's deadline still rings, so close() is not left waiting for
-    ever behind it; the stalled appender is killed and the final checkpoint goes to a new one."""
+    appender that has stalled. close() is not left waiting behind it: the batch's deadline still
+    rings, and the stalled appender is killed. Then the batch's fate decides: kept when the
+    appender wrote and answered it meanwhile, else cut from the file, its caller refused, and the
+    chain rolled back, so the final checkpoint chains after what is on disk and the trail verifies."""
     monkeypatch.setattr(audit_module, "ANSWER_SECONDS", 0.5)
     log = AuditLog(tmp_path / "audit.log", keys, to_stdout=False, stream=io.StringIO())
     await log.start()
@@ -977,15 +981,36 @@ async def test_a_writer_cancelled_mid_batch_leaves_the_deadline_to_kill_a_stalle
     assert appender is not None
     assert log._writer is not None
     os.kill(appender.pid, signal.SIGSTOP)
-    record = asyncio.ensure_future(log.record(type="operation", action="ping", result="success"))
+    record = asyncio.ensure_future(
+        log.record(type="operation", action="ping", result="success", request_id="in-flight")
+    )
     while appender._pipes.in_flight is None:
         await asyncio.sleep(0)
     log._writer.cancel()
-    await asyncio.wait_for(log.close(), 20 * audit_module.ANSWER_SECONDS)
-    assert appender.returncode == -signal.SIGKILL
+    if appender_recovers:
+        os.kill(appender.pid, signal.SIGCONT)
+    try:
+        await asyncio.wait_for(log.close(), 20 * audit_module.ANSWER_SECONDS)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(appender.pid, signal.SIGCONT)
     lines = (tmp_path / "audit.log").read_text().splitlines(keepends=True)
-    assert json.loads(lines[-1])["details"]["reason"] == "final"
-    record.cancel()
+    records = [json.loads(line) for line in lines]
+    middle = ("ping", "in-flight") if appender_recovers else ("unavailable", None)  # the outage's record
+    assert [(record["action"], record.get("request_id")) for record in records] == [
+        ("checkpoint", None),
+        middle,
+        ("checkpoint", None),
+    ]
+    assert records[-1]["details"]["reason"] == "final"
+    assert verify_lines(lines, keys).ok
+    # Bounded: a batch left unsettled would leave its caller waiting for ever.
+    if appender_recovers:
+        assert (await asyncio.wait_for(record, 5))["request_id"] == "in-flight"
+    else:
+        assert appender.returncode == -signal.SIGKILL
+        with pytest.raises(AuditUnavailableError):
+            await asyncio.wait_for(record, 5)
 
 
 async def _healthy_again(log: AuditLog) -> bool:
