@@ -261,6 +261,10 @@ class _AppenderPipes(asyncio.SubprocessProtocol):
         self.exited = asyncio.get_running_loop().create_future()
         self._answer = b""
         self._idle: asyncio.Future[None] | None = None
+        self._transport: asyncio.SubprocessTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.SubprocessTransport, transport)
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         if self._answer or len(data) != ANSWER.size:  # an answer split across reads (or a stray byte)
@@ -304,10 +308,14 @@ class _AppenderPipes(asyncio.SubprocessProtocol):
         """The deadline of ``batch``, left armed when its waiter is cancelled so that a stalled
         appender is still found out. An answer that comes later must not count the batch as
         written (it is refused, and rolled back in the chain), and nothing more goes to this
-        appender, whose answers are out of step: it is to be killed and the trail cut back."""
+        appender, whose answers are out of step: it is killed here, at once, so that it cannot
+        write (or ship a copy of) a batch after its deadline, and the trail is to be cut back."""
         if self.in_flight is batch:
             self.in_flight = None
             self.overdue = True
+            if self._transport is not None:
+                with contextlib.suppress(ProcessLookupError):  # it has ended meanwhile
+                    self._transport.kill()
             self._settle()
         if not batch.answer.done():
             batch.answer.set_exception(_overdue_error())
@@ -326,6 +334,7 @@ class _Unsettled:
     count: int  # its lines
     batch: list[_Pending]
     size: int  # the trail's length before it
+    copy: bytes  # the log collector's copy, when it is written here rather than by the appender
 
 
 @dataclass(slots=True)
@@ -412,8 +421,11 @@ class _AppendProcess:
         return returncode
 
     async def stop(self) -> None:
-        """After the batches sent: the appender ends at its stdin's end (killed if it has not
-        within ANSWER_SECONDS), and nothing more of it reaches the file once this returns."""
+        """After the batches sent: the batch in flight is answered (or its deadline, which is
+        not restarted here, kills the appender), then the appender ends at its stdin's end (killed
+        if it has not within ANSWER_SECONDS), and nothing more of it reaches the file once this
+        returns. The answer is read first: the loop may see the exit before the last answer."""
+        await self._pipes.idle()
         self._stdin.close()
         try:
             async with asyncio.timeout(ANSWER_SECONDS):
@@ -475,6 +487,7 @@ class AuditLog:
         self._outage: dict[str, Any] | None = None  # since when writes fail, how many records were refused
         self._closing = False
         self._unsettled: _Unsettled | None = None
+        self._unwritten_copy = b""  # a cancelled batch's copy, until it is _Unsettled's
         self.healthy = True
         self.recovered: dict[str, Any] | None = None  # the details of the recover record, if one was written
 
@@ -607,21 +620,42 @@ class AuditLog:
             await self._stop_appending()
             raise
         self._writer = None
-        await self._settle_unsettled()
-        shipped: list[str] = []
-        lines = [*self._outage_lines(), self._checkpoint(Reason.FINAL, shipped)]
         try:
+            await self._settle_unsettled()
+            # Records queued behind a cancelled writer's batch are written too, not left waiting.
+            queued = [item for item in self._queue if isinstance(item, _Pending)]
+            self._queue.clear()
+            if queued:
+                await self._write(queued, at_once=True)
+            shipped: list[str] = []
+            lines = [*self._outage_lines(), self._checkpoint(Reason.FINAL, shipped)]
             try:
                 await self._append_durably(lines, shipped, at_once=True)
             except AppenderGoneError:  # it died since the last batch: the final checkpoint goes to a new one
                 await self._append_durably(lines, shipped, at_once=True)
-        finally:
-            await self._stop_appending()
+        except BaseException:
+            # Failed, or cancelled (a shutdown's deadline): nothing more is waited for. The
+            # appender is killed, what it did not answer is cut, and an unsettled batch's callers
+            # are refused; the next start finds a trail without its final checkpoint, as after a crash.
+            await self._stop_appending(kill=True)
+            unsettled, self._unsettled = self._unsettled, None
+            if unsettled is not None:
+                self._refuse_callers(
+                    unsettled.batch, OSError(errno.EIO, "the audit log was closed before the batch's answer")
+                )
+            raise
+        await self._stop_appending()
 
-    async def _stop_appending(self) -> None:
-        if self._appender is not None:
-            await self._appender.stop()
-            self._appender = None
+    async def _stop_appending(self, kill: bool = False) -> None:
+        """``kill``: at once, and the trail cut back to what the appender answered (here, not in a
+        thread: a cancelled thread would still hold the descriptor closed below)."""
+        appender, self._appender = self._appender, None
+        if appender is not None and kill:
+            await appender.kill()
+            self._size = appender.size
+            self._cut_back()
+        elif appender is not None:
+            await appender.stop()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -740,12 +774,20 @@ class AuditLog:
         data = "".join(lines).encode()
         copy = (data if self.to_stdout else b"") + ("".join(shipped).encode() if self.checkpoints_to_stdout else b"")
         by_appender = bool(copy) and self._copies_through()
-        await self._append_batch(data, copy if by_appender else b"", at_once)
+        try:
+            await self._append_batch(data, copy if by_appender else b"", at_once)
+        except asyncio.CancelledError:
+            if not by_appender:  # for close() to write once it knows the batch is on disk
+                self._unwritten_copy = copy
+            raise
         if copy and not by_appender:
-            with contextlib.suppress(OSError, ValueError, AttributeError):  # best effort, as the appender's
-                stream = self.stream or sys.stdout
-                stream.write(copy.decode())
-                stream.flush()
+            self._write_copy(copy)
+
+    def _write_copy(self, copy: bytes) -> None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # best effort, as the appender's
+            stream = self.stream or sys.stdout
+            stream.write(copy.decode())
+            stream.flush()
 
     async def _append_batch(self, data: bytes, copy: bytes, at_once: bool) -> None:
         appender = self._appender
@@ -764,7 +806,7 @@ class AuditLog:
             await appender.kill()
             self._size = appender.size  # what it answered as on disk
             self._appender = None
-            await asyncio.to_thread(self._cut_back)
+            await self._cut_back_off_the_loop()
             raise
         # (Cancelled meanwhile, this is not reached: the appender still counts the batch in its
         # size when it answers, and this copy is only read once it is gone.)
@@ -790,6 +832,17 @@ class AuditLog:
             return os.path.sameopenfile(sys.stdout.fileno(), self._stdout_copy_fd())
         except (OSError, ValueError, AttributeError):
             return False
+
+    async def _cut_back_off_the_loop(self) -> None:
+        """_cut_back in a thread, finished even if the caller is cancelled meanwhile: a thread
+        cannot be stopped, and one still cutting would race what comes next on the descriptor
+        (the next appender's batch, or its closing, after which the number may name another file)."""
+        cut = asyncio.ensure_future(asyncio.to_thread(self._cut_back))
+        try:
+            await asyncio.shield(cut)
+        except asyncio.CancelledError:
+            await cut
+            raise
 
     def _cut_back(self) -> None:
         with contextlib.suppress(OSError):  # if this fails too, the next appender cuts it before it writes
@@ -878,12 +931,19 @@ class AuditLog:
         for _ in range(min(count, len(self.recent))):
             self.recent.pop()
         self.healthy = False
-        refused = sum(not item.done.done() for item in batch)
+        # Every record chained and lost, its caller waiting or not (one cancelled by a shutdown
+        # still lost its record); not one its own details failed to chain (already answered).
+        lost = sum(not item.done.done() or item.done.cancelled() for item in batch)
         if self._outage is None:
-            self._outage = {"since": utc_now(), "refused_records": 0}
-        self._outage["refused_records"] += refused
+            # Since the first lost record was made (a batch may wait up to ANSWER_SECONDS).
+            self._outage = {"since": batch[0].record["time"] if batch else utc_now(), "refused_records": 0}
+        self._outage["refused_records"] += lost
         self._outage["last_error"] = str(error)
         self._retry_at = time.monotonic() + RETRY_SECONDS
+        self._refuse_callers(batch, error)
+
+    @staticmethod
+    def _refuse_callers(batch: list[_Pending], error: OSError) -> None:
         for item in batch:
             if not item.done.done():
                 item.done.set_exception(AuditUnavailableError(error))
@@ -897,23 +957,27 @@ class AuditLog:
 
     async def _settle_unsettled(self) -> None:
         """After the writer was cancelled mid-batch: the appender answers what it was sent (or is
-        killed after ANSWER_SECONDS), what it did not answer is cut from the file, and the chain
+        killed at that batch's deadline), what it did not answer is cut from the file, and the chain
         is rolled back to match when the batch is not on disk, before anything is chained after it."""
-        unsettled, self._unsettled = self._unsettled, None
+        unsettled = self._unsettled
         if unsettled is None:
             return
-        appender, self._appender = self._appender, None
-        if appender is not None:
-            await appender.stop()
-            self._size = appender.size
-        await asyncio.to_thread(self._cut_back)
+        if self._appender is not None:  # cleared only once stopped: close() kills it if cancelled here
+            await self._appender.stop()
+            self._size = self._appender.size
+            self._appender = None
+        await self._cut_back_off_the_loop()
+        self._unsettled = None
         if self._size > unsettled.size:  # it answered the batch: on disk
             self._acknowledge(unsettled.batch)
+            if unsettled.copy:
+                self._write_copy(unsettled.copy)
         else:
             error = OSError(errno.EIO, "the audit writer was cancelled before its batch was written")
             self._refuse(unsettled.saved, unsettled.count, unsettled.batch, error)
 
-    async def _write(self, batch: list[_Pending]) -> None:
+    async def _write(self, batch: list[_Pending], at_once: bool = False) -> None:
+        """``at_once``: as for _append_durably."""
         started = time.perf_counter()
         saved = (self._seq, self._head, self._since_checkpoint, self._first_unsigned)
         shipped: list[str] = []
@@ -934,13 +998,14 @@ class AuditLog:
             lines.append(self._checkpoint(Reason.INTERVAL, shipped))
         size = self._size
         try:
-            await self._append_durably(lines, shipped)
+            await self._append_durably(lines, shipped, at_once)
         except OSError as error:
             self._refuse(saved, len(lines), batch, error)
         except asyncio.CancelledError:
             # The writer is cancelled with the batch's fate unknown: the appender may still write
             # it, or not. close() learns which before it chains its final checkpoint.
-            self._unsettled = _Unsettled(saved, len(lines), batch, size)
+            self._unsettled = _Unsettled(saved, len(lines), batch, size, self._unwritten_copy)
+            self._unwritten_copy = b""
             raise
         else:
             self._acknowledge(batch)

@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import select
 import signal
 import subprocess
 import time
@@ -34,6 +35,7 @@ from agent_runtime.audit import (
     AuditLog,
     AuditUnavailableError,
     Status,
+    _AppendProcess,
     chain_hash,
     checkpoint_message,
     verify_lines,
@@ -927,12 +929,13 @@ async def test_a_stopped_appender_is_killed_after_its_deadline_and_replaced(
     assert verify_lines(lines, keys).ok
 
 
-async def test_an_answer_that_comes_after_its_deadline_does_not_keep_the_refused_batch(
+async def test_an_answer_unread_when_its_deadline_rings_does_not_keep_the_refused_batch(
     tmp_path: Path, keys: KeyRing
 ) -> None:
-    """The race a busy loop can make: the deadline has refused a batch (its records are rolled
-    back in the chain) and the answer, 0, is read before the appender is killed. The trail's length
-    must not count the batch, or the cut-back would keep records the chain no longer has."""
+    """The race a busy loop can make: the appender has answered 0, but the loop runs the batch's
+    deadline before it reads the answer. The deadline kills the appender and refuses the batch
+    (rolled back in the chain); the answer read after it must not count the batch in the trail's
+    length, or the cut-back would keep records the chain no longer has."""
     log = AuditLog(tmp_path / "audit.log", keys, to_stdout=False, stream=io.StringIO())
     await log.start()
     appender = log._appender
@@ -944,51 +947,80 @@ async def test_an_answer_that_comes_after_its_deadline_does_not_keep_the_refused
         while pipes.in_flight is None:
             await asyncio.sleep(0)
         batch = pipes.in_flight
-        pipes.time_out(batch)  # the deadline rings first (what call_later would do ANSWER_SECONDS later)
-        with pytest.raises(AppenderGoneError, match="did not answer"):
-            await sent
     finally:
         os.kill(appender.pid, signal.SIGCONT)
-    before_the_answer = pipes.exited.get_loop().create_future()  # the answer comes, 0: on disk
+    read_after_the_deadline = pipes.exited.get_loop().create_future()
     original = pipes.pipe_data_received
 
     def watched(fd: int, data: bytes) -> None:
         original(fd, data)
-        if not before_the_answer.done():
-            before_the_answer.set_result(data)
+        if not read_after_the_deadline.done():
+            read_after_the_deadline.set_result(data)
 
     pipes.pipe_data_received = watched  # type: ignore[method-assign]
-    assert await asyncio.wait_for(before_the_answer, 10) == ANSWER.pack(0)
+    stdout = appender._transport.get_pipe_transport(1)
+    assert stdout is not None
+    answers = stdout.get_extra_info("pipe")
+    # The loop is held here (no await) until the answer waits in the pipe; the deadline rings first.
+    assert select.select([answers], [], [], 10)[0]
+    pipes.time_out(batch)
+    with pytest.raises(AppenderGoneError, match="did not answer"):
+        await sent
+    assert await asyncio.wait_for(read_after_the_deadline, 10) == ANSWER.pack(0)
     assert appender.size == before
+    assert await asyncio.wait_for(appender.wait(), 10) == -signal.SIGKILL  # by the deadline, at once
     with pytest.raises(AppenderGoneError, match="did not answer"):  # nothing more goes to it
         await appender.append(b"{}\n", b"")
-    await appender.kill()
 
 
-@pytest.mark.parametrize("appender_recovers", [False, True], ids=["stalled-for-good", "let-go-before-its-deadline"])
-async def test_a_batch_whose_writer_was_cancelled_is_settled_before_the_final_checkpoint(
-    tmp_path: Path, keys: KeyRing, monkeypatch: pytest.MonkeyPatch, appender_recovers: bool
-) -> None:
-    """The writer is cancelled (a loop's shutdown cancels every task) while its batch waits on an
-    appender that has stalled. close() is not left waiting behind it: the batch's deadline still
-    rings, and the stalled appender is killed. Then the batch's fate decides: kept when the
-    appender wrote and answered it meanwhile, else cut from the file, its caller refused, and the
-    chain rolled back, so the final checkpoint chains after what is on disk and the trail verifies."""
-    monkeypatch.setattr(audit_module, "ANSWER_SECONDS", 0.5)
-    log = AuditLog(tmp_path / "audit.log", keys, to_stdout=False, stream=io.StringIO())
+async def _log_with_a_stopped_appender(path: Path, keys: KeyRing) -> tuple[AuditLog, _AppendProcess]:
+    """A started log whose appender is SIGSTOPped: it reads nothing and answers nothing until let go."""
+    log = AuditLog(path, keys, to_stdout=False, stream=io.StringIO())
     await log.start()
     appender = log._appender
     assert appender is not None
     assert log._writer is not None
     os.kill(appender.pid, signal.SIGSTOP)
-    record = asyncio.ensure_future(
-        log.record(type="operation", action="ping", result="success", request_id="in-flight")
-    )
+    return log, appender
+
+
+@pytest.mark.parametrize(
+    "let_go",
+    [None, "before-its-deadline", "after-its-deadline"],
+    ids=["stalled-for-good", "let-go-before", "let-go-after"],
+)
+async def test_a_batch_whose_writer_was_cancelled_is_settled_before_the_final_checkpoint(
+    tmp_path: Path, keys: KeyRing, monkeypatch: pytest.MonkeyPatch, let_go: str | None
+) -> None:
+    """The writer is cancelled (a loop's shutdown cancels every task, callers too) while its batch
+    waits on an appender that has stalled. close() is not left waiting behind it: the batch's own
+    deadline, not a new one, kills the stalled appender, so it cannot write the batch later. Then
+    the batch's fate decides: kept when the appender wrote and answered it before its deadline,
+    else cut from the file, the waiting caller refused, every record of it counted as lost, and the
+    chain rolled back, so the final checkpoint chains after what is on disk and the trail verifies.
+    A record queued behind the batch is written before the final checkpoint, not left waiting."""
+    monkeypatch.setattr(audit_module, "ANSWER_SECONDS", 0.5)
+    log, appender = await _log_with_a_stopped_appender(tmp_path / "audit.log", keys)
+
+    def ping(request_id: str) -> asyncio.Future[dict[str, Any]]:
+        return asyncio.ensure_future(
+            log.record(type="operation", action="ping", result="success", request_id=request_id)
+        )
+
+    waiting, cancelled = ping("in-flight"), ping("caller-cancelled")  # one batch
     while appender._pipes.in_flight is None:
         await asyncio.sleep(0)
+    queued = ping("queued")
+    await asyncio.sleep(0)  # the queued record's task puts it in the queue
+    assert log._writer is not None
     log._writer.cancel()
-    if appender_recovers:
-        os.kill(appender.pid, signal.SIGCONT)
+    cancelled.cancel()
+    if let_go == "after-its-deadline":
+        while not appender._pipes.overdue:
+            await asyncio.sleep(0.01)
+    if let_go is not None:
+        with contextlib.suppress(ProcessLookupError):  # after the deadline it may be gone already
+            os.kill(appender.pid, signal.SIGCONT)
     try:
         await asyncio.wait_for(log.close(), 20 * audit_module.ANSWER_SECONDS)
     finally:
@@ -996,21 +1028,61 @@ async def test_a_batch_whose_writer_was_cancelled_is_settled_before_the_final_ch
             os.kill(appender.pid, signal.SIGCONT)
     lines = (tmp_path / "audit.log").read_text().splitlines(keepends=True)
     records = [json.loads(line) for line in lines]
-    middle = ("ping", "in-flight") if appender_recovers else ("unavailable", None)  # the outage's record
+    kept = let_go == "before-its-deadline"
+    middle = [("ping", "in-flight"), ("ping", "caller-cancelled")] if kept else [("unavailable", None)]
     assert [(record["action"], record.get("request_id")) for record in records] == [
         ("checkpoint", None),
-        middle,
+        *middle,
+        ("ping", "queued"),
         ("checkpoint", None),
     ]
     assert records[-1]["details"]["reason"] == "final"
     assert verify_lines(lines, keys).ok
     # Bounded: a batch left unsettled would leave its caller waiting for ever.
-    if appender_recovers:
-        assert (await asyncio.wait_for(record, 5))["request_id"] == "in-flight"
+    assert (await asyncio.wait_for(queued, 5))["request_id"] == "queued"
+    if kept:
+        assert (await asyncio.wait_for(waiting, 5))["request_id"] == "in-flight"
     else:
         assert appender.returncode == -signal.SIGKILL
+        assert records[1]["details"]["refused_records"] == 2  # the cancelled caller's record is lost too
         with pytest.raises(AuditUnavailableError):
-            await asyncio.wait_for(record, 5)
+            await asyncio.wait_for(waiting, 5)
+
+
+async def test_a_close_cancelled_while_it_settles_kills_the_appender_and_answers_the_callers(
+    tmp_path: Path, keys: KeyRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shutdown's deadline cancels close() while it waits on a stalled appender for a cancelled
+    writer's batch: the appender is killed then and there (it would outlive the runtime: it runs
+    in its own session), the unanswered batch is cut from the file, its caller is refused, and the
+    trail is left as after a crash (no final checkpoint), to be verified and continued."""
+    monkeypatch.setattr(audit_module, "ANSWER_SECONDS", 30.0)
+    log, appender = await _log_with_a_stopped_appender(tmp_path / "audit.log", keys)
+    try:
+        waiting = asyncio.ensure_future(log.record(type="operation", action="ping", result="success"))
+        while appender._pipes.in_flight is None:
+            await asyncio.sleep(0)
+        assert log._writer is not None
+        log._writer.cancel()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(log.close(), 1)
+        assert appender.returncode == -signal.SIGKILL
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(appender.pid, signal.SIGCONT)
+    with pytest.raises(AuditUnavailableError):
+        await asyncio.wait_for(waiting, 5)
+    lines = (tmp_path / "audit.log").read_text().splitlines(keepends=True)
+    assert [json.loads(line)["action"] for line in lines] == ["checkpoint"]  # the start's
+    result = verify_lines(lines, keys)
+    assert result.status is Status.UNSIGNED, result.describe()  # intact, without its final checkpoint
+    again = AuditLog(tmp_path / "audit.log", keys, to_stdout=False, stream=io.StringIO())
+    await again.start()
+    await again.record(type="operation", action="ping", result="success", request_id="after")
+    await again.close()
+    lines = (tmp_path / "audit.log").read_text().splitlines(keepends=True)
+    assert [json.loads(line).get("request_id") for line in lines][-2] == "after"
+    assert verify_lines(lines, keys).ok
 
 
 async def _healthy_again(log: AuditLog) -> bool:
