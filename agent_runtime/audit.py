@@ -246,6 +246,8 @@ class AuditUnavailableError(OSError):
 class AppenderGoneError(OSError):
     """The appender process ended (killed, or out of memory) before answering a batch."""
 
+    batch_end: int | None = None  # the refused batch's end, when its deadline refused it (see time_out)
+
 
 class _AppenderPipes(asyncio.SubprocessProtocol):
     """The appender's side of the pipes, as the loop delivers them: each answer on its stdout
@@ -258,10 +260,13 @@ class _AppenderPipes(asyncio.SubprocessProtocol):
         self.in_flight: _Batch | None = None
         self.stdout_closed = False
         self.overdue = False  # a batch went unanswered past its deadline: its answers are out of step
+        self.late: _Batch | None = None  # that batch, whose answer may yet be read (see time_out)
         self.exited = asyncio.get_running_loop().create_future()
+        self.stdout_eof = asyncio.get_running_loop().create_future()  # every answer written has been read
         self._answer = b""
         self._idle: asyncio.Future[None] | None = None
         self._transport: asyncio.SubprocessTransport | None = None
+        self._killed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.SubprocessTransport, transport)
@@ -273,10 +278,16 @@ class _AppenderPipes(asyncio.SubprocessProtocol):
             if len(data) < ANSWER.size:
                 self._answer = data
                 return
-        if self.in_flight is None:
-            return  # nothing in flight: a late answer to a batch its deadline refused
         (failure,) = ANSWER.unpack(data)
         batch, self.in_flight = self.in_flight, None
+        if batch is None:
+            # An answer read after its batch's deadline rang (the loop ran the timer first): the
+            # batch is on disk, and its copy shipped, all the same; its refusal is undone once the
+            # appender's end is read (AuditLog._append_batch), so it is not cut from the file.
+            late, self.late = self.late, None
+            if late is not None and not failure:
+                self.size = late.end
+            return
         if not failure:
             self.size = batch.end  # whether or not anyone still waits: the next batch goes after it
         if not batch.answer.done():  # done: its waiter was cancelled, or timed out
@@ -288,6 +299,8 @@ class _AppenderPipes(asyncio.SubprocessProtocol):
         # answer is read: after this, nothing more can be answered.
         if fd == 1:
             self.stdout_closed = True
+            if not self.stdout_eof.done():
+                self.stdout_eof.set_result(None)
             batch, self.in_flight = self.in_flight, None
             if batch is not None and not batch.answer.done():
                 batch.answer.set_exception(AppenderGoneError(errno.EIO, "the audit appender process exited"))
@@ -313,12 +326,25 @@ class _AppenderPipes(asyncio.SubprocessProtocol):
         if self.in_flight is batch:
             self.in_flight = None
             self.overdue = True
-            if self._transport is not None:
-                with contextlib.suppress(ProcessLookupError):  # it has ended meanwhile
-                    self._transport.kill()
+            self.late = batch
             self._settle()
-        if not batch.answer.done():
+            if not batch.answer.done():
+                batch.answer.set_exception(_overdue_error(batch.end))
+            try:
+                self.kill()
+            except Exception as error:  # a timer's callback: the waiter's kill() tries again
+                print(f"audit: could not kill the overdue appender: {error}", file=sys.stderr)
+        elif not batch.answer.done():
             batch.answer.set_exception(_overdue_error())
+
+    def kill(self) -> None:
+        """SIGKILL, once. A second signal would find a zombie, which Popen.send_signal's poll
+        reaps before asyncio's child watcher can: the watcher then reports 255, not -SIGKILL."""
+        if self._killed or self._transport is None:
+            return
+        with contextlib.suppress(ProcessLookupError):  # it has ended meanwhile
+            self._transport.kill()
+        self._killed = True
 
     def _settle(self) -> None:
         idle, self._idle = self._idle, None
@@ -343,8 +369,10 @@ class _Batch:
     answer: asyncio.Future[int]  # the appender's: 0, or the errno it failed with
 
 
-def _overdue_error() -> AppenderGoneError:
-    return AppenderGoneError(errno.ETIMEDOUT, f"the audit appender did not answer in {ANSWER_SECONDS:g}s")
+def _overdue_error(batch_end: int | None = None) -> AppenderGoneError:
+    error = AppenderGoneError(errno.ETIMEDOUT, f"the audit appender did not answer in {ANSWER_SECONDS:g}s")
+    error.batch_end = batch_end
+    return error
 
 
 class _AppendProcess:
@@ -413,8 +441,10 @@ class _AppendProcess:
             raise OSError(failure, os.strerror(failure))
 
     async def wait(self) -> int:
-        """Its exit status, once it has ended."""
+        """Its exit status, once it has ended and every answer it wrote has been read (closing
+        the pipes before would drop an answer the loop had not read yet)."""
         await asyncio.shield(self._pipes.exited)
+        await asyncio.shield(self._pipes.stdout_eof)
         returncode = self._transport.get_returncode()
         assert returncode is not None  # it has exited
         self._transport.close()
@@ -434,8 +464,7 @@ class _AppendProcess:
             await self.kill()
 
     async def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self._transport.kill()
+        self._pipes.kill()
         await self.wait()
 
 
@@ -613,14 +642,14 @@ class AuditLog:
         self._closing = True
         self._put(None)  # after everything queued before it
         try:
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._writer
-        except BaseException:  # the writer died of a bug: raised, once the thread and file are closed
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # close() itself is cancelled (and the writer with it)
+                # Only the writer was (a shutdown cancels every task): its batch is settled below.
             self._writer = None
-            await self._stop_appending()
-            raise
-        self._writer = None
-        try:
             await self._settle_unsettled()
             # Records queued behind a cancelled writer's batch are written too, not left waiting.
             queued = [item for item in self._queue if isinstance(item, _Pending)]
@@ -633,35 +662,56 @@ class AuditLog:
                 await self._append_durably(lines, shipped, at_once=True)
             except AppenderGoneError:  # it died since the last batch: the final checkpoint goes to a new one
                 await self._append_durably(lines, shipped, at_once=True)
-        except BaseException:
-            # Failed, or cancelled (a shutdown's deadline): nothing more is waited for. The
-            # appender is killed, what it did not answer is cut, and an unsettled batch's callers
-            # are refused; the next start finds a trail without its final checkpoint, as after a crash.
-            await self._stop_appending(kill=True)
-            unsettled, self._unsettled = self._unsettled, None
-            if unsettled is not None:
-                self._refuse_callers(
-                    unsettled.batch, OSError(errno.EIO, "the audit log was closed before the batch's answer")
-                )
+            await self._stop_appending()
+        except BaseException:  # cancelled (a shutdown's deadline), failed, or the writer died of a bug
+            self._writer = None
+            await self._abandon()
             raise
-        await self._stop_appending()
 
-    async def _stop_appending(self, kill: bool = False) -> None:
-        """``kill``: at once, and the trail cut back to what the appender answered (here, not in a
-        thread: a cancelled thread would still hold the descriptor closed below)."""
-        appender, self._appender = self._appender, None
-        if appender is not None and kill:
-            await appender.kill()
-            self._size = appender.size
-            self._cut_back()
-        elif appender is not None:
-            await appender.stop()
+    async def _stop_appending(self) -> None:
+        try:
+            if self._appender is not None:  # cleared once stopped: cancelled meanwhile, _abandon kills it
+                await self._appender.stop()
+                self._appender = None
+        finally:
+            self._close_descriptors()
+
+    def _close_descriptors(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
         if self._copy_fd >= 0:
             os.close(self._copy_fd)
             self._copy_fd = -1
+
+    async def _abandon(self) -> None:
+        """close() was cancelled or failed: nothing more is written. The appender is killed (its
+        end waited for at most ANSWER_SECONDS: SIGKILL waits on a disk that does not answer), the
+        trail is cut to what it answered, and every caller still waiting gets its answer: an
+        unsettled batch's callers by what the trail holds, the queued ones refused. The trail is
+        left as after a crash, without its final checkpoint; the next start continues it."""
+        try:
+            known = self._appender is None  # the trail's length is known: nothing unanswered in flight
+            if self._appender is not None:
+                appender, self._appender = self._appender, None
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(ANSWER_SECONDS):
+                        await appender.kill()
+                        known = True
+                if known:
+                    self._size = appender.size
+                    await self._cut_back_off_the_loop()
+            error = OSError(errno.EIO, "the audit log was closed before the record was written")
+            unsettled, self._unsettled = self._unsettled, None
+            if unsettled is not None:
+                if known and self._size > unsettled.size:  # answered: on disk
+                    self._acknowledge(unsettled.batch)
+                else:  # not answered, or not known: possibly on disk (the next start keeps what is whole)
+                    self._refuse_callers(unsettled.batch, error)
+            self._refuse_callers([item for item in self._queue if isinstance(item, _Pending)], error)
+            self._queue.clear()
+        finally:
+            self._close_descriptors()
 
     # --- writing ----------------------------------------------------------------------------------
 
@@ -798,14 +848,16 @@ class AuditLog:
             appender = self._appender = await _AppendProcess.start(self._fd, self._stdout_copy_fd(), self._size)
         try:
             await appender.append(data, copy)
-        except AppenderGoneError:
+        except AppenderGoneError as error:
             # It may have written part of the batch, or all of it unanswered: once it is gone for
             # certain, the file is cut back, so the chain goes on from the last answered batch
             # (and the next appender cuts it back itself before it writes, should this fail).
             self.healthy = False  # while a stuck one is killed, which waits for its disk
             await appender.kill()
-            self._size = appender.size  # what it answered as on disk
+            self._size = appender.size  # what it answered as on disk, its last answer read
             self._appender = None
+            if error.batch_end is not None and self._size >= error.batch_end:
+                return  # answered after its deadline rang, before the appender's end: on disk, kept
             await self._cut_back_off_the_loop()
             raise
         # (Cancelled meanwhile, this is not reached: the appender still counts the batch in its
@@ -838,11 +890,14 @@ class AuditLog:
         cannot be stopped, and one still cutting would race what comes next on the descriptor
         (the next appender's batch, or its closing, after which the number may name another file)."""
         cut = asyncio.ensure_future(asyncio.to_thread(self._cut_back))
-        try:
-            await asyncio.shield(cut)
-        except asyncio.CancelledError:
-            await cut
-            raise
+        cancelled = False
+        while not cut.done():
+            try:
+                await asyncio.shield(cut)
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
 
     def _cut_back(self) -> None:
         with contextlib.suppress(OSError):  # if this fails too, the next appender cuts it before it writes

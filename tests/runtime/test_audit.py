@@ -31,7 +31,6 @@ from agent_runtime import audit as audit_module
 from agent_runtime.app import create_app
 from agent_runtime.audit import (
     GENESIS,
-    AppenderGoneError,
     AuditLog,
     AuditUnavailableError,
     Status,
@@ -41,7 +40,6 @@ from agent_runtime.audit import (
     verify_lines,
     verify_trail,
 )
-from agent_runtime.audit_appender import ANSWER
 from agent_runtime.cli import main as runtime_cli
 from agent_runtime.operations import BUILTINS
 from agent_runtime.settings import Settings
@@ -929,48 +927,32 @@ async def test_a_stopped_appender_is_killed_after_its_deadline_and_replaced(
     assert verify_lines(lines, keys).ok
 
 
-async def test_an_answer_unread_when_its_deadline_rings_does_not_keep_the_refused_batch(
-    tmp_path: Path, keys: KeyRing
-) -> None:
-    """The race a busy loop can make: the appender has answered 0, but the loop runs the batch's
-    deadline before it reads the answer. The deadline kills the appender and refuses the batch
-    (rolled back in the chain); the answer read after it must not count the batch in the trail's
-    length, or the cut-back would keep records the chain no longer has."""
-    log = AuditLog(tmp_path / "audit.log", keys, to_stdout=False, stream=io.StringIO())
-    await log.start()
-    appender = log._appender
-    assert appender is not None
-    pipes, before = appender._pipes, appender.size
-    os.kill(appender.pid, signal.SIGSTOP)  # it reads the batch once let go, and answers it
+async def test_an_answer_read_after_its_deadline_rang_keeps_the_batch(tmp_path: Path, keys: KeyRing) -> None:
+    """The race a busy loop can make: the appender has answered 0 (the batch is on disk, and its
+    copy shipped to the log collector), but the loop runs the batch's deadline before it reads
+    the answer. The deadline kills the appender at once; once the appender's end is read, its
+    answer counts: the record is kept and its caller answered, not cut from the file, which would
+    contradict the copy the collector holds."""
+    log, appender = await _log_with_a_stopped_appender(tmp_path / "audit.log", keys)
+    pipes = appender._pipes
     try:
-        sent = asyncio.ensure_future(appender.append(b'{"late":true}\n', b""))
+        record = asyncio.ensure_future(log.record(type="operation", action="ping", result="success", request_id="late"))
         while pipes.in_flight is None:
             await asyncio.sleep(0)
         batch = pipes.in_flight
     finally:
-        os.kill(appender.pid, signal.SIGCONT)
-    read_after_the_deadline = pipes.exited.get_loop().create_future()
-    original = pipes.pipe_data_received
-
-    def watched(fd: int, data: bytes) -> None:
-        original(fd, data)
-        if not read_after_the_deadline.done():
-            read_after_the_deadline.set_result(data)
-
-    pipes.pipe_data_received = watched  # type: ignore[method-assign]
+        os.kill(appender.pid, signal.SIGCONT)  # it reads the batch, writes it and answers
     stdout = appender._transport.get_pipe_transport(1)
     assert stdout is not None
-    answers = stdout.get_extra_info("pipe")
     # The loop is held here (no await) until the answer waits in the pipe; the deadline rings first.
-    assert select.select([answers], [], [], 10)[0]
+    assert select.select([stdout.get_extra_info("pipe")], [], [], 10)[0]
     pipes.time_out(batch)
-    with pytest.raises(AppenderGoneError, match="did not answer"):
-        await sent
-    assert await asyncio.wait_for(read_after_the_deadline, 10) == ANSWER.pack(0)
-    assert appender.size == before
-    assert await asyncio.wait_for(appender.wait(), 10) == -signal.SIGKILL  # by the deadline, at once
-    with pytest.raises(AppenderGoneError, match="did not answer"):  # nothing more goes to it
-        await appender.append(b"{}\n", b"")
+    assert (await asyncio.wait_for(record, 10))["request_id"] == "late"
+    assert appender.returncode == -signal.SIGKILL  # by the deadline, at once
+    await log.close()
+    lines = (tmp_path / "audit.log").read_text().splitlines(keepends=True)
+    assert [json.loads(line).get("request_id") for line in lines] == [None, "late", None]
+    assert verify_lines(lines, keys).ok
 
 
 async def _log_with_a_stopped_appender(path: Path, keys: KeyRing) -> tuple[AuditLog, _AppendProcess]:
@@ -1049,12 +1031,17 @@ async def test_a_batch_whose_writer_was_cancelled_is_settled_before_the_final_ch
             await asyncio.wait_for(waiting, 5)
 
 
-async def test_a_close_cancelled_while_it_settles_kills_the_appender_and_answers_the_callers(
-    tmp_path: Path, keys: KeyRing, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "writer_cancelled_first", [True, False], ids=["while-it-settles", "while-it-waits-on-the-writer"]
+)
+async def test_a_cancelled_close_kills_the_appender_and_answers_every_caller(
+    tmp_path: Path, keys: KeyRing, monkeypatch: pytest.MonkeyPatch, writer_cancelled_first: bool
 ) -> None:
-    """A shutdown's deadline cancels close() while it waits on a stalled appender for a cancelled
-    writer's batch: the appender is killed then and there (it would outlive the runtime: it runs
-    in its own session), the unanswered batch is cut from the file, its caller is refused, and the
+    """A shutdown's deadline cancels close() while a batch waits on a stalled appender: either
+    close() settles a cancelled writer's batch, or it still waits on the writer, which it
+    cancels. Either way the cancel is close()'s to raise, not swallowed: the appender is killed
+    then and there (it would outlive the runtime: it runs in its own session), the unanswered
+    batch is cut from the file, its caller and the one queued behind it are refused, and the
     trail is left as after a crash (no final checkpoint), to be verified and continued."""
     monkeypatch.setattr(audit_module, "ANSWER_SECONDS", 30.0)
     log, appender = await _log_with_a_stopped_appender(tmp_path / "audit.log", keys)
@@ -1062,16 +1049,20 @@ async def test_a_close_cancelled_while_it_settles_kills_the_appender_and_answers
         waiting = asyncio.ensure_future(log.record(type="operation", action="ping", result="success"))
         while appender._pipes.in_flight is None:
             await asyncio.sleep(0)
-        assert log._writer is not None
-        log._writer.cancel()
+        queued = asyncio.ensure_future(log.record(type="operation", action="ping", result="success"))
+        await asyncio.sleep(0)  # the queued record's task puts it in the queue
+        if writer_cancelled_first:
+            assert log._writer is not None
+            log._writer.cancel()
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(log.close(), 1)
         assert appender.returncode == -signal.SIGKILL
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(appender.pid, signal.SIGCONT)
-    with pytest.raises(AuditUnavailableError):
-        await asyncio.wait_for(waiting, 5)
+    for caller in (waiting, queued):
+        with pytest.raises(AuditUnavailableError):
+            await asyncio.wait_for(caller, 5)
     lines = (tmp_path / "audit.log").read_text().splitlines(keepends=True)
     assert [json.loads(line)["action"] for line in lines] == ["checkpoint"]  # the start's
     result = verify_lines(lines, keys)
