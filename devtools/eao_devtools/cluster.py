@@ -496,6 +496,9 @@ class Cluster:
             "real_node": real_node,
             "commands": commands,
         }
+        # kwok reads its --config as it starts: the (empty: its defaults) file exists before it does.
+        # Touched only after the start, a fast kwok found none and exited (a CI run did).
+        (self.state_dir / "kwok.yaml").touch()
         pids: dict[str, int] = {}
         for name in components:
             if name == "kube-router":
@@ -632,8 +635,6 @@ class Cluster:
         self, name: str, process: subprocess.Popen[bytes], ports: dict[str, int], timeout: float = 90
     ) -> None:
         """Waits for a component's health endpoint; fails with its log file if it dies or stalls."""
-        if name == "kwok":
-            (self.state_dir / "kwok.yaml").touch()
         checks = {
             "etcd": f"http://{LOOPBACK}:{ports['etcd']}/health",
             "kube-apiserver": f"{self._load_state().get('server')}/readyz",
