@@ -993,7 +993,8 @@ async def test_a_batch_whose_writer_was_cancelled_is_settled_before_the_final_ch
     while appender._pipes.in_flight is None:
         await asyncio.sleep(0)
     queued = ping("queued")
-    await asyncio.sleep(0)  # the queued record's task puts it in the queue
+    while not log._queue:  # the queued record's task puts it behind the batch in flight
+        await asyncio.sleep(0)
     assert log._writer is not None
     log._writer.cancel()
     cancelled.cancel()
@@ -1050,7 +1051,8 @@ async def test_a_cancelled_close_kills_the_appender_and_answers_every_caller(
         while appender._pipes.in_flight is None:
             await asyncio.sleep(0)
         queued = asyncio.ensure_future(log.record(type="operation", action="ping", result="success"))
-        await asyncio.sleep(0)  # the queued record's task puts it in the queue
+        while not log._queue:  # the queued record's task puts it behind the batch in flight
+            await asyncio.sleep(0)
         if writer_cancelled_first:
             assert log._writer is not None
             log._writer.cancel()
